@@ -1,0 +1,41 @@
+"""Write one benchmark's section into BENCHMARKS.md (atomically), keeping the others."""
+from __future__ import annotations
+
+import datetime
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from modelpress.io import atomic_write_text
+
+ROOT = Path(__file__).resolve().parent.parent
+MD = ROOT / "BENCHMARKS.md"
+HEADER = ("# Benchmarks\n\nEach section is written by the script named in its command; numbers come "
+          "from that run, ratios against the baseline measured in the same run.\n")
+
+
+def machine() -> str:
+    import os
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {dev}, torch {torch.__version__}"
+
+
+def write_section(name: str, command: str, body_md: str) -> None:
+    """Replace (or append) the section `## name` in BENCHMARKS.md."""
+    text = MD.read_text() if MD.exists() else HEADER
+    stamp = datetime.date.today().isoformat()
+    section = (f"## {name}\n\nCommand: `{command}`  \nMachine: {machine()}; run {stamp}.\n\n"
+               f"{body_md.strip()}\n\n")
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    atomic_write_text(MD, text)
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Weight pruning: magnitude, Wanda (Sun et al., arXiv 2306.11695) and SparseGPT (Frantar & Alistarh,
+arXiv 2301.00774), unstructured or N:M (at most N non-zeros in every M consecutive input weights of a
+row; "2:4" keeps 2 of 4). Masks here are *keep* masks: True = the weight survives."""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from . import quant
+from .gptq import inverse_hessian_chol, prepare_hessian
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """"unstructured" -> None; "N:M" -> (N, M) with 0 < N < M."""
+    if pattern == "unstructured":
+        return None
+    m = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if not m or not 0 < int(m[1]) < int(m[2]):
+        raise ValueError(f"pattern {pattern!r}: use 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+    return int(m[1]), int(m[2])
+
+
+def _keep_lowest_pruned(score: Tensor, k: int) -> Tensor:
+    """Keep mask of a (rows, cols) score: the k lowest of each row are pruned."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, False)
+    return keep
+
+
+def _nm_keep(score: Tensor, n: int, m: int) -> Tensor:
+    """Keep the n highest scores in every group of m consecutive columns."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"input size {cols} is not a multiple of M={m} for {n}:{m} sparsity")
+    g = score.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(g, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(g, n, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def score_mask(score: Tensor, sparsity: float, pattern: str = "unstructured", per_row: bool = True) -> Tensor:
+    """Keep mask from importance scores (higher = more important)."""
+    nm = parse_pattern(pattern)
+    if nm:
+        return _nm_keep(score, *nm)
+    if per_row:
+        return _keep_lowest_pruned(score, int(score.shape[1] * sparsity))
+    flat = score.reshape(1, -1)
+    return _keep_lowest_pruned(flat, int(flat.numel() * sparsity)).reshape(score.shape)
+
+
+def magnitude_mask(w: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
+    """Keep mask by |w|, one threshold per matrix (unstructured) or per M-group (N:M)."""
+    return score_mask(w.abs().float(), sparsity, pattern, per_row=False)
+
+
+def wanda_mask(w: Tensor, x_sq_norm: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
+    """Wanda: score_ij = |W_ij| * ||X_j||_2, pruned per output row. x_sq_norm: (cols,) sum of x_j^2."""
+    score = w.abs().float() * torch.sqrt(x_sq_norm.float())[None, :]
+    return score_mask(score, sparsity, pattern, per_row=True)
+
+
+def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructured", blocksize: int = 128,
+              percdamp: float = 0.01, bits: int | None = None, group_size: int | None = None,
+              sym: bool = False) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    """SparseGPT: prune W (rows, cols) with OBS updates of the surviving weights, mask chosen per block
+    by w^2 / [H^-1]_jj^2. With bits set, survivors are quantized jointly (group parameters from the
+    current surviving weights). Returns (W_hat float32, keep mask, (codes, scales, zeros) or None)."""
+    rows, cols = W.shape
+    nm = parse_pattern(pattern)
+    if bits is not None:
+        quant.check_groups(cols, group_size)
+        if group_size:
+            blocksize = group_size * max(1, blocksize // group_size)
+    W, H, dead = prepare_hessian(W, H)
+    U, _ = inverse_hessian_chol(H, percdamp)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    gs = group_size or cols
+    Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device) if bits else None
+    S = torch.zeros(rows, cols // gs, device=W.device) if bits else None
+    Z = torch.zeros_like(S) if bits else None
+    if bits is not None and group_size is None:   # per-channel: one range per row, from the whole row
+        S[:, 0], Z[:, 0] = quant.scale_zero(W, bits, sym)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        d1 = torch.diag(U1)
+        if nm is None:
+            score = W1 ** 2 / d1[None, :] ** 2
+            k = int(score.numel() * sparsity)
+            keep1 = _keep_lowest_pruned(score.reshape(1, -1), k).reshape(score.shape)
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                score = W1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
+                keep1[:, i:i + m] = _nm_keep(score, n, m)
+            w, d = W1[:, i], U1[i, i]
+            col = i1 + i
+            if bits is not None:
+                if group_size is not None and col % gs == 0:
+                    g_end = min(i + gs, i2 - i1)
+                    s, z = quant.scale_zero(W1[:, i:g_end] * keep1[:, i:g_end], bits, sym)
+                    S[:, col // gs], Z[:, col // gs] = s, z
+                s, z = S[:, col // gs], Z[:, col // gs]
+                qc = quant.quantize(w * keep1[:, i], s, z, bits)
+                Q[:, col] = qc.to(torch.uint8)
+                wq = quant.dequantize(qc, s, z) * keep1[:, i]
+            else:
+                wq = w * keep1[:, i]
+            err = (w - wq) / d
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            W1[:, i] = wq
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        keep[:, i1:i2] = keep1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    W *= keep
+    return W, keep, ((Q, S, Z) if bits is not None else None)
+
+
+def sparsity(w: Tensor) -> float:
+    """Fraction of exact zeros."""
+    return float((w == 0).sum()) / w.numel()
+
+
+def is_nm(w_or_keep: Tensor, n: int, m: int) -> bool:
+    """True when every group of m consecutive entries of each row has at most n non-zeros."""
+    nz = (w_or_keep != 0).reshape(w_or_keep.shape[0], -1, m).sum(-1)
+    return bool((nz <= n).all())

@@ -1,0 +1,130 @@
+"""Uniform integer quantization of weight matrices (round-to-nearest), with per-channel or per-group
+scales and zero points, symmetric or asymmetric, plus bit packing and SQNR.
+
+Conventions (shared by GPTQ, SparseGPT and the QuantLinear module):
+  codes q are unsigned in [0, 2^b - 1]; w_hat = s * (q - z);
+  asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s)  (range always contains 0);
+  symmetric:  s = 2 max|w| / (2^b - 1),   z = 2^(b-1)          (signed codes q - z in [-2^(b-1), 2^(b-1) - 1]);
+  scales are rounded to fp16 where they are computed, so stored fp16 scales reproduce w_hat exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def maxq(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def scale_zero(w: Tensor, bits: int, sym: bool, shrink: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-row min/max scale and zero point of w (rows, cols) -> (rows,), (rows,)."""
+    w = w.float()
+    zero_t = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zero_t) * shrink
+    xmax = torch.maximum(w.max(dim=1).values, zero_t) * shrink
+    mq = maxq(bits)
+    if sym:
+        amax = torch.maximum(xmin.abs(), xmax)
+        s = 2 * amax / mq
+    else:
+        s = (xmax - xmin) / mq
+    s = s.clamp(min=1e-7).half().float()                       # fp16-exact scales
+    z = torch.full_like(s, float(1 << (bits - 1))) if sym else torch.round(-xmin / s).clamp(0, mq)
+    return s, z
+
+
+def scale_zero_mse(w: Tensor, bits: int, sym: bool, grid: int = 40, max_shrink: float = 0.8,
+                   norm: float = 2.4) -> tuple[Tensor, Tensor]:
+    """Per-row clipping search: the shrink of the min/max range with the lowest |w - w_hat|^norm."""
+    best_s, best_z = scale_zero(w, bits, sym)
+    best_err = (quant_dequant(w, best_s[:, None], best_z[:, None], bits) - w).abs().pow(norm).sum(1)
+    for i in range(1, int(max_shrink * grid) + 1):
+        s, z = scale_zero(w, bits, sym, shrink=1 - i / grid)
+        err = (quant_dequant(w, s[:, None], z[:, None], bits) - w).abs().pow(norm).sum(1)
+        better = err < best_err
+        best_s, best_z, best_err = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.minimum(err, best_err)
+    return best_s, best_z
+
+
+def quantize(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
+    """Codes q = clamp(round(w / s) + z, 0, 2^b - 1) (same shape as w, float)."""
+    return torch.clamp(torch.round(w / s) + z, 0, maxq(bits))
+
+
+def dequantize(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    return s * (q - z)
+
+
+def quant_dequant(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
+    return dequantize(quantize(w, s, z, bits), s, z)
+
+
+def group_params(w: Tensor, bits: int, group_size: int | None, sym: bool,
+                 observer: str = "minmax") -> tuple[Tensor, Tensor]:
+    """Scales and zeros per (row, group) of w (rows, cols) -> (rows, n_groups) each."""
+    rows, cols = w.shape
+    gs = group_size or cols
+    fn = scale_zero_mse if observer == "mse" else scale_zero
+    wg = w.float().reshape(rows, cols // gs, gs).reshape(-1, gs)    # (rows * n_groups, gs)
+    s, z = fn(wg, bits, sym)
+    return s.reshape(rows, -1), z.reshape(rows, -1)
+
+
+def expand(p: Tensor, group_size: int | None, cols: int) -> Tensor:
+    """(rows, n_groups) -> (rows, cols): each column gets its group's value."""
+    return p.repeat_interleave(group_size or cols, dim=1)[:, :cols]
+
+
+def rtn(w: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
+        keep: Tensor | None = None, observer: str = "minmax") -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest. w (rows, cols); keep: optional bool mask of surviving weights (pruned weights
+    do not widen the range and dequantize to exactly 0). Returns codes (rows, cols) uint8, scales and
+    zeros (rows, n_groups)."""
+    rows, cols = w.shape
+    check_groups(cols, group_size)
+    wk = w.float() if keep is None else w.float() * keep
+    s, z = group_params(wk, bits, group_size, sym, observer)
+    q = quantize(wk, expand(s, group_size, cols), expand(z, group_size, cols), bits)
+    return q.to(torch.uint8), s, z
+
+
+def dequantize_groups(q: Tensor, s: Tensor, z: Tensor, group_size: int | None,
+                      keep: Tensor | None = None) -> Tensor:
+    """Codes (rows, cols) + per-group params -> float32 weights (rows, cols); pruned entries exactly 0."""
+    cols = q.shape[1]
+    w = dequantize(q.float(), expand(s.float(), group_size, cols), expand(z.float(), group_size, cols))
+    return w if keep is None else w * keep
+
+
+def fake_quant(w: Tensor, bits: int, group_size: int | None = None, sym: bool = False) -> Tensor:
+    """w -> dequantize(quantize(w)) with RTN, same dtype as w."""
+    q, s, z = rtn(w, bits, group_size, sym)
+    return dequantize_groups(q, s, z, group_size).to(w.dtype)
+
+
+def check_groups(cols: int, group_size: int | None) -> None:
+    if group_size is not None and cols % group_size:
+        raise ValueError(f"input size {cols} is not a multiple of group_size {group_size}")
+
+
+def pack(q: Tensor, bits: int) -> Tensor:
+    """Pack unsigned codes (any shape, values < 2^bits) into a flat uint8 tensor, little-endian bit order
+    (for 4 bits: two codes per byte, the first in the low nibble)."""
+    a = q.detach().cpu().reshape(-1).to(torch.uint8).numpy()
+    b = np.unpackbits(a[:, None], axis=1, bitorder="little")[:, :bits]      # (n, bits)
+    return torch.from_numpy(np.packbits(b.reshape(-1), bitorder="little"))
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of pack: n codes as uint8."""
+    b = np.unpackbits(packed.cpu().numpy(), bitorder="little")[: n * bits].reshape(n, bits)
+    return torch.from_numpy(np.packbits(b, axis=1, bitorder="little")[:, 0])
+
+
+def sqnr(ref: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    ref, approx = ref.double(), approx.double()
+    noise = (ref - approx).pow(2).sum()
+    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,132 @@
+"""The verbs, each a short straight-line function:
+load -> calibration_set -> compress -> evaluate -> (certify) -> export."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import model as _model
+from .calib import CalibrationSet
+from .calib import calibration_set as _calibration_set
+from .calib import sources
+from .eval import eval_windows, evaluate as _evaluate, size_report
+from .export import save
+from .recipe import Recipe
+
+log = logging.getLogger("modelpress")
+
+
+def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
+    """Load (model, tokenizer) from "smollm2", a modelpress export, an HF folder, a .gguf file or a hub id.
+
+    >>> model, tok = modelpress.load("smollm2")
+    """
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    m, tok = _model.load(src)
+    return m.to(dtype), tok
+
+
+def calibration_set(tokenizer, source="wiki", select="random", samples=128, seqlen=512, seed=0,
+                    field="text", model=None) -> CalibrationSet:
+    """Token windows for calibration with provenance.
+
+    >>> calib = modelpress.calibration_set(tok, "wiki", samples=32, seqlen=256)
+    """
+    return _calibration_set(tokenizer, source, select, samples, seqlen, seed, field, model)
+
+
+def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = None) -> list[dict]:
+    """Apply the recipe's stages in order (or planned order) to `model` in place; returns per-stage stats.
+
+    >>> stats = modelpress.compress(model, Recipe.from_yaml("w4a16-gptq-g128"), calib)
+    """
+    stages = recipe.stages
+    if recipe.order == "auto":
+        from .plan import order_stages
+        stages = order_stages(model, recipe, calib)
+    out = []
+    for name, cfg in stages:
+        t0 = time.perf_counter()
+        st = cfg.apply(model, calib)
+        st = {"name": name, "config": Recipe(stages=((name, cfg),)).to_dict()["stages"][0][name],
+              "seconds": time.perf_counter() - t0, **st}
+        log.info(st["summary"])
+        out.append(st)
+    return out
+
+
+def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int = 512, windows: int | None = 32):
+    return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
+
+
+def evaluate(model: nn.Module, tokenizer, reference: nn.Module | None = None, text: str = "wiki-eval",
+             seqlen: int = 512, windows: int = 32, batch_size: int = 2) -> dict:
+    """Perplexity (and agreement/KL against `reference`) with the frozen protocol, plus size accounting.
+
+    >>> modelpress.evaluate(compressed, tok, reference=original)["agreement"]
+    """
+    w = windows_for(tokenizer, text, seqlen, windows)
+    res = _evaluate(model, w, reference, batch_size)
+    res.pop("per_token", None)
+    res["size"] = {k: v for k, v in size_report(model).items() if k != "layers"}
+    return res
+
+
+def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | None = None,
+               evaluate_models: bool = True) -> dict:
+    """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
+    export. Returns the report (also written to the export as report.json)."""
+    src = model_src or recipe.model or _model.REFERENCE
+    model, tok = load(src, recipe.dtype)
+    original = copy.deepcopy(model) if evaluate_models else None
+    c = recipe.calibration
+    calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
+             if recipe.needs_calibration else None)
+    t0 = time.perf_counter()
+    stages = compress(model, recipe, calib)
+    elapsed = time.perf_counter() - t0
+    size = size_report(model)
+    report = {"model": str(src), "recipe": recipe.to_dict(), "size": {k: v for k, v in size.items() if k != "layers"},
+              "compress_seconds": elapsed,
+              "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
+              "layers": _layer_table(stages, size)}
+    if evaluate_models:
+        e = recipe.evaluate
+        w = windows_for(tok, e.text, e.seqlen, e.windows)
+        orig = _evaluate(original, w, None, e.batch_size)
+        comp = _evaluate(model, w, original if e.agreement else None, e.batch_size)
+        comp.pop("per_token", None)
+        orig_size = size_report(original)
+        report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
+                          "original": {**orig, "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
+                                       "bytes": orig_size["compressed_bytes"]},
+                          "compressed": comp}
+    if calib is not None:
+        report["calibration"] = calib.provenance
+    dest = out or (recipe.export.path if recipe.export else None)
+    if dest:
+        save(model, tok, dest, recipe=recipe.to_dict(), report=report,
+             calibration=calib.provenance if calib is not None else None)
+        report["export"] = str(dest)
+    report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
+    return report
+
+
+def _layer_table(stages: list[dict], size: dict) -> dict:
+    layers: dict = {}
+    for s in stages:
+        for name, info in (s.get("layers") or {}).items():
+            row = layers.setdefault(name, {})
+            row.update({k: v for k, v in info.items() if isinstance(v, (int, float, str))})
+    for name, row in layers.items():
+        if name in size["layers"]:
+            row["bits"] = size["layers"][name]["bits"]
+            row["kind"] = size["layers"][name]["kind"]
+        if "sqnr" in row:
+            row["error"] = 10 ** (-row["sqnr"] / 10) if row["sqnr"] != float("inf") else 0.0
+    return layers

@@ -1,0 +1,55 @@
+"""Calibration sets: token windows plus provenance (source, selection method, seed, sha256)."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+from . import select as _select
+from . import sources
+
+
+@dataclass
+class CalibrationSet:
+    input_ids: torch.Tensor                      # (n, seqlen) long
+    attention_mask: torch.Tensor                 # (n, seqlen) long
+    provenance: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seqlen(self) -> int:
+        return self.input_ids.shape[1]
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    @classmethod
+    def from_ids(cls, input_ids: torch.Tensor, **provenance) -> "CalibrationSet":
+        ids = input_ids.to(torch.long)
+        cs = cls(ids, torch.ones_like(ids), dict(provenance))
+        cs.provenance["sha256"] = cs.sha256()
+        return cs
+
+
+def calibration_set(tokenizer, source="wiki", select: str = "random", samples: int = 128, seqlen: int = 512,
+                    seed: int = 0, field: str = "text", model=None) -> CalibrationSet:
+    """Build a calibration set from a text source with a selection method.
+
+    >>> calib = calibration_set(tok, "wiki", select="random", samples=32, seqlen=256, seed=0)
+    """
+    if select not in _select.SELECTORS:
+        raise UserError(f"calibration.select {select!r} is unknown: use one of {sorted(_select.SELECTORS)}")
+    if samples < 1 or seqlen < 2:
+        raise UserError(f"calibration.samples must be >= 1 and calibration.seqlen >= 2, got {samples}, {seqlen}")
+    pool = sources.texts(source, "calib", field)
+    ids = _select.SELECTORS[select](pool, tokenizer, samples=samples, seqlen=seqlen, seed=seed, model=model)
+    return CalibrationSet.from_ids(ids, source=str(source) if isinstance(source, str) else type(source).__name__,
+                                   source_sha256=sources.source_sha256(source), select=select, seed=seed,
+                                   samples=samples, seqlen=seqlen)
+
+
+__all__ = ["CalibrationSet", "calibration_set", "sources"]

@@ -1,0 +1,150 @@
+"""The `modelpress` command. User mistakes print one line (`modelpress: error: ...`, exit 2), never a
+traceback. Feature commands live in their own modules, each with add_parser(subparsers) and run(args)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+# feature modules that add their own subcommands (each: add_parser(subparsers), run(args) -> int)
+PLUGINS: tuple[str, ...] = ()
+
+
+def _table(rows: list[tuple], header: tuple) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(*header)
+    for r in rows:
+        t.add_row(*[f"{x:.4g}" if isinstance(x, float) else str(x) for x in r])
+    Console().print(t)
+
+
+def print_report(rep: dict) -> None:
+    s = rep["size"]
+    for st in rep["stages"]:
+        print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
+    if "eval" not in rep:
+        return
+    o, c = rep["eval"]["original"], rep["eval"]["compressed"]
+    _table([("size (MB)", o["bytes"] / 1e6, s["compressed_bytes"] / 1e6),
+            ("bits / weight (compressed linears)", o["bits_per_weight"], s["bits_per_weight"]),
+            ("sparsity (compressed linears)", 0.0, _mean(rep["layers"], "sparsity")),
+            ("perplexity", o["perplexity"], c["perplexity"]),
+            ("top-1 agreement with original", 1.0, c.get("agreement", float("nan"))),
+            ("mean KL(original || compressed)", 0.0, c.get("kl", float("nan")))],
+           ("metric", "original", "compressed"))
+    print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions), "
+          f"protocol {rep['eval']['protocol']}")
+
+
+def _mean(layers: dict, key: str) -> float:
+    v = [r[key] for r in layers.values() if key in r]
+    return sum(v) / len(v) if v else 0.0
+
+
+def cmd_compress(a) -> int:
+    from .api import run_recipe
+    from .recipe import Recipe
+    recipe = Recipe.from_yaml(a.recipe)
+    if a.calib_select or a.calib_samples or a.calib_seqlen or a.calib_seed is not None:
+        d = recipe.to_dict()
+        c = d["calibration"]
+        for k, v in (("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
+                     ("seed", a.calib_seed)):
+            if v is not None:
+                c[k] = v
+        recipe = Recipe.from_dict(d, str(a.recipe))
+    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval)
+    print_report(rep)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .api import evaluate, load
+    model, tok = load(a.model)
+    ref = load(a.reference)[0] if a.reference else None
+    res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
+    rows = [("perplexity", res["perplexity"])]
+    if ref is not None:
+        rows += [("reference perplexity", res["reference_perplexity"]), ("top-1 agreement", res["agreement"]),
+                 ("mean KL", res["kl"])]
+    rows += [("bits / weight", res["size"]["bits_per_weight"]), ("size (MB)", res["size"]["compressed_bytes"] / 1e6)]
+    _table(rows, ("metric", "value"))
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from .export import verify
+    d = Path(a.dir)
+    if not (d / "modelpress.json").exists():
+        raise UserError(f"{d} is not a modelpress export (no modelpress.json): pass a folder written by `compress`")
+    verify(d)
+    man = json.loads((d / "modelpress.json").read_text())
+    rep = json.loads((d / "report.json").read_text()) if (d / "report.json").exists() else {}
+    print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums OK")
+    kinds: dict[str, int] = {}
+    for spec in man["modules"].values():
+        kinds[spec["kind"]] = kinds.get(spec["kind"], 0) + 1
+    print("  modules: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
+    if rep:
+        print_report(rep)
+    cert = d / "certificate.json"
+    if cert.exists():
+        c = json.loads(cert.read_text())
+        print(f"  certificate: {c.get('property')} eps={c.get('eps')} bound={c.get('bound')} "
+              f"confidence={c.get('confidence')} -> {'PASS' if c.get('passed') else 'FAIL'}")
+    return 0
+
+
+def parser() -> tuple[argparse.ArgumentParser, dict]:
+    p = argparse.ArgumentParser(prog="modelpress", description="Compress neural networks and certify what survived.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compress", help="compress MODEL with a recipe, evaluate it and export it")
+    c.add_argument("model", help='"smollm2", an HF folder, a .gguf file or a hub id')
+    c.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
+    c.add_argument("--out", required=True, help="export folder")
+    c.add_argument("--calib-select")
+    c.add_argument("--calib-samples", type=int)
+    c.add_argument("--calib-seqlen", type=int)
+    c.add_argument("--calib-seed", type=int)
+    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    e = sub.add_parser("eval", help="perplexity (and agreement with --reference) of a model or export")
+    e.add_argument("model")
+    e.add_argument("--reference", help="original model to compare with")
+    e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--windows", type=int, default=32)
+    i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
+    i.add_argument("dir")
+    handlers = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}
+    for modname in PLUGINS:
+        mod = importlib.import_module(modname)
+        for name in mod.add_parser(sub) or ():
+            handlers[name] = mod.run
+    return p, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    p, handlers = parser()
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("modelpress").setLevel(logging.INFO)
+    try:
+        return handlers[a.cmd](a) or 0
+    except UserError as err:
+        print(f"modelpress: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("modelpress: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The one sequential engine used by every calibrated stage (the GPTQ/SparseGPT/Wanda protocol).
+
+1. Capture the inputs of decoder layer 0 for every calibration sample (with the keyword arguments the
+   model passes to its layers: attention mask, position ids/embeddings, ...), stopping the forward there.
+2. For each decoder layer in order: move it to the compute device, collect per-linear input statistics
+   with forward hooks over all samples, let the stage modify the layer, then recompute the layer's
+   outputs with the modified layer; those become the next layer's inputs (errors propagate as in the
+   deployed model). At most one layer plus the activations live on the compute device."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .calib import CalibrationSet
+from .model import compute_device, decoder_layers, layer_linears
+from .targets import Target
+
+
+class _Stop(Exception):
+    pass
+
+
+def _to(x, dev):
+    if isinstance(x, Tensor):
+        return x.to(dev)
+    if isinstance(x, tuple):
+        return tuple(_to(v, dev) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, dev) for k, v in x.items()}
+    return x
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, calib: CalibrationSet, batch_size: int, device: torch.device):
+    """Inputs and keyword arguments of decoder layer 0, one entry per batch of calibration samples."""
+    _, layers = decoder_layers(model)
+    inputs, kwargs = [], []
+
+    def hook(_mod, args, kw):
+        hs = args[0] if args else kw.pop("hidden_states")
+        inputs.append(hs.detach().to(device))
+        kwargs.append({k: _to(v, device) for k, v in kw.items() if k not in ("past_key_values", "past_key_value")})
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    mdev = next(model.parameters()).device
+    try:
+        for b in range(0, len(calib), batch_size):
+            ids = calib.input_ids[b:b + batch_size].to(mdev)
+            mask = calib.attention_mask[b:b + batch_size].to(mdev)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return inputs, kwargs
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+@dataclass
+class Step:
+    """One decoder layer during a layer-wise pass."""
+    index: int
+    prefix: str                  # module name of the layer, e.g. "model.layers.3"
+    layer: nn.Module
+    inputs: list[Tensor]         # per batch (batch, seq, hidden)
+    kwargs: list[dict]
+    device: torch.device
+    extra: dict = field(default_factory=dict)
+
+    def linears(self, target: Target) -> dict[str, nn.Linear]:
+        return target.filter(layer_linears(self.layer, self.prefix))
+
+    @torch.no_grad()
+    def outputs(self) -> list[Tensor]:
+        return [_out(self.layer(x, **kw)) for x, kw in zip(self.inputs, self.kwargs)]
+
+    @torch.no_grad()
+    def collect(self, linears: dict[str, nn.Module], kind: str) -> dict[str, Tensor]:
+        """Run the layer over all samples and return per-linear input statistics:
+        "hessian": H = 2 X^T X / n (cols, cols); "input_sq_norm": sum_t x_tj^2 (cols,);
+        "inputs": the raw inputs (tokens, cols) (small models only); "none": nothing."""
+        if kind == "none" or not linears:
+            return {}
+        stats: dict[str, Tensor] = {}
+        counts: dict[str, int] = {n: 0 for n in linears}
+
+        def make(name):
+            def hook(_m, args, _o):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()   # (tokens, cols)
+                n_new = x.shape[0]
+                if kind == "hessian":
+                    n_old = counts[name]
+                    H = stats.get(name)
+                    H = torch.zeros(x.shape[1], x.shape[1], device=x.device) if H is None else H * (n_old / (n_old + n_new))
+                    xs = x * (2.0 / (n_old + n_new)) ** 0.5
+                    stats[name] = H + xs.t() @ xs
+                elif kind == "input_sq_norm":
+                    stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
+                elif kind == "inputs":
+                    stats[name] = torch.cat([stats[name], x]) if name in stats else x
+                else:
+                    raise ValueError(f"unknown statistic {kind!r}")
+                counts[name] += n_new
+            return hook
+
+        hooks = [m.register_forward_hook(make(n)) for n, m in linears.items()]
+        try:
+            for x, kw in zip(self.inputs, self.kwargs):
+                self.layer(x, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+
+def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
+          device: torch.device | None = None) -> Iterator[Step]:
+    """Yield one Step per decoder layer; after the caller is done with a step, the layer's outputs are
+    recomputed (with the caller's modifications) and fed to the next layer."""
+    device = device or compute_device()
+    prefix, layers = decoder_layers(model)
+    inputs, kwargs = capture_inputs(model, calib, batch_size, device)
+    for i, layer in enumerate(layers):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device)
+        yield step
+        inputs = step.outputs()
+        step.inputs = []
+        layer.to(home)
+
+
+def run(model: nn.Module, calib: CalibrationSet, target: Target,
+        fn: Callable[[dict[str, nn.Module], dict[str, Tensor]], dict],
+        collect: str = "hessian", batch_size: int = 8, progress: str | None = None) -> dict:
+    """For each decoder layer: stats = collect(targeted linears); fn(linears, stats) -> per-linear dict.
+    Returns the merged per-linear results."""
+    from .progress import bar
+    out: dict = {}
+    _, layers = decoder_layers(model)
+    with bar(progress, total=len(layers)) as advance:
+        for step in steps(model, calib, batch_size):
+            linears = step.linears(target)
+            if linears:
+                out.update(fn(linears, step.collect(linears, collect)) or {})
+            advance()
+    return out

@@ -1,0 +1,120 @@
+"""Replacement layers for quantized and pruned linears that export compactly and reload exactly.
+
+Both subclass nn.Linear and keep a dense `weight` derived deterministically from what they store, so
+the forward is an ordinary F.linear and a reloaded module gives bit-identical outputs.
+  SparseLinear: surviving values (original dtype) + a packed keep bitmask (1 bit per weight).
+  QuantLinear:  b-bit codes packed (only survivors when a keep mask exists), fp16 scales, b-bit packed
+                zero points (asymmetric only), optional packed keep bitmask."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..algos import quant
+
+
+def pack_mask(keep: Tensor) -> Tensor:
+    return torch.from_numpy(np.packbits(keep.reshape(-1).cpu().numpy().astype(np.uint8), bitorder="little"))
+
+
+def unpack_mask(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    n = int(np.prod(shape))
+    bits = np.unpackbits(packed.cpu().numpy(), bitorder="little")[:n]
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def _shell(cls, in_f: int, out_f: int, bias: Tensor | None, dtype: torch.dtype):
+    m = cls.__new__(cls)
+    nn.Linear.__init__(m, in_f, out_f, bias=bias is not None, device="meta", dtype=dtype)
+    if bias is not None:
+        m.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return m
+
+
+class SparseLinear(nn.Linear):
+    kind = "SparseLinear"
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, keep: Tensor) -> "SparseLinear":
+        m = _shell(cls, lin.in_features, lin.out_features, lin.bias, lin.weight.dtype)
+        keep = keep.bool().to(lin.weight.device)
+        m.weight = nn.Parameter(lin.weight.detach() * keep, requires_grad=False)
+        m.register_buffer("keep", keep, persistent=False)
+        return m
+
+    def to_state(self) -> tuple[dict[str, Tensor], dict]:
+        t = {"values": self.weight.detach()[self.keep].contiguous(), "keep": pack_mask(self.keep)}
+        if self.bias is not None:
+            t["bias"] = self.bias.detach()
+        return t, {"in": self.in_features, "out": self.out_features, "dtype": str(self.weight.dtype)}
+
+    @classmethod
+    def from_state(cls, t: dict[str, Tensor], cfg: dict) -> "SparseLinear":
+        shape = (cfg["out"], cfg["in"])
+        keep = unpack_mask(t["keep"], shape)
+        w = torch.zeros(shape, dtype=t["values"].dtype)
+        w[keep] = t["values"]
+        lin = nn.Linear(cfg["in"], cfg["out"], bias="bias" in t, dtype=w.dtype)
+        lin.weight.data = w
+        if "bias" in t:
+            lin.bias.data = t["bias"]
+        return cls.from_linear(lin, keep)
+
+
+class QuantLinear(nn.Linear):
+    kind = "QuantLinear"
+
+    @classmethod
+    def build(cls, lin: nn.Linear, q: Tensor, scale: Tensor, zero: Tensor, bits: int,
+              group_size: int | None, sym: bool, keep: Tensor | None = None) -> "QuantLinear":
+        m = _shell(cls, lin.in_features, lin.out_features, lin.bias, lin.weight.dtype)
+        m.bits, m.group_size, m.sym = bits, group_size, sym
+        dev = lin.weight.device
+        m.register_buffer("q", q.to(torch.uint8).to(dev), persistent=False)
+        m.register_buffer("scale", scale.half().to(dev), persistent=False)
+        m.register_buffer("zero", zero.to(torch.uint8).to(dev), persistent=False)
+        m.register_buffer("keep", None if keep is None else keep.bool().to(dev), persistent=False)
+        m.weight = nn.Parameter(m.dequantized().to(lin.weight.dtype), requires_grad=False)
+        return m
+
+    def dequantized(self) -> Tensor:
+        return quant.dequantize_groups(self.q, self.scale.float(), self.zero.float(), self.group_size, self.keep)
+
+    def set_keep(self, keep: Tensor) -> None:
+        """Prune after quantization: pruned weights become exactly zero, codes stay."""
+        self.keep = keep.bool().to(self.q.device) if self.keep is None else (self.keep & keep.bool())
+        self.weight.data = self.dequantized().to(self.weight.dtype)
+
+    def to_state(self) -> tuple[dict[str, Tensor], dict]:
+        codes = self.q if self.keep is None else self.q[self.keep]
+        t = {"qweight": quant.pack(codes, self.bits), "scales": self.scale.contiguous()}
+        if not self.sym:
+            t["zeros"] = quant.pack(self.zero, self.bits)
+        if self.keep is not None:
+            t["keep"] = pack_mask(self.keep)
+        if self.bias is not None:
+            t["bias"] = self.bias.detach()
+        cfg = {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group_size": self.group_size,
+               "sym": self.sym, "dtype": str(self.weight.dtype)}
+        return t, cfg
+
+    @classmethod
+    def from_state(cls, t: dict[str, Tensor], cfg: dict) -> "QuantLinear":
+        rows, cols, bits, gs = cfg["out"], cfg["in"], cfg["bits"], cfg["group_size"]
+        keep = unpack_mask(t["keep"], (rows, cols)) if "keep" in t else None
+        n_groups = cols // (gs or cols)
+        if keep is None:
+            q = quant.unpack(t["qweight"], bits, rows * cols).reshape(rows, cols)
+        else:
+            q = torch.zeros(rows, cols, dtype=torch.uint8)
+            q[keep] = quant.unpack(t["qweight"], bits, int(keep.sum()))
+        if cfg["sym"]:
+            zero = torch.full((rows, n_groups), 1 << (bits - 1), dtype=torch.uint8)
+        else:
+            zero = quant.unpack(t["zeros"], bits, rows * n_groups).reshape(rows, n_groups)
+        dtype = getattr(torch, cfg["dtype"].replace("torch.", ""))
+        lin = nn.Linear(cols, rows, bias="bias" in t, device="meta", dtype=dtype)
+        lin.bias = nn.Parameter(t["bias"]) if "bias" in t else None
+        lin.weight = nn.Parameter(torch.empty(0, dtype=dtype))
+        return cls.build(lin, q, t["scales"].float(), zero, bits, gs, cfg["sym"], keep)

@@ -1,0 +1,156 @@
+"""Recipes: a YAML file with a flat list of stages whose keys map 1:1 to the stage config fields,
+plus calibration / evaluate / certify / export settings. STAGES is the only registry."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+from .stages.prune import Prune
+from .stages.quantize import Quantize
+
+STAGES: dict[str, type] = {
+    "quantize": Quantize,
+    "prune": Prune,
+}
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str = "wiki"          # wiki | path to .txt / .jsonl
+    select: str = "random"        # see modelpress.calib.select.SELECTORS
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    field: str = "text"           # JSONL field
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    text: str = "wiki-eval"       # wiki-eval | path to .txt / .jsonl
+    seqlen: int = 512
+    windows: int = 32
+    batch_size: int = 2
+    agreement: bool = True
+
+
+@dataclass(frozen=True)
+class Export:
+    path: str | None = None
+    formats: tuple[str, ...] = ("native",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple = ()                              # ((name, config), ...)
+    model: str | None = None
+    dtype: str = "float32"                          # float32 | bfloat16 | float16: the working/export dtype
+    order: str = "as-written"                       # as-written | auto
+    calibration: Calibration = field(default_factory=Calibration)
+    evaluate: Evaluate = field(default_factory=Evaluate)
+    certify: dict | None = None
+    export: Export = field(default_factory=Export)
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"recipe dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.order not in ("as-written", "auto"):
+            raise UserError(f"recipe order must be 'as-written' or 'auto', got {self.order!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "recipe") -> "Recipe":
+        if not isinstance(d, dict):
+            raise UserError(f"{where} must be a mapping with a `stages:` list")
+        d = dict(d)
+        raw = d.pop("stages", None)
+        if not isinstance(raw, list) or not raw:
+            raise UserError(f"{where} needs a non-empty `stages:` list, e.g. stages: [{{quantize: {{bits: 4}}}}]")
+        stages = tuple(parse_stage(s, f"{where} stage {i + 1}") for i, s in enumerate(raw))
+        sub = {"calibration": Calibration, "evaluate": Evaluate, "export": Export}
+        kw = {k: build(sub[k], v or {}, k) if k in sub else v for k, v in d.items()}
+        return build(cls, {**kw, "stages": stages}, where, nested=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
+        p = resolve(path)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"recipe {p} is not valid YAML{at}: fix the syntax") from None
+        return cls.from_dict(data, str(p))
+
+    def to_dict(self) -> dict:
+        def plain(obj):
+            if dataclasses.is_dataclass(obj):
+                return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+            if isinstance(obj, tuple):
+                return [plain(x) for x in obj]
+            return obj
+        d = {k: plain(getattr(self, k)) for k in ("model", "dtype", "order", "calibration", "evaluate",
+                                                   "certify", "export")}
+        d["stages"] = [{name: plain(cfg)} for name, cfg in self.stages]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(getattr(cfg, "method", None) in ("gptq", "wanda", "sparsegpt") or getattr(cfg, "needs_calibration", False)
+                   for _, cfg in self.stages)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A recipe file path, or the name of a shipped recipe (modelpress/recipes/NAME.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = RECIPES_DIR / f"{path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise UserError(f"recipe {path} does not exist: pass a YAML file or a shipped recipe name ({', '.join(names)})")
+
+
+def parse_stage(item, where: str) -> tuple[str, object]:
+    if not isinstance(item, dict) or len(item) != 1:
+        raise UserError(f"{where} must be a single-key mapping like `- quantize: {{bits: 4}}`, got {item!r}")
+    (name, cfg), = item.items()
+    if name not in STAGES:
+        raise UserError(f"{where}: unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
+    return name, build(STAGES[name], cfg or {}, name)
+
+
+def _coerce(value, hint):
+    """YAML lists -> tuples where the field is a tuple."""
+    origin = typing.get_origin(hint)
+    if isinstance(value, list) and (origin is tuple or hint is tuple or "tuple" in str(hint)):
+        return tuple(value)
+    if isinstance(value, str) and origin in (typing.Union, types.UnionType) and "tuple" in str(hint):
+        return (value,)
+    return value
+
+
+def build(cls, d, where: str, nested: bool = True):
+    """Instantiate config dataclass `cls` from mapping d; unknown keys are errors naming the allowed ones."""
+    if not isinstance(d, dict):
+        raise UserError(f"{where} must be a mapping of settings, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    try:
+        return cls(**{k: _coerce(v, hints.get(k)) for k, v in d.items()})
+    except TypeError as e:
+        raise UserError(f"{where}: {e}") from None

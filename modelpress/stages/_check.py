@@ -1,0 +1,31 @@
+"""Shared validation helpers for stage configs: each raises UserError naming `<stage>.<field>`."""
+from __future__ import annotations
+
+from ..errors import UserError
+
+
+def choice(stage: str, field: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{stage}.{field} must be one of {list(allowed)}, got {value!r}")
+
+
+def int_range(stage: str, field: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise UserError(f"{stage}.{field} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def float_range(stage: str, field: str, value, lo: float, hi: float, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise UserError(f"{stage}.{field} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+
+
+def group_size(stage: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise UserError(f"{stage}.group_size must be a positive integer (e.g. 32, 64, 128) or null for "
+                        f"per-channel, got {value!r}")
+
+
+def patterns(stage: str, field: str, value) -> None:
+    if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
+        raise UserError(f"{stage}.{field} must be a list of regular expressions, got {value!r}")

@@ -1,0 +1,112 @@
+"""Stage `prune`: magnitude, Wanda (arXiv 2306.11695) or SparseGPT (arXiv 2301.00774), unstructured
+or N:M; SparseGPT can quantize the survivors jointly (bits set). Pruning a quantized layer
+(quantize-then-prune) masks its dequantized weights so pruned weights are exactly zero."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import layerwise
+from ..algos import prune as P
+from ..algos import quant
+from ..errors import UserError
+from ..model import set_module
+from ..modules import QuantLinear, SparseLinear
+from ..targets import Target
+from . import _check
+
+
+@dataclass(frozen=True)
+class Prune:
+    method: str = "wanda"                 # magnitude | wanda | sparsegpt
+    sparsity: float = 0.5                 # fraction of zeros; implied by an N:M pattern
+    pattern: str = "unstructured"         # unstructured | N:M (at most N non-zeros per M), e.g. 2:4, 4:8
+    bits: int | None = None               # sparsegpt only: quantize survivors jointly
+    group_size: int | None = 128
+    sym: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        _check.choice("prune", "method", self.method, ("magnitude", "wanda", "sparsegpt"))
+        _check.float_range("prune", "sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
+        try:
+            nm = P.parse_pattern(self.pattern)
+        except ValueError as e:
+            raise UserError(f"prune.pattern: {e}") from None
+        if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise UserError(f"prune.sparsity {self.sparsity} conflicts with pattern {self.pattern} "
+                            f"(implies {1 - nm[0] / nm[1]:g}): set sparsity: {1 - nm[0] / nm[1]:g}")
+        if self.bits is not None:
+            if self.method != "sparsegpt":
+                raise UserError("prune.bits (joint quantization) needs prune.method sparsegpt: add a quantize stage instead")
+            _check.int_range("prune", "bits", self.bits, 2, 8)
+        _check.group_size("prune", self.group_size)
+        _check.float_range("prune", "damp", self.damp, 0.0, 1.0)
+        _check.patterns("prune", "include", self.include)
+        _check.patterns("prune", "exclude", self.exclude)
+
+    @property
+    def target(self) -> Target:
+        return Target(self.include, self.exclude)
+
+    def describe(self) -> str:
+        s = f"{self.method} {self.pattern if self.pattern != 'unstructured' else f'{self.sparsity:.0%}'}"
+        return s + (f" + w{self.bits} g{self.group_size}" if self.bits else "")
+
+    def prune_one(self, name: str, lin: torch.nn.Linear, stat: torch.Tensor | None) -> tuple[torch.nn.Module, dict]:
+        W = lin.weight.detach().float()
+        if self.method == "sparsegpt" and stat is not None:
+            if isinstance(lin, QuantLinear):
+                raise UserError(f"prune.method sparsegpt cannot update the quantized {name}: put prune before "
+                                "quantize, or use wanda/magnitude after quantize")
+            W_hat, keep, qparams = P.sparsegpt(W, stat, self.sparsity, self.pattern, self.block_size, self.damp,
+                                               self.bits, self.group_size, self.sym)
+            if qparams is not None:
+                new = QuantLinear.build(lin, *qparams, self.bits, self.group_size, self.sym, keep)
+            else:
+                lin.weight.data = W_hat.to(lin.weight.dtype)
+                new = SparseLinear.from_linear(lin, keep)
+        else:
+            keep = (P.wanda_mask(W, stat, self.sparsity, self.pattern) if self.method == "wanda"
+                    else P.magnitude_mask(W, self.sparsity, self.pattern))
+            if isinstance(lin, QuantLinear):
+                lin.set_keep(keep)
+                new = lin
+            else:
+                new = SparseLinear.from_linear(lin, keep)
+        info = {"kind": type(new).__name__, "sparsity": P.sparsity(new.weight),
+                "sqnr": quant.sqnr(W, new.weight.float())}
+        return new, info
+
+    def apply(self, model, calib=None) -> dict:
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def do(linears, stats):
+            out = {}
+            for name, lin in linears.items():
+                new, info = self.prune_one(name, lin, stats.get(name))
+                if new is not lin:
+                    set_module(model, names[id(lin)], new)
+                out[name] = info
+            return out
+
+        collect = {"wanda": "input_sq_norm", "sparsegpt": "hessian"}.get(self.method)
+        if collect:
+            if calib is None:
+                raise UserError(f"prune.method {self.method} needs calibration data: add a `calibration:` block "
+                                "or use magnitude")
+            layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}")
+        else:
+            layers = do(self.target.select(model), {})
+        if not layers:
+            raise UserError("prune matched no linear layers: check prune.include / prune.exclude")
+        total = sum(v["sparsity"] * 1 for v in layers.values()) / len(layers)
+        nm = P.parse_pattern(self.pattern)
+        valid = "" if not nm else (", N:M valid" if all(
+            P.is_nm(model.get_submodule(n).weight, *nm) for n in layers) else ", N:M VIOLATED")
+        return {"summary": f"prune {self.describe()}: sparsity {total:.3f} (target {self.sparsity:.3f}){valid}",
+                "layers": layers}

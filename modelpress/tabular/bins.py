@@ -1,0 +1,176 @@
+"""Adaptive feature bins aligned with the teacher's decision boundaries (TabKD, arXiv 2603.15481).
+
+A feature's bins are the intervals between its inner edges e_1 < ... < e_K inside
+[low, high] (K + 1 bins), or its levels when categorical. Edges come from
+
+* the teacher's split thresholds (tree teachers): every distinct threshold inside the range
+  when they fit into `max_bins`, else frequency-weighted quantiles of the threshold multiset
+  (each edge is still a real threshold, bins are narrow where many trees split);
+* 1-D sweeps (any teacher): vary one feature over a grid at a few random anchor points and
+  put edges at the local maxima of the mean output change ||p(x_{g+1}) - p(x_g)||_1, i.e.
+  where the teacher's output changes sharply. The sweep queries are returned so they can be
+  reused as labelled training points (nothing is wasted from the query budget).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelpress.tabular.spec import FeatureSpec
+from modelpress.tabular.teacher import Teacher
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Inner edges per feature (empty for categorical) and the bin count per feature."""
+
+    edges: tuple[np.ndarray, ...]
+    n_levels: tuple[int, ...]
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "n_levels": list(self.n_levels),
+                "edges": [e.tolist() for e in self.edges]}
+
+
+def _int_edges(edges: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Integer features: an edge only matters by which integers it separates -> k + 0.5."""
+    k = np.floor(edges)
+    k = k[(k >= np.ceil(lo)) & (k + 1 <= np.floor(hi))]
+    return np.unique(k) + 0.5
+
+
+def make_bins(spec: FeatureSpec, edges: list[np.ndarray], source: str) -> Bins:
+    """Clean edges (inside the range, unique, integer-aware) and count bins per feature."""
+    out, n = [], []
+    for f, e in zip(spec.features, edges):
+        if f.kind == "categorical":
+            out.append(np.zeros(0))
+            n.append(len(f.levels))
+            continue
+        e = np.unique(np.asarray(e, dtype=np.float64))
+        e = e[(e > f.low) & (e < f.high)]
+        if f.kind == "integer":
+            e = _int_edges(e, f.low, f.high)
+        out.append(e)
+        n.append(len(e) + 1)
+    return Bins(tuple(out), tuple(n), source)
+
+
+def reduce_thresholds(t: np.ndarray, max_edges: int) -> np.ndarray:
+    """Keep all distinct thresholds if <= max_edges, else frequency-weighted quantiles.
+
+    t: thresholds with multiplicity (one entry per tree node). The quantiles use the
+    'inverted_cdf' rule, so every kept edge is one of the teacher's own thresholds.
+    """
+    u = np.unique(t)
+    if len(u) <= max_edges or max_edges <= 0:
+        return u if max_edges > 0 else u[:0]
+    q = np.arange(1, max_edges + 1) / (max_edges + 1)
+    return np.unique(np.quantile(np.sort(t), q, method="inverted_cdf"))
+
+
+def bins_from_thresholds(spec: FeatureSpec, thresholds: list[np.ndarray], max_bins: int = 8) -> Bins:
+    """Bins whose edges are the tree teacher's split thresholds (reduced to max_bins - 1 edges)."""
+    edges = []
+    for f, t in zip(spec.features, thresholds):
+        t = np.asarray(t, dtype=np.float64)
+        if f.kind != "categorical":
+            t = t[(t > f.low) & (t < f.high)]
+            if f.kind == "integer":  # thresholds 2.3 and 2.7 split the same integers
+                t = np.floor(t) + 0.5
+        edges.append(reduce_thresholds(t, max_bins - 1))
+    return make_bins(spec, edges, "thresholds")
+
+
+def uniform_bins(spec: FeatureSpec, n_bins: int) -> Bins:
+    """Equal-width bins (no teacher information); used for ablations and as a fallback."""
+    edges = [np.linspace(f.lo, f.hi, n_bins + 1)[1:-1] for f in spec.features]
+    return make_bins(spec, edges, "uniform")
+
+
+def sweep_grid(spec: FeatureSpec, j: int, n_grid: int) -> np.ndarray:
+    """Grid of values for feature j: its levels, its integers (if few), or a linspace."""
+    f = spec.features[j]
+    if f.kind == "categorical":
+        return np.asarray(f.levels, dtype=np.float64)
+    if f.kind == "integer" and f.high - f.low + 1 <= n_grid:
+        return np.arange(np.ceil(f.low), np.floor(f.high) + 1, dtype=np.float64)
+    g = np.linspace(f.low, f.high, n_grid)
+    return np.unique(np.round(g)) if f.kind == "integer" else g
+
+
+def output_change(P: np.ndarray) -> np.ndarray:
+    """Mean L1 change of the teacher output between grid neighbours.  P (M, G, C) -> (G-1,)"""
+    return np.abs(np.diff(P, axis=1)).sum(-1).mean(0)
+
+
+def peak_edges(grid: np.ndarray, change: np.ndarray, max_edges: int, rel_tol: float = 0.05) -> np.ndarray:
+    """Edges at local maxima of `change` (the sharpest output changes), strongest first.
+
+    grid (G,), change (G-1,) located at the midpoints between grid points. A peak must be
+    >= rel_tol * max(change) and > 1e-6 so that a flat teacher yields no edges.
+    """
+    if len(change) == 0 or max_edges <= 0:
+        return np.zeros(0)
+    top = change.max()
+    if top <= 1e-6:
+        return np.zeros(0)
+    left = np.concatenate([[-np.inf], change[:-1]])
+    right = np.concatenate([change[1:], [-np.inf]])
+    peak = (change >= left) & (change > right) & (change >= rel_tol * top)
+    idx = np.flatnonzero(peak)
+    idx = idx[np.argsort(-change[idx], kind="stable")][:max_edges]
+    return np.sort((grid[idx] + grid[idx + 1]) / 2)
+
+
+def sweep_bins(teacher: Teacher, spec: FeatureSpec, budget: int, rng: np.random.Generator,
+               max_bins: int = 8, n_grid: int = 24, sample=None) -> tuple[Bins, np.ndarray, np.ndarray]:
+    """Black-box bins from 1-D sweeps using at most `budget` teacher queries.
+
+    `sample(n, rng) -> (n, d)` draws anchor points (default: uniform in the spec box).
+    Returns (bins, X_sweep (q, d), P_sweep (q, C)) with q <= budget.
+    """
+    from modelpress.tabular.queries import uniform_queries
+    sample = sample or (lambda n, r: uniform_queries(spec, n, r))
+    d = len(spec)
+    sweep = [j for j, f in enumerate(spec.features) if f.kind != "categorical"]
+    if not sweep or budget <= 0:
+        return make_bins(spec, [np.zeros(0)] * d, "sweep"), np.zeros((0, d)), np.zeros((0, 0))
+    per_feat = max(budget // len(sweep), 4)
+    g = max(min(n_grid, per_feat), 4)
+    grids = {j: sweep_grid(spec, j, g) for j in sweep}
+    cost = sum(len(grids[j]) for j in sweep)
+    n_anchor = max(budget // max(cost, 1), 1)
+    anchors = sample(n_anchor, rng)  # (M, d)
+    Xs, edges = [], [np.zeros(0)] * d
+    for j in sweep:
+        X = np.repeat(anchors[:, None, :], len(grids[j]), axis=1)  # (M, G, d)
+        X[:, :, j] = grids[j][None, :]
+        Xs.append(X.reshape(-1, d))
+    Xall = np.concatenate(Xs)
+    if len(Xall) > budget:  # tiny budgets: keep only as many queries as allowed
+        Xall = Xall[:budget]
+    Pall = teacher.proba(Xall)
+    start = 0
+    for j, X in zip(sweep, Xs):
+        n = len(X)
+        if start + n > len(Pall):
+            break
+        P = Pall[start:start + n].reshape(n_anchor, len(grids[j]), -1)
+        edges[j] = peak_edges(grids[j], output_change(P), max_bins - 1)
+        start += n
+    return make_bins(spec, edges, "sweep"), Xall, Pall
+
+
+def digitize(X: np.ndarray, spec: FeatureSpec, bins: Bins) -> np.ndarray:
+    """Bin index of every value.  X (n, d) -> (n, d) int (categorical: index of nearest level)."""
+    L = np.zeros(X.shape, dtype=np.int64)
+    for j, f in enumerate(spec.features):
+        if f.kind == "categorical":
+            lv = np.asarray(f.levels)
+            L[:, j] = np.abs(X[:, j, None] - lv[None, :]).argmin(1)
+        else:
+            L[:, j] = np.searchsorted(bins.edges[j], X[:, j], side="left")
+    return L
