@@ -247,6 +247,37 @@ def dual_bounds(f: nn.Module, g: nn.Module, lo, hi, fp_pad: float = 1e-5) -> Dua
     return DualBounds(lf - pf, uf + pf, lg - pf, ug + pf, ld - pd, ud + pd)
 
 
-def guaranteed_range(f: nn.Module, g: nn.Module, lo, hi) -> tuple[float, float]:
+def dual_bounds_split(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 64,
+                      fp_pad: float = 1e-5) -> tuple[DualBounds, int]:
+    """Best-first input splitting: bisect the sub-box with the largest R along its widest (weighted)
+    feature until `max_boxes` leaves; the union of the leaves is the box, so the elementwise
+    min/max of their bounds is sound. Returns (bounds, leaves used)."""
+    if max_boxes < 1:
+        raise UserError(f"max_boxes={max_boxes} is out of range: use an integer >= 1")
+    lo, hi = _check_box(lo, hi, mlp_blocks(f)[0][0].shape[1])
+    w_in = mlp_blocks(f)[0][0].abs().sum(0) + mlp_blocks(g)[0][0].abs().sum(0)  # (d_in,) input sensitivity
+    leaves = [(lo, hi, dual_bounds(f, g, lo, hi, fp_pad))]
+    while len(leaves) < max_boxes:
+        i = max(range(len(leaves)), key=lambda j: leaves[j][2].linf_range)
+        l, h, b = leaves[i]
+        if b.linf_range == 0.0:
+            break
+        k = int(torch.argmax((h - l) * w_in))
+        mid = (l[k] + h[k]) / 2
+        h1, l2 = h.clone(), l.clone()
+        h1[k], l2[k] = mid, mid
+        leaves[i:i + 1] = [(l, h1, dual_bounds(f, g, l, h1, fp_pad)), (l2, h, dual_bounds(f, g, l2, h, fp_pad))]
+    bs = [b for _, _, b in leaves]
+
+    def agg(name, op):
+        return op(torch.stack([getattr(b, name) for b in bs]), 0).values
+    out = DualBounds(agg("f_lo", torch.min), agg("f_hi", torch.max), agg("g_lo", torch.min),
+                     agg("g_hi", torch.max), agg("d_lo", torch.min), agg("d_hi", torch.max))
+    return out, len(leaves)
+
+
+def guaranteed_range(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 1) -> tuple[float, float]:
     """(0, R): the range of d(x) = max_i |f_i(x) - g_i(x)| over the box, for the Bernstein bound."""
-    return 0.0, dual_bounds(f, g, lo, hi).linf_range
+    if max_boxes == 1:
+        return 0.0, dual_bounds(f, g, lo, hi).linf_range
+    return 0.0, dual_bounds_split(f, g, lo, hi, max_boxes)[0].linf_range
