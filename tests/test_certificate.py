@@ -161,3 +161,40 @@ def test_save_verify_and_tampering(tmp_path):
     (tmp_path / "recipe.yaml").unlink()
     with pytest.raises(UserError, match="missing"):
         C.verify(tmp_path)
+
+
+def test_cli_exit_codes_and_export(tiny_lm, tmp_path, monkeypatch):
+    import argparse
+
+    from modelpress import api
+    from modelpress.certify import cli
+    f, g, _ = tiny_lm
+    export = tmp_path / "exp"
+    export.mkdir()
+    (export / "modelpress.json").write_text("{}")
+    (export / "recipe.yaml").write_text("stages: []\n")
+    models = {"orig": f, str(export): g}
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 40 for c in text]}
+
+    monkeypatch.setattr(api, "load", lambda src, *a, **k: (models[str(src)], Tok()))
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(f"paragraph {i} with some words to score" for i in range(40)))
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd")
+    assert cli.add_parser(sub) == ["certify"]
+    base = ["certify", "orig", str(export), "--text", str(text), "--seqlen", "16", "--windows", "20",
+            "--delta", "0.05"]
+    assert cli.run(p.parse_args(base + ["--property", "agreement", "--eps", "0.0"])) == 1
+    assert cli.run(p.parse_args(base + ["--property", "kl", "--eps", "1.0"])) == 0
+    C.verify(export)
+    saved = C.load(export)
+    assert saved.property == "kl" and saved.passed and saved.n_samples == 20
+    assert saved.hashes["recipe"] == __import__("hashlib").sha256(b"stages: []\n").hexdigest()
+    with pytest.raises(UserError, match="does not exist"):
+        cli.run(p.parse_args(base[:3] + ["--text", str(tmp_path / "none.txt"), "--property", "kl", "--eps", "1",
+                                          "--delta", "0.05"]))
+    with pytest.raises(UserError, match="threshold"):
+        cli.run(p.parse_args(base + ["--property", "linf", "--eps", "1.0", "--no-save"]))
