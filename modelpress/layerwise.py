@@ -91,17 +91,25 @@ class Step:
             return {}
         stats: dict[str, Tensor] = {}
         counts: dict[str, int] = {n: 0 for n in linears}
+        alias: dict[str, str] = {}     # linears fed the very same input tensor share one statistic
+        seen: list[tuple[Tensor, str]] = []
 
         def make(name):
             def hook(_m, args, _o):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()   # (tokens, cols)
+                raw = args[0]
+                for t, first in seen:
+                    if t is raw:
+                        alias[name] = first
+                        return
+                seen.append((raw, name))
+                x = raw.detach().reshape(-1, raw.shape[-1]).float()   # (tokens, cols)
                 n_new = x.shape[0]
                 if kind == "hessian":
                     n_old = counts[name]
                     H = stats.get(name)
                     H = torch.zeros(x.shape[1], x.shape[1], device=x.device) if H is None else H * (n_old / (n_old + n_new))
                     xs = x * (2.0 / (n_old + n_new)) ** 0.5
-                    stats[name] = H + xs.t() @ xs
+                    stats[name] = torch.addmm(H, xs.t(), xs)
                 elif kind == "input_sq_norm":
                     stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
                 elif kind == "inputs":
@@ -114,10 +122,14 @@ class Step:
         hooks = [m.register_forward_hook(make(n)) for n, m in linears.items()]
         try:
             for x, kw in zip(self.inputs, self.kwargs):
+                seen.clear()
                 self.layer(x, **kw)
         finally:
             for h in hooks:
                 h.remove()
+            seen.clear()
+        for name, first in alias.items():
+            stats[name] = stats[first]
         return stats
 
 

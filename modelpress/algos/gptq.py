@@ -71,7 +71,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     if static:  # group parameters from the original (masked) weights
         s_all, z_all = quant.group_params(W, bits, group_size, sym, observer)
     else:
-        s_all = torch.zeros(rows, cols // gs, device=W.device)
+        s_all = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device)
         z_all = torch.zeros_like(s_all)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]

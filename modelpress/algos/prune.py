@@ -80,7 +80,7 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
     keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     gs = group_size or cols
     Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device) if bits else None
-    S = torch.zeros(rows, cols // gs, device=W.device) if bits else None
+    S = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device) if bits else None
     Z = torch.zeros_like(S) if bits else None
     if bits is not None and group_size is None:   # per-channel: one range per row, from the whole row
         S[:, 0], Z[:, 0] = quant.scale_zero(W, bits, sym)

@@ -67,7 +67,9 @@ def group_params(w: Tensor, bits: int, group_size: int | None, sym: bool,
     rows, cols = w.shape
     gs = group_size or cols
     fn = scale_zero_mse if observer == "mse" else scale_zero
-    wg = w.float().reshape(rows, cols // gs, gs).reshape(-1, gs)    # (rows * n_groups, gs)
+    ng = n_groups(cols, group_size)
+    wp = torch.nn.functional.pad(w.float(), (0, ng * gs - cols))    # zero padding: 0 is always in range
+    wg = wp.reshape(rows * ng, gs)                                   # (rows * n_groups, gs)
     s, z = fn(wg, bits, sym)
     return s.reshape(rows, -1), z.reshape(rows, -1)
 
@@ -104,9 +106,14 @@ def fake_quant(w: Tensor, bits: int, group_size: int | None = None, sym: bool = 
     return dequantize_groups(q, s, z, group_size).to(w.dtype)
 
 
+def n_groups(cols: int, group_size: int | None) -> int:
+    """Groups per row; the last group is partial when group_size does not divide cols."""
+    return -(-cols // group_size) if group_size else 1
+
+
 def check_groups(cols: int, group_size: int | None) -> None:
-    if group_size is not None and cols % group_size:
-        raise ValueError(f"input size {cols} is not a multiple of group_size {group_size}")
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group_size must be positive, got {group_size}")
 
 
 def pack(q: Tensor, bits: int) -> Tensor:

@@ -103,7 +103,7 @@ class QuantLinear(nn.Linear):
     def from_state(cls, t: dict[str, Tensor], cfg: dict) -> "QuantLinear":
         rows, cols, bits, gs = cfg["out"], cfg["in"], cfg["bits"], cfg["group_size"]
         keep = unpack_mask(t["keep"], (rows, cols)) if "keep" in t else None
-        n_groups = cols // (gs or cols)
+        n_groups = quant.n_groups(cols, gs)
         if keep is None:
             q = quant.unpack(t["qweight"], bits, rows * cols).reshape(rows, cols)
         else:

@@ -54,9 +54,6 @@ class Quantize:
     def quantize_one(self, name: str, lin: torch.nn.Linear, H: torch.Tensor | None) -> tuple[QuantLinear, dict]:
         if isinstance(lin, QuantLinear):
             raise UserError(f"{name} is already quantized: remove the second quantize stage or exclude it")
-        if self.group_size and lin.in_features % self.group_size:
-            raise UserError(f"quantize.group_size {self.group_size} does not divide {name}'s input size "
-                            f"{lin.in_features}: choose a divisor or exclude that layer")
         keep = lin.keep if isinstance(lin, SparseLinear) else None
         W = lin.weight.detach().float()
         info: dict = {}

