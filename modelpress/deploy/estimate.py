@@ -416,3 +416,13 @@ def estimate(profile: DeviceProfile, shape: DecoderShape, weights: WeightBytes, 
         energy_j_per_token=None if profile.tdp_w is None else energy_joules(profile.tdp_w, dec_sus),
         control_hz=control_hz, control_step_s=step,
         deadline_met=None if step is None else deadline_met(step, control_hz))
+
+
+def estimate_dir(folder: str | Path, devices: list[str | Path], context: int, *, bits: float | None = None,
+                 float_bits: int | None = 16, **kw) -> list[Estimate]:
+    """Estimates for a model folder (export or HF folder with config.json + *.safetensors) on each device.
+    `bits` sizes every linear at that width instead of reading the stored tensor bytes (what-if)."""
+    folder = Path(folder)
+    shape = decoder_shape(read_config(folder), str(folder / "config.json"))
+    weights = weight_bytes_from_params(shape, bits) if bits is not None else weight_bytes_from_dir(folder, float_bits)
+    return [estimate(load_profile(d), shape, weights, context, **kw) for d in devices]
