@@ -1,0 +1,128 @@
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from modelpress.distill import lowrank_clone as LRC
+from modelpress.errors import UserError
+
+from .conftest import tiny_llama
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: a single thread is faster than two contended ones on the shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _perturb(clone, seed=0, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(clone.P.values()) + list(clone.gain.values()):
+            p += scale * torch.randn(p.shape, generator=g)
+
+
+@pytest.fixture
+def teacher():
+    t = tiny_llama(tie=True)
+    with torch.no_grad():   # non-trivial norm gains, so folding them matters
+        for n, p in t.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return t
+
+
+def test_projected_forward_equals_merged_dense(teacher, calib, ids):
+    clone = LRC.LowRankClone(teacher, 32, "pca", calib.input_ids[:4])
+    _perturb(clone)
+    with torch.no_grad():
+        projected = clone(ids)
+    merged = clone.merge()
+    assert isinstance(merged, LlamaForCausalLM) and merged.config.hidden_size == 32
+    assert merged.model.embed_tokens.weight.shape == (128, 32)
+    assert merged.model.layers[0].self_attn.q_proj.weight.shape == (64, 32)
+    assert merged.model.layers[0].mlp.down_proj.weight.shape == (32, 128)
+    with torch.no_grad():
+        dense = merged(input_ids=ids).logits
+    torch.testing.assert_close(dense, projected, atol=1e-5, rtol=0)
+    n_student = sum(p.numel() for p in merged.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    assert n_student < n_teacher
+
+
+def test_identity_projections_zero_clone_loss(teacher, ids):
+    clone = LRC.LowRankClone(teacher, 64, "identity")
+    L = LRC.clone_losses(clone, ids, LRC.teacher_targets(clone, ids), LRC.LossWeights())
+    for t in LRC.TERMS:
+        assert float(L[f"clone_{t}"]) < 1e-10, t
+    assert float(L["kl"]) < 1e-6   # float32 log-softmax round-off only
+    with torch.no_grad():
+        torch.testing.assert_close(clone(ids), teacher(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_full_rank_pca_clone_is_a_rotation_of_the_teacher(teacher, calib, ids):
+    clone = LRC.LowRankClone(teacher, 64, "pca", calib.input_ids[:4])
+    U = clone.P["embed"].detach()
+    torch.testing.assert_close(U.t() @ U, torch.eye(64), atol=1e-5, rtol=0)
+    assert not torch.allclose(U, torch.eye(64), atol=1e-2)       # really rotated
+    L = LRC.clone_losses(clone, ids, LRC.teacher_targets(clone, ids), LRC.LossWeights())
+    assert float(L["clone"]) < 1e-8 and float(L["kl"]) < 1e-6
+
+
+def test_clone_loss_positive_when_perturbed_and_grads_only_on_projections(teacher, ids):
+    clone = LRC.LowRankClone(teacher, 64, "identity")
+    _perturb(clone)
+    L = LRC.clone_losses(clone, ids, LRC.teacher_targets(clone, ids), LRC.LossWeights())
+    assert all(float(L[f"clone_{t}"]) > 1e-6 for t in LRC.TERMS)
+    L["total"].backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in clone.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert {n.split(".")[0] for n, _ in clone.named_parameters()} == {"P", "gain"}
+
+
+def test_training_lowers_loss_and_merged_model_reloads(teacher, calib, tmp_path, ids):
+    from modelpress.distill import save_pretrained_atomic
+    train = calib.input_ids[:8, :16]
+    clone = LRC.LowRankClone(teacher, 32, "random", seed=1)
+    before = LRC.lm_ce(clone, train)
+    hist = LRC.train_lockstep([clone], train, steps=25, lr=3e-3, batch_size=4)[0]
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert LRC.lm_ce(clone, train) < before
+    merged = clone.merge()
+    save_pretrained_atomic(merged, None, tmp_path / "student", {"hidden": 32}, "lrc.json")
+    re = LlamaForCausalLM.from_pretrained(tmp_path / "student")
+    assert re.config.hidden_size == 32 and not re.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(re(input_ids=ids).logits, merged(input_ids=ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(re(input_ids=ids).logits, clone(ids), atol=1e-5, rtol=0)
+    # the folder is replaced only when it was written by this command
+    save_pretrained_atomic(merged, None, tmp_path / "student", {"hidden": 32}, "lrc.json")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    with pytest.raises(UserError):
+        save_pretrained_atomic(merged, None, tmp_path / "other", {}, "lrc.json")
+
+
+def test_rank_guideline_and_auto_hidden(teacher, calib):
+    assert LRC.rank_guideline(64, 100, 400) == pytest.approx(128.0)
+    assert LRC.round_hidden(130.0, 576) == 128 and LRC.round_hidden(5000.0, 576) == 576
+    train, val = calib.input_ids[:8, :16], calib.input_ids[8:12, :16]
+    r, rows = LRC.auto_hidden(teacher, train, val, (16, 32), pilot_fraction=0.5, pilot_steps=3, batch_size=4,
+                              multiple=8)
+    assert [row["hidden"] for row in rows] == [16, 32]
+    best = min(rows, key=lambda x: x["val_ce"])["hidden"]
+    assert r == LRC.round_hidden(best * (8 / 4) ** 0.5, 64, 8)
+    for row in rows:
+        assert row["gap"] == pytest.approx(row["val_ce"] - row["train_ce"])
+
+
+def test_bad_hidden_and_architecture(teacher):
+    with pytest.raises(UserError):
+        LRC.LowRankClone(teacher, 65, "random")
+    with pytest.raises(UserError):
+        LRC.LowRankClone(teacher, 32, "identity")
+    from .conftest import tiny_gpt2
+    with pytest.raises(UserError):
+        LRC.LowRankClone(tiny_gpt2(), 32, "random")
