@@ -198,3 +198,23 @@ def test_cli_exit_codes_and_export(tiny_lm, tmp_path, monkeypatch):
                                           "--delta", "0.05"]))
     with pytest.raises(UserError, match="threshold"):
         cli.run(p.parse_args(base + ["--property", "linf", "--eps", "1.0", "--no-save"]))
+
+
+def test_recipe_block(tiny_lm, tmp_path):
+    f, g, _ = tiny_lm
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 40 for c in text]}
+
+    text = tmp_path / "eval.txt"
+    text.write_text("\n\n".join(f"paragraph {i} with some words to score" for i in range(40)))
+    block = {"property": "kl", "eps": 1.0, "delta": 0.05, "text": str(text), "seqlen": 16, "windows": 10}
+    cert = C.certify_recipe_block(block, f, g, Tok(), recipe={"stages": []})
+    assert cert.passed and cert.n_samples == 10 and cert.hashes["recipe"] is not None
+    with pytest.raises(UserError, match="certify.epsilon"):
+        C.certify_recipe_block({**block, "epsilon": 1}, f, g, Tok())
+    with pytest.raises(UserError, match="certify.delta"):
+        C.certify_recipe_block({k: v for k, v in block.items() if k != "delta"}, f, g, Tok())
+    with pytest.raises(UserError, match="certify.windows must be an integer"):
+        C.certify_recipe_block({**block, "windows": "ten"}, f, g, Tok())

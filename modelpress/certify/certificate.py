@@ -318,6 +318,39 @@ def certify(orig_model: nn.Module, comp_model: nn.Module, windows: torch.Tensor,
                    "evaluation window (tokens within a window are not independent)", seq, n_tokens, hashes, seed)
 
 
+RECIPE_KEYS = {"property": str, "eps": float, "delta": float, "threshold": float, "method": str,
+               "sequential": bool, "stat": str, "clip": float, "text": str, "seqlen": int, "windows": int,
+               "seed": int}
+
+
+def certify_recipe_block(block: dict, original: nn.Module, compressed: nn.Module, tokenizer, recipe=None,
+                         calibration=None) -> Certificate:
+    """Run the `certify:` block of a recipe, e.g. {property: agreement, eps: 0.2, delta: 0.05}; optional
+    keys threshold, method, sequential, stat, clip, text (wiki-eval | file), seqlen (512), windows (64), seed."""
+    from modelpress.calib import sources
+    from modelpress.eval import eval_windows
+    if not isinstance(block, dict):
+        raise UserError("recipe certify must be a mapping, e.g. certify: {property: agreement, eps: 0.2, delta: 0.05}")
+    for k, v in block.items():
+        if k not in RECIPE_KEYS:
+            raise UserError(f"certify.{k} is unknown: use {', '.join(RECIPE_KEYS)}")
+        want = RECIPE_KEYS[k]
+        ok = isinstance(v, bool) if want is bool else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       if want is float else isinstance(v, want) and not isinstance(v, bool))
+        if not ok:
+            kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[want]
+            raise UserError(f"certify.{k} must be {kind}, got {v!r}")
+    for k in ("property", "eps", "delta"):
+        if k not in block:
+            raise UserError(f"certify.{k} is required, e.g. certify: {{property: agreement, eps: 0.2, delta: 0.05}}")
+    text = block.get("text", "wiki-eval")
+    windows = eval_windows(tokenizer, sources.texts(text, "eval"), block.get("seqlen", 512), block.get("windows", 64))
+    return certify(original, compressed, windows, block["property"], float(block["eps"]), float(block["delta"]),
+                   block.get("method", "auto"), block.get("sequential", False), threshold=block.get("threshold"),
+                   stat=block.get("stat"), clip=block.get("clip"), seed=block.get("seed", 0), recipe=recipe,
+                   calibration=calibration, eval_source=f"{text} sha256 {sources.source_sha256(text, 'eval')}")
+
+
 # ------------------------------------------------------------------------------------------------ MLPs
 
 def certify_mlp(f: nn.Module, g: nn.Module, X, lo, hi, eps: float, delta: float, stat: str = "rate",
@@ -442,5 +475,5 @@ def summary(cert: Certificate) -> str:
             f"from {cert.n_samples} samples, threshold {cert.threshold:g} -> {'PASS' if cert.passed else 'FAIL'}")
 
 
-__all__: list[Any] = ["Certificate", "certify", "certify_mlp", "certificate_from_tokens", "save", "load",
+__all__: list[Any] = ["Certificate", "certify", "certify_recipe_block", "certify_mlp", "certificate_from_tokens", "save", "load",
                       "verify", "summary", "model_sha256"]
