@@ -15,7 +15,7 @@ from torch import nn
 from .errors import UserError
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers) -> tuple[str, ...]:
     z = subparsers.add_parser("zip", help="losslessly compress a model's bf16/fp16 weights (~30% smaller)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     z.add_argument("model", help="HF folder, hub id, .gguf file, or 'smollm2'")
@@ -30,6 +30,7 @@ def add_parser(subparsers) -> None:
     u.add_argument("src", help="folder written by `modelpress zip`")
     u.add_argument("--out", required=True, help="output plain Hugging Face folder")
     u.set_defaults(zip_command="unzip", func=run)
+    return ("zip", "unzip")
 
 
 def run(args) -> int:
