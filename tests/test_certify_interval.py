@@ -114,3 +114,21 @@ def test_unsupported_layers_and_shapes_are_refused():
         I.dual_bounds(_mlp(0), _mlp(0, dims=(6, 16, 3)), -torch.ones(6), torch.ones(6))
     with pytest.raises(UserError, match="box"):
         I.dual_bounds(_mlp(0), _mlp(0), torch.ones(6), -torch.ones(6))
+
+
+def test_tabular_student_with_input_normalisation():
+    student = pytest.importorskip("modelpress.tabular.student")
+    import numpy as np
+    torch.manual_seed(4)
+    f = student.MLPStudent(5, 3, (16, 16), center=np.linspace(-1, 1, 5), scale=np.linspace(0.5, 2, 5)).eval()
+    g = copy.deepcopy(f)
+    with torch.no_grad():
+        for m in g.net:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.round(m.weight / 0.03) * 0.03)
+    lo, hi = -3 * torch.ones(5), 3 * torch.ones(5)
+    b = I.dual_bounds(f, g, lo, hi)
+    yf, yg = _sample(f, g, lo, hi, seed=2)
+    assert (yf >= b.f_lo).all() and (yf <= b.f_hi).all()
+    assert ((yf - yg) >= b.d_lo).all() and ((yf - yg) <= b.d_hi).all()
+    assert 0 < b.linf_range <= 10 * (yf - yg).abs().max().item()

@@ -42,8 +42,18 @@ def _leaves(net: nn.Module) -> list[nn.Module]:
 
 
 def mlp_blocks(net: nn.Module) -> list[Block]:
-    """nn.Sequential of nn.Linear / nn.ReLU (Identity, Dropout, Flatten ignored) -> [(W, b, relu)] in float64."""
+    """nn.Sequential of nn.Linear / nn.ReLU (Identity, Dropout, Flatten ignored) -> [(W, b, relu)] in float64.
+
+    Also takes a module computing `self.net((x - self.center) / self.scale)` (the tabular MLPStudent):
+    the input normalisation becomes an exact diagonal affine block."""
     blocks: list[list] = []
+    inner = getattr(net, "net", None)
+    if not isinstance(net, nn.Sequential) and isinstance(inner, nn.Sequential) and \
+            isinstance(getattr(net, "center", None), torch.Tensor) and isinstance(getattr(net, "scale", None), torch.Tensor):
+        c = net.center.detach().to(torch.float64).cpu().reshape(-1)
+        s = net.scale.detach().to(torch.float64).cpu().reshape(-1)
+        blocks.append([torch.diag(1.0 / s), -c / s, False])
+        net = inner
     for m in _leaves(net):
         if isinstance(m, nn.Linear):
             w = m.weight.detach().to(torch.float64).cpu()
