@@ -159,13 +159,13 @@ def main() -> None:
     ap.add_argument("--skip-llm", action="store_true")
     ap.add_argument("--boxes", type=int, default=64, help="input-splitting budget for the interval range")
     ap.add_argument("--recipes", default="w4a16-gptq-g128,wanda-50")
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--windows", type=int, default=160, help="eval windows: the i.i.d. samples")
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=16)
     a = ap.parse_args()
     torch.set_num_threads(1)
     parts = []
-    head = ["dataset", "variant", "acc(g)", "max sampled d", "R indep.", "R joint", f"R joint split",
+    head = ["dataset", "variant", "acc(g)", "max sampled d", "R indep.", "R joint", "R joint split",
             "boxes", "interval s", "mean d", "std d", "Bernstein E[d] bound", "Hoeffding E[d] bound",
             "Hoeffding / Bernstein"]
     rows, notes = [], []
@@ -187,7 +187,7 @@ def main() -> None:
     if not a.skip_llm:
         lrows, info = llm_rows(a.recipes.split(","), a.windows, a.seqlen, a.calib_samples)
         head2 = ["recipe", "property", "compress s", "eval s", "observed", "eps", "Clopper-Pearson",
-                 "Hoeffding", "Bernstein", "auto (min, delta/2 each)", "result"]
+                 "Hoeffding", "Bernstein", "auto (min of the 3, delta/3 each)", "result"]
         t2 = table(head2, lrows)
         print(t2)
         print("\n".join(info.get("sequential", [])))
