@@ -125,43 +125,67 @@ def peak_edges(grid: np.ndarray, change: np.ndarray, max_edges: int, rel_tol: fl
     return np.sort((grid[idx] + grid[idx + 1]) / 2)
 
 
-def sweep_bins(teacher: Teacher, spec: FeatureSpec, budget: int, rng: np.random.Generator,
-               max_bins: int = 8, n_grid: int = 24, sample=None) -> tuple[Bins, np.ndarray, np.ndarray]:
-    """Black-box bins from 1-D sweeps using at most `budget` teacher queries.
+@dataclass(frozen=True)
+class Sweep:
+    """1-D sweep results: per swept feature its grid (G,) and output change (G-1,)."""
 
-    `sample(n, rng) -> (n, d)` draws anchor points (default: uniform in the spec box).
-    Returns (bins, X_sweep (q, d), P_sweep (q, C)) with q <= budget.
+    grids: dict[int, np.ndarray]
+    changes: dict[int, np.ndarray]
+    X: np.ndarray  # (q, d) queries asked
+    P: np.ndarray  # (q, C) teacher outputs
+
+    def bins(self, spec: FeatureSpec, max_bins: int, fallback: int = 3) -> Bins:
+        """Edges at the sharpest changes; a feature whose sweep saw no change at all gets
+        `fallback` equal-width bins (no boundary information, but interactions still get
+        covered), capped by max_bins."""
+        edges = [np.zeros(0)] * len(spec)
+        for j, ch in self.changes.items():
+            edges[j] = peak_edges(self.grids[j], ch, max_bins - 1)
+            if len(edges[j]) == 0:
+                f = spec.features[j]
+                edges[j] = np.linspace(f.low, f.high, min(fallback, max_bins) + 1)[1:-1]
+        return make_bins(spec, edges, "sweep")
+
+
+def sweep(teacher: Teacher, spec: FeatureSpec, budget: int, rng: np.random.Generator,
+          n_grid: int = 24, sample=None) -> Sweep:
+    """1-D sweeps of every non-categorical feature using at most `budget` teacher queries.
+
+    `sample(n, rng) -> (n, d)` draws the anchor points (default: uniform in the spec box).
     """
     from modelpress.tabular.queries import uniform_queries
     sample = sample or (lambda n, r: uniform_queries(spec, n, r))
     d = len(spec)
-    sweep = [j for j, f in enumerate(spec.features) if f.kind != "categorical"]
-    if not sweep or budget <= 0:
-        return make_bins(spec, [np.zeros(0)] * d, "sweep"), np.zeros((0, d)), np.zeros((0, 0))
-    per_feat = max(budget // len(sweep), 4)
-    g = max(min(n_grid, per_feat), 4)
-    grids = {j: sweep_grid(spec, j, g) for j in sweep}
-    cost = sum(len(grids[j]) for j in sweep)
+    feats = [j for j, f in enumerate(spec.features) if f.kind != "categorical"]
+    if not feats or budget <= 0:
+        return Sweep({}, {}, np.zeros((0, d)), np.zeros((0, 0)))
+    g = max(min(n_grid, budget // len(feats)), 4)
+    grids = {j: sweep_grid(spec, j, g) for j in feats}
+    cost = sum(len(grids[j]) for j in feats)
     n_anchor = max(budget // max(cost, 1), 1)
     anchors = sample(n_anchor, rng)  # (M, d)
-    Xs, edges = [], [np.zeros(0)] * d
-    for j in sweep:
+    Xs = []
+    for j in feats:
         X = np.repeat(anchors[:, None, :], len(grids[j]), axis=1)  # (M, G, d)
         X[:, :, j] = grids[j][None, :]
         Xs.append(X.reshape(-1, d))
-    Xall = np.concatenate(Xs)
-    if len(Xall) > budget:  # tiny budgets: keep only as many queries as allowed
-        Xall = Xall[:budget]
+    Xall = np.concatenate(Xs)[:budget]  # tiny budgets: keep only as many queries as allowed
     Pall = teacher.proba(Xall)
-    start = 0
-    for j, X in zip(sweep, Xs):
+    changes, start = {}, 0
+    for j, X in zip(feats, Xs):
         n = len(X)
         if start + n > len(Pall):
             break
-        P = Pall[start:start + n].reshape(n_anchor, len(grids[j]), -1)
-        edges[j] = peak_edges(grids[j], output_change(P), max_bins - 1)
+        changes[j] = output_change(Pall[start:start + n].reshape(n_anchor, len(grids[j]), -1))
         start += n
-    return make_bins(spec, edges, "sweep"), Xall, Pall
+    return Sweep(grids, changes, Xall, Pall)
+
+
+def sweep_bins(teacher: Teacher, spec: FeatureSpec, budget: int, rng: np.random.Generator,
+               max_bins: int = 8, n_grid: int = 24, sample=None) -> tuple[Bins, np.ndarray, np.ndarray]:
+    """Black-box bins from 1-D sweeps: (bins, X_sweep (q, d), P_sweep (q, C)), q <= budget."""
+    s = sweep(teacher, spec, budget, rng, n_grid, sample)
+    return s.bins(spec, max_bins), s.X, s.P
 
 
 def digitize(X: np.ndarray, spec: FeatureSpec, bins: Bins) -> np.ndarray:

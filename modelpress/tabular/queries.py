@@ -1,0 +1,139 @@
+"""Synthetic query generation for data-free tabular distillation (TabKD, arXiv 2603.15481).
+
+* `sample_in_bins`: covering-array rows (bin indices) -> concrete values, uniform inside each
+  bin (integers inside integer bins, the level itself for categorical features).
+* `refine_boundaries`: boundary refinement. Pair each labelled query with its nearest
+  neighbour (in range-normalised space) that the teacher labels differently and bisect the
+  segment between them; every bisection midpoint is a teacher query, so the new points
+  converge onto the teacher's decision boundary from both sides.
+* Baseline generators that use the spec only: `uniform_queries` (uniform in the box, uniform
+  over levels) and `gaussian_queries` (per feature N(mid, (range/4)^2) clipped to the range).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from modelpress.tabular.bins import Bins
+from modelpress.tabular.spec import FeatureSpec
+from modelpress.tabular.teacher import Teacher
+
+
+def snap(X: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Project values onto the spec: clip to range, round integers, nearest categorical level."""
+    X = X.copy()
+    for j, f in enumerate(spec.features):
+        if f.kind == "categorical":
+            lv = np.asarray(f.levels, dtype=np.float64)
+            X[:, j] = lv[np.abs(X[:, j, None] - lv[None, :]).argmin(1)]
+        else:
+            X[:, j] = np.clip(X[:, j], f.low, f.high)
+            if f.kind == "integer":
+                X[:, j] = np.clip(np.round(X[:, j]), np.ceil(f.low), np.floor(f.high))
+    return X
+
+
+def bin_intervals(spec: FeatureSpec, bins: Bins, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """[lower, upper] of every bin of numeric/integer feature j.  -> (v_j,), (v_j,)"""
+    f = spec.features[j]
+    e = bins.edges[j]
+    return np.concatenate([[f.low], e]), np.concatenate([e, [f.high]])
+
+
+def sample_in_bins(L: np.ndarray, spec: FeatureSpec, bins: Bins, rng: np.random.Generator) -> np.ndarray:
+    """Concrete queries for design rows.  L (n, d) bin indices -> X (n, d) float64."""
+    n, d = L.shape
+    X = np.empty((n, d), dtype=np.float64)
+    U = rng.random((n, d))
+    for j, f in enumerate(spec.features):
+        if f.kind == "categorical":
+            X[:, j] = np.asarray(f.levels, dtype=np.float64)[L[:, j]]
+            continue
+        lo, hi = bin_intervals(spec, bins, j)
+        a, b = lo[L[:, j]], hi[L[:, j]]
+        if f.kind == "integer":  # integers k with a < k <= b (bin 0 also holds a itself)
+            first = np.where(L[:, j] == 0, np.ceil(a), np.floor(a) + 1)
+            last = np.floor(b)
+            X[:, j] = first + np.floor(U[:, j] * (last - first + 1))
+        else:
+            X[:, j] = a + U[:, j] * (b - a)
+    return snap(X, spec)
+
+
+def uniform_queries(spec: FeatureSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform in the spec box (integers uniform, levels uniform).  -> (n, d)"""
+    d = len(spec)
+    X = np.empty((n, d), dtype=np.float64)
+    U = rng.random((n, d))
+    for j, f in enumerate(spec.features):
+        if f.kind == "categorical":
+            lv = np.asarray(f.levels, dtype=np.float64)
+            X[:, j] = lv[np.minimum((U[:, j] * len(lv)).astype(np.int64), len(lv) - 1)]
+        elif f.kind == "integer":
+            a, b = np.ceil(f.low), np.floor(f.high)
+            X[:, j] = a + np.minimum(np.floor(U[:, j] * (b - a + 1)), b - a)
+        else:
+            X[:, j] = f.low + U[:, j] * (f.high - f.low)
+    return X
+
+
+def gaussian_queries(spec: FeatureSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Per feature N(mid, (range/4)^2) fitted to the spec range only, clipped; levels uniform."""
+    lo, hi = spec.bounds()
+    Z = rng.standard_normal((n, len(spec)))
+    X = (lo + hi)[None, :] / 2 + Z * (hi - lo)[None, :] / 4
+    Xu = uniform_queries(spec, n, rng)
+    cat = np.array([f.kind == "categorical" for f in spec.features])
+    X[:, cat] = Xu[:, cat]
+    return snap(X, spec)
+
+
+def normalise(X: np.ndarray, spec: FeatureSpec) -> np.ndarray:
+    """Map the spec box to [-1, 1]^d (constant features map to 0).  (n, d) -> (n, d)"""
+    lo, hi = spec.bounds()
+    half = np.where(hi > lo, (hi - lo) / 2, 1.0)
+    return (X - (lo + hi) / 2) / half
+
+
+def refine_boundaries(teacher: Teacher, spec: FeatureSpec, X: np.ndarray, P: np.ndarray, budget: int,
+                      rng: np.random.Generator, steps: int = 3, max_pool: int = 2048
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Bisect between nearest differently-labelled query pairs; <= budget new teacher queries.
+
+    X (n, d), P (n, C): labelled queries so far. Each pair costs `steps` queries; at each step
+    the midpoint m is queried and replaces the end point with the same teacher label, so the
+    bracket [x_a, x_b] shrinks onto the boundary. Returns (X_new (q, d), P_new (q, C)).
+    """
+    d = X.shape[1]
+    y = P.argmax(1)
+    if budget <= 0 or len(np.unique(y)) < 2:
+        return np.zeros((0, d)), np.zeros((0, P.shape[1]))
+    pool = rng.permutation(len(X))[:max_pool]
+    Xp, yp = X[pool], y[pool]
+    Z = normalise(Xp, spec)
+    sq = (Z * Z).sum(1)
+    D = sq[:, None] + sq[None, :] - 2 * Z @ Z.T  # (m, m) squared distances
+    D[yp[:, None] == yp[None, :]] = np.inf
+    nn = D.argmin(1)
+    ok = np.isfinite(D[np.arange(len(pool)), nn])
+    starts = np.flatnonzero(ok)
+    # closest pairs first: they bracket the boundary most tightly
+    starts = starts[np.argsort(D[starts, nn[starts]], kind="stable")]
+    n_pairs = min(len(starts), max(budget // steps, 1))
+    starts = starts[:n_pairs]
+    A, B = Xp[starts].copy(), Xp[nn[starts]].copy()  # (p, d)
+    ya = yp[starts]
+    out_X, out_P, used = [], [], 0
+    for _ in range(steps):
+        take = min(len(A), budget - used)
+        if take <= 0:
+            break
+        A, B, ya = A[:take], B[:take], ya[:take]
+        M = snap((A + B) / 2, spec)
+        Pm = teacher.proba(M)
+        used += len(M)
+        out_X.append(M)
+        out_P.append(Pm)
+        same = Pm.argmax(1) == ya
+        A = np.where(same[:, None], M, A)
+        B = np.where(same[:, None], B, M)
+    return np.concatenate(out_X), np.concatenate(out_P)
