@@ -1,0 +1,384 @@
+"""The visual report: one self-contained HTML page (no scripts, no external files; plots are PNGs embedded
+as base64) for one or more modelpress export folders.
+
+Per run: the recipe, the stages, the size breakdown (stored tensor bytes by part of the network), per-layer
+bits / sparsity / error, perplexity / agreement / KL, the certificate (certificate.json) and a deployment
+table for chosen devices (roofline estimates of modelpress.deploy, arXiv 2603.16952). With several runs, a
+quality-vs-size sweep plot comes first. Every part is optional: a missing file gives a note, not an error.
+
+Export folder files read: recipe.yaml, report.json, certificate.json, config.json, *.safetensors (headers
+only), modelpress.json (tied aliases)."""
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+DEFAULT_DEVICES = ("jetson-orin-nano", "jetson-agx-orin", "rtx-4090", "h100")
+PARTS = (("embedding", re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_positions)\.")),
+         ("LM head", re.compile(r"(^|\.)(lm_head|embed_out)\.")),
+         ("attention", re.compile(r"(self_attn|attn|attention)\.")),
+         ("MLP", re.compile(r"(mlp|ffn|feed_forward|fc1|fc2)\.")),
+         ("norms", re.compile(r"norm|(^|\.)ln_")))
+KIND_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}): re-export or fix the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def load_run(folder: str | os.PathLike) -> dict:
+    """Everything the report shows about one export folder; absent parts are None."""
+    from .deploy.estimate import tensor_bytes
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: pass modelpress export folders (written by `modelpress compress`)")
+    rep = _read_json(folder / "report.json")
+    recipe_text = (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else None
+    if recipe_text is None and rep and rep.get("recipe"):
+        recipe_text = yaml.safe_dump(rep["recipe"], sort_keys=False)
+    tensors = tensor_bytes(folder, float_bits=None) if any(folder.glob("*.safetensors")) else None
+    if rep is None and recipe_text is None and tensors is None:
+        raise UserError(f"{folder} has no report.json, recipe.yaml or weights: pass a modelpress export folder")
+    return {"dir": folder, "name": folder.name, "report": rep or {}, "recipe_text": recipe_text,
+            "certificate": _read_json(folder / "certificate.json"), "config": _read_json(folder / "config.json"),
+            "tensors": tensors}
+
+
+def size_breakdown(tensors: dict[str, int]) -> dict[str, int]:
+    """Stored bytes by part of the network (embedding, LM head, attention, MLP, norms, other)."""
+    out = {name: 0 for name, _ in PARTS} | {"other": 0}
+    for k, v in tensors.items():
+        part = next((name for name, rx in PARTS if rx.search(k)), "other")
+        out[part] += v
+    return {k: v for k, v in out.items() if v}
+
+
+def _num(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def _summary(run: dict) -> dict:
+    """The headline numbers of one run (None where unknown)."""
+    rep = run["report"]
+    size, ev = rep.get("size") or {}, rep.get("eval") or {}
+    comp, orig = ev.get("compressed") or {}, ev.get("original") or {}
+    nbytes = _num(size.get("compressed_bytes"))
+    if nbytes is None and run["tensors"]:
+        nbytes = float(sum(run["tensors"].values()))
+    return {"bytes": nbytes, "original_bytes": _num(size.get("original_bytes")), "bits": _num(size.get("bits_per_weight")),
+            "params": _num(size.get("params")), "ppl": _num(comp.get("perplexity")), "ppl0": _num(orig.get("perplexity")),
+            "agreement": _num(comp.get("agreement")), "kl": _num(comp.get("kl"))}
+
+
+# ----------------------------------------------------------------------------------------------- plots
+def _png(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(w: float, h: float, rows: int = 1, cols: int = 1, **kw):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h))
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    return fig, axes
+
+
+def plot_layers(layers: dict[str, dict]) -> str | None:
+    """Bits, sparsity and error per compressed layer (x = layer order), colored by module kind."""
+    keys = [k for k in ("bits", "sparsity", "error") if any(_num(v.get(k)) is not None for v in layers.values())]
+    if not keys:
+        return None
+    names = list(layers)
+    kinds = sorted({str(v.get("kind", "?")) for v in layers.values()})
+    fig, axes = _figure(10, 2.2 * len(keys), len(keys), 1, sharex=True)
+    for ax, key in zip(axes[:, 0], keys):
+        for ci, kind in enumerate(kinds):
+            idx = [i for i, n in enumerate(names) if str(layers[n].get("kind", "?")) == kind and _num(layers[n].get(key)) is not None]
+            ax.scatter(idx, [layers[names[i]][key] for i in idx], s=12, color=KIND_COLORS[ci % len(KIND_COLORS)], label=kind)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        if key == "error" and all((_num(v.get("error")) or 0) > 0 for v in layers.values()):
+            ax.set_yscale("log")
+    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel("compressed layer (model order)")
+    axes[0, 0].set_title("per-layer compression")
+    return _png(fig)
+
+
+def plot_size(breakdown: dict[str, int], original: float | None) -> str | None:
+    if not breakdown:
+        return None
+    fig, axes = _figure(8, 1.6 if original is None else 2.2)
+    ax = axes[0, 0]
+    rows = [("stored", breakdown)] + ([("original (16-bit)", {"all weights": original})] if original else [])
+    for y, (label, parts) in enumerate(rows):
+        left = 0.0
+        for ci, (part, b) in enumerate(parts.items()):
+            ax.barh(y, b / 1e6, left=left, color=KIND_COLORS[ci % len(KIND_COLORS)] if label == "stored" else "#bbbbbb",
+                    label=part if label == "stored" else None, edgecolor="white")
+            left += b / 1e6
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_xlabel("MB")
+    ax.legend(loc="lower right", fontsize=8, ncol=3)
+    ax.set_title("size breakdown")
+    return _png(fig)
+
+
+def plot_eval(s: dict) -> str | None:
+    if s["ppl"] is None and s["ppl0"] is None:
+        return None
+    fig, axes = _figure(4.5, 2.6)
+    ax = axes[0, 0]
+    labels, vals = zip(*[(k, v) for k, v in (("original", s["ppl0"]), ("compressed", s["ppl"])) if v is not None])
+    bars = ax.bar(labels, vals, color=["#7f7f7f", "#1f77b4"][:len(vals)])
+    ax.bar_label(bars, fmt="%.3g")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity (lower is better)")
+    return _png(fig)
+
+
+def plot_sweep(runs: list[dict]) -> str | None:
+    """Quality vs size over several runs: perplexity and top-1 agreement against bits/weight (or MB)."""
+    pts = [(r["name"], _summary(r)) for r in runs]
+    use_bits = all(s["bits"] is not None for _, s in pts)
+    xs = [(n, s["bits"] if use_bits else (s["bytes"] or 0) / 1e6, s) for n, s in pts
+          if (s["bits"] if use_bits else s["bytes"]) is not None]
+    if len(xs) < 2 or not any(s["ppl"] is not None or s["agreement"] is not None for _, _, s in xs):
+        return None
+    fig, axes = _figure(10, 3.4, 1, 2)
+    for ax, key, label in ((axes[0, 0], "ppl", "perplexity"), (axes[0, 1], "agreement", "top-1 agreement")):
+        pp = sorted((x, s[key], n) for n, x, s in xs if s[key] is not None)
+        if pp:
+            ax.plot([p[0] for p in pp], [p[1] for p in pp], "o-", color="#1f77b4")
+            for x, y, n in pp:
+                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        base = [s["ppl0"] for _, _, s in xs if s["ppl0"] is not None] if key == "ppl" else [1.0]
+        if base:
+            ax.axhline(base[0], color="#7f7f7f", ls="--", label="original")
+            ax.legend(fontsize=8)
+        ax.set_xlabel("bits / weight" if use_bits else "compressed size (MB)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("quality vs size")
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------- html
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{margin-top:1.4em}table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;
+padding:.25em .6em;text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.note{color:#777;font-style:italic}
+.pass{color:#1a7f37;font-weight:bold}.fail{color:#c62828;font-weight:bold}img{max-width:100%;display:block;margin:.5em 0}
+.cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;min-width:9em}
+.card b{display:block;font-size:1.3em}"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        return "–" if not math.isfinite(x) else f"{x:.{digits}g}"
+    return str(x)
+
+
+def _mb(b: float | None) -> str:
+    return "–" if b is None else (f"{b / 1e9:.3g} GB" if b >= 1e9 else f"{b / 1e6:.3g} MB")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    h = "".join(f"<th>{_e(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(b64: str | None, alt: str) -> str:
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _certificate(cert: dict | None) -> str:
+    if cert is None:
+        return _note("no certificate.json in this export (run `modelpress certify` to add one)")
+    passed = cert.get("passed")
+    head = "" if passed is None else (f'<p class="{"pass" if passed else "fail"}">'
+                                      f'{"PASS" if passed else "FAIL"}</p>')
+    rows = []
+    for k, v in _flatten(cert):
+        if isinstance(v, list):
+            v = json.dumps(v[:8]) + (f" … ({len(v)} items)" if len(v) > 8 else "")
+        rows.append([_e(k), _e(_fmt(v))])
+    return head + _table(["field", "value"], rows)
+
+
+def _deployment(run: dict, devices: list[str], context: int, control_hz: float | None) -> str:
+    from .deploy.estimate import estimate_dir
+    if run["config"] is None or run["tensors"] is None:
+        return _note("deployment estimates need config.json and the .safetensors weights in the export")
+    try:
+        ests = estimate_dir(run["dir"], devices, context, control_hz=control_hz)
+    except UserError as e:
+        return _note(f"deployment estimate unavailable: {e}")
+    rows = []
+    for e in ests:
+        row = [_e(e.device), _mb(e.weight_bytes), _mb(e.kv_bytes),
+               '<span class="pass">yes</span>' if e.fits else '<span class="fail">no</span>',
+               f"{e.decode_s * 1e3:.3g}", f"{e.decode_s_sustained * 1e3:.3g}", _e(e.decode_bound),
+               f"{e.tokens_per_s:.4g}", f"{e.prefill_s_sustained * 1e3:.3g}",
+               "–" if e.energy_j_per_token is None else f"{e.energy_j_per_token * 1e3:.3g}"]
+        if control_hz:
+            row += [f"{e.control_step_s * 1e3:.3g}",
+                    '<span class="pass">met</span>' if e.deadline_met else '<span class="fail">missed</span>']
+        rows.append(row)
+    head = ["device", "weights", f"KV @ {context}", "fits", "decode ms", "sustained ms", "bound", "tok/s",
+            "TTFT ms", "mJ/token"] + ([f"step ms @ {control_hz:g} Hz", "deadline"] if control_hz else [])
+    return (_table(head, rows) + _note("ideal roofline from datasheet profiles (fp16 compute, 16-bit KV cache, "
+                                       "floating tensors at 16 bits); calibrate with `modelpress deploy --measure`"))
+
+
+def _run_section(run: dict, devices: list[str], context: int, control_hz: float | None) -> str:
+    rep, s = run["report"], _summary(run)
+    parts = [f'<h2 id="{_e(run["name"])}">{_e(run["name"])}</h2>',
+             f'<p>folder <code>{_e(run["dir"])}</code>; model <code>{_e(rep.get("model", "?"))}</code></p>']
+    cards = [("size", _mb(s["bytes"])), ("ratio", f"{s['original_bytes'] / s['bytes']:.2f}x" if s["original_bytes"] and s["bytes"] else "–"),
+             ("bits / weight", _fmt(s["bits"])), ("perplexity", f"{_fmt(s['ppl0'])} → {_fmt(s['ppl'])}"),
+             ("top-1 agreement", _fmt(s["agreement"])), ("KL", _fmt(s["kl"]))]
+    parts.append('<div class="cards">' + "".join(f"<div class=card>{_e(k)}<b>{_e(v)}</b></div>" for k, v in cards) + "</div>")
+
+    parts.append("<h3>Recipe</h3>")
+    parts.append(f"<pre>{_e(run['recipe_text'])}</pre>" if run["recipe_text"] else _note("no recipe.yaml"))
+    stages = rep.get("stages") or []
+    if stages:
+        parts.append(_table(["stage", "summary", "seconds"], [[_e(st.get("name", "?")), _e(st.get("summary", "")),
+                                                                 _fmt(_num(st.get("seconds")), 3)] for st in stages]))
+
+    parts.append("<h3>Size</h3>")
+    breakdown = size_breakdown(run["tensors"]) if run["tensors"] else {}
+    if breakdown or s["bytes"]:
+        rows = [[_e(k), _mb(v), f"{100 * v / sum(breakdown.values()):.1f}%"] for k, v in breakdown.items()]
+        size = rep.get("size") or {}
+        facts = [[_e(k), _e(_fmt(_num(size.get(k)) if k != "params" else size.get(k)))]
+                 for k in ("params", "original_bytes", "compressed_bytes", "bits_per_weight") if k in size]
+        parts.append(_img(plot_size(breakdown, s["original_bytes"]), "size breakdown"))
+        parts.append((_table(["part", "stored", "share"], rows) if rows else "") + (_table(["size", "value"], facts) if facts else ""))
+    else:
+        parts.append(_note("no size information (report.json size or .safetensors weights)"))
+
+    parts.append("<h3>Quality</h3>")
+    ev = rep.get("eval") or {}
+    if ev:
+        comp, orig = ev.get("compressed") or {}, ev.get("original") or {}
+        rows = [["perplexity", _fmt(s["ppl0"]), _fmt(s["ppl"])], ["top-1 agreement with original", "1", _fmt(s["agreement"])],
+                ["mean KL(original ‖ compressed)", "0", _fmt(s["kl"])]]
+        extra = [f"{k} {comp[k]}" for k in ("windows", "seqlen", "tokens") if k in comp]
+        parts.append(_img(plot_eval(s), "perplexity"))
+        parts.append(_table(["metric", "original", "compressed"], rows) + (_note("evaluated on " + ", ".join(extra)) if extra else ""))
+        if orig.get("perplexity") is None and comp.get("perplexity") is None:
+            parts.append(_note("report.json eval has no perplexity"))
+    else:
+        parts.append(_note("not evaluated (report.json has no eval section)"))
+
+    parts.append("<h3>Per-layer compression</h3>")
+    layers = rep.get("layers") or {}
+    layers = {k: v for k, v in layers.items() if isinstance(v, dict)}
+    if layers:
+        parts.append(_img(plot_layers(layers), "per-layer bits, sparsity and error"))
+        rows = [[_e(n), _e(v.get("kind", "")), _fmt(_num(v.get("bits"))), _fmt(_num(v.get("sparsity"))),
+                 _fmt(_num(v.get("error")))] for n, v in layers.items()]
+        parts.append(f"<details><summary>{len(rows)} layers</summary>"
+                     + _table(["layer", "kind", "bits", "sparsity", "error"], rows) + "</details>")
+    else:
+        parts.append(_note("no per-layer statistics in report.json"))
+
+    parts.append("<h3>Certificate</h3>")
+    parts.append(_certificate(run["certificate"]))
+    parts.append(f"<h3>Deployment (context {context})</h3>")
+    parts.append(_deployment(run, devices, context, control_hz))
+    return "\n".join(parts)
+
+
+def render(runs: list[dict], devices: list[str] | None = None, context: int = 2048, control_hz: float | None = None,
+           title: str | None = None) -> str:
+    """The whole page as one HTML string."""
+    devices = list(devices or DEFAULT_DEVICES)
+    title = title or ("modelpress report: " + ", ".join(r["name"] for r in runs))
+    body = [f"<h1>{_e(title)}</h1>",
+            _note(f"generated {datetime.datetime.now().isoformat(timespec='seconds')} by modelpress")]
+    if len(runs) > 1:
+        body.append("<h2>Sweep</h2>")
+        rows = []
+        for r in runs:
+            s = _summary(r)
+            rows.append([f'<a href="#{_e(r["name"])}">{_e(r["name"])}</a>', _mb(s["bytes"]), _fmt(s["bits"]),
+                         _fmt(s["ppl"]), _fmt(s["agreement"]), _fmt(s["kl"]),
+                         "–" if r["certificate"] is None or r["certificate"].get("passed") is None
+                         else ("PASS" if r["certificate"]["passed"] else "FAIL")])
+        sweep = plot_sweep(runs)
+        body.append(_img(sweep, "quality vs size") if sweep else _note("sweep plot needs size and quality for 2+ runs"))
+        body.append(_table(["run", "size", "bits / weight", "perplexity", "agreement", "KL", "certificate"], rows))
+    body += [_run_section(r, devices, context, control_hz) for r in runs]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def build(folders: list[str | os.PathLike], out: str | os.PathLike, devices: list[str] | None = None,
+          context: int = 2048, control_hz: float | None = None, title: str | None = None) -> Path:
+    """Read the export folders and write the report atomically. Returns the output path."""
+    from .io import atomic_write_text
+    if not folders:
+        raise UserError("report needs at least one export folder: `modelpress report DIR [DIR ...] --out report.html`")
+    if devices:
+        from .deploy.estimate import load_profile
+        for d in devices:
+            load_profile(d)  # fail early on a bad device name or YAML
+    runs = [load_run(f) for f in folders]
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):  # anchors must be unique
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{r['name']}-{i + 1}"
+    atomic_write_text(out, render(runs, devices, context, control_hz, title))
+    return Path(out)
