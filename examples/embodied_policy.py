@@ -191,7 +191,9 @@ def main() -> None:
                           f"{r['latency_s'] * 1e6:.1f}", f"{r['success_rate']:.2f}", f"{r['completion_time_s']:.3f}",
                           f"{r['mean_jerk']:.1f}", f"{r['action_rate']:.4f}", f"{r['joint_rotation']:.3f}",
                           f"{r['motion_energy']:.3f}"]))
-    print("completion time averages the completed episodes; motion energy is the mechanical work sum|tau*dq|.")
+    print("completion time averages the completed episodes; motion energy is the mechanical work sum|tau*dq|.\n"
+          "The quantized policies are simulated (weights rounded to the b-bit grid, forward in fp32), so their\n"
+          "latency equals the fp32 policy's up to timing noise; weight bytes count b-bit codes + fp16 row scales.")
 
 
 if __name__ == "__main__":
