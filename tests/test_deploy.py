@@ -236,3 +236,17 @@ def test_calibrate_tiny_model_reports_positive_times():
     for r in res["estimates"].values():
         assert r["decode_s"] > 0 and math.isfinite(r["decode_ratio"])
     assert res["probes"]["copy_gbs"] > 0.1
+
+
+def test_runtime_bytes_skip_storage_only_buffers_of_compressed_modules():
+    from modelpress.deploy.measure import module_tensor_bytes
+
+    class Packed(torch.nn.Linear):  # like modelpress QuantLinear: dense weight for forward + stored codes
+        def to_state(self):
+            return {}, {}
+
+    m = Packed(4, 2, bias=False)
+    m.register_buffer("q", torch.zeros(8, dtype=torch.uint8), persistent=False)
+    net = torch.nn.Sequential(m)
+    net.register_buffer("other", torch.zeros(3))
+    assert module_tensor_bytes(net) == {"0.weight": 32, "other": 12}

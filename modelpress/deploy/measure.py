@@ -58,8 +58,8 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 5, warm
 
 # ----------------------------------------------------------------------------------------------- bytes
 def module_tensor_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of parameters and buffers as this runtime holds them (shared storage counted once), including
-    the packed weights of torch.ao dynamically quantized linears, which are not parameters."""
+    """Bytes of the parameters and buffers this runtime reads (shared storage counted once), including the
+    packed weights of torch.ao dynamically quantized linears, which are not parameters."""
     seen: set[int] = set()
     out: dict[str, int] = {}
 
@@ -72,8 +72,14 @@ def module_tensor_bytes(model: nn.Module) -> dict[str, int]:
             seen.add(t.data_ptr())
         out[name] = t.numel() * t.element_size()
 
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    # modelpress replacement layers (modules/quant.py) run F.linear on a dense weight derived from their
+    # stored codes; the code / scale / mask buffers are storage, not read per token
+    storage_only = {n for n, m in model.named_modules() if hasattr(m, "to_state")}
+    for name, t in model.named_parameters():
         add(name, t)
+    for name, t in model.named_buffers():
+        if name.rpartition(".")[0] not in storage_only:
+            add(name, t)
     for name, m in model.named_modules():
         if callable(getattr(m, "weight", None)) and hasattr(m, "_packed_params"):
             w = m.weight()  # torch.ao quantized: int8 codes + per-tensor/per-channel scales
