@@ -77,6 +77,24 @@ def test_fuzz_round_trip(rows, cols, seed, mode, fp16):
         assert back.dtype == w.dtype and torch.equal(bits(back), bits(w)), codec
 
 
+@pytest.mark.parametrize("chunk", [4, 1000, 3 * 4096])
+def test_chunked_coding_equals_one_piece(monkeypatch, chunk):
+    """Encoders/decoders work in cache-sized chunks; any chunking gives the very same streams."""
+    ws = [gaussian(300, 200, seed=7), gaussian(130, 77, seed=8)]
+    bits(ws[0]).reshape(-1)[::97] = torch.tensor(np.array(SPECIALS * 1000, dtype=np.uint16)[:619].view(np.int16))
+    whole = [(LL.tca_tbe_encode(w), LL.huffman_encode(w)) for w in ws]
+    monkeypatch.setattr(LL, "CHUNK_ELEMS", chunk)
+    for w, (t1, h1) in zip(ws, whole):
+        t2, h2 = LL.tca_tbe_encode(w), LL.huffman_encode(w)
+        for f in ("bitmaps", "hi", "fallback", "tile_offsets"):
+            assert np.array_equal(getattr(t1, f), getattr(t2, f)), f
+        for f in ("stream", "gaps", "sm", "lengths"):
+            assert np.array_equal(getattr(h1, f), getattr(h2, f)), f
+        assert h1.n_bits == h2.n_bits
+        assert torch.equal(bits(LL.tca_tbe_decode(t1)), bits(w))
+        assert torch.equal(bits(LL.huffman_decode(h1)), bits(w))
+
+
 def test_bitmap_popcount_equals_in_window_counts():
     w = gaussian(192, 320, seed=3)
     enc = LL.tca_tbe_encode(w)

@@ -48,6 +48,7 @@ TC_TILE = TC_ROWS * BLOCK       # 1024 elements
 TILES_PER_TC = TC_TILE // 64    # 16 8x8 tiles per 16x64 tile
 LUT_BITS = 12                   # Huffman: max code length = lookup window
 LANE_BYTES = 16                 # Huffman: bytes of bit stream per decode lane
+CHUNK_ELEMS = 1 << 18           # elements per chunk of block rows (cache-sized temporaries)
 MAGIC = b"MPZ1"
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,23 +150,21 @@ class TcaTbe:
         return self.shape[0] * self.shape[1]
 
 
-def tca_tbe_encode(w: Tensor) -> TcaTbe:
-    """(rows, cols) bf16/fp16 -> TcaTbe. Padding elements get exponent e0 (code 1) and h = 0."""
-    u, dtype = _words(w)
-    rows, cols = u.shape
-    rp, cp = max(-(-rows // BLOCK), 1) * BLOCK, max(-(-cols // BLOCK), 1) * BLOCK
-    e8 = np.empty(u.shape, dtype=np.uint8)
-    np.right_shift(u, 7, out=e8, casting="unsafe")               # exponent field (sign bit cast away)
-    e0 = best_window(exponent_hist(e8)) if u.size else 127
-    if (rp, cp) != (rows, cols):
-        pad = np.full((rp, cp), np.uint16(e0 << 7), dtype=np.uint16)
-        pad[:rows, :cols] = u
-        u = pad
+def _chunk_rows(cp: int) -> int:
+    """Rows per chunk (a multiple of 64): about CHUNK_ELEMS elements, so temporaries stay in cache and
+    come from the allocator's free lists instead of fresh, page-faulting memory."""
+    return BLOCK * max(1, CHUNK_ELEMS // (BLOCK * cp))
+
+
+def _encode_rows(u: np.ndarray, e0: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block rows (64 k, cp) uint16 -> (bitmaps (T, 3) uint64, hi uint8, fallback uint16). The storage
+    order is block-row-major, so a matrix's streams are the concatenation of its block rows' streams."""
     t = to_tile_order(u)                                         # (n,) storage order
     n = t.size
     e8 = np.empty(n, dtype=np.uint8)
-    np.right_shift(t, 7, out=e8, casting="unsafe")
-    codes = e8 - np.uint8((e0 - 1) & 0xFF)                      # code = e - e0 + 1 (mod 256) ...
+    np.right_shift(t, 7, out=e8, casting="unsafe")               # exponent field (sign bit cast away)
+    codes = e8
+    codes -= np.uint8((e0 - 1) & 0xFF)                           # code = e - e0 + 1 (mod 256) ...
     np.multiply(codes, codes <= 7, out=codes)                    # ... kept if in 1..7, else 0 (fallback)
     inw = codes != 0
     x = t[inw]                                                   # in-window words
@@ -173,15 +172,49 @@ def tca_tbe_encode(w: Tensor) -> TcaTbe:
     hi = np.empty(x.size, dtype=np.uint8)
     np.right_shift(x, 8, out=hi, casting="unsafe")               # sign -> bit 7
     np.bitwise_or(hi, x, out=hi, casting="unsafe")               # | mantissa
-    fallback = t[~inw]
+    np.logical_not(inw, out=inw)
+    fallback = t[inw]
     # bit planes: 8 codes per uint64 (one per byte); plane b of those 8 codes packed into one byte
     c64 = codes.view(np.uint64)                                  # (T*8,) one tile row each
     T = n // 64
     planes = np.empty((T, 3, 8), dtype=np.uint8)
+    tmp = np.empty_like(c64)
     for b in range(3):
-        planes[:, b, :] = ((((c64 >> np.uint64(b)) & _L8) * _GATHER) >> np.uint64(56)).reshape(T, 8)
-    bitmaps = planes.view(np.uint64).reshape(T, 3)
-    return TcaTbe((rows, cols), (rp, cp), e0, dtype, bitmaps, hi, fallback, _tile_offsets(bitmaps))
+        np.right_shift(c64, np.uint64(b), out=tmp)
+        tmp &= _L8
+        tmp *= _GATHER
+        tmp >>= np.uint64(56)
+        planes[:, b, :] = tmp.reshape(T, 8)
+    return planes.view(np.uint64).reshape(T, 3), hi, fallback
+
+
+def tca_tbe_encode(w: Tensor) -> TcaTbe:
+    """(rows, cols) bf16/fp16 -> TcaTbe. Padding elements get exponent e0 (code 1) and h = 0."""
+    u, dtype = _words(w)
+    rows, cols = u.shape
+    rp, cp = max(-(-rows // BLOCK), 1) * BLOCK, max(-(-cols // BLOCK), 1) * BLOCK
+    step = _chunk_rows(cp)
+    hist = np.zeros(256, dtype=np.int64)
+    e8 = np.empty((min(step, rows), cols), dtype=np.uint8)
+    for r in range(0, rows, step):                               # pass 1: exponent histogram -> window
+        part = e8[: min(step, rows - r)]
+        np.right_shift(u[r: r + step], 7, out=part, casting="unsafe")
+        hist += exponent_hist(part)
+    e0 = best_window(hist) if u.size else 127
+    out_b, out_h, out_f = [], [], []
+    for r in range(0, rp, step):                                 # pass 2: encode block rows
+        chunk = u[r: r + step]
+        if chunk.shape != (min(step, rp - r), cp):               # last rows / columns: pad in-window
+            pad = np.full((min(step, rp - r), cp), np.uint16(e0 << 7), dtype=np.uint16)
+            pad[: chunk.shape[0], :cols] = chunk
+            chunk = pad
+        bm, hi, fb = _encode_rows(chunk, e0)
+        out_b.append(bm)
+        out_h.append(hi)
+        out_f.append(fb)
+    bitmaps = np.concatenate(out_b)
+    return TcaTbe((rows, cols), (rp, cp), e0, dtype, bitmaps, np.concatenate(out_h), np.concatenate(out_f),
+                  _tile_offsets(bitmaps))
 
 
 def _tile_offsets(bitmaps: np.ndarray) -> np.ndarray:
@@ -203,16 +236,16 @@ def tca_tbe_codes(enc: TcaTbe) -> np.ndarray:
     return c64.view(np.uint8).reshape(-1)
 
 
-def tca_tbe_decode(enc: TcaTbe) -> Tensor:
-    """TcaTbe -> the original (rows, cols) tensor, bit-exact."""
-    rp, cp = enc.padded
-    codes = tca_tbe_codes(enc)                                   # (n,) uint8
+def _decode_rows(bitmaps: np.ndarray, hi: np.ndarray, fallback: np.ndarray, e0: int, cp: int) -> np.ndarray:
+    """Streams of whole block rows -> (64 k, cp) uint16."""
+    B = np.ascontiguousarray(bitmaps).view(np.uint8).reshape(-1, 3, 8)  # byte r of plane b = tile row r
+    c64 = _spread(B[:, 0])
+    c64 |= _spread(B[:, 1]) << np.uint64(1)
+    c64 |= _spread(B[:, 2]) << np.uint64(2)
+    codes = c64.view(np.uint8).reshape(-1)                       # (n,) uint8
     inw = codes != 0
-    n_in = int(np.count_nonzero(inw))
-    if n_in != enc.hi.size or codes.size - n_in != enc.fallback.size:
-        raise UserError("TCA-TBE data is inconsistent (bitmap popcount != stream lengths): the blob is corrupted")
     hfull = np.zeros(codes.size, dtype=np.uint8)
-    hfull[inw] = enc.hi
+    hfull[inw] = hi
     # word = sign << 15 | (code + e0 - 1) << 7 | mantissa (uint16 arithmetic; wrong only where code = 0,
     # which the fallbacks overwrite). h * 257 puts the sign at bit 15 and keeps the mantissa in bits 0-6.
     vals = hfull.astype(np.uint16)
@@ -220,12 +253,39 @@ def tca_tbe_decode(enc: TcaTbe) -> Tensor:
     vals &= np.uint16(0x807F)
     ex = codes.astype(np.uint16)
     ex <<= np.uint16(7)
-    ex += np.uint16(((enc.e0 - 1) << 7) & 0xFFFF)
+    ex += np.uint16(((e0 - 1) << 7) & 0xFFFF)
     vals |= ex
-    if enc.fallback.size:
-        vals[np.flatnonzero(codes == 0)] = enc.fallback
-    u = from_tile_order(vals, rp, cp)[: enc.shape[0], : enc.shape[1]]
-    return _tensor(u, enc.dtype)
+    if fallback.size:
+        np.logical_not(inw, out=inw)
+        vals[inw] = fallback
+    return from_tile_order(vals, vals.size // cp, cp)
+
+
+def tca_tbe_decode(enc: TcaTbe) -> Tensor:
+    """TcaTbe -> the original (rows, cols) tensor, bit-exact (decoded block row chunk by chunk, each
+    from its own slice of the streams, found through tile_offsets)."""
+    rp, cp = enc.padded
+    rows, cols = enc.shape
+    T, G = rp * cp // 64, rp * cp // TC_TILE
+    offs = enc.tile_offsets.astype(np.int64)
+    nz = enc.bitmaps[:, 0] | enc.bitmaps[:, 1] | enc.bitmaps[:, 2]
+    n_in = int(np.bitwise_count(nz).sum(dtype=np.int64))
+    if (enc.bitmaps.shape != (T, 3) or offs.size != G + 1 or n_in != enc.hi.size or offs[-1] != n_in
+            or rp * cp - n_in != enc.fallback.size):
+        raise UserError("TCA-TBE data is inconsistent (bitmap popcount != stream lengths): the blob is corrupted")
+    out = np.empty((rows, cols), dtype=np.uint16)
+    step = _chunk_rows(cp)
+    tiles_per_row = cp // 64 * 64                                # 8x8 tiles per 64-row block row
+    for r in range(0, rp, step):
+        k = min(step, rp - r)
+        t0, t1 = r // 64 * tiles_per_row, (r + k) // 64 * tiles_per_row
+        g0, g1 = t0 // TILES_PER_TC, t1 // TILES_PER_TC
+        h0, h1 = offs[g0], offs[g1]
+        part = _decode_rows(enc.bitmaps[t0:t1], enc.hi[h0:h1], enc.fallback[g0 * TC_TILE - h0: g1 * TC_TILE - h1],
+                            enc.e0, cp)
+        if r < rows:
+            out[r: r + k] = part[: rows - r, :cols]
+    return _tensor(out, enc.dtype)
 
 
 # ----------------------------------------------------------------------------------------- Huffman
@@ -300,30 +360,48 @@ def _decode_lut(lengths: np.ndarray) -> np.ndarray:
     return lut
 
 
-def _pack_items(c: np.ndarray, ln: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Concatenate items (code c < 2**ln, ln <= 56 bits) MSB-first into a byte stream padded to
-    LANE_BYTES. Returns (stream, start bit of each item, n_bits)."""
+def _pack_items(c: np.ndarray, ln: np.ndarray, start_bit: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Concatenate items (code c < 2**ln, ln <= 56 bits) MSB-first, the first at bit `start_bit` of the
+    whole stream. Returns (64-bit words from word start_bit // 64 on, start bit of each item, end bit)."""
     ln64 = ln.astype(np.int64)
-    end = np.cumsum(ln64)
-    n_bits = int(end[-1]) if end.size else 0
-    pos = end - ln64
+    pos = np.cumsum(ln64)
+    end_bit = start_bit + (int(pos[-1]) if pos.size else 0)
+    pos -= ln64
+    pos += start_bit
     word = pos >> 6
+    word -= start_bit >> 6
     sh = 64 - (pos & 63) - ln64                                  # < 0: the item spills into word + 1
     c = c.astype(np.uint64)
     main = (c << np.maximum(sh, 0).astype(np.uint64)) >> np.maximum(-sh, 0).astype(np.uint64)
-    words = np.zeros(n_bits // 64 + 2, dtype=np.uint64)
+    words = np.zeros((end_bit >> 6) - (start_bit >> 6) + 2, dtype=np.uint64)
     if c.size:
         starts = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
         words[word[starts]] = np.add.reduceat(main, starts)     # bits of one word never overlap: sum == or
         sp = np.flatnonzero(sh < 0)
         words[word[sp] + 1] |= c[sp] << (64 + sh[sp]).astype(np.uint64)
-    n_bytes = -(-n_bits // (8 * LANE_BYTES)) * LANE_BYTES
-    return words.byteswap().view(np.uint8)[:n_bytes].copy(), pos, n_bits
+    return words, pos, end_bit
+
+
+def _lane_gaps(lane_start: np.ndarray, ipos: np.ndarray, n_sym: np.ndarray, first_sym: np.ndarray,
+               e: np.ndarray, lengths: np.ndarray, end_bit: int) -> np.ndarray:
+    """Bit offset from each lane start to the first symbol starting at or after it. ipos: start bits of
+    the items (n_sym symbols each, the first being e[first_sym]) of a chunk that contains the lane
+    starts; end_bit: where the chunk ends (the next symbol starts there)."""
+    q = np.maximum(np.searchsorted(ipos, lane_start, side="right") - 1, 0)  # item holding the lane start
+    cand = np.full(lane_start.size, end_bit, dtype=np.int64)
+    p = ipos[q]
+    for k in range(4):                                           # <= 4 symbol starts inside the item
+        ok = (k < n_sym[q]) & (p >= lane_start) & (p < cand)
+        cand = np.where(ok, p, cand)
+        p = p + lengths[e[np.minimum(first_sym[q] + k, e.size - 1)]].astype(np.int64)
+    p_next = np.where(q + 1 < ipos.size, ipos[np.minimum(q + 1, ipos.size - 1)], end_bit)
+    cand = np.minimum(cand, np.where(p_next >= lane_start, p_next, end_bit))
+    return cand - lane_start
 
 
 def huffman_encode(w: Tensor) -> Huffman:
     """Codes are concatenated four symbols at a time (pair tables on the uint16 view of the exponent
-    bytes), so the 64-bit packing touches n/4 items."""
+    bytes), so the 64-bit packing touches n/4 items; symbols are processed in cache-sized chunks."""
     u, dtype = _words(w)
     u = u.reshape(-1)
     n = u.size
@@ -333,84 +411,115 @@ def huffman_encode(w: Tensor) -> Huffman:
     sm = np.empty(n, dtype=np.uint8)
     np.right_shift(x, 8, out=sm, casting="unsafe")
     np.bitwise_or(sm, x, out=sm, casting="unsafe")
+    del x
     lengths = huffman_lengths(exponent_hist(e))
     codes = canonical_codes(lengths).astype(np.uint32)
     lens = lengths.astype(np.uint32)
-    n4 = n // 4 * 4
     a, b = np.meshgrid(np.arange(256), np.arange(256), indexing="xy")   # index b << 8 | a
     pair_c = ((codes[a] << lens[b]) | codes[b]).reshape(-1)
     pair_l = (lens[a] + lens[b]).astype(np.uint8).reshape(-1)
-    pidx = e[:n4].view(np.uint16)                                # first symbol in the low byte
-    pc, pl = pair_c[pidx], pair_l[pidx]
-    c4 = (pc[0::2].astype(np.uint64) << pl[1::2].astype(np.uint64)) | pc[1::2]
-    l4 = pl[0::2] + pl[1::2]
-    c_items = np.concatenate([c4, codes[e[n4:]].astype(np.uint64)])
-    l_items = np.concatenate([l4, lengths[e[n4:]]])
-    stream, ipos, n_bits = _pack_items(c_items, l_items)
-    # gap of each lane: offset of the first symbol that starts at or after the lane start
-    lanes = stream.size // LANE_BYTES
-    lane_start = np.arange(lanes, dtype=np.int64) * (8 * LANE_BYTES)
-    q = np.maximum(np.searchsorted(ipos, lane_start, side="right") - 1, 0)  # item holding the lane start
-    n_sym = np.where(q < n4 // 4, 4, 1)
-    first_sym = np.where(q < n4 // 4, 4 * q, n4 + (q - n4 // 4))
-    cand = np.full(lanes, n_bits, dtype=np.int64)
-    p = ipos[q].copy() if lanes else np.zeros(0, dtype=np.int64)
-    for k in range(4):                                           # <= 4 symbol starts inside the item
-        ok = (k < n_sym) & (p >= lane_start)
-        cand = np.where(ok & (p < cand), p, cand)
-        s_idx = np.minimum(first_sym + k, n - 1)
-        p = p + lengths[e[s_idx]].astype(np.int64)
-    nxt = np.minimum(q + 1, ipos.size - 1)
-    p_next = np.where(q + 1 < ipos.size, ipos[nxt] if lanes else 0, n_bits)
-    cand = np.minimum(cand, np.where(p_next >= lane_start, p_next, n_bits))
-    gap = (cand - lane_start).astype(np.uint8)                   # < LUT_BITS <= 15
-    if lanes % 2:
+    lane_bits = 8 * LANE_BYTES
+    parts, gaps_l = [], []
+    bit = 0
+    chunk = max(4, CHUNK_ELEMS // 4 * 4)                         # whole quads per chunk
+    for s0 in range(0, max(n, 1), chunk):
+        es = e[s0: s0 + chunk]
+        m4 = es.size // 4 * 4
+        pidx = es[:m4].view(np.uint16)                           # first symbol in the low byte
+        pc, pl = pair_c[pidx], pair_l[pidx]
+        c4 = (pc[0::2].astype(np.uint64) << pl[1::2].astype(np.uint64)) | pc[1::2]
+        l4 = pl[0::2] + pl[1::2]
+        tail = es[m4:]
+        c_it = np.concatenate([c4, codes[tail].astype(np.uint64)]) if tail.size else c4
+        l_it = np.concatenate([l4, lengths[tail]]) if tail.size else l4
+        words, ipos, end_bit = _pack_items(c_it, l_it, bit)
+        parts.append((bit >> 6, words))
+        lanes = np.arange(-(-bit // lane_bits), -(-end_bit // lane_bits), dtype=np.int64) * lane_bits
+        if lanes.size:
+            n_sym = np.r_[np.full(m4 // 4, 4), np.ones(tail.size, dtype=np.int64)]
+            first = np.r_[np.arange(0, m4, 4), np.arange(m4, es.size)]
+            gaps_l.append(_lane_gaps(lanes, ipos, n_sym, first, es, lengths, end_bit))
+        bit = end_bit
+    n_bits = bit
+    total = np.zeros(n_bits // 64 + 2, dtype=np.uint64)
+    for w0, words in parts:                                      # chunks share at most their boundary word
+        k = min(words.size, total.size - w0)
+        total[w0: w0 + k] |= words[:k]
+    n_bytes = -(-n_bits // lane_bits) * LANE_BYTES
+    stream = total.byteswap().view(np.uint8)[:n_bytes].copy()
+    gap = (np.concatenate(gaps_l) if gaps_l else np.zeros(0, dtype=np.int64)).astype(np.uint8)  # < 16
+    if gap.size % 2:
         gap = np.r_[gap, np.uint8(0)]
     gaps = (gap[0::2] | (gap[1::2] << 4)).astype(np.uint8)
     return Huffman((int(w.shape[0]), int(w.shape[1])), dtype, lengths, stream, gaps, n_bits, sm)
 
 
-def huffman_exponents(enc: Huffman) -> np.ndarray:
-    """Decode the exponent field of every element, (n,) uint8, all lanes in parallel."""
-    n = enc.numel
-    lanes = enc.stream.size // LANE_BYTES
-    if n == 0:
-        return np.zeros(0, dtype=np.uint8)
-    lut = _decode_lut(enc.lengths)
-    gap = np.empty(enc.gaps.size * 2, dtype=np.int64)
-    gap[0::2] = enc.gaps & 0xF
-    gap[1::2] = enc.gaps >> 4
-    gap = gap[:lanes]
-    # W[i] = 32-bit big-endian window starting at byte i (stream padded with 4 zero bytes)
-    s = np.r_[enc.stream, np.zeros(8, dtype=np.uint8)].astype(np.uint32)
-    W = (s[:-3] << 24) | (s[1:-2] << 16) | (s[2:-1] << 8) | s[3:]
-    lane_end = np.minimum((np.arange(lanes, dtype=np.int64) + 1) * (8 * LANE_BYTES), enc.n_bits)
-    pos = np.arange(lanes, dtype=np.int64) * (8 * LANE_BYTES) + gap
-    min_len = int(enc.lengths[enc.lengths > 0].min())
-    steps = -(-(8 * LANE_BYTES) // min_len) + 1
+def _decode_lanes(stream: np.ndarray, lane0: int, gap: np.ndarray, n_bits: int, lut: np.ndarray,
+                  steps: int) -> np.ndarray:
+    """Decode the symbols starting in lanes lane0 .. lane0 + gap.size - 1, lanes in parallel."""
+    lane_bits = 8 * LANE_BYTES
+    lanes = gap.size
+    b0 = lane0 * LANE_BYTES
+    s = np.zeros(lanes * LANE_BYTES + 8, dtype=np.uint32)
+    seg = stream[b0: b0 + lanes * LANE_BYTES + 4]
+    s[: seg.size] = seg
+    W = s[:-3] << 24                                             # W[i]: 32-bit big-endian window at byte i
+    W |= s[1:-2] << 16
+    W |= s[2:-1] << 8
+    W |= s[3:]
+    base = lane0 * lane_bits
+    lane_end = np.minimum((np.arange(lanes, dtype=np.int64) + 1) * lane_bits, n_bits - base)
+    pos = np.arange(lanes, dtype=np.int64) * lane_bits + gap    # bit position relative to the chunk
     out = np.empty((steps, lanes), dtype=np.uint8)
     valid = np.empty((steps, lanes), dtype=bool)
     shift = np.uint32(32 - LUT_BITS)
     last = 0
+    top = W.size - 1
     for k in range(steps):                                       # loop over steps, vectorised over lanes
         np.less(pos, lane_end, out=valid[k])
         if not valid[k].any():
             break
-        win = (W[np.minimum(pos >> 3, W.size - 1)] << (pos & 7).astype(np.uint32)) >> shift
+        win = W[np.minimum(pos >> 3, top)]
+        win <<= (pos & 7).astype(np.uint32)
+        win >>= shift
         ent = lut[win]
         out[k] = ent
         pos += ent >> 8
         last = k + 1
-    e = out[:last].T[valid[:last].T]                             # lane-major, step order inside a lane
+    return out[:last].T[valid[:last].T]                          # lane-major, step order inside a lane
+
+
+def huffman_exponents(enc: Huffman) -> np.ndarray:
+    """Decode the exponent field of every element, (n,) uint8, all lanes of a chunk in parallel."""
+    n = enc.numel
+    lanes = enc.stream.size // LANE_BYTES
+    if n == 0:
+        return np.zeros(0, dtype=np.uint8)
+    present = enc.lengths[enc.lengths > 0]
+    if present.size == 0 or enc.gaps.size * 2 < lanes:
+        raise UserError("Huffman data is inconsistent (no code lengths or too few lane gaps): the blob is corrupted")
+    lut = _decode_lut(enc.lengths)
+    gap = np.empty(enc.gaps.size * 2, dtype=np.int64)
+    gap[0::2] = enc.gaps & 0xF
+    gap[1::2] = enc.gaps >> 4
+    steps = -(-(8 * LANE_BYTES) // int(present.min())) + 1
+    per = max(1, CHUNK_ELEMS // 32)                              # lanes per chunk (~ CHUNK_ELEMS symbols)
+    parts = [_decode_lanes(enc.stream, l0, gap[l0: min(l0 + per, lanes)], enc.n_bits, lut, steps)
+             for l0 in range(0, lanes, per)]
+    e = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
     if e.size != n:
         raise UserError(f"Huffman stream decodes to {e.size} symbols, expected {n}: the blob is corrupted")
     return e
 
 
 def huffman_decode(enc: Huffman) -> Tensor:
-    e = huffman_exponents(enc).astype(np.uint16)
-    sm = enc.sm.astype(np.uint16)
-    u = ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
+    e = huffman_exponents(enc)
+    u = e.astype(np.uint16)
+    u <<= np.uint16(7)
+    v = enc.sm.astype(np.uint16)
+    v *= np.uint16(257)                                          # sign -> bit 15, mantissa stays in 0-6
+    v &= np.uint16(0x807F)
+    u |= v
     return _tensor(u.reshape(enc.shape), enc.dtype)
 
 
