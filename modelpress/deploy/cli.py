@@ -61,7 +61,7 @@ def _resolve(src: str | None) -> Path:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else (f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB")
 
 
 def _ms(s: float) -> str:
