@@ -349,9 +349,11 @@ def test_triton_kernels_in_interpreter_match_reference():
         a = (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi),
              torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.tile_offsets), e.e0)
         x = torch.randn(5, 136, generator=g).bfloat16()
-        for splits in (1, 2):
-            y = ZG.fused_linear_triton(x, *a, e.shape, e.padded, splits=splits)
-            ref = x.float() @ w.float().T
+        b = torch.randn(80, generator=g).bfloat16()
+        for splits in (1, 2):                                   # direct bf16 store / fp32 atomics
+            y = ZG.fused_linear_triton(x, *a, e.shape, e.padded, bias=b, splits=splits)
+            assert y.dtype == torch.bfloat16 and y.shape == (5, 80)
+            ref = x.float() @ w.float().T + b.float()
             assert (y.float() - ref).abs().max() <= 1e-2 * ref.abs().max(), splits
         """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -127,9 +127,11 @@ if triton is not None:
         tl.store(ptr, word.to(tl.int16), mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm_ptr, hi_ptr, fb_ptr, off_ptr, x_ptr, y_ptr, e0, n_cb, M, K, N, cb_per_split,
-                     stride_xn, ATOMIC: tl.constexpr, F32_DOT: tl.constexpr):
-        """y[n, m] (+)= sum_k W[m, k] x[n, k] for the 16 rows of one tile row and a range of K tiles."""
+    def fused_kernel(bm_ptr, hi_ptr, fb_ptr, off_ptr, x_ptr, y_ptr, bias_ptr, e0, n_cb, M, K, N, cb_per_split,
+                     stride_xn, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
+        """y[n, m] (+)= sum_k W[m, k] x[n, k] for the 16 rows of one tile row and a range of K tiles.
+        ATOMIC (split-K): fp32 atomics into a zeroed fp32 y, bias added by the caller; otherwise one
+        program owns its outputs and stores them (+ bias) straight in y's dtype (bf16): no epilogue kernel."""
         pid_m = tl.program_id(0)                                         # 16-row stripe
         pid_k = tl.program_id(1)                                         # split-K slice
         rb = pid_m // 4
@@ -157,7 +159,9 @@ if triton is not None:
         if ATOMIC:
             tl.atomic_add(ptr, acc, mask=mask)
         else:
-            tl.store(ptr, acc, mask=mask)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + m, mask=m < M, other=0.0).to(tl.float32)[:, None]
+            tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 
@@ -175,9 +179,10 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offset
     return out.view(dtype)
 
 
-def split_k(n_stripes: int, n_cb: int, n_sm: int) -> int:
-    """K slices so that about 4 programs per SM run (never more slices than K tiles)."""
-    return max(1, min(n_cb, -(-4 * n_sm // max(n_stripes, 1))))
+def split_k(n_stripes: int, n_cb: int, n_sm: int, per_sm: int = 8) -> int:
+    """K slices so that about `per_sm` programs per SM run: a program decodes one tile at a time, so
+    many programs must be in flight to keep enough loads outstanding (never more slices than K tiles)."""
+    return max(1, min(n_cb, -(-per_sm * n_sm // max(n_stripes, 1))))
 
 
 def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offsets: Tensor,
@@ -197,11 +202,16 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
         splits = split_k(n_stripes, n_cb, n_sm)
     per = -(-n_cb // splits)
     splits = -(-n_cb // per)
-    y = (torch.zeros if splits > 1 else torch.empty)(N, M, dtype=torch.float32, device=x.device)
+    atomic = splits > 1
+    y = (torch.zeros(N, M, dtype=torch.float32, device=x.device) if atomic
+         else torch.empty(N, M, dtype=torch.bfloat16, device=x.device))
     _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
     _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
-    fused[(n_stripes, splits)](bitmaps, _hi, _fb, tile_offsets, x, y, e0, n_cb, M, K, N, per, x.stride(0),
-                               ATOMIC=splits > 1, F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+    fused[(n_stripes, splits)](bitmaps, _hi, _fb, tile_offsets, x, y, bias if bias is not None else y, e0, n_cb,
+                               M, K, N, per, x.stride(0), ATOMIC=atomic, HAS_BIAS=bias is not None,
+                               F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+    if not atomic:
+        return y
     if bias is not None:
         y += bias.float()
     return y.to(torch.bfloat16)
