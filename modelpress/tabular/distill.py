@@ -4,10 +4,14 @@ TabKD with a query budget N (every teacher query is counted and becomes a traini
   1. bins aligned with the teacher's decision boundaries: split thresholds of tree teachers
      (0 queries), else 1-D sweeps (`sweep_frac` * N queries);
   2. the bin count is capped so that at least `min_copies` pairwise covering arrays fit;
-  3. `(1 - refine_frac)` of the rest: IPOG covering-array rows over the bins, repeated with
-     relabelled values, concrete values sampled uniformly inside each bin;
-  4. `refine_frac`: boundary refinement (bisection between nearest differently-labelled
-     queries);
+  3. N * (1 - refine_frac) minus the sweep: IPOG covering-array rows over the bins, repeated
+     with relabelled values, concrete values sampled uniformly inside each bin;
+  4. N * refine_frac: boundary refinement, (a) `proxy_share` of it in `refine_rounds` rounds:
+     fit a proxy student on the queries so far, draw fresh covering-array seeds in the bins
+     and push them onto the proxy's decision boundary (signed-gradient ascent on its
+     predictive entropy), label them; (b) the rest: bisection between nearest
+     differently-labelled queries. Black-box teachers (bins from sweeps) use the
+     `*_blackbox` shares, since their bins carry less boundary information;
   5. label = teacher soft outputs p_T; train the student with KL (MLP) or fit a shallow tree.
 
 Baselines at the same budget and with the same student training (information used):
@@ -57,8 +61,11 @@ class DistillConfig:
     sweep_frac: float = 0.1
     refine_frac: float = 0.5
     proxy_share: float = 0.67
+    refine_frac_blackbox: float = 0.7
+    proxy_share_blackbox: float = 0.8
     min_copies: int = 2
     refine_rounds: int = 3
+    refine_rounds_blackbox: int = 4
     dfkd_rounds: int = 4
     seed: int = 0
 
@@ -71,10 +78,10 @@ class DistillConfig:
             raise UserError(f"distill.student '{self.student}' unknown; use one of {', '.join(STUDENTS)}")
         if not 2 <= self.max_bins <= 64:
             raise UserError(f"distill.max_bins={self.max_bins} out of range; use 2..64")
-        for name in ("sweep_frac", "refine_frac", "proxy_share"):
+        for name in ("sweep_frac", "refine_frac", "proxy_share", "refine_frac_blackbox", "proxy_share_blackbox"):
             if not 0.0 <= getattr(self, name) < 0.9:
                 raise UserError(f"distill.{name}={getattr(self, name)} out of range; use [0, 0.9)")
-        if self.steps < 1 or self.batch < 1 or self.tau <= 0 or self.refine_rounds < 1 or self.dfkd_rounds < 1 or self.lr <= 0 or self.tree_depth < 1 or self.min_copies < 1:
+        if self.steps < 1 or self.batch < 1 or self.tau <= 0 or self.refine_rounds < 1 or self.refine_rounds_blackbox < 1 or self.dfkd_rounds < 1 or self.lr <= 0 or self.tree_depth < 1 or self.min_copies < 1:
             raise UserError("distill.steps, lr, tree_depth and min_copies must be positive")
         if any(h < 1 for h in self.hidden):
             raise UserError(f"distill.hidden={self.hidden}: layer widths must be >= 1")
@@ -132,7 +139,11 @@ def tabkd_queries(teacher: Teacher, spec: FeatureSpec, cfg: DistillConfig, rng: 
         Ps.append(sw.P)
         rest = N - len(sw.X)
         make = lambda mb: sw.bins(spec, mb)  # noqa: E731
-    n_refine = int(cfg.refine_frac * N)
+    # black-box teachers learn less from their bins (sweeps), so refinement gets a larger share
+    refine_frac, proxy_share, rounds = ((cfg.refine_frac, cfg.proxy_share, cfg.refine_rounds) if thr is not None
+                                        else (cfg.refine_frac_blackbox, cfg.proxy_share_blackbox,
+                                              cfg.refine_rounds_blackbox))
+    n_refine = int(refine_frac * N)
     n_ca = rest - n_refine
     bins, ca_rows = _cap_bins(make, cfg.max_bins, n_ca, cfg.min_copies, rng)
     L = covering_rows(bins.n_levels, n_ca, rng)  # (n_ca, d)
@@ -143,9 +154,8 @@ def tabkd_queries(teacher: Teacher, spec: FeatureSpec, cfg: DistillConfig, rng: 
     # boundary refinement, part 1: covering-array seeds pushed onto a proxy student's boundary
     lo, hi = spec.bounds()
     center, scale = (lo + hi) / 2, np.where(hi > lo, (hi - lo) / 2, 1.0)
-    n_proxy = int(cfg.proxy_share * n_refine)
-    per = [n_proxy // cfg.refine_rounds + (1 if r < n_proxy % cfg.refine_rounds else 0)
-           for r in range(cfg.refine_rounds)]
+    n_proxy = int(proxy_share * n_refine)
+    per = [n_proxy // rounds + (1 if r < n_proxy % rounds else 0) for r in range(rounds)]
     for r, n_r in enumerate(per):
         if n_r == 0:
             continue
