@@ -1,0 +1,236 @@
+"""Calibration-data curation on SmolLM2-135M-Instruct: random vs ZipCal (zipcal-words, zipcal-coverage;
+"Frequency Matters", arXiv 2603.16105) vs the model-based perplexity selector.
+
+For each compression (Wanda 50%, GPTQ w3 g64 asym, and `cluster` when that stage is registered) and each
+selection method, over several seeds: held-out perplexity and top-1 agreement with the uncompressed model
+(mean, standard deviation, min-max over seeds); selection time on the full Wikipedia calibration pool
+(ratio perplexity / zipcal-words, target >= 100x); linear scaling of each selector (time on the full
+pool over time on a tenth of it, target < 15x for a 10x pool).
+
+    .venv/bin/python benchmarks/calibration.py                      # defaults below, writes BENCHMARKS.md
+    .venv/bin/python benchmarks/calibration.py --seeds 2 --no-write  # a quick look
+
+Sizes are flags. The defaults (8 x 128-token calibration samples, 4 x 256-token evaluation windows, 5 seeds,
+3 for GPTQ whose CPU solve alone takes minutes per run) are what fits on two CPU cores shared by many
+users (about an hour there); on an idle machine or with --threads 2 it is far quicker."""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import modelpress  # noqa: E402
+from benchmarks._md import table, write_section  # noqa: E402
+from modelpress.api import windows_for  # noqa: E402
+from modelpress.calib import select as S  # noqa: E402
+from modelpress.calib import sources  # noqa: E402
+from modelpress.eval import evaluate  # noqa: E402
+
+METHODS = ("random", "zipcal-words", "zipcal-coverage", "perplexity")
+STAGE_RECIPES = {
+    "wanda": {"prune": {"method": "wanda", "sparsity": 0.5}},
+    "gptq": {"quantize": {"method": "gptq", "bits": 3, "group_size": 64, "sym": False}},
+    "cluster": {"cluster": {}},
+}
+STAGE_LABELS = {"wanda": "Wanda 50% unstructured", "gptq": "GPTQ w3 g64 asym", "cluster": "cluster (defaults)"}
+
+T0 = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+class CachedReference(nn.Module):
+    """The uncompressed model's logits on the evaluation windows, computed once: `evaluate` calls its
+    reference per batch, and the reference never changes between runs (same numbers, half the time)."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, batch_size: int):
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)     # gives evaluate() a device
+        self.cache: dict[bytes, torch.Tensor] = {}
+        with torch.no_grad():
+            for b in range(0, windows.shape[0], batch_size):
+                ids = windows[b:b + batch_size]
+                self.cache[ids.numpy().tobytes()] = model(input_ids=ids, use_cache=False).logits.float()
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False, **_):
+        return SimpleNamespace(logits=self.cache[input_ids.cpu().numpy().tobytes()])
+
+
+def types_per_sample(ids: torch.Tensor, tok) -> float:
+    """Mean number of distinct normalised token types per calibration sample."""
+    types = S.normalised_types(ids.numpy(), tok)
+    return float(np.mean([len(np.unique(r[r >= 0])) for r in types]))
+
+
+def spread(xs: list[float]) -> tuple[float, float, float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, min(xs), max(xs))
+
+
+def time_selector(method: str, pool: list[str], tok, samples: int, seqlen: int, repeats: int, model=None) -> float:
+    best = float("inf")
+    for r in range(repeats):
+        t = time.perf_counter()
+        S.SELECTORS[method](pool, tok, samples=samples, seqlen=seqlen, seed=r, model=model)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def report(a, argv, methods, pool, windows, base, sel_time, sel_types, scaling, notes, results, stages,
+           pending) -> str:
+    """The markdown section from the numbers gathered so far."""
+    seeds = sorted({len(v["ppl"]) for v in results.values()})
+    rows = []
+    for st in stages:
+        rnd = results.get((st, "random"))
+        for m in methods:
+            if (st, m) not in results:
+                continue
+            p, g = spread(results[st, m]["ppl"]), spread(results[st, m]["agr"])
+            dp = p[0] - statistics.fmean(rnd["ppl"]) if rnd else float("nan")
+            rows.append([STAGE_LABELS[st], m, len(results[st, m]["ppl"]), f"{p[0]:.3f} ± {p[1]:.3f}",
+                         f"{p[2]:.3f}–{p[3]:.3f}", f"{dp:+.3f}", f"{g[0]:.4f} ± {g[1]:.4f}"])
+    q = table(["compression", "selection", "seeds", "perplexity mean ± sd", "perplexity min–max",
+               "Δ mean vs random", "top-1 agreement mean ± sd"], rows)
+    ppl_t = statistics.fmean(sel_time["perplexity"]) if "perplexity" in methods else float("nan")
+    srows = [[m, statistics.fmean(sel_time[m]), ppl_t / statistics.fmean(sel_time[m]),
+              statistics.fmean(sel_types[m])] for m in methods]
+    sel = table(["selection", "seconds per set (full pool)", "perplexity time / this", "types per sample"], srows)
+    sc = table(["selection", "pool texts (1/10)", "seconds", "pool texts (all)", "seconds", "time ratio"], scaling)
+    words = statistics.fmean(sel_time["zipcal-words"]) if "zipcal-words" in methods else float("nan")
+    verdicts = []
+    if "perplexity" in methods and "zipcal-words" in methods:
+        verdicts.append(f"Selection speed: zipcal-words is {ppl_t / words:.0f}x faster than the perplexity "
+                        f"selector on the same pool (target >= 100x): {'met' if ppl_t / words >= 100 else 'NOT met'}.")
+    for r in scaling:
+        verdicts.append(f"Scaling {r[0]}: 10x pool -> {r[5]:.1f}x time (target < 15x): "
+                        f"{'met' if r[5] < 15 else 'NOT met'}.")
+    for st in stages:
+        if (st, "random") not in results:
+            continue
+        rm = statistics.fmean(results[st, "random"]["ppl"])
+        rs = spread(results[st, "random"]["ppl"])[1]
+        for m in ("zipcal-words", "zipcal-coverage", "perplexity"):
+            if (st, m) in results:
+                zm = statistics.fmean(results[st, m]["ppl"])
+                verdicts.append(f"Quality {STAGE_LABELS[st]}, {m}: mean perplexity {zm:.3f} vs random {rm:.3f} "
+                                f"(random's seed sd {rs:.3f}): {'<= random' if zm <= rm else '> random'}.")
+    if pending:
+        verdicts.append(f"PARTIAL: stages {', '.join(pending)} had not finished when this section was written.")
+    return (f"SmolLM2-135M-Instruct (float32), calibration pool: the Wikipedia calibration split "
+            f"({len(pool)} summaries); {a.samples} samples x {a.seqlen} tokens per calibration set; held-out "
+            f"evaluation: {windows.shape[0]} windows x {windows.shape[1]} tokens of the Wikipedia evaluation split "
+            f"(uncompressed perplexity {base:.3f}); seeds per compression: {seeds} (first seeds of 0..{a.seeds - 1}); "
+            f"{a.threads} CPU thread(s), shared machine. The perplexity selector scores "
+            f"{S.PERPLEXITY_CANDIDATES} x samples candidate windows with the model and keeps the ones nearest the "
+            f"median log-perplexity.\n\n"
+            f"### Held-out quality after compression\n\n{q}\n\n### Selection time\n\n{sel}\n\n"
+            f"### Linear scaling (best of {a.scaling_repeats})\n\n{sc}\n\n### Verdict\n\n"
+            + "\n".join(f"- {v}" for v in verdicts + notes))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--samples", type=int, default=8, help="calibration samples")
+    ap.add_argument("--seqlen", type=int, default=128, help="calibration sample length (tokens)")
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--eval-seqlen", type=int, default=256)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--stages", default="wanda,gptq,cluster")
+    ap.add_argument("--scaling-repeats", type=int, default=3, help="best-of repeats for the scaling timings")
+    ap.add_argument("--stage-seeds", default="gptq=3", help="fewer seeds for slow stages, e.g. gptq=3")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    methods = [m for m in a.methods.split(",") if m]
+    stages = [s for s in a.stages.split(",") if s]
+    seeds = list(range(a.seeds))
+    notes: list[str] = []
+    for s in list(stages):
+        name = next(iter(STAGE_RECIPES[s]))
+        if name not in modelpress.STAGES:
+            stages.remove(s)
+            notes.append(f"Stage `{name}` is not registered in modelpress.STAGES in this run, so it was skipped.")
+
+    say("loading SmolLM2 and the Wikipedia pool")
+    orig, tok = modelpress.load("smollm2")
+    pool = sources.wiki_texts("calib")
+    windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.eval_windows)
+    ref = CachedReference(orig, windows, batch_size=2)
+    base = evaluate(orig, windows, batch_size=2)["perplexity"]
+    say(f"uncompressed perplexity {base:.3f} on {windows.shape[0]} x {windows.shape[1]} held-out tokens")
+
+    # ---- selection: once per (method, seed), reused by every compression
+    calibs: dict[tuple[str, int], object] = {}
+    sel_time: dict[str, list[float]] = {m: [] for m in methods}
+    sel_types: dict[str, list[float]] = {m: [] for m in methods}
+    for m in methods:
+        for s in seeds:
+            t = time.perf_counter()
+            calibs[m, s] = modelpress.calibration_set(tok, "wiki", select=m, samples=a.samples, seqlen=a.seqlen,
+                                                      seed=s, model=orig)
+            sel_time[m].append(time.perf_counter() - t)
+            sel_types[m].append(types_per_sample(calibs[m, s].input_ids, tok))
+        say(f"selected {m}: {statistics.fmean(sel_time[m]):.2f} s per set, "
+            f"{statistics.fmean(sel_types[m]):.1f} types/sample")
+
+    # ---- linear scaling: a tenth of the pool vs all of it (model-free selectors)
+    scaling = []
+    for m in [m for m in methods if m != "perplexity"]:
+        small = time_selector(m, pool[::10], tok, a.samples, a.seqlen, a.scaling_repeats)
+        full = time_selector(m, pool, tok, a.samples, a.seqlen, a.scaling_repeats)
+        scaling.append([m, len(pool[::10]), small, len(pool), full, full / small])
+        say(f"scaling {m}: {small:.3f} s -> {full:.3f} s ({full / small:.1f}x for {len(pool) / len(pool[::10]):.1f}x pool)")
+
+    # ---- compress + evaluate (the section is rewritten after every stage, so a cut-off run keeps its numbers)
+    stage_seeds = {k: int(v) for k, v in (x.split("=") for x in a.stage_seeds.split(",") if x)}
+    results: dict[tuple[str, str], dict[str, list[float]]] = {}
+    ctx = dict(a=a, argv=argv, methods=methods, pool=pool, windows=windows, base=base, sel_time=sel_time,
+               sel_types=sel_types, scaling=scaling, notes=notes, results=results)
+    for i, st in enumerate(stages):
+        recipe = modelpress.Recipe.from_dict({"stages": [STAGE_RECIPES[st]]})
+        uses_calib = recipe.needs_calibration
+        st_seeds = seeds[:stage_seeds.get(st, len(seeds))] if uses_calib else seeds[:1]
+        for m in methods:
+            ppl, agr = [], []
+            for s in st_seeds:
+                model = copy.deepcopy(orig)
+                t = time.perf_counter()
+                modelpress.compress(model, recipe, calibs[m, s] if uses_calib else None)
+                tc = time.perf_counter() - t
+                r = evaluate(model, windows, reference=ref, batch_size=2)
+                ppl.append(r["perplexity"])
+                agr.append(r["agreement"])
+                del model
+                say(f"{st} {m} seed {s}: ppl {r['perplexity']:.3f} agreement {r['agreement']:.4f} "
+                    f"(compress {tc:.0f} s)")
+            results[st, m] = {"ppl": ppl, "agr": agr}
+            last = m == methods[-1] or not uses_calib
+            body = report(stages=stages[:i + 1], pending=([] if last else [f"{st} ({m} done)"]) + stages[i + 1:],
+                          **ctx)
+            if not a.no_write:
+                write_section("calibration", "python benchmarks/calibration.py " + " ".join(
+                    argv if argv is not None else sys.argv[1:]), body)
+                say("wrote BENCHMARKS.md section 'calibration'")
+            if not uses_calib:
+                notes.append(f"`{st}` does not use calibration data (recipe.needs_calibration is false): one run.")
+                break
+    print(report(stages=stages, pending=[], **ctx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
