@@ -71,8 +71,9 @@ def main() -> int:
         t = {k: v.cuda() for k, v in {"bitmaps": torch.from_numpy(enc.bitmaps.view("int64")),
                                       "hi": torch.from_numpy(enc.hi),
                                       "fallback": torch.from_numpy(enc.fallback.view("int16")),
-                                      "tile_offsets": torch.from_numpy(enc.tile_offsets)}.items()}
-        a = (t["bitmaps"], t["hi"], t["fallback"], t["tile_offsets"], enc.e0)
+                                      "block_offsets": torch.from_numpy(enc.block_offsets),
+                                      "sub_offsets": torch.from_numpy(enc.sub_offsets)}.items()}
+        a = (t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"], t["sub_offsets"], enc.e0)
         dec = ZG.decompress_triton(*a, enc.shape, enc.padded)
         exact = torch.equal(dec.view(torch.int16), w.view(torch.int16))
         t_dec = bench(lambda: ZG.decompress_triton(*a, enc.shape, enc.padded))

@@ -38,7 +38,7 @@ def gaussian(rows, cols, seed=0, std=0.02):
 
 def torch_args(e: LL.TcaTbe):
     return (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi),
-            torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.tile_offsets), e.e0)
+            torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.block_offsets), torch.from_numpy(e.sub_offsets), e.e0)
 
 
 # ------------------------------------------------------------------------------------------ codecs
@@ -86,7 +86,7 @@ def test_chunked_coding_equals_one_piece(monkeypatch, chunk):
     monkeypatch.setattr(LL, "CHUNK_ELEMS", chunk)
     for w, (t1, h1) in zip(ws, whole):
         t2, h2 = LL.tca_tbe_encode(w), LL.huffman_encode(w)
-        for f in ("bitmaps", "hi", "fallback", "tile_offsets"):
+        for f in ("bitmaps", "hi", "fallback", "block_offsets", "sub_offsets"):
             assert np.array_equal(getattr(t1, f), getattr(t2, f)), f
         for f in ("stream", "gaps", "sm", "lengths"):
             assert np.array_equal(getattr(h1, f), getattr(h2, f)), f
@@ -342,12 +342,12 @@ def test_triton_kernels_in_interpreter_match_reference():
         w.view(torch.int16)[0, :4] = torch.tensor([0x7F80, -128, 0x7FC1, 1], dtype=torch.int16)
         e = LL.tca_tbe_encode(w)
         a = (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi),
-             torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.tile_offsets), e.e0)
+             torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.block_offsets), torch.from_numpy(e.sub_offsets), e.e0)
         assert torch.equal(ZG.decompress_triton(*a, e.shape, e.padded).view(torch.int16), w.view(torch.int16))
         w.view(torch.int16)[0, :4] = 0
         e = LL.tca_tbe_encode(w)
         a = (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi),
-             torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.tile_offsets), e.e0)
+             torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.block_offsets), torch.from_numpy(e.sub_offsets), e.e0)
         x = torch.randn(5, 136, generator=g).bfloat16()
         b = torch.randn(80, generator=g).bfloat16()
         for splits in (1, 2):                                   # direct bf16 store / fp32 atomics

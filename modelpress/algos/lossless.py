@@ -14,8 +14,10 @@ TCA-TBE, the Tensor-Core-Aware Triple-Bitmap Encoding of ZipServ (arXiv 2603.174
   * three 64-bit bitmaps per 8x8 tile hold the bit planes of the 3-bit code;
   * one byte h per in-window element (stream `hi`), the full 16-bit word per fallback (stream
     `fallback`), both in storage order;
-  * `tile_offsets[g]` = number of in-window elements before 16x64 tile g (prefix sum), so tile g
-    decodes on its own: its fallbacks start at 1024 g - tile_offsets[g].
+  * per-tile offsets, so any 16x64 tile g decodes on its own: the number of in-window elements before
+    it is tile_offsets[g] = block_offsets[g // 4] + (sub_offsets[g // 4, g % 4 - 1] if g % 4 else 0)
+    (prefix sums: 32 bits per 64x64 block + 16 bits per further 16x64 tile, 0.02 bits per weight),
+    and its fallbacks start at 1024 g - tile_offsets[g].
 
 Huffman baseline in the style of DFloat11 (arXiv 2504.11651): canonical, length-limited Huffman code
 of the exponent byte e, raw byte h. The bit stream is cut into lanes of LANE_BYTES bytes; per lane a
@@ -138,12 +140,19 @@ class TcaTbe:
     bitmaps: np.ndarray             # (T, 3) uint64, T = rp*cp/64; bitmaps[t, b] = bit plane b of 8x8 tile t
     hi: np.ndarray                  # (n_in,) uint8 sign+mantissa of in-window elements
     fallback: np.ndarray            # (n_fb,) uint16 full words of out-of-window elements
-    tile_offsets: np.ndarray        # (G + 1,) int32 (int64 if > 2**31) in-window prefix per 16x64 tile, G = rp*cp/1024
+    block_offsets: np.ndarray       # (B + 1,) int32 (int64 if >= 2**31) in-window prefix per 64x64 block
+    sub_offsets: np.ndarray         # (B, 3) int16 in-window prefix of 16x64 tiles 1..3 inside their block
 
     @property
     def nbytes(self) -> int:
         """Stored bytes: the arrays plus 8 bytes of header (e0, shape)."""
-        return int(self.bitmaps.nbytes + self.hi.nbytes + self.fallback.nbytes + self.tile_offsets.nbytes + 8)
+        return int(self.bitmaps.nbytes + self.hi.nbytes + self.fallback.nbytes + self.block_offsets.nbytes
+                   + self.sub_offsets.nbytes + 8)
+
+    @property
+    def tile_offsets(self) -> np.ndarray:
+        """(G + 1,) int64 in-window elements before each 16x64 tile (and in total), G = rp*cp/1024."""
+        return tile_offsets(self.block_offsets, self.sub_offsets)
 
     @property
     def numel(self) -> int:
@@ -214,17 +223,31 @@ def tca_tbe_encode(w: Tensor) -> TcaTbe:
         out_f.append(fb)
     bitmaps = np.concatenate(out_b)
     return TcaTbe((rows, cols), (rp, cp), e0, dtype, bitmaps, np.concatenate(out_h), np.concatenate(out_f),
-                  _tile_offsets(bitmaps))
+                  *_offsets(bitmaps))
 
 
-def _tile_offsets(bitmaps: np.ndarray) -> np.ndarray:
-    """(G + 1,) exclusive prefix sums of in-window counts per 16x64 tile, from the bitmap popcounts;
-    int32 when it fits (what is stored), else int64."""
+def _offsets(bitmaps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From the bitmap popcounts: (block_offsets (B + 1,) exclusive prefix of in-window counts per 64x64
+    block, int32 when it fits else int64; sub_offsets (B, 3) int16 prefix of 16x64 tiles 1..3 in the block)."""
     nz = bitmaps[:, 0] | bitmaps[:, 1] | bitmaps[:, 2]           # (T,) in-window mask per 8x8 tile
-    counts = np.bitwise_count(nz).reshape(-1, TILES_PER_TC).sum(axis=1, dtype=np.int64)
-    offs = np.zeros(counts.size + 1, dtype=np.int64)
-    np.cumsum(counts, out=offs[1:])
-    return offs.astype(np.int32) if offs[-1] < 2 ** 31 else offs
+    counts = np.bitwise_count(nz).reshape(-1, 4, TILES_PER_TC).sum(axis=2, dtype=np.int64)  # (B, 4)
+    blk = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts.sum(axis=1), out=blk[1:])
+    sub = np.cumsum(counts[:, :3], axis=1).astype(np.int16)     # <= 3072
+    return (blk.astype(np.int32) if blk[-1] < 2 ** 31 else blk), sub
+
+
+def tile_offsets(block_offsets: np.ndarray, sub_offsets: np.ndarray) -> np.ndarray:
+    """(G + 1,) int64 in-window elements before each 16x64 tile, from the stored block/sub offsets."""
+    B = sub_offsets.shape[0]
+    out = np.empty(4 * B + 1, dtype=np.int64)
+    base = block_offsets[:B].astype(np.int64)
+    out[0:-1:4] = base
+    out[1::4] = base + sub_offsets[:, 0]
+    out[2::4] = base + sub_offsets[:, 1]
+    out[3::4] = base + sub_offsets[:, 2]
+    out[-1] = block_offsets[B]
+    return out
 
 
 def tca_tbe_codes(enc: TcaTbe) -> np.ndarray:
@@ -263,15 +286,16 @@ def _decode_rows(bitmaps: np.ndarray, hi: np.ndarray, fallback: np.ndarray, e0: 
 
 def tca_tbe_decode(enc: TcaTbe) -> Tensor:
     """TcaTbe -> the original (rows, cols) tensor, bit-exact (decoded block row chunk by chunk, each
-    from its own slice of the streams, found through tile_offsets)."""
+    from its own slice of the streams, found through the tile offsets)."""
     rp, cp = enc.padded
     rows, cols = enc.shape
     T, G = rp * cp // 64, rp * cp // TC_TILE
-    offs = enc.tile_offsets.astype(np.int64)
+    if enc.bitmaps.shape != (T, 3) or enc.sub_offsets.shape != (G // 4, 3) or enc.block_offsets.size != G // 4 + 1:
+        raise UserError("TCA-TBE data is inconsistent (array shapes do not match the matrix): the blob is corrupted")
+    offs = enc.tile_offsets
     nz = enc.bitmaps[:, 0] | enc.bitmaps[:, 1] | enc.bitmaps[:, 2]
     n_in = int(np.bitwise_count(nz).sum(dtype=np.int64))
-    if (enc.bitmaps.shape != (T, 3) or offs.size != G + 1 or n_in != enc.hi.size or offs[-1] != n_in
-            or rp * cp - n_in != enc.fallback.size):
+    if n_in != enc.hi.size or offs[-1] != n_in or rp * cp - n_in != enc.fallback.size:
         raise UserError("TCA-TBE data is inconsistent (bitmap popcount != stream lengths): the blob is corrupted")
     out = np.empty((rows, cols), dtype=np.uint16)
     step = _chunk_rows(cp)
@@ -545,7 +569,7 @@ def entropy_bits(w: Tensor, kind: str = "symbol16") -> float:
 
 # ----------------------------------------------------------------------------------------- storage
 
-_FIELDS = {"tca-tbe": ("bitmaps", "hi", "fallback", "tile_offsets"),
+_FIELDS = {"tca-tbe": ("bitmaps", "hi", "fallback", "block_offsets", "sub_offsets"),
            "huffman": ("lengths", "stream", "gaps", "sm")}
 
 

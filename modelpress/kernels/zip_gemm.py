@@ -8,8 +8,9 @@ modelpress/algos/lossless.py):
   inw         = code != 0
   rank[t, j]  = number of in-window elements before (t, j) inside the tile
               = exclusive cumsum of inw along j + exclusive cumsum over t of the row sums
-  word        = sign/mantissa byte h = hi[tile_offsets[g] + rank]  -> h>>7 << 15 | (code+e0-1) << 7 | h & 0x7F
-                or fallback[1024 g - tile_offsets[g] + (64 t + j - rank)] when code == 0
+  off(g)      = block_offsets[g // 4] + (sub_offsets[g // 4, g % 4 - 1] if g % 4 else 0)
+  word        = sign/mantissa byte h = hi[off(g) + rank]  -> h>>7 << 15 | (code+e0-1) << 7 | h & 0x7F
+                or fallback[1024 g - off(g) + (64 t + j - rank)] when code == 0
   position    = g -> (block row rb, block col cb, r16), t -> (k16, k8, r8), j -> (i, jj):
                 row = 64 rb + 16 r16 + 8 r8 + i, col = 64 cb + 16 k16 + 8 k8 + jj
 No state is carried between tiles, so every tile decodes independently (one program per tile).
@@ -30,11 +31,11 @@ FUSED_MAX_N = 16
 
 # --------------------------------------------------------------------------- pure-torch reference
 
-def decode_tiles_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offsets: Tensor, e0: int,
-                       tiles: Tensor) -> Tensor:
+def decode_tiles_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
+                       e0: int, tiles: Tensor) -> Tensor:
     """Decode 16x64 tiles `tiles` (g,) -> (g, 16, 64) int16 words in row-major tile layout, with the
     kernel's arithmetic. bitmaps (T, 3) int64, hi (n_in,) uint8, fallback (n_fb,) int16,
-    tile_offsets (G + 1,) int32/int64."""
+    block_offsets (B + 1,) int32/int64, sub_offsets (B, 3) int16."""
     dev = bitmaps.device
     g = tiles.to(device=dev, dtype=torch.int64)                                  # (g,)
     t = torch.arange(16, device=dev)
@@ -45,7 +46,9 @@ def decode_tiles_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offse
     inw = (code != 0).to(torch.int64)
     row_cnt = inw.sum(dim=2)                                                     # (g, 16)
     rank = inw.cumsum(dim=2) - inw + (row_cnt.cumsum(dim=1) - row_cnt)[:, :, None]
-    hoff = tile_offsets.to(torch.int64)[g][:, None, None]                         # (g, 1, 1)
+    blk, r16 = g // 4, g % 4
+    sub = sub_offsets.to(torch.int64)[blk, (r16 - 1).clamp(min=0)] * (r16 > 0)
+    hoff = (block_offsets.to(torch.int64)[blk] + sub)[:, None, None]             # (g, 1, 1)
     s = t[:, None] * 64 + j[None, :]                                             # (16, 64)
     inw_b = inw.bool()
     h_idx = torch.where(inw_b, hoff + rank, 0)
@@ -59,7 +62,7 @@ def decode_tiles_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offse
     return word.to(torch.int32).to(torch.int16)  # values < 2**16: int32 -> int16 wraps to the same bits
 
 
-def decompress_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offsets: Tensor, e0: int,
+def decompress_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor, e0: int,
                      shape: tuple[int, int], padded: tuple[int, int], dtype: torch.dtype = torch.bfloat16,
                      chunk: int = 4096) -> Tensor:
     """Whole matrix through decode_tiles_torch (chunks of tiles), cropped to `shape`."""
@@ -67,7 +70,7 @@ def decompress_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offsets
     G = rp * cp // 1024
     out = torch.empty(G, 16, 64, dtype=torch.int16, device=bitmaps.device)
     for a in range(0, G, chunk):
-        out[a: a + chunk] = decode_tiles_torch(bitmaps, hi, fallback, tile_offsets, e0,
+        out[a: a + chunk] = decode_tiles_torch(bitmaps, hi, fallback, block_offsets, sub_offsets, e0,
                                                torch.arange(a, min(a + chunk, G), device=bitmaps.device))
     # g = (rb, cb, r16) -> rows (rb, r16, 16), cols (cb, 64)
     full = out.reshape(rp // 64, cp // 64, 4, 16, 64).permute(0, 2, 3, 1, 4).reshape(rp, cp)
@@ -95,7 +98,7 @@ def _kernels():
 
 if triton is not None:
     @triton.jit
-    def _decode_tile(bm_ptr, hi_ptr, fb_ptr, off_ptr, g, e0):
+    def _decode_tile(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, g, e0):
         """(16, 64) int32 words of 16x64 tile g in (t, j) layout."""
         t = tl.arange(0, 16)[:, None]
         j = tl.arange(0, 64)[None, :].to(tl.int64)
@@ -107,7 +110,10 @@ if triton is not None:
         inw = (code != 0).to(tl.int32)
         row_cnt = tl.sum(inw, axis=1)                                     # (16,)
         rank = tl.cumsum(inw, axis=1) - inw + (tl.cumsum(row_cnt, axis=0) - row_cnt)[:, None]
-        hoff = tl.load(off_ptr + g).to(tl.int64)
+        blk = g // 4
+        r16 = g % 4
+        hoff = tl.load(blk_ptr + blk).to(tl.int64) + tl.load(sub_ptr + blk * 3 + r16 - 1, mask=r16 > 0,
+                                                             other=0).to(tl.int64)
         s = (t * 64 + j).to(tl.int64)
         h = tl.load(hi_ptr + hoff + rank, mask=inw != 0, other=0).to(tl.int32)
         f = tl.load(fb_ptr + (g.to(tl.int64) * 1024 - hoff) + (s - rank), mask=inw == 0, other=0).to(tl.int32)
@@ -115,9 +121,9 @@ if triton is not None:
         return tl.where(inw != 0, word, f & 0xFFFF)
 
     @triton.jit
-    def decompress_kernel(bm_ptr, hi_ptr, fb_ptr, off_ptr, out_ptr, e0, n_cb, rows, cols):
+    def decompress_kernel(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_cb, rows, cols):
         g = tl.program_id(0)                                             # one 16x64 tile per program
-        word = _decode_tile(bm_ptr, hi_ptr, fb_ptr, off_ptr, g, e0)
+        word = _decode_tile(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, g, e0)
         t = tl.arange(0, 16)[:, None]
         j = tl.arange(0, 64)[None, :]
         blk = g // 4
@@ -127,7 +133,7 @@ if triton is not None:
         tl.store(ptr, word.to(tl.int16), mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm_ptr, hi_ptr, fb_ptr, off_ptr, x_ptr, y_ptr, bias_ptr, e0, n_cb, M, K, N, cb_per_split,
+    def fused_kernel(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, y_ptr, bias_ptr, e0, n_cb, M, K, N, cb_per_split,
                      stride_xn, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
         """y[n, m] (+)= sum_k W[m, k] x[n, k] for the 16 rows of one tile row and a range of K tiles.
         ATOMIC (split-K): fp32 atomics into a zeroed fp32 y, bias added by the caller; otherwise one
@@ -142,7 +148,7 @@ if triton is not None:
         cb0 = pid_k * cb_per_split
         for cb in range(cb0, tl.minimum(cb0 + cb_per_split, n_cb)):
             g = (rb * n_cb + cb) * 4 + r16
-            word = _decode_tile(bm_ptr, hi_ptr, fb_ptr, off_ptr, g, e0)   # (16, 64) in (t, j) layout
+            word = _decode_tile(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, g, e0)  # (16, 64) in (t, j) layout
             w = word.to(tl.int16).to(tl.bfloat16, bitcast=True)
             # (t, j) = (k16, k8, r8, i, jj) -> rows (r8, i), cols (k16, k8, jj)
             w = tl.reshape(tl.permute(tl.reshape(w, (4, 2, 2, 8, 8)), (2, 3, 0, 1, 4)), (16, 64))
@@ -165,7 +171,8 @@ if triton is not None:
 
 
 
-def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offsets: Tensor, e0: int,
+def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
+                      e0: int,
                       shape: tuple[int, int], padded: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Tile-parallel decompression: one program per 16x64 tile, output (rows, cols) of `dtype`."""
     _, dec, _ = _kernels()
@@ -175,7 +182,7 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offset
     G = rp * cp // 1024
     _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
     _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
-    dec[(G,)](bitmaps, _hi, _fb, tile_offsets, out, e0, cp // 64, rows, cols, num_warps=4)
+    dec[(G,)](bitmaps, _hi, _fb, block_offsets, sub_offsets, out, e0, cp // 64, rows, cols, num_warps=4)
     return out.view(dtype)
 
 
@@ -185,8 +192,8 @@ def split_k(n_stripes: int, n_cb: int, n_sm: int, per_sm: int = 8) -> int:
     return max(1, min(n_cb, -(-per_sm * n_sm // max(n_stripes, 1))))
 
 
-def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor, tile_offsets: Tensor,
-                        e0: int, shape: tuple[int, int], padded: tuple[int, int], bias: Tensor | None = None,
+def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor,
+                        sub_offsets: Tensor, e0: int, shape: tuple[int, int], padded: tuple[int, int], bias: Tensor | None = None,
                         splits: int | None = None) -> Tensor:
     """y = x W^T (+ bias) for x (N, K) bf16 with N <= 16, W decoded tile by tile in registers."""
     _, _, fused = _kernels()
@@ -207,7 +214,7 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
          else torch.empty(N, M, dtype=torch.bfloat16, device=x.device))
     _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
     _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
-    fused[(n_stripes, splits)](bitmaps, _hi, _fb, tile_offsets, x, y, bias if bias is not None else y, e0, n_cb,
+    fused[(n_stripes, splits)](bitmaps, _hi, _fb, block_offsets, sub_offsets, x, y, bias if bias is not None else y, e0, n_cb,
                                M, K, N, per, x.stride(0), ATOMIC=atomic, HAS_BIAS=bias is not None,
                                F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
     if not atomic:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from ..algos import lossless as LL
 from ..errors import UserError
 
-_TCA = ("bitmaps", "hi", "fallback", "tile_offsets")
+_TCA = ("bitmaps", "hi", "fallback", "block_offsets", "sub_offsets")
 _HUF = ("lengths", "stream", "gaps", "sm")
 _DT = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -33,7 +33,8 @@ def _enc_tensors(enc: LL.TcaTbe | LL.Huffman) -> dict[str, Tensor]:
     if isinstance(enc, LL.TcaTbe):
         return {"bitmaps": torch.from_numpy(enc.bitmaps.view(np.int64).copy()), "hi": torch.from_numpy(enc.hi.copy()),
                 "fallback": torch.from_numpy(enc.fallback.view(np.int16).copy()),
-                "tile_offsets": torch.from_numpy(enc.tile_offsets.copy())}
+                "block_offsets": torch.from_numpy(enc.block_offsets.copy()),
+                "sub_offsets": torch.from_numpy(enc.sub_offsets.copy())}
     return {"lengths": torch.from_numpy(enc.lengths.copy()), "stream": torch.from_numpy(enc.stream.copy()),
             "gaps": torch.from_numpy(enc.gaps.copy()), "sm": torch.from_numpy(enc.sm.copy())}
 
@@ -74,7 +75,7 @@ class _ZipWeight(nn.Module):
         m, shape = self.meta, tuple(self.meta["shape"])
         if self.codec == "tca-tbe":
             return LL.TcaTbe(shape, tuple(m["padded"]), m["e0"], m["dtype"], t["bitmaps"].view(np.uint64),
-                             t["hi"], t["fallback"].view(np.uint16), t["tile_offsets"])
+                             t["hi"], t["fallback"].view(np.uint16), t["block_offsets"], t["sub_offsets"])
         return LL.Huffman(shape, m["dtype"], t["lengths"], t["stream"], t["gaps"], m["n_bits"], t["sm"])
 
     def decoded_weight(self) -> Tensor:
@@ -84,7 +85,7 @@ class _ZipWeight(nn.Module):
         if dev.type == "cuda" and self.codec == "tca-tbe":
             from .. import kernels
             m = self.meta
-            args = (t["bitmaps"], t["hi"], t["fallback"], t["tile_offsets"], m["e0"], tuple(m["shape"]),
+            args = (t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"], t["sub_offsets"], m["e0"], tuple(m["shape"]),
                     tuple(m["padded"]), self.weight_dtype)
             return kernels.decompress_triton(*args) if kernels.triton_available() else kernels.decompress_torch(*args)
         return LL.decode(self.encoded()).to(dev)
@@ -162,7 +163,8 @@ class ZipLinear(_ZipWeight):
             if n <= kernels.FUSED_MAX_N and kernels.triton_available():
                 m = self.meta
                 y = kernels.fused_linear_triton(x.reshape(n, self.in_features), t["bitmaps"], t["hi"], t["fallback"],
-                                                t["tile_offsets"], m["e0"], tuple(m["shape"]), tuple(m["padded"]),
+                                                t["block_offsets"], t["sub_offsets"], m["e0"], tuple(m["shape"]),
+                                                tuple(m["padded"]),
                                                 bias=self.bias)
                 return y.reshape(*x.shape[:-1], self.out_features)
         w = self.decoded_weight()
