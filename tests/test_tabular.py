@@ -199,14 +199,26 @@ def test_tree_student_and_safetensors_roundtrip(tmp_path):
                                predict_proba(mlp, Xte), atol=1e-6)
 
 
-def test_onnx_export(tmp_path):
+def test_onnx_export_matches_torch(tmp_path):
     onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
     from modelpress.tabular.student import MLPStudent, export_onnx
-    m = MLPStudent(5, 3, (8,)).eval()
-    export_onnx(m, 5, tmp_path / "s.onnx")
-    model = onnx.load(str(tmp_path / "s.onnx"))
-    onnx.checker.check_model(model)
-    assert [i.name for i in model.graph.input] == ["x"]
+    spec, T, Xte = _wine_setup()
+    torch.manual_seed(0)
+    mlp = MLPStudent(13, 3, (8,), center=np.full(13, 2.0), scale=np.full(13, 3.0)).eval()
+    tree = distill(T, spec, DistillConfig(budget=300, student="tree", tree_depth=4, seed=0)).student
+    x = Xte.astype(np.float32)
+    for name, m in (("mlp", mlp), ("tree", tree)):
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(m, 13, path)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        assert [i.name for i in model.graph.input] == ["x"]
+        got = ReferenceEvaluator(str(path)).run(None, {"x": x})[0]
+        with torch.no_grad():
+            want = m(torch.as_tensor(x)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_spec_validation_errors():
@@ -277,3 +289,13 @@ def test_cli_distill_writes_outputs(tmp_path):
     assert rep["queries"] == 400 and rep["pairwise_coverage"] == 1.0
     assert rep["n_eval"] == 100 and rep["agreement_eval"] >= 0.9
     assert (out / "student.safetensors").is_file() and (out / "spec.yaml").is_file()
+
+
+def test_onnx_missing_gives_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from modelpress.tabular.student import MLPStudent, export_onnx
+    monkeypatch.setitem(sys.modules, "onnx", None)  # makes `import onnx` raise ImportError
+    with pytest.raises(UserError, match="needs the 'onnx' package"):
+        export_onnx(MLPStudent(3, 2, (4,)), 3, tmp_path / "s.onnx")
+    assert not (tmp_path / "s.onnx").exists()
