@@ -122,7 +122,7 @@ def _init_centroids(P_cnt: Tensor, P_sx: Tensor, lo: Tensor, width: Tensor, k: i
 
 
 def kmeans_1d(w: Tensor, k: int, omega: Tensor | None = None, iters: int = 100, seed: int | None = 0,
-              bins: int | None = None, restarts: int = 8) -> tuple[Tensor, Tensor]:
+              bins: int | None = None, restarts: int = 8, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Weighted 1-D k-means per row-group. w (G, m); omega: None or sensitivities broadcastable to (G, m).
     All `restarts` initialisations run batched; the one with the lowest weighted error wins per group.
     Returns codebook (G, k) float32, sorted ascending (each entry the weighted mean of its members), and
@@ -134,14 +134,22 @@ def kmeans_1d(w: Tensor, k: int, omega: Tensor | None = None, iters: int = 100, 
     bins = bins or n_bins(m)
     lo, width, b, P_cnt, P_sx = _histogram(w, omega, bins)
     c = _init_centroids(P_cnt, P_sx, lo, width, k, restarts, seed)                        # (G, R, k)
+    sxx = ((w * w).sum(1) if omega is None else (omega.float().expand_as(w) * w * w).sum(1)).double()   # (G,)
     edges = _edges(c, lo, width, bins)
-    for _ in range(iters):
+    prev = None
+    for it in range(iters):
         wsum, xsum = _interval_sums(P_cnt, edges), _interval_sums(P_sx, edges)
         c = torch.where(wsum > 0, xsum / wsum.clamp(min=1e-300), c)
         new = _edges(c, lo, width, bins)
         if torch.equal(new, edges):
             break
         edges = new
+        if it % 10 == 9:        # stop once the best restarts' error improves by < tol per 10 iterations
+            wsum, xsum = _interval_sums(P_cnt, edges), _interval_sums(P_sx, edges)
+            err = (sxx - (xsum ** 2 / wsum.clamp(min=1e-300)).sum(-1).amax(1)).sum()
+            if prev is not None and float(prev - err) <= tol * float(err):
+                break
+            prev = err
     wsum, xsum = _interval_sums(P_cnt, edges), _interval_sums(P_sx, edges)
     c = torch.where(wsum > 0, xsum / wsum.clamp(min=1e-300), c)
     # error = sum omega w^2 - sum_k S_k^2 / W_k: the best restart maximises the second term

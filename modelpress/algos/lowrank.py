@@ -30,16 +30,17 @@ def whitener(H: Tensor, damp: float = 0.01, tries: int = 4) -> Tensor:
 
 
 def svd_of(W: Tensor, L: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of W (plain) or of W L (whitened), in float64: U (rows, q), S (q,), Vh (q, cols)."""
-    M = W.double() if L is None else W.double() @ L
+    """SVD of W (plain) or of W L (whitened; product in float64), computed in float32: U (rows, q), S (q,),
+    Vh (q, cols)."""
+    M = W.float() if L is None else (W.double() @ L).float()
     return torch.linalg.svd(M, full_matrices=False)
 
 
 def factors(U: Tensor, S: Tensor, Vh: Tensor, r: int, L: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Balanced rank-r factors A (rows, r), B (r, cols) from an SVD (of W, or of W L with L given)."""
-    sq = S[:r].sqrt()
-    A = U[:, :r] * sq[None, :]                                   # (rows, r)
-    B = sq[:, None] * Vh[:r]                                     # (r, cols)
+    sq = S[:r].double().sqrt()
+    A = U[:, :r].double() * sq[None, :]                          # (rows, r)
+    B = sq[:, None] * Vh[:r].double()                            # (r, cols)
     if L is not None:                                            # B L^{-1}: solve X L = B
         B = torch.linalg.solve_triangular(L, B, upper=False, left=False)
     return A.float(), B.float()
