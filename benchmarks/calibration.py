@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         small = time_selector(m, pool[::10], tok, a.samples, a.seqlen, a.scaling_repeats)
         full = time_selector(m, pool, tok, a.samples, a.seqlen, a.scaling_repeats)
         scaling.append([m, len(pool[::10]), small, len(pool), full, full / small])
-        say(f"scaling {m}: {small:.3f} s -> {full:.3f} s ({full / small:.1f}x for {len(pool) / len(pool[::10]):.1f}x pool)")
+        say(f"scaling {m}: {small:.3f} s -> {full:.3f} s ({full / small:.1f}x for "
+            f"{len(pool) / len(pool[::10]):.1f}x pool)")
 
     # ---- compress + evaluate (the section is rewritten after every stage, so a cut-off run keeps its numbers)
     stage_seeds = {k: int(v) for k, v in (x.split("=") for x in a.stage_seeds.split(",") if x)}

@@ -56,8 +56,9 @@ def tok(corpus):
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     t.decoder = decoders.ByteLevel()
-    t.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                      show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    t.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="</s>", pad_token="</s>")
 
 
@@ -165,7 +166,8 @@ def test_normalised_types_merge_case_and_space(tok):
     strings = [tok.decode([i]).strip().lower() for i in ids]
     for i in range(len(ids)):
         for j in range(len(ids)):
-            assert (types[i] == types[j]) == (strings[i] == strings[j] and strings[i] != "") or types[i] == types[j] == -1
+            same = strings[i] == strings[j] and strings[i] != ""
+            assert (types[i] == types[j]) == same or types[i] == types[j] == -1
 
 
 @pytest.fixture(scope="module")

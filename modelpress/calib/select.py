@@ -1,7 +1,8 @@
 """Calibration-sample selection: turn a pool of texts into `samples` token windows of `seqlen`.
 
 Every selector has the signature
-    fn(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None, **_) -> LongTensor (samples, seqlen)
+    fn(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None, **_)
+        -> LongTensor (samples, seqlen)
 and is deterministic for a given seed. Registry: SELECTORS.
 
 `random`: the pool's texts are concatenated in a seeded random order, tokenized, and `samples`
@@ -18,8 +19,8 @@ and is deterministic for a given seed. Registry: SELECTORS.
     1409.7938: subsets of (n / samples) ln(1/eps) candidates give a (1 - 1/e - eps) approximation in
     O(n ln(1/eps)) set evaluations, i.e. linear in the pool).
 `perplexity`: the model-based slow baseline. `candidates` windows (default 4 x samples) cut from
-    the pool's documents in a seeded random order are scored by the model's perplexity and the `samples` windows closest to the
-    median log-perplexity are kept. Keeping the middle of the perplexity distribution (dropping both the
+    the pool's documents in a seeded random order are scored by the model's perplexity and the
+    `samples` windows closest to the median log-perplexity are kept. Keeping the middle of the perplexity distribution (dropping both the
     lowest, often boilerplate/repetitive, and the highest, often noisy, text) follows the
     perplexity-based data-pruning practice of Marion et al. (arXiv 2309.04564) and the outlier
     filtering used for self-generated calibration data (Ji et al., arXiv 2410.17711). Needs `model`."""
@@ -170,7 +171,7 @@ def stochastic_greedy_cover(flat: np.ndarray, offsets: np.ndarray, n_types: int,
 
 
 def select_zipcal_coverage(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, **_) -> torch.Tensor:
-    """`samples` pool windows chosen by stochastic-greedy max coverage of normalised token types.  # (samples, seqlen)"""
+    """Pool windows chosen by stochastic-greedy max coverage of normalised token types.  # (samples, seqlen)"""
     win = pool_windows(texts, tokenizer, seqlen, seed, samples)         # (n, seqlen)
     types = normalised_types(win.numpy(), tokenizer)                   # (n, seqlen)
     flat, offsets = window_type_sets(types)
