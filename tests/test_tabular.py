@@ -113,6 +113,13 @@ def test_thresholds_from_ensembles():
     assert split_thresholds(object(), 4) is None
 
 
+def test_thresholds_from_lightgbm():
+    lgb = pytest.importorskip("lightgbm")
+    X, y = _tree_data()
+    thr = split_thresholds(lgb.LGBMClassifier(n_estimators=10, verbose=-1).fit(X, y), 4)
+    assert len(thr[0]) > 0 and np.min(np.abs(thr[0] - 3.3)) < 0.2
+
+
 def test_reduce_thresholds_keeps_real_thresholds():
     t = np.array([1.0, 1.0, 1.0, 2.0, 3.0, 3.0, 4.0, 5.0, 6.0, 7.0])
     r = reduce_thresholds(t, 3)
