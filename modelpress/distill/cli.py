@@ -26,7 +26,7 @@ def add_parser(subparsers) -> tuple[str, ...]:
     lr.add_argument("--train-windows", type=int, default=64, help="training sample size n (token windows)")
     lr.add_argument("--val-windows", type=int, default=8, help="held-out windows for the train/validation gap")
     lr.add_argument("--steps", type=int, default=100)
-    lr.add_argument("--lr", type=float, default=5e-4)
+    lr.add_argument("--lr", type=float, default=1e-4)
     lr.add_argument("--batch-size", type=int, default=4)
     lr.add_argument("--temperature", type=float, default=2.0)
     lr.add_argument("--ce-weight", type=float, default=1.0)
@@ -107,7 +107,7 @@ def run_lowrank(a) -> int:
         except ValueError:
             raise UserError(f"--hidden must be an integer or auto, got {a.hidden!r}") from None
     t0 = time.perf_counter()
-    clone = LRC.LowRankClone(teacher, hidden, a.init, train, a.seed)
+    clone = LRC.LowRankClone(teacher, hidden, a.init, train[:LRC.PCA_WINDOWS], a.seed)
     hist = LRC.train_lockstep([clone], train, a.steps, a.lr, a.batch_size, weights, a.seed, log)[0]
     tr, va = LRC.lm_ce(clone, train, a.batch_size), LRC.lm_ce(clone, val, a.batch_size)
     student = clone.merge()

@@ -52,6 +52,7 @@ NORM_OF = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "
            "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}
 TERMS = ("q", "k", "v", "attn_out", "mlp_act", "mlp_out")
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+PCA_WINDOWS = 16                       # token windows used for the PCA init (a basis, not a fit: few suffice)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,22 @@ def rank_guideline(r_pilot: int, n_pilot: int, n: int) -> float:
     return r_pilot * math.sqrt(n / n_pilot)
 
 
+@torch.no_grad()
+def residual_basis(teacher: nn.Module, ids: Tensor, batch_size: int = 4) -> Tensor:
+    """Eigenbasis (D_T, D_T), largest eigenvalue first, of sum_l C_l / tr(C_l) with C_l = X_l^T X_l the
+    second moment of the teacher's residual stream entering layer l (and after the last) on `ids`."""
+    D_T = teacher.config.hidden_size
+    C = torch.zeros(D_T, D_T, dtype=torch.float64)
+    dev = next(teacher.parameters()).device
+    for b in range(0, ids.shape[0], batch_size):
+        out = teacher(input_ids=ids[b:b + batch_size].to(dev), output_hidden_states=True, use_cache=False)
+        for h in out.hidden_states:
+            x = h.reshape(-1, D_T).double().cpu()                         # (tokens, D_T)
+            M = x.t() @ x
+            C += M / M.trace().clamp(min=1e-12)
+    return pca_basis(C, D_T)
+
+
 # ---------------------------------------------------------------- the clone
 
 def _check_teacher(teacher: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -127,7 +144,7 @@ class LowRankClone(nn.Module):
     """Trainable projections (and student RMSNorm gains) that generate a student from a frozen teacher."""
 
     def __init__(self, teacher: nn.Module, hidden: int, init: str = "pca", calib_ids: Tensor | None = None,
-                 seed: int = 0):
+                 seed: int = 0, basis: Tensor | None = None):
         super().__init__()
         prefix, layers = _check_teacher(teacher)
         cfg = teacher.config
@@ -150,7 +167,10 @@ class LowRankClone(nn.Module):
             raise UserError("teacher has no final norm (model.norm): low-rank clone needs a Llama-style decoder")
         self.final_norm_name = _module_name(teacher, base.norm)
 
-        U = self._init_basis(init, calib_ids, seed)                       # (D_T, D_S)
+        if basis is not None and init == "pca":                           # precomputed residual_basis
+            U = basis[:, :hidden].float().clone()
+        else:
+            U = self._init_basis(init, calib_ids, seed)                   # (D_T, D_S)
         g0 = math.sqrt(D_T / hidden)
         self.P = nn.ParameterDict()
         self.gain = nn.ParameterDict()
@@ -191,15 +211,7 @@ class LowRankClone(nn.Module):
             return q
         if calib_ids is None:
             raise UserError("init pca needs calibration token windows (calib_ids): pass them or use init random")
-        C = torch.zeros(D_T, D_T, dtype=torch.float64)
-        dev = next(self.teacher.parameters()).device
-        for b in range(0, calib_ids.shape[0], 4):
-            out = self.teacher(input_ids=calib_ids[b:b + 4].to(dev), output_hidden_states=True, use_cache=False)
-            for h in out.hidden_states:                                   # residual stream per layer input
-                x = h.reshape(-1, D_T).double().cpu()                     # (tokens, D_T)
-                M = x.t() @ x
-                C += M / M.trace().clamp(min=1e-12)
-        return pca_basis(C, D_S)
+        return residual_basis(self.teacher, calib_ids)[:, :D_S]
 
     def _check_coverage(self) -> dict[str, Tensor]:
         """Student parameters not generated from projections must not involve D_T (they are copied)."""
@@ -357,7 +369,7 @@ def lm_ce(model: Callable[[Tensor], Tensor], windows: Tensor, batch_size: int = 
     return tot / n
 
 
-def train_lockstep(clones: list[LowRankClone], train: Tensor, steps: int, lr: float = 5e-4, batch_size: int = 4,
+def train_lockstep(clones: list[LowRankClone], train: Tensor, steps: int, lr: float = 1e-4, batch_size: int = 4,
                    weights: LossWeights = LossWeights(), seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
     """Train several clones of one teacher on the same batch sequence (epochs of a seeded shuffle of
     `train` (n, seq)), one teacher forward per batch. Returns per clone {"loss": [...], "ce": [...],
@@ -397,7 +409,7 @@ def round_hidden(r: float, d_teacher: int, multiple: int = 32) -> int:
 
 
 def auto_hidden(teacher: nn.Module, train: Tensor, val: Tensor, candidates: tuple[int, ...], pilot_fraction: float = 0.25,
-                pilot_steps: int = 20, lr: float = 5e-4, batch_size: int = 4, weights: LossWeights = LossWeights(),
+                pilot_steps: int = 20, lr: float = 1e-4, batch_size: int = 4, weights: LossWeights = LossWeights(),
                 init: str = "pca", seed: int = 0, multiple: int = 32,
                 log: Callable[[str], None] | None = None) -> tuple[int, list[dict]]:
     """`--hidden auto`: a pilot sweep over `candidates` on n0 = pilot_fraction * n training windows picks
@@ -408,7 +420,8 @@ def auto_hidden(teacher: nn.Module, train: Tensor, val: Tensor, candidates: tupl
     if n0 > n:
         raise UserError(f"--hidden auto needs at least {batch_size} training windows, got {n}")
     pilot = train[:n0]
-    clones = [LowRankClone(teacher, h, init, pilot, seed) for h in candidates]
+    basis = residual_basis(teacher, pilot[:PCA_WINDOWS]) if init == "pca" else None
+    clones = [LowRankClone(teacher, h, init, pilot, seed, basis) for h in candidates]
     train_lockstep(clones, pilot, pilot_steps, lr, batch_size, weights, seed, log)
     rows = []
     for c in clones:
