@@ -88,13 +88,6 @@ def _tensor(u: np.ndarray, dtype: str) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(u).view(np.int16)).view(_DTYPES[dtype])
 
 
-def _split(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """16-bit words -> (exponent field e, byte h = sign<<7 | low 7 bits), both uint8."""
-    e = ((u >> 7) & 0xFF).astype(np.uint8)
-    h = (((u >> 8) & 0x80) | (u & 0x7F)).astype(np.uint8)
-    return e, h
-
-
 def _tile_perm_shape(rp: int, cp: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     # padded (rp, cp) viewed as (rb, r16, r8, i, cb, k16, k8, [j]); storage order (rb, cb, r16, k16, k8, r8, i, [j]).
     # The 8 contiguous columns j of a tile row move together as one 16-byte void item (fast copy).
@@ -248,15 +241,6 @@ def tile_offsets(block_offsets: np.ndarray, sub_offsets: np.ndarray) -> np.ndarr
     out[3::4] = base + sub_offsets[:, 2]
     out[-1] = block_offsets[B]
     return out
-
-
-def tca_tbe_codes(enc: TcaTbe) -> np.ndarray:
-    """The 3-bit codes of every stored element, (n,) uint8 in storage order, from the bitmaps."""
-    B = np.ascontiguousarray(enc.bitmaps).view(np.uint8).reshape(-1, 3, 8)  # byte r of plane b = tile row r
-    c64 = _spread(B[:, 0])
-    c64 |= _spread(B[:, 1]) << np.uint64(1)
-    c64 |= _spread(B[:, 2]) << np.uint64(2)
-    return c64.view(np.uint8).reshape(-1)
 
 
 def _decode_rows(bitmaps: np.ndarray, hi: np.ndarray, fallback: np.ndarray, e0: int, cp: int) -> np.ndarray:
