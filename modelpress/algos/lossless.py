@@ -5,7 +5,8 @@ TCA-TBE, the Tensor-Core-Aware Triple-Bitmap Encoding of ZipServ (arXiv 2603.174
     byte h = sign << 7 | (u & 0x7F) (sign and 7 mantissa bits);
   * one window of 7 contiguous exponents [e0, e0 + 6] per matrix, chosen to cover the most elements
     (only e0 is stored); code c = e - e0 + 1 in 1..7 inside the window, c = 0 = fallback;
-  * the matrix is zero-padded (with an in-window filler) to multiples of 64 and cut into 8x8 tiles,
+  * the matrix is padded to multiples of 64 (filler: exponent e0, h = 0, i.e. code 1; the shape is
+    recorded and decode crops) and cut into 8x8 tiles,
     grouped into 16x64 "tensor-core" tiles and 64x64 blocks. Storage order: 64x64 blocks row-major,
     the four 16x64 tiles of a block top to bottom, inside a 16x64 tile the 16 8x8 tiles in
     mma.m16n8k16 A-fragment order (for each 16-wide k chunk: rows 0-7/cols 0-7, rows 8-15/cols 0-7,
@@ -28,7 +29,8 @@ entropy_bits: empirical (order-0) entropy per weight, of the whole 16-bit symbol
 limit of any per-element code) or of the exponent field plus 8 raw bits ("exp+8", the limit of codecs
 that, like both above, keep sign and mantissa raw).
 
-Everything is vectorised numpy (no per-element Python loops); to_bytes/from_bytes add a CRC32."""
+Everything is vectorised numpy (no per-element Python loops), run over cache-sized chunks of block rows
+(TCA-TBE) or symbols/lanes (Huffman); to_bytes/from_bytes add a CRC32."""
 from __future__ import annotations
 
 import heapq
