@@ -16,6 +16,15 @@ from modelpress.stages.cluster import Cluster
 from .conftest import correlated_calib, tiny_llama
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The shared CI box has 2 cores: intra-op threads only add contention for these small tensors."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _w(rows=128, cols=96, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(rows, cols, generator=g) * 0.05
@@ -46,8 +55,10 @@ def test_reconstruction_error_non_increasing_in_k():
 def test_kmeans_matches_exact_lloyd_quality():
     """The histogram Lloyd is within 1% of scikit-learn's exact k-means inertia (4 restarts)."""
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
     x = _w(64, 64, seed=5).reshape(-1)
-    km = KMeans(16, n_init=4, random_state=0).fit(x[:, None].double().numpy())
+    with threadpool_limits(1):
+        km = KMeans(16, n_init=4, random_state=0).fit(x[:, None].double().numpy())
     c, idx = C.kmeans_1d(x[None, :], 16)
     ours = float(((x - c[0, idx[0]]) ** 2).sum())
     assert ours <= km.inertia_ * 1.01
@@ -216,3 +227,17 @@ def test_config_errors_name_the_field():
     with pytest.raises(UserError, match="already compressed"):
         Cluster().apply(m)
     assert math.isclose(Cluster(k=256).k, 256)
+
+
+def test_recipe_yaml_keys_map_to_the_stage(monkeypatch):
+    from modelpress import recipe as R
+    monkeypatch.setitem(R.STAGES, "cluster", Cluster)
+    r = R.Recipe.from_dict({"stages": [{"cluster": {"k": 32, "group_rows": 16, "weighting": "activation",
+                                                    "finetune": True, "objective": "layer-mse",
+                                                    "include": ["mlp"]}}]})
+    (name, cfg), = r.stages
+    assert cfg == Cluster(k=32, group_rows=16, weighting="activation", finetune=True, objective="layer-mse",
+                          include=("mlp",))
+    assert r.needs_calibration
+    with pytest.raises(UserError, match="allowed keys"):
+        R.Recipe.from_dict({"stages": [{"cluster": {"clusters": 16}}]})

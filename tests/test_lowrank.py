@@ -13,6 +13,15 @@ from modelpress.stages.lowrank import LowRank
 from .conftest import correlated_calib, tiny_llama
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The shared CI box has 2 cores: intra-op threads only add contention for these small tensors."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _correlated_inputs(n=2048, cols=64, seed=0):
     """Inputs with a strongly non-isotropic covariance (a few dominant, correlated directions)."""
     g = torch.Generator().manual_seed(seed)
@@ -105,3 +114,14 @@ def test_full_energy_keeps_layers_dense_and_errors_name_fields():
         LowRank(budget=1.5)
     with pytest.raises(UserError, match="calibration"):
         LowRank(method="asvd").apply(tiny_llama(), None)
+
+
+def test_recipe_yaml_keys_map_to_the_stage(monkeypatch):
+    from modelpress import recipe as R
+    monkeypatch.setitem(R.STAGES, "lowrank", LowRank)
+    r = R.Recipe.from_dict({"stages": [{"lowrank": {"method": "svd", "rank_by": "fixed", "rank": 16,
+                                                    "exclude": ["lm_head", "q_proj"]}}]})
+    (name, cfg), = r.stages
+    assert cfg == LowRank(method="svd", rank_by="fixed", rank=16, exclude=("lm_head", "q_proj"))
+    assert not r.needs_calibration
+    assert R.Recipe.from_dict({"stages": [{"lowrank": {"method": "asvd"}}]}).needs_calibration
