@@ -172,7 +172,9 @@ def _wine_setup():
 def test_distill_deterministic_per_seed():
     spec, T, _ = _wine_setup()
     cfg = DistillConfig(budget=300, steps=40, seed=3)
+    state = torch.random.get_rng_state()
     a, b = distill(T, spec, cfg), distill(T, spec, cfg)
+    assert torch.equal(state, torch.random.get_rng_state())  # no global RNG side effects
     np.testing.assert_array_equal(a.X, b.X)
     for (ka, va), (kb, vb) in zip(a.student.state_dict().items(), b.student.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)

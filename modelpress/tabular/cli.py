@@ -61,8 +61,6 @@ def _read_eval(path: str, d: int) -> np.ndarray:
 
 
 def run(args) -> int:
-    import torch
-
     from modelpress.io import atomic_write_text
     from modelpress.tabular.distill import DistillConfig, agreement, distill
     from modelpress.tabular.spec import load_spec, spec_from_thresholds
@@ -88,7 +86,6 @@ def run(args) -> int:
                             "inferred; pass --spec SPEC.yaml")
         spec = spec_from_thresholds(thr)
     X_eval = _read_eval(args.eval, len(spec)) if args.eval else None
-    torch.manual_seed(args.seed)
     res = distill(teacher, spec, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -86,8 +86,9 @@ def train_mlp(X: np.ndarray, P: np.ndarray, center: np.ndarray, scale: np.ndarra
     """Fit an MLP student to teacher soft outputs P on queries X (Adam, cosine lr)."""
     g = torch.Generator().manual_seed(seed)
     if init is None:
-        torch.manual_seed(seed)  # nn.Linear init draws from the global generator
-        model = MLPStudent(X.shape[1], P.shape[1], hidden, center, scale)
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = MLPStudent(X.shape[1], P.shape[1], hidden, center, scale)
     else:
         model = init
     Xt = torch.as_tensor(X, dtype=torch.float32)
