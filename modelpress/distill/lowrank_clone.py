@@ -168,6 +168,8 @@ class LowRankClone(nn.Module):
         self.final_norm_name = _module_name(teacher, base.norm)
 
         if basis is not None and init == "pca":                           # precomputed residual_basis
+            if basis.shape[0] != D_T or basis.shape[1] < hidden:
+                raise UserError(f"basis has shape {tuple(basis.shape)}, needs ({D_T}, >= {hidden}): pass residual_basis(teacher, ids)")
             U = basis[:, :hidden].float().clone()
         else:
             U = self._init_basis(init, calib_ids, seed)                   # (D_T, D_S)
