@@ -3,6 +3,8 @@ load -> calibration_set -> compress -> evaluate -> (certify) -> export."""
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import logging
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from . import model as _model
 from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
+from .checkpoint import Run
 from .eval import eval_windows, evaluate as _evaluate, size_report
 from .export import save
 from .recipe import Recipe
@@ -28,6 +31,8 @@ def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     m, tok = _model.load(src)
+    if (Path(str(src)) / "modelpress.json").exists():
+        return m, tok          # an export keeps its own dtype (its logits must match exactly)
     return m.to(dtype), tok
 
 
@@ -40,8 +45,10 @@ def calibration_set(tokenizer, source="wiki", select="random", samples=128, seql
     return _calibration_set(tokenizer, source, select, samples, seqlen, seed, field, model)
 
 
-def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = None) -> list[dict]:
+def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = None, run: Run | None = None) -> list[dict]:
     """Apply the recipe's stages in order (or planned order) to `model` in place; returns per-stage stats.
+    With `run` (a modelpress.checkpoint.Run), progress is checkpointed per stage and per decoder layer,
+    and a run interrupted earlier resumes from its last finished layer.
 
     >>> stats = modelpress.compress(model, Recipe.from_yaml("w4a16-gptq-g128"), calib)
     """
@@ -50,12 +57,23 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
         from .plan import order_stages
         stages = order_stages(model, recipe, calib)
     out = []
-    for name, cfg in stages:
+    last_done = max((k for k in range(len(stages)) if run is not None and run.finished(k)), default=-1)
+    for k, (name, cfg) in enumerate(stages):
+        if k <= last_done:
+            if k == last_done:
+                run.restore_stage(k, model)
+            out.append(json.loads((run.stage_dir(k) / "stats.json").read_text()))
+            continue
         t0 = time.perf_counter()
-        st = cfg.apply(model, calib)
+        if run is not None and "checkpoint" in inspect.signature(cfg.apply).parameters:
+            st = cfg.apply(model, calib, checkpoint=run.checkpoint(k))
+        else:
+            st = cfg.apply(model, calib)
         st = {"name": name, "config": Recipe(stages=((name, cfg),)).to_dict()["stages"][0][name],
               "seconds": time.perf_counter() - t0, **st}
         log.info(st["summary"])
+        if run is not None:
+            run.finish_stage(k, model, st)
         out.append(st)
     return out
 
@@ -78,17 +96,22 @@ def evaluate(model: nn.Module, tokenizer, reference: nn.Module | None = None, te
 
 
 def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | None = None,
-               evaluate_models: bool = True) -> dict:
+               evaluate_models: bool = True, resume: bool = False, checkpoint: bool = True) -> dict:
     """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
-    export. Returns the report (also written to the export as report.json)."""
+    export. Returns the report (also written to the export as report.json). With an output folder,
+    progress is checkpointed in `<out>.partial/` (removed on success); `resume=True` continues an
+    interrupted run from its last finished decoder layer."""
     src = model_src or recipe.model or _model.REFERENCE
     model, tok = load(src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
     calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
+    dest = out or (recipe.export.path if recipe.export else None)
+    run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume)
+           if dest and checkpoint else None)
     t0 = time.perf_counter()
-    stages = compress(model, recipe, calib)
+    stages = compress(model, recipe, calib, run)
     elapsed = time.perf_counter() - t0
     size = size_report(model)
     report = {"model": str(src), "recipe": recipe.to_dict(), "size": {k: v for k, v in size.items() if k != "layers"},
@@ -108,11 +131,12 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
                           "compressed": comp}
     if calib is not None:
         report["calibration"] = calib.provenance
-    dest = out or (recipe.export.path if recipe.export else None)
     if dest:
         save(model, tok, dest, recipe=recipe.to_dict(), report=report,
              calibration=calib.provenance if calib is not None else None)
         report["export"] = str(dest)
+        if run is not None:
+            run.close()
     report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
     return report
 

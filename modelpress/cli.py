@@ -12,7 +12,8 @@ from pathlib import Path
 from .errors import UserError
 
 # feature modules that add their own subcommands (each: add_parser(subparsers), run(args) -> int)
-PLUGINS: tuple[str, ...] = ()
+PLUGINS: tuple[str, ...] = ("modelpress.zipcli", "modelpress.certify.cli", "modelpress.tabular.cli",
+                             "modelpress.deploy.cli", "modelpress.report_cli", "modelpress.distill.cli")
 
 
 def _table(rows: list[tuple], header: tuple) -> None:
@@ -59,7 +60,7 @@ def cmd_compress(a) -> int:
             if v is not None:
                 c[k] = v
         recipe = Recipe.from_dict(d, str(a.recipe))
-    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval)
+    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume)
     print_report(rep)
     print(f"wrote {a.out}")
     return 0
@@ -115,6 +116,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     c.add_argument("--calib-seqlen", type=int)
     c.add_argument("--calib-seed", type=int)
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     e = sub.add_parser("eval", help="perplexity (and agreement with --reference) of a model or export")
     e.add_argument("model")
     e.add_argument("--reference", help="original model to compare with")
@@ -126,7 +128,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     handlers = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}
     for modname in PLUGINS:
         mod = importlib.import_module(modname)
-        for name in mod.add_parser(sub) or ():
+        before = set(sub.choices)
+        mod.add_parser(sub)
+        for name in set(sub.choices) - before:
             handlers[name] = mod.run
     return p, handlers
 

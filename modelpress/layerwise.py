@@ -134,13 +134,21 @@ class Step:
 
 
 def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
-          device: torch.device | None = None) -> Iterator[Step]:
+          device: torch.device | None = None, checkpoint=None) -> Iterator[Step]:
     """Yield one Step per decoder layer; after the caller is done with a step, the layer's outputs are
-    recomputed (with the caller's modifications) and fed to the next layer."""
+    recomputed (with the caller's modifications) and fed to the next layer. With a checkpoint
+    (modelpress.checkpoint.StageCheckpoint), finished layers are restored and skipped, and each
+    finished layer is saved with the next layer's inputs (step.extra["stats"] is saved with it)."""
     device = device or compute_device()
     prefix, layers = decoder_layers(model)
     inputs, kwargs = capture_inputs(model, calib, batch_size, device)
-    for i, layer in enumerate(layers):
+    start = 0
+    if checkpoint is not None:
+        start, saved, _ = checkpoint.restore(layers)
+        if saved is not None:
+            inputs = [x.to(device) for x in saved]
+    for i in range(start, len(layers)):
+        layer = layers[i]
         home = next(layer.parameters()).device
         layer.to(device)
         step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device)
@@ -148,20 +156,29 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
         inputs = step.outputs()
         step.inputs = []
         layer.to(home)
+        if checkpoint is not None:
+            checkpoint.save(i, layer, inputs, step.extra.get("stats", {}))
 
 
 def run(model: nn.Module, calib: CalibrationSet, target: Target,
         fn: Callable[[dict[str, nn.Module], dict[str, Tensor]], dict],
-        collect: str = "hessian", batch_size: int = 8, progress: str | None = None) -> dict:
+        collect: str = "hessian", batch_size: int = 8, progress: str | None = None, checkpoint=None) -> dict:
     """For each decoder layer: stats = collect(targeted linears); fn(linears, stats) -> per-linear dict.
-    Returns the merged per-linear results."""
+    Returns the merged per-linear results (those of layers restored from a checkpoint included)."""
     from .progress import bar
-    out: dict = {}
-    _, layers = decoder_layers(model)
-    with bar(progress, total=len(layers)) as advance:
-        for step in steps(model, calib, batch_size):
+    prefix, layers = decoder_layers(model)
+    out: dict = dict(checkpoint.progress["stats"]) if checkpoint is not None else {}
+    touched = [i for i, layer in enumerate(layers) if target.filter(layer_linears(layer, f"{prefix}.{i}"))]
+    if not touched:
+        return out
+    with bar(progress, total=touched[-1] + 1) as advance:
+        advance(checkpoint.done if checkpoint is not None else 0)
+        for step in steps(model, calib, batch_size, checkpoint=checkpoint):
             linears = step.linears(target)
-            if linears:
-                out.update(fn(linears, step.collect(linears, collect)) or {})
+            res = (fn(linears, step.collect(linears, collect)) or {}) if linears else {}
+            step.extra["stats"] = res
+            out.update(res)
             advance()
+            if step.index == touched[-1]:
+                break          # later layers are untouched: no need to propagate further
     return out

@@ -12,12 +12,20 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .stages.cluster import Cluster
+from .stages.lossless import Lossless
+from .stages.lowrank import LowRank
 from .stages.prune import Prune
 from .stages.quantize import Quantize
+from .stages.safety_prune import SafetyPrune
 
 STAGES: dict[str, type] = {
     "quantize": Quantize,
     "prune": Prune,
+    "cluster": Cluster,
+    "lowrank": LowRank,
+    "lossless": Lossless,
+    "safety_prune": SafetyPrune,
 }
 
 RECIPES_DIR = Path(__file__).parent / "recipes"

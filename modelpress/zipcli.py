@@ -16,7 +16,7 @@ from .errors import UserError
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
-    z = subparsers.add_parser("zip", help="losslessly compress a model's bf16/fp16 weights (~30% smaller)",
+    z = subparsers.add_parser("zip", help="losslessly compress a model's bf16/fp16 weights (~30%% smaller)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     z.add_argument("model", help="HF folder, hub id, .gguf file, or 'smollm2'")
     z.add_argument("--out", required=True, help="output folder (native modelpress export)")

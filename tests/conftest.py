@@ -47,3 +47,28 @@ def calib():
 @pytest.fixture
 def ids():
     return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a few sentences (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the quick brown fox jumps over the lazy dog"] * 20 + ["compression keeps what matters"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<eos>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_model_dir(path, layers: int = 2, hidden: int = 64, inter: int = 128):
+    """A tiny Llama + tokenizer saved as an ordinary HF folder."""
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(vocab_size=max(VOCAB, len(tok)), hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -121,12 +121,38 @@ def verify(folder: str | os.PathLike) -> None:
             raise UserError(f"{f} is corrupted (sha256 mismatch with checksums.json): re-export the model")
 
 
+def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], modules: dict, aliases: dict,
+                where: str = "checkpoint") -> None:
+    """Rebuild compressed modules inside `root` from their stored state and assign every plain tensor
+    (the inverse of collect_tensors on the same module tree)."""
+    from ..modules import MODULE_TYPES
+    tensors = dict(tensors)
+    for name, spec in modules.items():
+        kind = spec["kind"]
+        if kind not in MODULE_TYPES:
+            raise UserError(f"{where} uses module kind {kind!r} unknown to this modelpress: upgrade modelpress")
+        pre = name + "."
+        sub = {k[len(pre):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(pre)]}
+        set_module(root, name, MODULE_TYPES[kind].from_state(sub, spec["config"]))
+    for alias, src in aliases.items():
+        tensors[alias] = tensors[src]
+    missing, unexpected = root.load_state_dict(tensors, strict=False, assign=True)
+    comp = tuple(n + "." for n in modules)
+    missing = [k for k in missing if not k.startswith(comp)]
+    if missing or unexpected:
+        raise UserError(f"{where} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                        "re-export the model")
+    if aliases and hasattr(root, "tie_weights"):
+        root.tie_weights()
+    from ..modules import retie
+    retie(root)
+
+
 def load_compressed(folder: str | os.PathLike, check: bool = True):
     """Rebuild (model, tokenizer) from a native export; logits equal the in-memory compressed model's."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ..modules import MODULE_TYPES
     folder = Path(folder)
     if check:
         verify(folder)
@@ -138,23 +164,6 @@ def load_compressed(folder: str | os.PathLike, check: bool = True):
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     normalize(model)
-    tensors = load_file(folder / WEIGHTS)
-    for name, spec in manifest["modules"].items():
-        kind = spec["kind"]
-        if kind not in MODULE_TYPES:
-            raise UserError(f"{folder} uses module kind {kind!r} unknown to this modelpress: upgrade modelpress")
-        pre = name + "."
-        sub = {k[len(pre):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(pre)]}
-        set_module(model, name, MODULE_TYPES[kind].from_state(sub, spec["config"]))
-    for alias, src in manifest.get("aliases", {}).items():
-        tensors[alias] = tensors[src]
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    comp = tuple(n + "." for n in manifest["modules"])
-    missing = [k for k in missing if not k.startswith(comp)]
-    if missing or unexpected:
-        raise UserError(f"{folder}/{WEIGHTS} does not match config.json (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]}): re-export the model")
-    if manifest.get("aliases"):
-        model.tie_weights()
+    apply_state(model, load_file(folder / WEIGHTS), manifest["modules"], manifest.get("aliases", {}), str(folder))
     tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     return model.eval(), tok

@@ -1,10 +1,18 @@
 """Replacement layers that reload exactly. MODULE_TYPES maps the `kind` stored in an export's
 manifest to the class whose `from_state(tensors, config)` rebuilds it."""
+from .cluster import ClusteredLinear
+from .lowrank import LowRankLinear
 from .quant import QuantLinear, SparseLinear, pack_mask, unpack_mask
+from .zip import ZipEmbedding, ZipLinear, retie
 
 MODULE_TYPES: dict[str, type] = {
     "QuantLinear": QuantLinear,
     "SparseLinear": SparseLinear,
+    "ClusteredLinear": ClusteredLinear,
+    "LowRankLinear": LowRankLinear,
+    "ZipLinear": ZipLinear,
+    "ZipEmbedding": ZipEmbedding,
 }
 
-__all__ = ["MODULE_TYPES", "QuantLinear", "SparseLinear", "pack_mask", "unpack_mask"]
+__all__ = ["MODULE_TYPES", "QuantLinear", "SparseLinear", "ClusteredLinear", "LowRankLinear", "ZipLinear",
+           "ZipEmbedding", "pack_mask", "unpack_mask", "retie"]

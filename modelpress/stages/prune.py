@@ -82,7 +82,7 @@ class Prune:
                 "sqnr": quant.sqnr(W, new.weight.float())}
         return new, info
 
-    def apply(self, model, calib=None) -> dict:
+    def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
 
         def do(linears, stats):
@@ -99,7 +99,8 @@ class Prune:
             if calib is None:
                 raise UserError(f"prune.method {self.method} needs calibration data: add a `calibration:` block "
                                 "or use magnitude")
-            layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}")
+            layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}",
+                                    checkpoint=checkpoint)
         else:
             layers = do(self.target.select(model), {})
         if not layers:

@@ -74,7 +74,7 @@ class Quantize:
                     sparsity=float((new.weight == 0).float().mean()))
         return new, info
 
-    def apply(self, model, calib=None) -> dict:
+    def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
 
         def do(linears, stats):
@@ -88,7 +88,8 @@ class Quantize:
         if self.method == "gptq":
             if calib is None:
                 raise UserError("quantize.method gptq needs calibration data: add a `calibration:` block or use rtn")
-            layers = layerwise.run(model, calib, self.target, do, collect="hessian", progress=f"GPTQ {self.describe()}")
+            layers = layerwise.run(model, calib, self.target, do, collect="hessian", progress=f"GPTQ {self.describe()}",
+                                    checkpoint=checkpoint)
         else:
             layers = do(self.target.select(model), {})
         if not layers:

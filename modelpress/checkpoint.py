@@ -1,0 +1,114 @@
+"""Resumable compression. A run keeps its progress in `<out>.partial/`:
+  fingerprint.json             recipe + calibration hash; a resume with anything else is refused
+  stage<k>/model.safetensors   full model snapshot after stage k finished (+ stats.json)
+  stage<k>/layer<i>.safetensors  decoder layer i after stage k touched it (layer-wise stages)
+  stage<k>/inputs.safetensors  inputs of the next layer;  stage<k>/progress.json  layers done + stats
+Every file is written atomically and progress.json last, so a kill -9 at any moment leaves a consistent
+state; `--resume` restarts from the last finished layer and produces the same artifact."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import UserError
+from .export.native import apply_state, collect_tensors
+from .io import atomic_save_file, atomic_write_text
+
+
+def _save_module(module: nn.Module, path: Path) -> None:
+    tensors, modules, aliases = collect_tensors(module)
+    atomic_save_file(tensors, path, metadata={"modules": json.dumps(modules), "aliases": json.dumps(aliases)})
+
+
+def _load_module(module: nn.Module, path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    apply_state(module, load_file(path), json.loads(meta["modules"]), json.loads(meta["aliases"]), str(path))
+
+
+class StageCheckpoint:
+    """Per-layer progress of one layer-wise stage."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / "progress.json"
+        self.progress = json.loads(p.read_text()) if p.exists() else {"done": 0, "stats": {}}
+
+    @property
+    def done(self) -> int:
+        return self.progress["done"]
+
+    def restore(self, layers: nn.ModuleList) -> tuple[int, list[torch.Tensor] | None, dict]:
+        """Load finished layers; returns (first layer to run, its inputs or None, stats so far)."""
+        if self.done == 0:
+            return 0, None, {}
+        for i in range(self.done):
+            _load_module(layers[i], self.folder / f"layer{i}.safetensors")
+        saved = load_file(self.folder / "inputs.safetensors")
+        inputs = [saved[f"b{j}"] for j in range(len(saved))]
+        return self.done, inputs, self.progress["stats"]
+
+    def save(self, i: int, layer: nn.Module, next_inputs: list[torch.Tensor], stats: dict) -> None:
+        _save_module(layer, self.folder / f"layer{i}.safetensors")
+        atomic_save_file({f"b{j}": x.detach().cpu() for j, x in enumerate(next_inputs)}, self.folder / "inputs.safetensors")
+        self.progress = {"done": i + 1, "stats": {**self.progress["stats"], **_jsonable(stats)}}
+        atomic_write_text(self.folder / "progress.json", json.dumps(self.progress))
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    if isinstance(d, torch.Tensor):
+        return d.tolist()
+    return d
+
+
+class Run:
+    """The checkpoint folder of one compress run."""
+
+    def __init__(self, folder: str | Path, recipe: dict, calib_sha: str | None, resume: bool):
+        self.folder = Path(folder)
+        fp = hashlib.sha256(json.dumps({"recipe": recipe, "calib": calib_sha}, sort_keys=True).encode()).hexdigest()
+        f = self.folder / "fingerprint.json"
+        if self.folder.exists() and f.exists():
+            if not resume:
+                raise UserError(f"an interrupted run exists in {self.folder}: pass --resume to continue it, "
+                                "or delete that folder to start over")
+            if json.loads(f.read_text())["fingerprint"] != fp:
+                raise UserError(f"{self.folder} belongs to a run with another recipe or calibration set: "
+                                "delete it to start over, or resume with the original recipe")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(f, json.dumps({"fingerprint": fp}))
+
+    def stage_dir(self, k: int) -> Path:
+        return self.folder / f"stage{k}"
+
+    def finished(self, k: int) -> bool:
+        return (self.stage_dir(k) / "stats.json").exists()
+
+    def restore_stage(self, k: int, model: nn.Module) -> dict:
+        _load_module(model, self.stage_dir(k) / "model.safetensors")
+        return json.loads((self.stage_dir(k) / "stats.json").read_text())
+
+    def finish_stage(self, k: int, model: nn.Module, stats: dict) -> None:
+        _save_module(model, self.stage_dir(k) / "model.safetensors")
+        for p in self.stage_dir(k).glob("*"):
+            if p.name.startswith(("layer", "inputs")):
+                p.unlink()
+        atomic_write_text(self.stage_dir(k) / "stats.json", json.dumps(_jsonable(stats), default=float))
+
+    def checkpoint(self, k: int) -> StageCheckpoint:
+        return StageCheckpoint(self.stage_dir(k))
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
