@@ -88,12 +88,12 @@ def register() -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=16, help="calibration samples")
+    ap.add_argument("--samples", type=int, default=8, help="calibration samples")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration sample length")
     ap.add_argument("--windows", type=int, default=4, help="evaluation windows")
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--ks", default="16,32,64", help="K values for the fine-tuning table")
-    ap.add_argument("--ft-steps", type=int, default=8)
+    ap.add_argument("--ft-steps", type=int, default=6)
     ap.add_argument("--ft-lr", type=float, default=5e-3)
     ap.add_argument("--ft-batch", type=int, default=1)
     ap.add_argument("--lowrank-budgets", default="0.8")
@@ -107,6 +107,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     sections = []
+    cmd = "python -m benchmarks.clustering " + " ".join(argv if argv is not None else sys.argv[1:])
+    state = {"ppl_fp": float("nan")}
+
+    def flush(done: bool = False) -> None:
+        """Write the sections measured so far (a partial run still leaves its numbers)."""
+        total = time.perf_counter() - t_start
+        head = (f"SmolLM2-135M-Instruct, calibration {args.samples} x {args.seqlen} tokens (wiki), evaluation "
+                f"{args.windows} windows x {args.eval_seqlen} tokens (modelpress-eval/1, wiki-eval), "
+                f"{args.threads} thread(s); fp32 perplexity {state['ppl_fp']:.3f}. "
+                + (f"Whole run {total / 60:.1f} min." if done else f"Partial run: {total / 60:.1f} min so far."))
+        body = head + "\n\n" + "\n\n".join(sections)
+        if done:
+            log("\n" + body)
+        if not args.no_write:
+            write_section("clustering", cmd.strip(), body)
 
     if "speed" not in skip:
         sec, load = kmeans_speed(args.speed_n, 16)
@@ -119,6 +134,7 @@ def main(argv=None) -> int:
     calib = modelpress.calibration_set(tok, "wiki", samples=args.samples, seqlen=args.seqlen)
     windows = windows_for(tok, seqlen=args.eval_seqlen, windows=args.windows)
     ppl_fp = ppl(base, windows)
+    state["ppl_fp"] = ppl_fp
     log(f"fp32 perplexity {ppl_fp:.3f}")
 
     # ---- K=16 sensitivity-weighted vs RTN 4-bit at equal bits per weight -------------------------------
@@ -140,15 +156,56 @@ def main(argv=None) -> int:
                         "RTN per output channel (4 + 16/cols bits) and one K=16 codebook per 16 output channels "
                         "(4 + 16·16/(16·cols) bits) store exactly the same number of bits.\n\n"
                         + table(["method", "stage", "bits/weight", "perplexity", "compress s"], rows))
+        flush()
+
+    # the K=16 hessian-diag per-matrix model serves the rank probes and the K series
+    ks = [int(k) for k in args.ks.split(",") if k]
+    k16s = None
+    if "probes" not in skip or 16 in ks:
+        k16s = run_stage(base, Cluster(k=16, weighting="hessian-diag"), calib, "cluster")
+    k16, p16 = k16s, None
+
+    # ---- rank probes --------------------------------------------------------------------------------------
+    if "probes" not in skip:
+        if k16 is None:
+            k16 = run_stage(base, Cluster(k=16, weighting="hessian-diag"), calib, "cluster")
+        k16 = k16[0]
+        p16 = ppl(k16, windows)
+        n = len(decoder_layers(k16)[1])
+        sets = {"early": [0, 1, 2], "middle": [n // 2 - 1, n // 2, n // 2 + 1], "late": [n - 3, n - 2, n - 1]}
+        rows = []
+        for where, ids in sets.items():
+            r = [f"{where} (layers {ids[0]}-{ids[-1]})"]
+            for kind in ("scramble", "rank-preserving"):
+                pm = probe(k16, ids, kind, affine=False)
+                r.append(ppl(pm, windows))
+                del pm
+            rows.append(r)
+            log(f"probe {where}: scramble {r[1]:.3f} rank-preserving {r[2]:.3f}")
+        many = []
+        for kind in ("rank-preserving",):
+            for affine in (False, True):
+                pm = probe(k16, list(range(n)), kind, affine=affine)
+                pv = ppl(pm, windows)
+                del pm
+                many.append([kind, "yes" if affine else "no", pv])
+                log(f"all {n} layers {kind} affine={affine}: {pv:.3f}")
+        sections.append(f"### Rank probes (K=16 per matrix, hessian-diag, clustered perplexity {p16:.3f})\n\nScramble: each "
+                        "codebook's values randomly permuted (same set, ranks destroyed). Rank-preserving: new "
+                        "values in the original rank order (each gap between sorted centroids scaled by a random "
+                        "Exp(1) factor, range kept). Perturbed: every clustered linear of the listed decoder "
+                        "layers.\n\n" + table(["layers perturbed", "scramble ppl", "rank-preserving ppl"], rows)
+                        + f"\n\nAll {n} decoder layers perturbed; affine correction w' = a w + b (a > 0) restores "
+                        "each matrix's mean and std:\n\n" + table(["probe", "affine correction", "perplexity"], many))
+        flush()
 
     # ---- K series with / without centroid fine-tuning --------------------------------------------------
-    ks = [int(k) for k in args.ks.split(",") if k]
-    k16 = None
     if ks:
         rows = []
         for k in ks:
-            m, st, sec = run_stage(base, Cluster(k=k, weighting="hessian-diag"), calib, "cluster")
-            p0 = ppl(m, windows)
+            m, st, sec = k16s if (k == 16 and k16s is not None) else \
+                run_stage(base, Cluster(k=k, weighting="hessian-diag"), calib, "cluster")
+            p0 = p16 if (k == 16 and p16 is not None) else ppl(m, windows)
             bpw = size_report(m)["bits_per_weight"]
             log(f"K={k}: bpw {bpw:.4f} ppl {p0:.3f} ({sec:.0f} s)")
             if "ft" in skip:
@@ -165,10 +222,7 @@ def main(argv=None) -> int:
                 rec = (p0 - p1) / (p0 - ppl_fp) if p0 != ppl_fp else float("nan")
                 rows.append([k, bpw, p0, p1, f"{100 * rec:.0f}%", f"{first:.3f} -> {last:.3f} ({sec:.0f} s)"])
                 log(f"K={k} fine-tuned: ppl {p1:.3f}, gap recovered {100 * rec:.1f}% ({sec:.0f} s)")
-            if k == 16:
-                k16 = m
-            else:
-                del m
+            del m
         sections.append(f"### K = {'/'.join(map(str, ks))}: centroid fine-tuning\n\nOne codebook per matrix, "
                         f"hessian-diag weighted k-means; fine-tuning: indices frozen, centroids only, next-token "
                         f"loss, {args.ft_steps} Adam steps of {args.ft_batch} x {args.seqlen} calibration tokens, lr "
@@ -176,42 +230,9 @@ def main(argv=None) -> int:
                         f"after) / (ppl before - fp32 ppl {ppl_fp:.3f}); the paper reports 30-40%.\n\n"
                         + table(["K", "bits/weight", "ppl clustered", "ppl fine-tuned", "gap recovered",
                                  "fine-tune loss first -> last (time)"], rows))
+        flush()
 
-    # ---- rank probes --------------------------------------------------------------------------------------
-    if "probes" not in skip:
-        if k16 is None:
-            k16, _, _ = run_stage(base, Cluster(k=16, weighting="hessian-diag"), calib, "cluster")
-        p16 = ppl(k16, windows)
-        n = len(decoder_layers(k16)[1])
-        sets = {"early": [0, 1, 2], "middle": [n // 2 - 1, n // 2, n // 2 + 1], "late": [n - 3, n - 2, n - 1]}
-        rows = []
-        for where, ids in sets.items():
-            r = [f"{where} (layers {ids[0]}-{ids[-1]})"]
-            for kind in ("scramble", "rank-preserving"):
-                pm = probe(k16, ids, kind, affine=False)
-                r.append(ppl(pm, windows))
-                del pm
-            rows.append(r)
-            log(f"probe {where}: scramble {r[1]:.3f} rank-preserving {r[2]:.3f}")
-        many = []
-        for kind in ("rank-preserving", "scramble"):
-            for affine in (False, True):
-                if kind == "scramble" and affine:
-                    continue
-                pm = probe(k16, list(range(n)), kind, affine=affine)
-                pv = ppl(pm, windows)
-                del pm
-                many.append([kind, "yes" if affine else "no", pv])
-                log(f"all {n} layers {kind} affine={affine}: {pv:.3f}")
-        sections.append(f"### Rank probes (K=16 per matrix, hessian-diag, clustered perplexity {p16:.3f})\n\nScramble: each "
-                        "codebook's values randomly permuted (same set, ranks destroyed). Rank-preserving: K new "
-                        "random increasing values spanning the codebook's [min, max], given to the centroids in "
-                        "their original rank order. Perturbed: every clustered linear of the listed decoder "
-                        "layers.\n\n" + table(["layers perturbed", "scramble ppl", "rank-preserving ppl"], rows)
-                        + f"\n\nAll {n} decoder layers perturbed; affine correction w' = a w + b (a > 0) restores "
-                        "each matrix's mean and std:\n\n" + table(["probe", "affine correction", "perplexity"], many))
-    if k16 is not None:
-        del k16
+    del k16, k16s
 
     # ---- low-rank ---------------------------------------------------------------------------------------------
     if "lowrank" not in skip:
@@ -231,15 +252,7 @@ def main(argv=None) -> int:
                         "dtype), so bits/weight = 32 x budget.\n\n"
                         + table(["method", "budget", "ranks", "bits/weight", "perplexity", "compress s"], rows))
 
-    total = time.perf_counter() - t_start
-    head = (f"SmolLM2-135M-Instruct, calibration {args.samples} x {args.seqlen} tokens (wiki), evaluation "
-            f"{args.windows} windows x {args.eval_seqlen} tokens (modelpress-eval/1, wiki-eval), "
-            f"{args.threads} thread(s); fp32 perplexity {ppl_fp:.3f}. Whole run {total / 60:.1f} min.")
-    body = head + "\n\n" + "\n\n".join(sections)
-    log("\n" + body)
-    if not args.no_write:
-        cmd = "python -m benchmarks.clustering " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section("clustering", cmd.strip(), body)
+    flush(done=True)
     return 0
 
 

@@ -14,8 +14,8 @@ batched and the best per group is kept. No sort of the n values and no per-eleme
 
 Rank probes (pure functions on codebooks, G x K):
   scramble_centroids          same set of values per codebook, randomly permuted (ranks destroyed);
-  rank_preserving_randomise   K new random values, sorted and given to the centroids in their original
-                              rank order (every rank kept: Spearman(w, w') = 1);
+  rank_preserving_randomise   new values in the original rank order: every gap between sorted centroids
+                              scaled by a random Exp(1) factor, range kept (Spearman(w, w') = 1);
   affine_correct              w' = a w + b, a > 0, matching the reference matrix's mean and std.
 Centroid fine-tuning: with frozen indices, dL/dc_g[k] = sum of dL/dw over the weights of cluster k
 (centroid_grad)."""
@@ -234,18 +234,22 @@ def scramble_centroids(codebook: Tensor, seed: int = 0) -> Tensor:
 
 
 def rank_preserving_randomise(codebook: Tensor, seed: int = 0) -> Tensor:
-    """K new values per codebook (G, K): random strictly increasing points spanning the codebook's range
-    [min, max] (cumulative sums of Exp(1) gaps), assigned by rank, so the centroid of rank r gets the r-th
-    smallest new value. Orders (and hence every Spearman correlation with the original) are preserved."""
+    """New values for each codebook (G, K) in the original rank order: the sorted centroids' gaps are each
+    multiplied by an independent Exp(1) factor (mean 1) and rescaled to span the original [min, max], so
+    every value changes at random while the order (and hence every Spearman correlation with the original)
+    is kept and the coarse shape (dense middle, sparse tails) survives."""
     G, K = codebook.shape
     gen = torch.Generator().manual_seed(int(seed))
-    gaps = -torch.log1p(-torch.rand(G, K + 1, generator=gen, dtype=torch.float64))        # Exp(1) > 0
-    pts = gaps.cumsum(1)[:, :K] / gaps.sum(1, keepdim=True)                                # (G, K) in (0, 1), increasing
     cb = codebook.double().cpu()
-    lo, hi = cb.amin(1, keepdim=True), cb.amax(1, keepdim=True)
-    new_sorted = lo + (hi - lo) * pts                                                      # (G, K)
-    ranks = torch.argsort(torch.argsort(cb, dim=1, stable=True), dim=1)                    # rank of each centroid
-    return new_sorted.gather(1, ranks).to(codebook.dtype).to(codebook.device)
+    srt, order = torch.sort(cb, dim=1, stable=True)                                       # (G, K)
+    gaps = srt[:, 1:] - srt[:, :-1]                                                        # (G, K - 1)
+    e = -torch.log1p(-torch.rand(G, K - 1, generator=gen, dtype=torch.float64))            # Exp(1) > 0
+    new_gaps = gaps * e
+    span, new_span = gaps.sum(1, keepdim=True), new_gaps.sum(1, keepdim=True)
+    new_gaps = torch.where(new_span > 0, new_gaps * span / new_span.clamp(min=1e-300), gaps)
+    new_sorted = torch.cat([srt[:, :1], srt[:, :1] + new_gaps.cumsum(1)], 1)              # (G, K)
+    out = torch.empty_like(cb).scatter_(1, order, new_sorted)                             # back to original slots
+    return out.to(codebook.dtype).to(codebook.device)
 
 
 def affine_params(w_new: Tensor, w_ref: Tensor) -> tuple[float, float]:
