@@ -23,10 +23,10 @@ demo: $(STAMP)
 	$(BIN)/modelpress compress smollm2 --recipe demo --out out/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not gpu" -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -m "not gpu" -p no:cacheprovider
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow and not gpu" -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -m "not slow and not gpu" -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -135,6 +135,9 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         save(model, tok, dest, recipe=recipe.to_dict(), report=report,
              calibration=calib.provenance if calib is not None else None)
         report["export"] = str(dest)
+        if "compressed-tensors" in recipe.export.formats:
+            from .export.compressed_tensors import save_compressed_tensors
+            report["export_compressed_tensors"] = str(save_compressed_tensors(model, tok, Path(dest) / "compressed-tensors"))
         if run is not None:
             run.close()
     report["_model"], report["_original"], report["_tokenizer"] = model, original, tok

@@ -29,6 +29,7 @@ STAGES: dict[str, type] = {
 }
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
+EXPORT_FORMATS = ("native", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,12 @@ class Evaluate:
 @dataclass(frozen=True)
 class Export:
     path: str | None = None
-    formats: tuple[str, ...] = ("native",)
+    formats: tuple[str, ...] = ("native",)    # native | compressed-tensors (into <path>/compressed-tensors)
+
+    def __post_init__(self):
+        bad = [f for f in self.formats if f not in EXPORT_FORMATS]
+        if bad:
+            raise UserError(f"export.formats: unknown format {bad[0]!r}; use {', '.join(EXPORT_FORMATS)}")
 
 
 @dataclass(frozen=True)
