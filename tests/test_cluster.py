@@ -60,7 +60,7 @@ def test_kmeans_matches_exact_lloyd_quality():
     with threadpool_limits(1):
         km = KMeans(16, n_init=4, random_state=0).fit(x[:, None].double().numpy())
     c, idx = C.kmeans_1d(x[None, :], 16)
-    ours = float(((x - c[0, idx[0]]) ** 2).sum())
+    ours = float(((x - c[0, idx[0].long()]) ** 2).sum())
     assert ours <= km.inertia_ * 1.01
 
 
@@ -74,7 +74,7 @@ def test_centroids_are_member_means_and_assignment_is_near_nearest():
         assert c[0, j].item() == pytest.approx(mean, rel=1e-5, abs=1e-7)
     # assignment: the nearest centroid up to one histogram bin
     width = float(x.max() - x.min()) / C.n_bins(x.numel())
-    d_assigned = (x[0] - c[0, idx[0]]).abs()
+    d_assigned = (x[0] - c[0, idx[0].long()]).abs()
     d_best = (x[0, :, None] - c[0][None, :]).abs().min(1).values
     assert float((d_assigned - d_best).max()) <= width + 1e-7
     assert torch.all(c[0, 1:] >= c[0, :-1])

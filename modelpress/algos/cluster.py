@@ -36,13 +36,16 @@ def n_bins(m: int) -> int:
 
 
 def _histogram(w: Tensor, omega: Tensor | None, bins: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Bin w (G, m) per group on [min, max]. Returns lo (G,), width (G,) float64, bin index b (G, m) int64,
-    prefix sums of omega and of omega * w over bins (G, bins + 1) float64."""
+    """Bin w (G, m) per group on [min, max]. Returns lo (G,), width (G,) float64, the flat bin index of
+    every value (G * m,) int32 (group g's bins at g * bins ...), prefix sums of omega and of omega * w over
+    bins (G, bins + 1) float64."""
     G, m = w.shape
     lo, hi = w.amin(1), w.amax(1)                                            # (G,)
-    width = ((hi.double() - lo.double()) / bins).clamp(min=1e-30)            # (G,)
-    b = ((w - lo[:, None]) * (1 / width).float()[:, None]).to(torch.int64).clamp_(0, bins - 1)   # (G, m)
-    flat = b if G == 1 else b + torch.arange(G, device=w.device)[:, None] * bins
+    # width leaves half a bin of margin above max, so (w - lo) / width < bins - 1/4 even after float32 rounding
+    width = ((hi.double() - lo.double()) / (bins - 0.5)).clamp(min=1e-30)   # (G,)
+    flat = ((w - lo[:, None]) * (1 / width).float()[:, None]).to(torch.int32)                       # (G, m)
+    if G > 1:
+        flat += torch.arange(0, G * bins, bins, dtype=torch.int32, device=w.device)[:, None]
     flat = flat.reshape(-1)
     if omega is None:
         cnt = torch.bincount(flat, minlength=G * bins).double()
@@ -52,7 +55,7 @@ def _histogram(w: Tensor, omega: Tensor | None, bins: int) -> tuple[Tensor, Tens
         cnt = torch.bincount(flat, weights=om.reshape(-1), minlength=G * bins).double()
         sx = torch.bincount(flat, weights=(om * w).reshape(-1), minlength=G * bins).double()
     zero = torch.zeros(G, 1, dtype=torch.float64, device=w.device)
-    return (lo.double(), width, b, torch.cat([zero, cnt.reshape(G, bins).cumsum(1)], 1),
+    return (lo.double(), width, flat, torch.cat([zero, cnt.reshape(G, bins).cumsum(1)], 1),
             torch.cat([zero, sx.reshape(G, bins).cumsum(1)], 1))
 
 
@@ -126,13 +129,13 @@ def kmeans_1d(w: Tensor, k: int, omega: Tensor | None = None, iters: int = 100, 
     """Weighted 1-D k-means per row-group. w (G, m); omega: None or sensitivities broadcastable to (G, m).
     All `restarts` initialisations run batched; the one with the lowest weighted error wins per group.
     Returns codebook (G, k) float32, sorted ascending (each entry the weighted mean of its members), and
-    indices (G, m) int64 in [0, k)."""
+    indices (G, m) in [0, k), uint8 for k <= 256 (int64 above)."""
     if w.dim() != 2:
         raise ValueError(f"kmeans_1d expects (groups, values), got shape {tuple(w.shape)}")
     w = w.float()
     G, m = w.shape
     bins = bins or n_bins(m)
-    lo, width, b, P_cnt, P_sx = _histogram(w, omega, bins)
+    lo, width, flat, P_cnt, P_sx = _histogram(w, omega, bins)
     c = _init_centroids(P_cnt, P_sx, lo, width, k, restarts, seed)                        # (G, R, k)
     sxx = ((w * w).sum(1) if omega is None else (omega.float().expand_as(w) * w * w).sum(1)).double()   # (G,)
     edges = _edges(c, lo, width, bins)
@@ -160,7 +163,8 @@ def kmeans_1d(w: Tensor, k: int, omega: Tensor | None = None, iters: int = 100, 
     # lut: cluster of every bin = number of inner edges <= bin
     lut = torch.searchsorted(edges[:, 1:-1].contiguous(),
                              torch.arange(bins, device=w.device).expand(G, bins).contiguous(), right=True)
-    idx = lut.gather(1, b)                                                                  # (G, m)
+    dt = torch.uint8 if k <= 256 else torch.int64
+    idx = torch.index_select(lut.to(dt).reshape(-1), 0, flat).reshape(G, m)              # (G, m)
     return c.float(), idx
 
 
