@@ -89,8 +89,8 @@ def test_input_splitting_is_sound_and_tightens_the_range():
     g = _compress(f, 0.05, 0.3)
     lo, hi = -torch.ones(6), torch.ones(6)
     one = I.dual_bounds(f, g, lo, hi)
-    split, leaves = I.dual_bounds_split(f, g, lo, hi, max_boxes=32)
-    assert leaves == 32
+    split, leaves = I.dual_bounds_split(f, g, lo, hi, max_boxes=12)
+    assert leaves == 12
     assert split.linf_range < 0.8 * one.linf_range
     assert (split.d_lo >= one.d_lo - 1e-12).all() and (split.d_hi <= one.d_hi + 1e-12).all()
     yf, yg = _sample(f, g, lo, hi, seed=1)
