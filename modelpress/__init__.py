@@ -7,6 +7,7 @@
     modelpress.export(model, tok, "out/smollm2-w4")
 """
 from .api import calibration_set, compress, evaluate, load, run_recipe
+from .certify import certify
 from .errors import UserError
 from .export import save as export
 from .recipe import STAGES, Recipe
@@ -14,5 +15,5 @@ from .stages.prune import Prune
 from .stages.quantize import Quantize
 
 __version__ = "0.1.0"
-__all__ = ["load", "calibration_set", "compress", "evaluate", "export", "run_recipe", "Recipe", "STAGES",
+__all__ = ["load", "calibration_set", "compress", "evaluate", "certify", "export", "run_recipe", "Recipe", "STAGES",
            "Prune", "Quantize", "UserError"]

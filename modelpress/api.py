@@ -138,6 +138,11 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         if "compressed-tensors" in recipe.export.formats:
             from .export.compressed_tensors import save_compressed_tensors
             report["export_compressed_tensors"] = str(save_compressed_tensors(model, tok, Path(dest) / "compressed-tensors"))
+        if recipe.certify and original is not None:
+            from .certify import certificate as _certify
+            cert = _certify.certify_recipe_block(recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
+            _certify.save(cert, dest)              # last write: the certificate covers every file
+            report["certificate"] = cert.to_dict()
         if run is not None:
             run.close()
     report["_model"], report["_original"], report["_tokenizer"] = model, original, tok

@@ -2,7 +2,7 @@
   fingerprint.json             recipe + calibration hash; a resume with anything else is refused
   stage<k>/model.safetensors   full model snapshot after stage k finished (+ stats.json)
   stage<k>/layer<i>.safetensors  decoder layer i after stage k touched it (layer-wise stages)
-  stage<k>/inputs.safetensors  inputs of the next layer;  stage<k>/progress.json  layers done + stats
+  stage<k>/inputs<i>.safetensors  inputs of layer i (the next to run); stage<k>/progress.json  layers done + stats
 Every file is written atomically and progress.json last, so a kill -9 at any moment leaves a consistent
 state; `--resume` restarts from the last finished layer and produces the same artifact."""
 from __future__ import annotations
@@ -52,15 +52,19 @@ class StageCheckpoint:
             return 0, None, {}
         for i in range(self.done):
             _load_module(layers[i], self.folder / f"layer{i}.safetensors")
-        saved = load_file(self.folder / "inputs.safetensors")
+        saved = load_file(self.folder / f"inputs{self.done}.safetensors")
         inputs = [saved[f"b{j}"] for j in range(len(saved))]
         return self.done, inputs, self.progress["stats"]
 
     def save(self, i: int, layer: nn.Module, next_inputs: list[torch.Tensor], stats: dict) -> None:
+        # order matters for a kill at any instant: layer and inputs first (new names), progress last,
+        # then the inputs the progress no longer points to are removed
         _save_module(layer, self.folder / f"layer{i}.safetensors")
-        atomic_save_file({f"b{j}": x.detach().cpu() for j, x in enumerate(next_inputs)}, self.folder / "inputs.safetensors")
+        atomic_save_file({f"b{j}": x.detach().cpu() for j, x in enumerate(next_inputs)},
+                         self.folder / f"inputs{i + 1}.safetensors")
         self.progress = {"done": i + 1, "stats": {**self.progress["stats"], **_jsonable(stats)}}
         atomic_write_text(self.folder / "progress.json", json.dumps(self.progress))
+        (self.folder / f"inputs{i}.safetensors").unlink(missing_ok=True)
 
 
 def _jsonable(d):
@@ -102,10 +106,10 @@ class Run:
 
     def finish_stage(self, k: int, model: nn.Module, stats: dict) -> None:
         _save_module(model, self.stage_dir(k) / "model.safetensors")
-        for p in self.stage_dir(k).glob("*"):
+        atomic_write_text(self.stage_dir(k) / "stats.json", json.dumps(_jsonable(stats), default=float))
+        for p in self.stage_dir(k).glob("*"):      # only once the stage is marked finished
             if p.name.startswith(("layer", "inputs")):
                 p.unlink()
-        atomic_write_text(self.stage_dir(k) / "stats.json", json.dumps(_jsonable(stats), default=float))
 
     def checkpoint(self, k: int) -> StageCheckpoint:
         return StageCheckpoint(self.stage_dir(k))

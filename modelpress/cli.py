@@ -63,6 +63,10 @@ def cmd_compress(a) -> int:
     rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume)
     print_report(rep)
     print(f"wrote {a.out}")
+    cert = rep.get("certificate")
+    if cert is not None:
+        print(f"certificate: {cert['statement']} -> {'PASS' if cert['passed'] else 'FAIL'}")
+        return 0 if cert["passed"] else 1
     return 0
 
 
@@ -95,11 +99,12 @@ def cmd_inspect(a) -> int:
     print("  modules: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     if rep:
         print_report(rep)
-    cert = d / "certificate.json"
-    if cert.exists():
-        c = json.loads(cert.read_text())
-        print(f"  certificate: {c.get('property')} eps={c.get('eps')} bound={c.get('bound')} "
-              f"confidence={c.get('confidence')} -> {'PASS' if c.get('passed') else 'FAIL'}")
+    if (d / "certificate.json").exists():
+        from .certify import certificate as certify
+        certify.verify(d)                          # UserError on any tampering
+        cert = certify.load(d)
+        print("  certificate: " + certify.summary(cert))
+        print("  " + cert.statement)
     return 0
 
 

@@ -78,6 +78,13 @@ class Recipe:
             raise UserError(f"recipe dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.order not in ("as-written", "auto"):
             raise UserError(f"recipe order must be 'as-written' or 'auto', got {self.order!r}")
+        if self.certify is not None:
+            from .certify.certificate import RECIPE_KEYS
+            if not isinstance(self.certify, dict):
+                raise UserError("recipe certify must be a mapping, e.g. certify: {property: agreement, eps: 0.2, delta: 0.05}")
+            bad = [k for k in self.certify if k not in RECIPE_KEYS]
+            if bad:
+                raise UserError(f"certify: unknown key {bad[0]!r}; allowed keys: {', '.join(RECIPE_KEYS)}")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "recipe") -> "Recipe":

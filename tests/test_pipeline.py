@@ -139,3 +139,22 @@ def test_layerwise_shares_statistics_of_identical_inputs(calib):
     # H = 2 X^T X / n, checked against the raw inputs
     X = step.collect({p + "mlp.down_proj": lin[p + "mlp.down_proj"]}, "inputs")[p + "mlp.down_proj"]
     assert torch.allclose(H[p + "mlp.down_proj"], 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def test_recipe_with_certify_block_writes_a_verified_certificate(tmp_path):
+    """load -> calibrate -> compress -> evaluate -> certify -> export, on a tiny model folder with text files."""
+    from .conftest import tiny_model_dir
+    from modelpress.certify import certificate as certify
+    model = tiny_model_dir(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(["the quick brown fox jumps over the lazy dog"] * 300))
+    r = Recipe.from_dict({"calibration": {"source": str(text), "samples": 8, "seqlen": 32},
+                          "evaluate": {"text": str(text), "seqlen": 32, "windows": 8},
+                          "certify": {"property": "agreement", "eps": 0.5, "delta": 0.05, "text": str(text),
+                                      "seqlen": 32, "windows": 40},
+                          "stages": [{"quantize": {"method": "gptq", "bits": 8, "group_size": 32}}]})
+    rep = mp.run_recipe(r, str(model), tmp_path / "out")
+    assert rep["certificate"]["passed"] and rep["eval"]["compressed"]["agreement"] > 0.9
+    certify.verify(tmp_path / "out")
+    with pytest.raises(UserError, match="certify: unknown key"):
+        Recipe.from_dict({"certify": {"epsilon": 0.1}, "stages": [{"quantize": {}}]})
