@@ -138,6 +138,9 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         if "compressed-tensors" in recipe.export.formats:
             from .export.compressed_tensors import save_compressed_tensors
             report["export_compressed_tensors"] = str(save_compressed_tensors(model, tok, Path(dest) / "compressed-tensors"))
+        if "gguf" in recipe.export.formats:
+            from .export.gguf import save_gguf
+            report["export_gguf"] = save_gguf(model, tok, Path(dest) / "model.gguf")["summary"]
         if recipe.certify and original is not None:
             from .certify import certificate as _certify
             cert = _certify.certify_recipe_block(recipe.certify, original, model, tok, recipe=recipe, calibration=calib)

@@ -29,7 +29,7 @@ STAGES: dict[str, type] = {
 }
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-EXPORT_FORMATS = ("native", "compressed-tensors")
+EXPORT_FORMATS = ("native", "compressed-tensors", "gguf")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Evaluate:
 @dataclass(frozen=True)
 class Export:
     path: str | None = None
-    formats: tuple[str, ...] = ("native",)    # native | compressed-tensors (into <path>/compressed-tensors)
+    formats: tuple[str, ...] = ("native",)    # native | compressed-tensors (into <path>/compressed-tensors) | gguf (<path>/model.gguf)
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
