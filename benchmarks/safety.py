@@ -73,9 +73,23 @@ def magnitude_control(model, sparsity: float, pattern: str) -> None:
         M.set_module(model, name, SparseLinear.from_linear(lin, keep))
 
 
+def reading(res: dict, sparsities: list[float], pattern: str) -> str:
+    """One computed sentence per sparsity: refusal and perplexity against prompt-only and the control."""
+    h0, b0, p0 = res[("original", True)]
+    out = []
+    for sp in sparsities:
+        tag = pattern if pattern != "unstructured" else f"{sp:.0%}"
+        h, b, p = res[(f"safety-potential {tag}", True)]
+        hc, bc, pc = res[(f"per-row |W| control {tag}", True)]
+        out.append(f"- {tag}: harmful refusal {h:.0%} vs {h0:.0%} with the safety prompt alone "
+                   f"({'higher' if h > h0 else 'not higher'}), {hc:.0%} for the |W| control; over-refusal {b:.0%} "
+                   f"(prompt alone {b0:.0%}); perplexity {p:.4g} vs {p0:.4g} unpruned and {pc:.4g} for the control.")
+    return "Reading (computed from the table):\n\n" + "\n".join(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--sparsity", default="0.1,0.3", help="comma list of sparsities")
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--calib-pairs", type=int, default=16)
     ap.add_argument("--eval-pairs", type=int, default=16)
@@ -101,7 +115,7 @@ def main() -> int:
     prompt = SP.bundled_safety_prompt()
     windows = windows_for(tok, "wiki-eval", a.ppl_seqlen, a.ppl_windows)
 
-    rows, examples = [], []
+    rows, examples, res = [], [], {}
 
     def measure(label, m, with_prompt):
         t0 = time.perf_counter()
@@ -111,31 +125,36 @@ def main() -> int:
         ppl = evaluate(m, windows)["perplexity"]
         refuse_h = sum(map(is_refusal, rh)) / len(rh)
         refuse_b = sum(map(is_refusal, rb)) / len(rb)
+        res[(label, with_prompt)] = (refuse_h, refuse_b, ppl)
         rows.append([label, "yes" if with_prompt else "no", f"{refuse_h:.0%} ({sum(map(is_refusal, rh))}/{len(rh)})",
                      f"{refuse_b:.0%} ({sum(map(is_refusal, rb))}/{len(rb)})", ppl])
         for i in range(min(a.show, len(rh))):
-            examples.append(f"{label} | {ev_h[i]!r} -> {rh[i].strip()[:160]!r}")
+            examples.append(f"{label}{' + safety prompt' if with_prompt else ''} | {ev_h[i]!r} -> {rh[i].strip()[:160]!r}")
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     measure("original", model, False)
     measure("original", model, True)
 
-    pruned = copy.deepcopy(model)
-    stage = SP.SafetyPrune(sparsity=a.sparsity, pattern=a.pattern, seqlen=a.stream_seqlen)
-    w, wo = SP.safety_streams(tok, calib, prompt, a.stream_seqlen)
-    t0 = time.perf_counter()
-    st = stage.apply_streams(pruned, w, wo)
-    t_prune = time.perf_counter() - t0
-    print(st["summary"])
-    label = f"safety-potential {a.pattern if a.pattern != 'unstructured' else f'{a.sparsity:.0%}'}"
-    measure(label, pruned, True)
-    responsive = sum(v["responsive_channels"] for v in st["layers"].values()) / len(st["layers"])
-    del pruned
-
-    control = copy.deepcopy(model)
-    magnitude_control(control, a.sparsity, a.pattern)
-    measure(f"per-row |W| control {a.pattern if a.pattern != 'unstructured' else f'{a.sparsity:.0%}'}", control, True)
-    del control
+    stage_lines = []
+    w = wo = None
+    for sp in (float(x) for x in a.sparsity.split(",")):
+        tag = a.pattern if a.pattern != "unstructured" else f"{sp:.0%}"
+        pruned = copy.deepcopy(model)
+        stage = SP.SafetyPrune(sparsity=sp, pattern=a.pattern, seqlen=a.stream_seqlen)
+        w, wo = SP.safety_streams(tok, calib, prompt, a.stream_seqlen)
+        t0 = time.perf_counter()
+        st = stage.apply_streams(pruned, w, wo)
+        t_prune = time.perf_counter() - t0
+        print(st["summary"])
+        measure(f"safety-potential {tag}", pruned, True)
+        responsive = sum(v["responsive_channels"] for v in st["layers"].values()) / len(st["layers"])
+        stage_lines.append(f"{st['summary']} ({t_prune:.0f} s; mean fraction of input channels with delta > 0: "
+                           f"{responsive:.0%})")
+        del pruned
+        control = copy.deepcopy(model)
+        magnitude_control(control, sp, a.pattern)
+        measure(f"per-row |W| control {tag}", control, True)
+        del control
 
     elapsed = time.perf_counter() - t_all
     body = [f"SmolLM2-135M-Instruct. Calibration: the first {a.calib_pairs} bundled harmful requests, formatted with "
@@ -148,10 +167,10 @@ def main() -> int:
             f"layers pruned (lm_head and embeddings kept).",
             table(["model", "safety prompt", "harmful refused", "benign refused (over-refusal)", "wiki-eval perplexity"],
                   rows),
-            f"Stage: {st['summary']} ({t_prune:.0f} s). On average {responsive:.0%} of input channels have "
-            f"delta > 0 (respond to the safety prompt); the rest score 0 and are ordered by |W|. Whole run "
-            f"{elapsed:.0f} s, 1 CPU thread.",
+            "Stage runs:\n\n" + "\n".join(f"- {x}" for x in stage_lines) + "\n\nChannels with delta <= 0 score 0 "
+            f"and are ordered by |W|. Whole run {elapsed:.0f} s, 1 CPU thread.",
             "Example responses (first evaluation requests):\n\n" + "\n".join(f"- `{e}`" for e in examples),
+            reading(res, [float(x) for x in a.sparsity.split(",")], a.pattern),
             "Caveats: a small, mild request set and a keyword matcher (no judge model); a 135M model whose refusals are "
             "fragile; the pruned models are not fine-tuned. Read differences of one or two requests as noise."]
     md = "\n\n".join(body)
