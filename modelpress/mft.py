@@ -141,7 +141,7 @@ def train_masks(model: nn.Module, windows: Tensor, steps: int = 100, lr: float =
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if log is not None and (step % 10 == 0 or step == steps - 1):
                 log(f"mft step {step + 1}/{steps}: loss {losses[-1]:.4f}")
     finally:
