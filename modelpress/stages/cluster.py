@@ -5,7 +5,6 @@ centroid fine-tuning: indices frozen, only the centroids trained on the calibrat
 over the whole model or by layer-output MSE layer by layer (dL/dc = sum of dL/dw over each cluster)."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +18,6 @@ from ..model import set_module
 from ..modules.cluster import ClusteredLinear
 from ..targets import Target
 from . import _check
-
-log = logging.getLogger("modelpress")
 
 
 @dataclass(frozen=True)
