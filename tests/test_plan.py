@@ -216,6 +216,24 @@ def test_pq_differs_from_qp_and_masks_survive_stages():
     assert differs == len(pruned)                                               # P(Q(W)) != Q(P(W))
 
 
+def test_stage_budget_fields_when_wired():
+    """Runs once the lead applies /tmp/budget_patch.diff (prune/quantize `budget:` fields)."""
+    import dataclasses
+    if "budget" not in {f.name for f in dataclasses.fields(Prune)}:
+        pytest.skip("prune/quantize `budget` fields are not wired into the stages yet")
+    r = Recipe.from_dict({"stages": [
+        {"prune": {"method": "wanda", "sparsity": 0.5, "budget": "owl", "budget_spread": 0.2}},
+        {"quantize": {"method": "rtn", "bits": 4, "group_size": 32, "budget": "sensitivity"}}]})
+    assert r.needs_calibration
+    model, calib = tiny_llama(layers=3), correlated_calib(n=8)
+    modelpress.compress(model, r, calib)
+    lin = Target().select(model)
+    sp = {n: float((~m.keep).float().mean()) for n, m in lin.items()}
+    tot = sum(sp[n] * m.weight.numel() for n, m in lin.items()) / sum(m.weight.numel() for m in lin.values())
+    assert abs(tot - 0.5) < 0.01 and max(sp.values()) - min(sp.values()) > 0.1
+    assert len({m.bits for m in lin.values()}) > 1
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_cli_plan_budget_and_order(tmp_path, capsys):

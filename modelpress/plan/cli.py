@@ -141,7 +141,8 @@ def plot_plan(plan: BudgetPlan, path: str, title: str) -> None:
     unit = "sparsity" if plan.kind == "sparsity" else "bits"
     width = max(8.0, 2.0 + 0.9 * len(cols))
     fig, axes = plt.subplots(1, 2, figsize=(width, max(4.0, 1.0 + 0.28 * len(layers))), constrained_layout=True)
-    for ax, M, name, cmap in ((axes[0], S, score_name, "viridis"), (axes[1], Bm, unit, "magma_r")):
+    budget_name = unit + (" (q/k/v/o get the mean of their heads)" if plan.scope == "layer" else "")
+    for ax, M, name, cmap in ((axes[0], S, score_name, "viridis"), (axes[1], Bm, budget_name, "magma_r")):
         im = ax.imshow(M.numpy(), aspect="auto", cmap=cmap, interpolation="nearest")
         ax.set_xticks(range(len(cols)), [c.replace("head ", "h") for c in cols], rotation=90 if len(cols) > 12 else 0)
         step = max(1, len(layers) // 16)
