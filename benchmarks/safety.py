@@ -115,7 +115,7 @@ def main() -> int:
     prompt = SP.bundled_safety_prompt()
     windows = windows_for(tok, "wiki-eval", a.ppl_seqlen, a.ppl_windows)
 
-    rows, examples, res = [], [], {}
+    rows, res = [], {}
 
     def measure(label, m, with_prompt):
         t0 = time.perf_counter()
@@ -128,8 +128,9 @@ def main() -> int:
         res[(label, with_prompt)] = (refuse_h, refuse_b, ppl)
         rows.append([label, "yes" if with_prompt else "no", f"{refuse_h:.0%} ({sum(map(is_refusal, rh))}/{len(rh)})",
                      f"{refuse_b:.0%} ({sum(map(is_refusal, rb))}/{len(rb)})", ppl])
+        # completions of harmful requests are printed for the operator only, never written to BENCHMARKS.md
         for i in range(min(a.show, len(rh))):
-            examples.append(f"{label}{' + safety prompt' if with_prompt else ''} | {ev_h[i]!r} -> {rh[i].strip()[:160]!r}")
+            print(f"  {label}{' + safety prompt' if with_prompt else ''} | {ev_h[i]!r} -> {rh[i].strip()[:160]!r}")
         print(rows[-1], f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     measure("original", model, False)
@@ -169,7 +170,6 @@ def main() -> int:
                   rows),
             "Stage runs:\n\n" + "\n".join(f"- {x}" for x in stage_lines) + "\n\nChannels with delta <= 0 score 0 "
             f"and are ordered by |W|. Whole run {elapsed:.0f} s, 1 CPU thread.",
-            "Example responses (first evaluation requests):\n\n" + "\n".join(f"- `{e}`" for e in examples),
             reading(res, [float(x) for x in a.sparsity.split(",")], a.pattern),
             "Caveats: a small, mild request set and a keyword matcher (no judge model); a 135M model whose refusals are "
             "fragile; the pruned models are not fine-tuned. Read differences of one or two requests as noise."]
