@@ -157,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-repeats", type=int, default=3, help="best-of repeats for the scaling timings")
     ap.add_argument("--stage-seeds", default="gptq=3", help="fewer seeds for slow stages, e.g. gptq=3")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--section", default="calibration", help="BENCHMARKS.md section to (re)write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -232,9 +233,9 @@ def main(argv=None) -> int:
             body = report(stages=stages[:i + 1], pending=([] if last else [f"{st} ({m} done)"]) + stages[i + 1:],
                           **ctx)
             if not a.no_write:
-                write_section("calibration", "python benchmarks/calibration.py " + " ".join(
+                write_section(a.section, "python benchmarks/calibration.py " + " ".join(
                     argv if argv is not None else sys.argv[1:]), body)
-                say("wrote BENCHMARKS.md section 'calibration'")
+                say(f"wrote BENCHMARKS.md section {a.section!r}")
             if not uses_calib:
                 notes.append(f"`{st}` does not use calibration data (recipe.needs_calibration is false): one run.")
                 break
