@@ -73,6 +73,11 @@ def cmd_compress(a) -> int:
 def cmd_eval(a) -> int:
     from .api import evaluate, load
     model, tok = load(a.model)
+    if a.tasks:
+        from .eval.lm_eval_bridge import print_results, run_tasks
+        print_results(run_tasks(model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
+                                include_defaults=a.tasks_dir is None))
+        return 0
     ref = load(a.reference)[0] if a.reference else None
     res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
     rows = [("perplexity", res["perplexity"])]
@@ -128,6 +133,9 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--windows", type=int, default=32)
+    e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
+    e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
+    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks")
     i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
     i.add_argument("dir")
     handlers = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}
