@@ -78,12 +78,12 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
     return out
 
 
-def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int = 512, windows: int | None = 32):
+def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32):
     return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
 
 
 def evaluate(model: nn.Module, tokenizer, reference: nn.Module | None = None, text: str = "wiki-eval",
-             seqlen: int = 512, windows: int = 32, batch_size: int = 2) -> dict:
+             seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
     """Perplexity (and agreement/KL against `reference`) with the frozen protocol, plus size accounting.
 
     >>> modelpress.evaluate(compressed, tok, reference=original)["agreement"]

@@ -131,7 +131,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     e.add_argument("model")
     e.add_argument("--reference", help="original model to compare with")
     e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
-    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--seqlen", type=int, help="window length (default 512 on CPU, 2048 on GPU)")
     e.add_argument("--windows", type=int, default=32)
     e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
     e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")

@@ -45,7 +45,7 @@ class Calibration:
 @dataclass(frozen=True)
 class Evaluate:
     text: str = "wiki-eval"       # wiki-eval | path to .txt / .jsonl
-    seqlen: int = 512
+    seqlen: int | None = None     # null = 512 on CPU, 2048 on GPU (modelpress.eval.default_seqlen)
     windows: int = 32
     batch_size: int = 2
     agreement: bool = True

@@ -5,14 +5,12 @@ weights are bit-identical to the original."""
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
 from .errors import UserError
+from .io import atomic_dir
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
@@ -97,17 +95,9 @@ def _unzip(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not empty: choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tok is not None:
             tok.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"unzipped {n} modules into {out}")
     return 0

@@ -16,8 +16,14 @@ PROTOCOL = ("modelpress-eval/1: texts joined by blank lines, tokenized once with
             "where argmax logits match the reference model; KL = mean KL(reference || model) per position.")
 
 
-def eval_windows(tokenizer, texts: list[str], seqlen: int = 512, windows: int | None = 32) -> Tensor:
-    """Non-overlapping token windows (n, seqlen) of the joined texts."""
+def default_seqlen() -> int:
+    """The protocol's default window: 512 tokens on CPU, 2048 on GPU."""
+    return 2048 if torch.cuda.is_available() else 512
+
+
+def eval_windows(tokenizer, texts: list[str], seqlen: int | None = None, windows: int | None = 32) -> Tensor:
+    """Non-overlapping token windows (n, seqlen) of the joined texts (seqlen None: default_seqlen())."""
+    seqlen = seqlen or default_seqlen()
     if seqlen < 2:
         raise UserError(f"evaluate.seqlen must be >= 2, got {seqlen}")
     ids: list[int] = []

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import atomic_save_file
+from ..io import atomic_dir, atomic_save_file
 from ..modules import QuantLinear, SparseLinear
 from .native import _config_dict, write_checksums
 
@@ -98,21 +96,13 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike)
         cfg.setdefault("quantization_config", {"quant_method": "compressed-tensors"})
         cfg["quantization_config"]["sparsity_config"] = sc.model_dump(exclude_none=True, mode="json")
     cfg["quantization_config"]["quant_method"] = "compressed-tensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         atomic_save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "model.safetensors",
                          metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_checksums(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

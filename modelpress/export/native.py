@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UserError
-from ..io import atomic_write_text, sha256_file, sha256_tensor
+from ..io import atomic_dir, atomic_save_file, atomic_write_text, sha256_file, sha256_tensor
 from ..model import normalize, set_module
 
 FORMAT = "modelpress/1"
@@ -66,11 +64,8 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, recipe: dict | Non
     out = Path(out)
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not a modelpress export: choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         tensors, modules, aliases = collect_tensors(model)
-        from ..io import atomic_save_file
         atomic_save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
         dtype = str(next(model.parameters()).dtype)
         manifest = {"format": FORMAT, "dtype": dtype, "model_type": model.config.model_type,
@@ -89,16 +84,6 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, recipe: dict | Non
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         write_checksums(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -29,3 +29,17 @@ def group_size(stage: str, value) -> None:
 def patterns(stage: str, field: str, value) -> None:
     if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
         raise UserError(f"{stage}.{field} must be a list of regular expressions, got {value!r}")
+
+
+def sparsity_pattern(stage: str, sparsity, pattern) -> tuple[int, int] | None:
+    """Validate sparsity in [0, 1) and an 'unstructured' / 'N:M' pattern consistent with it."""
+    from ..algos.prune import parse_pattern
+    float_range(stage, "sparsity", sparsity, 0.0, 1.0, hi_open=True)
+    try:
+        nm = parse_pattern(pattern)
+    except ValueError as e:
+        raise UserError(f"{stage}.pattern: {e}") from None
+    if nm and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise UserError(f"{stage}.sparsity {sparsity} conflicts with pattern {pattern} "
+                        f"(implies {1 - nm[0] / nm[1]:g}): set sparsity: {1 - nm[0] / nm[1]:g}")
+    return nm

@@ -32,14 +32,7 @@ class Prune:
 
     def __post_init__(self):
         _check.choice("prune", "method", self.method, ("magnitude", "wanda", "sparsegpt"))
-        _check.float_range("prune", "sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
-        try:
-            nm = P.parse_pattern(self.pattern)
-        except ValueError as e:
-            raise UserError(f"prune.pattern: {e}") from None
-        if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise UserError(f"prune.sparsity {self.sparsity} conflicts with pattern {self.pattern} "
-                            f"(implies {1 - nm[0] / nm[1]:g}): set sparsity: {1 - nm[0] / nm[1]:g}")
+        _check.sparsity_pattern("prune", self.sparsity, self.pattern)
         if self.bits is not None:
             if self.method != "sparsegpt":
                 raise UserError("prune.bits (joint quantization) needs prune.method sparsegpt: add a quantize stage instead")

@@ -125,14 +125,7 @@ class SafetyPrune:
     needs_calibration = False                # builds its own two streams
 
     def __post_init__(self):
-        _check.float_range("safety_prune", "sparsity", self.sparsity, 0.0, 1.0, hi_open=True)
-        try:
-            nm = P.parse_pattern(self.pattern)
-        except ValueError as e:
-            raise UserError(f"safety_prune.pattern: {e}") from None
-        if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise UserError(f"safety_prune.sparsity {self.sparsity} conflicts with pattern {self.pattern} "
-                            f"(implies {1 - nm[0] / nm[1]:g}): set sparsity: {1 - nm[0] / nm[1]:g}")
+        _check.sparsity_pattern("safety_prune", self.sparsity, self.pattern)
         if not isinstance(self.kinds, tuple) or not self.kinds or not all(k in ("harmful", "benign") for k in self.kinds):
             raise UserError(f"safety_prune.kinds must be a non-empty list of harmful / benign, got {self.kinds!r}")
         if self.safety_prompt is not None and not Path(self.safety_prompt).is_file():
