@@ -100,7 +100,11 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
     export. Returns the report (also written to the export as report.json). With an output folder,
     progress is checkpointed in `<out>.partial/` (removed on success); `resume=True` continues an
-    interrupted run from its last finished decoder layer."""
+    interrupted run from its last finished decoder layer.
+
+    >>> rep = modelpress.run_recipe(Recipe.from_yaml("w4a16-gptq-g128"), "smollm2", "out/smollm2-w4")
+    >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
+    """
     src = model_src or recipe.model or _model.REFERENCE
     model, tok = load(src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None

@@ -60,7 +60,11 @@ def _config_dict(model) -> dict:
 
 def save(model: nn.Module, tokenizer, out: str | os.PathLike, recipe: dict | None = None,
          report: dict | None = None, calibration: dict | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write the native export folder atomically. Returns its path."""
+    """Write the native export folder atomically (exposed as `modelpress.export`). Returns its path.
+
+    >>> modelpress.export(model, tok, "out/smollm2-w4", recipe=recipe.to_dict())
+    >>> model, tok = modelpress.load("out/smollm2-w4")        # identical logits
+    """
     out = Path(out)
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not a modelpress export: choose a new --out")
