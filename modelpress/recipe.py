@@ -64,6 +64,13 @@ class Export:
 
 @dataclass(frozen=True)
 class Recipe:
+    """Ordered compression stages plus calibration / evaluate / certify / export settings.
+
+    >>> recipe = modelpress.Recipe.from_yaml("w4a16-gptq-g128")           # shipped name or a YAML path
+    >>> recipe = modelpress.Recipe.from_dict({"stages": [{"quantize": {"bits": 4, "group_size": 32}}]})
+    >>> recipe = modelpress.Recipe(stages=(("quantize", modelpress.Quantize(bits=4, group_size=32)),))
+    >>> print(recipe.to_yaml())
+    """
     stages: tuple = ()                              # ((name, config), ...)
     model: str | None = None
     dtype: str = "float32"                          # float32 | bfloat16 | float16: the working/export dtype
