@@ -33,7 +33,9 @@ def _cpu_s() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+    """This process' peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak across fork+exec."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
 
 def build_recipe(s: dict):

@@ -62,7 +62,9 @@ DEFAULT_SETTINGS = "gptq-w4g64,wanda50,sparsegpt50,gptq-w3g64,gptq-w4g128"
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # KiB on Linux
+    """This process' peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak across fork+exec."""
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 
 
 def _cpu_s() -> float:
@@ -160,6 +162,26 @@ def patched(orig, weights: dict):
     return m
 
 
+def _CachedLogits(model):
+    """The reference model for modelpress.eval.evaluate with its logits memoized per input (the frozen
+    protocol runs the reference on the same windows for every compressed model)."""
+    import torch
+    from types import SimpleNamespace
+
+    class Cached(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.cache = inner, {}
+
+        def forward(self, input_ids, **kw):
+            key = input_ids.cpu().numpy().tobytes()
+            if key not in self.cache:
+                self.cache[key] = self.inner(input_ids=input_ids, **kw).logits
+            return SimpleNamespace(logits=self.cache[key])
+
+    return Cached(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=4, metavar=("MODEL", "IDS", "STAGE_JSON", "OUT"), help=argparse.SUPPRESS)
@@ -202,12 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
     print(f"calibration {tuple(calib.input_ids.shape)} sha256 {calib.provenance['sha256'][:12]}; "
           f"eval windows {tuple(windows.shape)}", flush=True)
+    ref = _CachedLogits(orig)      # the original's logits are computed once, then replayed
     t0 = time.perf_counter()
-    base = evaluate(orig, windows)
+    base = evaluate(ref, windows)
     print(f"uncompressed: ppl {base['perplexity']:.3f} ({time.perf_counter() - t0:.0f} s per evaluation)", flush=True)
 
     def ev(model) -> dict:
-        r = evaluate(model, windows, reference=orig)
+        r = evaluate(model, windows, reference=ref)
         r.pop("per_token", None)
         return r
 
@@ -221,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {tag}: compressing ...", flush=True)
             res = run_ours(model_dir, ids_path, stage, work / f"{name}-{tag.replace(' ', '_')}", a.threads)
             m = patched(orig, torch.load(work / f"{name}-{tag.replace(' ', '_')}" / "weights.pt"))
-            rows.append({"setting": name, "tool": tag, **res, **ev(m)})
+            rows.append({**res, "setting": name, "tool": tag, **ev(m)})
             del m
             print(f"    ppl {rows[-1]['perplexity']:.3f}  {res['compress_seconds']:.1f} s  {res['peak_rss_mb']:.0f} MB", flush=True)
         print(f"[{name}] llm-compressor: compressing ...", flush=True)
@@ -230,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                              work / f"{name}-llmc", a.threads)
             from transformers import AutoModelForCausalLM
             m = AutoModelForCausalLM.from_pretrained(work / f"{name}-llmc" / "model", dtype=torch.float32).eval()
-            rows.append({"setting": name, "tool": "llm-compressor", **res, **ev(m)})
+            rows.append({**res, "setting": name, "tool": "llm-compressor", **ev(m)})
             del m
             print(f"    ppl {rows[-1]['perplexity']:.3f}  {res['compress_seconds']:.1f} s  {res['peak_rss_mb']:.0f} MB", flush=True)
         except RuntimeError as e:
@@ -325,7 +348,7 @@ How each number is taken: each compression runs in a fresh subprocess (ours: `vs
 `torch.set_num_threads({a.threads})` and OMP/MKL_NUM_THREADS={a.threads}, model loaded from the same HF folder in float32.
 *wall s* / *CPU s*: wall-clock and process CPU time (user+sys) of the compression call only (`compress(model, recipe,
 calib)` / `oneshot(model=..., recipe=..., dataset=DataLoader)`), model loading and saving excluded. *peak RSS*: the
-process' `ru_maxrss` right after the compression (imports + model + calibration work), before saving. The machine has 2
+process' own high-water mark (`VmHWM`) right after the compression (imports + model + calibration work), before saving. The machine has 2
 cores shared with other jobs, so wall times are noisy; CPU time is given as the steadier companion. Baselines (RTN,
 magnitude) are modelpress' own, without calibration. Δppl is against the uncompressed model.
 
