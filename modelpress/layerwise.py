@@ -149,6 +149,8 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
             inputs = [x.to(device) for x in saved]
     for i in range(start, len(layers)):
         layer = layers[i]
+        if checkpoint is not None and hasattr(checkpoint, "load_layer"):
+            checkpoint.load_layer(i, layer)      # offload (modelpress.offload): materialize the layer from disk
         home = next(layer.parameters()).device
         layer.to(device)
         step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device)
