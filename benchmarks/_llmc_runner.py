@@ -10,7 +10,7 @@ MODEL_DIR: plain HF folder; CALIB_IDS.pt: LongTensor (n, seqlen) made by modelpr
 weights, no quantization_config) and OUT_DIR/result.json (compression wall time, peak RSS, ...).
 
 Wall time covers `oneshot(...)` only (model already loaded, data already a DataLoader); peak RSS is
-the process' ru_maxrss just after oneshot returns (before saving), RSS before = after model load.
+the process' VmHWM just after oneshot returns (before saving), RSS before = after model load.
 """
 from __future__ import annotations
 
@@ -53,16 +53,19 @@ def build_recipe(s: dict):
         return GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"],
                             block_size=s.get("block_size", 128), dampening_frac=s.get("damp", 0.01),
                             actorder=s.get("actorder"))
+    # their sparsity modifiers name a matched module "<layer>." (trailing dot), so a plain "lm_head" ignore
+    # misses it and the tied lm_head / embedding gets pruned: use the regex form their warning suggests
+    ignore = ["re:.*lm_head"]
     pat = s.get("pattern", "unstructured")
     mask = "0:0" if pat == "unstructured" else pat
     if method == "wanda":
         from llmcompressor.modifiers.pruning import WandaPruningModifier
         return WandaPruningModifier(sparsity=s["sparsity"], mask_structure=mask, targets=["Linear"],
-                                    ignore=["lm_head"])
+                                    ignore=ignore)
     if method == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
         return SparseGPTModifier(sparsity=s["sparsity"], mask_structure=mask, targets=["Linear"],
-                                 ignore=["lm_head"], block_size=s.get("block_size", 128),
+                                 ignore=ignore, block_size=s.get("block_size", 128),
                                  dampening_frac=s.get("damp", 0.01))
     raise SystemExit(f"_llmc_runner: unknown method {method!r} (use gptq, wanda or sparsegpt)")
 
@@ -114,7 +117,9 @@ def main(argv: list[str]) -> int:
     if missing or unexpected:
         raise SystemExit(f"_llmc_runner: state mismatch, missing {missing[:5]} unexpected {unexpected[:5]}")
     plain.save_pretrained(out / "model")
-    check = {}
+    emb = plain.get_input_embeddings().weight.detach()
+    emb0 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).get_input_embeddings().weight
+    check = {"embedding_unchanged": bool(torch.equal(emb, emb0))}
     if s["method"] == "gptq":   # the saved weights sit on the integer grid: count codes per group
         gs = s.get("group_size") or None
         w = plain.model.layers[0].self_attn.q_proj.weight.detach()

@@ -4,7 +4,7 @@ For every setting, OUR compression and THEIRS each run in a fresh subprocess, on
 (never at the same time), with the same torch thread count, the same model folder and the same
 calibration token ids (made once by modelpress' calibration_set and handed to both as a .pt file).
 Each subprocess reports the wall time of the compression call alone and the process' peak RSS
-(ru_maxrss) just after it. Both results are then evaluated here with modelpress' frozen protocol on
+(VmHWM) just after it. Both results are then evaluated here with modelpress' frozen protocol on
 the same windows (modelpress.api.windows_for + modelpress.eval.evaluate, reference = the original):
 perplexity, top-1 agreement, KL. RTN (quantization) or magnitude (pruning) at the same setting is
 the no-calibration baseline. llm-compressor lives in its own venv .venv-llmc
