@@ -34,8 +34,8 @@ METRICS = ("breadth", "entropy", "consistency")
 @dataclass(frozen=True)
 class SAEConfig:
     expansion: float = 2.0          # features per input dimension
-    max_features: int = 512         # cap on F (the MLP output is wide)
-    steps: int = 200                # Adam steps
+    max_features: int = 256         # cap on F (the MLP output is wide)
+    steps: int = 150                # Adam steps
     batch: int = 256                # tokens per step
     lr: float = 3e-3
     l1: float = 0.05                # sparsity penalty on the normalised activations
