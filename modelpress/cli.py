@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import UserError
 
 # feature modules that add their own subcommands (each: add_parser(subparsers), run(args) -> int)
-PLUGINS: tuple[str, ...] = ("modelpress.zipcli", "modelpress.certify.cli", "modelpress.tabular.cli",
+PLUGINS: tuple[str, ...] = ("modelpress.plan.cli", "modelpress.zipcli", "modelpress.certify.cli", "modelpress.tabular.cli",
                              "modelpress.deploy.cli", "modelpress.report_cli", "modelpress.distill.cli")
 
 

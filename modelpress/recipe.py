@@ -134,8 +134,9 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(getattr(cfg, "method", None) in ("gptq", "wanda", "sparsegpt") or getattr(cfg, "needs_calibration", False)
-                   for _, cfg in self.stages)
+        return self.order == "auto" or any(
+            getattr(cfg, "method", None) in ("gptq", "wanda", "sparsegpt") or getattr(cfg, "needs_calibration", False)
+            for _, cfg in self.stages)
 
 
 def resolve(path: str | os.PathLike) -> Path:

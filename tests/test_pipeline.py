@@ -158,3 +158,10 @@ def test_recipe_with_certify_block_writes_a_verified_certificate(tmp_path):
     certify.verify(tmp_path / "out")
     with pytest.raises(UserError, match="certify: unknown key"):
         Recipe.from_dict({"certify": {"epsilon": 0.1}, "stages": [{"quantize": {}}]})
+
+
+def test_stages_refuse_to_destroy_earlier_compression(calib):
+    m = tiny_llama()
+    mp.compress(m, Recipe.from_dict({"stages": [{"cluster": {"k": 16}}]}), calib)
+    with pytest.raises(UserError, match="already a ClusteredLinear"):
+        mp.compress(m, Recipe.from_dict({"stages": [{"quantize": {"method": "rtn"}}]}), calib)

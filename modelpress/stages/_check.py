@@ -43,3 +43,11 @@ def sparsity_pattern(stage: str, sparsity, pattern) -> tuple[int, int] | None:
         raise UserError(f"{stage}.sparsity {sparsity} conflicts with pattern {pattern} "
                         f"(implies {1 - nm[0] / nm[1]:g}): set sparsity: {1 - nm[0] / nm[1]:g}")
     return nm
+
+
+def plain_or(stage: str, name: str, module, allowed: tuple[type, ...]) -> None:
+    """Refuse a linear that another stage already compressed into a form this stage would destroy."""
+    import torch
+    if type(module) is not torch.nn.Linear and not isinstance(module, allowed):
+        raise UserError(f"{name} is already a {type(module).__name__} from an earlier stage, which {stage} would "
+                        f"replace: exclude it from {stage} (exclude: [...]) or reorder the stages")

@@ -3,6 +3,7 @@ or N:M; SparseGPT can quantize the survivors jointly (bits set). Pruning a quant
 (quantize-then-prune) masks its dequantized weights so pruned weights are exactly zero."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,12 @@ class Prune:
     block_size: int = 128
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
+    budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear sparsities, mean = sparsity
+    budget_spread: float | None = None    # how far budgets move from the mean (sparsity units; default 0.1)
 
     def __post_init__(self):
         _check.choice("prune", "method", self.method, ("magnitude", "wanda", "sparsegpt"))
-        _check.sparsity_pattern("prune", self.sparsity, self.pattern)
+        nm = _check.sparsity_pattern("prune", self.sparsity, self.pattern)
         if self.bits is not None:
             if self.method != "sparsegpt":
                 raise UserError("prune.bits (joint quantization) needs prune.method sparsegpt: add a quantize stage instead")
@@ -41,6 +44,23 @@ class Prune:
         _check.float_range("prune", "damp", self.damp, 0.0, 1.0)
         _check.patterns("prune", "include", self.include)
         _check.patterns("prune", "exclude", self.exclude)
+        _check.choice("prune", "budget", self.budget, ("uniform", "capability", "sensitivity", "owl"))
+        if self.budget != "uniform" and nm:
+            raise UserError(f"prune.budget {self.budget} needs pattern unstructured ({self.pattern} fixes every "
+                            "layer's sparsity): set budget: uniform or pattern: unstructured")
+        if self.budget_spread is not None:
+            _check.float_range("prune", "budget_spread", self.budget_spread, 0.0, 1.0)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.budget != "uniform"
+
+    def budget_map(self, model, calib) -> dict[str, float]:
+        """{linear name: sparsity} planned by modelpress.plan (mean = sparsity); empty for budget uniform."""
+        if self.budget == "uniform":
+            return {}
+        from ..plan import budget_map
+        return budget_map(model, calib, self.budget, self.sparsity, "sparsity", self.target, self.budget_spread)
 
     @property
     def target(self) -> Target:
@@ -48,9 +68,11 @@ class Prune:
 
     def describe(self) -> str:
         s = f"{self.method} {self.pattern if self.pattern != 'unstructured' else f'{self.sparsity:.0%}'}"
-        return s + (f" + w{self.bits} g{self.group_size}" if self.bits else "")
+        s += f" + w{self.bits} g{self.group_size}" if self.bits else ""
+        return s + (f" ({self.budget} budget)" if self.budget != "uniform" else "")
 
     def prune_one(self, name: str, lin: torch.nn.Linear, stat: torch.Tensor | None) -> tuple[torch.nn.Module, dict]:
+        _check.plain_or("prune", name, lin, (SparseLinear, QuantLinear))
         W = lin.weight.detach().float()
         if self.method == "sparsegpt" and stat is not None:
             if isinstance(lin, QuantLinear):
@@ -77,11 +99,13 @@ class Prune:
 
     def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
+        per = self.budget_map(model, calib)
 
         def do(linears, stats):
             out = {}
             for name, lin in linears.items():
-                new, info = self.prune_one(name, lin, stats.get(name))
+                cfg = dataclasses.replace(self, sparsity=per[name], budget="uniform") if name in per else self
+                new, info = cfg.prune_one(name, lin, stats.get(name))
                 if new is not lin:
                     set_module(model, names[id(lin)], new)
                 out[name] = info

@@ -3,6 +3,7 @@ Prune-then-quantize is handled: on a SparseLinear the scales come from the survi
 pruned weights stay exactly zero (GPTQ propagates their error)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ class Quantize:
     observer: str = "minmax"              # minmax | mse (clipping search)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
+    budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear integer bits, mean ~ bits
+    budget_spread: float | None = None    # how far budgets move from the mean (bits; default 1.0)
 
     def __post_init__(self):
         _check.choice("quantize", "method", self.method, ("rtn", "gptq"))
@@ -42,6 +45,20 @@ class Quantize:
         _check.choice("quantize", "observer", self.observer, ("minmax", "mse"))
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
+        _check.choice("quantize", "budget", self.budget, ("uniform", "capability", "sensitivity", "owl"))
+        if self.budget_spread is not None:
+            _check.float_range("quantize", "budget_spread", self.budget_spread, 0.0, 6.0)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.budget != "uniform"
+
+    def budget_map(self, model, calib) -> dict[str, int]:
+        """{linear name: bits} planned by modelpress.plan (parameter-weighted mean ~ bits); empty for uniform."""
+        if self.budget == "uniform":
+            return {}
+        from ..plan import budget_map
+        return budget_map(model, calib, self.budget, float(self.bits), "bits", self.target, self.budget_spread)
 
     @property
     def target(self) -> Target:
@@ -49,11 +66,13 @@ class Quantize:
 
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"{self.method} w{self.bits} {g} {'sym' if self.sym else 'asym'}"
+        s = f"{self.method} w{self.bits} {g} {'sym' if self.sym else 'asym'}"
+        return s + (f" ({self.budget} budget)" if self.budget != "uniform" else "")
 
     def quantize_one(self, name: str, lin: torch.nn.Linear, H: torch.Tensor | None) -> tuple[QuantLinear, dict]:
         if isinstance(lin, QuantLinear):
             raise UserError(f"{name} is already quantized: remove the second quantize stage or exclude it")
+        _check.plain_or("quantize", name, lin, (SparseLinear,))
         keep = lin.keep if isinstance(lin, SparseLinear) else None
         W = lin.weight.detach().float()
         info: dict = {}
@@ -76,11 +95,13 @@ class Quantize:
 
     def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
+        per = self.budget_map(model, calib)
 
         def do(linears, stats):
             out = {}
             for name, lin in linears.items():
-                new, info = self.quantize_one(name, lin, stats.get(name))
+                cfg = dataclasses.replace(self, bits=per[name], budget="uniform") if name in per else self
+                new, info = cfg.quantize_one(name, lin, stats.get(name))
                 set_module(model, names[id(lin)], new)
                 out[name] = info
             return out
