@@ -60,6 +60,15 @@ def cmd_compress(a) -> int:
             if v is not None:
                 c[k] = v
         recipe = Recipe.from_dict(d, str(a.recipe))
+    if a.offload:
+        if a.resume:
+            raise UserError("--offload cannot be combined with --resume: rerun with --offload alone")
+        from .offload import run_recipe_offloaded
+        rep = run_recipe_offloaded(recipe, a.model, a.out)
+        for st in rep["stages"]:
+            print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
+        print(f"wrote {a.out} (not evaluated with --offload: run `modelpress eval {a.out}`)")
+        return 0
     rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume)
     print_report(rep)
     print(f"wrote {a.out}")
@@ -127,6 +136,8 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     c.add_argument("--calib-seed", type=int)
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+    c.add_argument("--offload", action="store_true",
+                   help="models larger than memory: one decoder layer at a time from the safetensors shards")
     e = sub.add_parser("eval", help="perplexity (and agreement with --reference) of a model or export")
     e.add_argument("model")
     e.add_argument("--reference", help="original model to compare with")
