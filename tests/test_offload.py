@@ -60,3 +60,13 @@ def test_run_recipe_offloaded_and_refusals(model_dir, tmp_path):
     with pytest.raises(UserError, match="budget"):
         run_recipe_offloaded(mp.Recipe.from_dict({"stages": [{"prune": {"method": "magnitude", "budget": "owl"}}]}),
                              model_dir, tmp_path / "o3")
+
+
+def test_cli_offload(model_dir, tmp_path, capsys):
+    from modelpress.cli import main
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - quantize: {method: rtn, bits: 4, group_size: 32}\n")
+    assert main(["compress", str(model_dir), "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--offload"]) == 0
+    assert "offloaded" in capsys.readouterr().out
+    m, _ = mp.load(tmp_path / "o")
+    assert type(m.model.layers[1].mlp.up_proj).__name__ == "QuantLinear"
