@@ -257,3 +257,14 @@ def test_cli_plan_budget_and_order(tmp_path, capsys):
     assert "quantize" in lines[0] and "prune" in lines[1]                       # 8-bit RTN is the weaker stage
     with pytest.raises(ValueError, match="--plot"):
         run(p.parse_args(["plan", "budget", str(r), "--model", str(d), "--plot", str(tmp_path / "b.jpg")]))
+
+
+def test_cluster_stage_takes_a_budget():
+    import math
+    import modelpress as mp
+    from modelpress.modules.cluster import ClusteredLinear
+    m = tiny_llama()
+    mp.compress(m, mp.Recipe.from_dict({"stages": [{"cluster": {"k": 16, "budget": "owl"}}]}), correlated_calib())
+    ks = [mod.codebook.shape[-1] for mod in m.modules() if isinstance(mod, ClusteredLinear)]
+    assert len(ks) == 14 and len(set(ks)) > 1         # per-linear K from the planner
+    assert abs(sum(math.log2(k) for k in ks) / len(ks) - 4) <= 1.0

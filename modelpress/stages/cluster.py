@@ -5,6 +5,8 @@ centroid fine-tuning: indices frozen, only the centroids trained on the calibrat
 over the whole model or by layer-output MSE layer by layer (dL/dc = sum of dL/dw over each cluster)."""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +36,14 @@ class Cluster:
     batch_size: int = 4                   # next-token: calibration samples per step
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
+    budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear K, mean log2 K ~ log2 k
+    budget_spread: float | None = None    # how far budgets move from the mean (bits of log2 K; default 1.0)
 
     def __post_init__(self):
         _check.choice("cluster", "k", self.k, C.KS)
+        _check.choice("cluster", "budget", self.budget, ("uniform", "capability", "sensitivity", "owl"))
+        if self.budget_spread is not None:
+            _check.float_range("cluster", "budget_spread", self.budget_spread, 0.0, 6.0)
         if self.group_rows is not None:
             _check.int_range("cluster", "group_rows", self.group_rows, 1, 1 << 20)
         _check.choice("cluster", "weighting", self.weighting, ("none", "activation", "hessian-diag"))
@@ -57,7 +64,15 @@ class Cluster:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.weighting != "none" or self.finetune
+        return self.weighting != "none" or self.finetune or self.budget != "uniform"
+
+    def budget_map(self, model, calib) -> dict[str, int]:
+        """{linear name: K} from modelpress.plan's per-linear bits (K = the allowed size nearest 2^bits)."""
+        if self.budget == "uniform":
+            return {}
+        from ..plan import budget_map
+        bits = budget_map(model, calib, self.budget, math.log2(self.k), "bits", self.target, self.budget_spread)
+        return {n: min(C.KS, key=lambda k: abs(math.log2(k) - b)) for n, b in bits.items()}
 
     def describe(self) -> str:
         g = f"per {self.group_rows} rows" if self.group_rows else "per matrix"
@@ -95,10 +110,13 @@ class Cluster:
         names = {id(m): n for n, m in model.named_modules()}
         collect = "none" if self.weighting == "none" else "input_sq_norm"
 
+        per = self.budget_map(model, calib)
+
         def do(linears, stats):
             out, mods = {}, {}
             for name, lin in linears.items():
-                new, info = self.cluster_one(name, lin, stats.get(name))
+                cfg = dataclasses.replace(self, k=per[name], budget="uniform") if name in per else self
+                new, info = cfg.cluster_one(name, lin, stats.get(name))
                 set_module(model, names[id(lin)], new)
                 out[name], mods[name] = info, new
             return out, mods
@@ -139,7 +157,7 @@ class Cluster:
             raise UserError("cluster matched no linear layers: check cluster.include / cluster.exclude")
         sq = [v["sqnr"] for v in layers.values()]
         bits = [v["bits"] for v in layers.values()]
-        ok = all(v["unique"] <= self.k * v["codebooks"] for v in layers.values())
+        ok = all(v["unique"] <= v["k"] * v["codebooks"] for v in layers.values())
         summary = (f"cluster {self.describe()}: {len(layers)} linears, mean SQNR {sum(sq) / len(sq):.2f} dB, "
                    f"{sum(bits) / len(bits):.3f} bits/weight, unique values <= K per codebook: {ok}")
         if ft:
