@@ -27,7 +27,7 @@ class Quantize:
     bits: int = 4                         # 2..8
     group_size: int | None = 128          # null = per output channel
     sym: bool = True
-    act_order: bool = False               # GPTQ: columns by decreasing H_jj (static groups)
+    act_order: bool = True                # GPTQ: columns by decreasing H_jj (static groups, as llm-compressor)
     damp: float = 0.01                    # GPTQ: lambda = damp * mean(diag H)
     block_size: int = 128                 # GPTQ lazy-update block
     observer: str = "minmax"              # minmax | mse (clipping search)
