@@ -1,0 +1,126 @@
+"""Peak memory of `compress --offload` (layer by layer from safetensors shards) against the in-memory path.
+
+A synthetic 8-layer Llama (hidden 1664, 13 heads, MLP 4480, vocab 8192, untied; about 1.1 GB of fp32
+weights) is saved as ~200 MB safetensors shards. Each (mode, recipe) runs in a fresh worker process,
+started by a fresh launcher that reads the worker's peak RSS with
+resource.getrusage(RUSAGE_CHILDREN).ru_maxrss; the worker also reports its RSS right after its imports
+(the interpreter + torch + transformers floor, no model). Both paths write the native export.
+
+    .venv/bin/python benchmarks/offload.py                 # RTN w4 g128 and GPTQ w4 g128 (8 x 64 tokens)
+    .venv/bin/python benchmarks/offload.py --recipes rtn   # RTN only (about a minute)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECIPES = {
+    "rtn": "stages:\n  - quantize: {method: rtn, bits: 4, group_size: 128}\n",
+    "gptq": ("calibration: {source: %s, samples: 8, seqlen: 64, seed: 0}\n"
+             "stages:\n  - quantize: {method: gptq, bits: 4, group_size: 128}\n"),
+}
+
+WORKER = r"""
+import json, resource, sys, time
+sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads(1)
+from modelpress.api import run_recipe
+from modelpress.offload import run_recipe_offloaded
+from modelpress.recipe import Recipe
+floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+recipe = Recipe.from_yaml({recipe!r})
+t0 = time.perf_counter()
+if {offload!r}:
+    run_recipe_offloaded(recipe, {model!r}, {out!r})
+else:
+    run_recipe(recipe, {model!r}, {out!r}, evaluate_models=False, checkpoint=False)
+print(json.dumps({{"floor_kb": floor, "seconds": time.perf_counter() - t0}}))
+"""
+
+LAUNCHER = r"""
+import json, resource, subprocess, sys
+p = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True)
+if p.returncode:
+    sys.stderr.write(p.stderr[-3000:]); sys.exit(p.returncode)
+r = json.loads(p.stdout.strip().splitlines()[-1])
+r["peak_kb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps(r))
+"""
+
+
+def make_model(folder: Path) -> int:
+    """Synthetic Llama saved as shards; returns the weight bytes."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import tiny_tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=1664, intermediate_size=4480, num_hidden_layers=8,
+                      num_attention_heads=13, num_key_value_heads=13, tie_word_embeddings=False,
+                      max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size="200MB")
+    tiny_tokenizer().save_pretrained(folder)
+    del model
+    return nbytes
+
+
+def measure(model: Path, recipe: Path, out: Path, offload: bool) -> dict:
+    code = WORKER.format(root=str(ROOT), recipe=str(recipe), model=str(model), out=str(out), offload=offload)
+    p = subprocess.run([sys.executable, "-c", LAUNCHER, code], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"worker failed:\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from benchmarks._md import table, write_section
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipes", default="rtn,gptq")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mp-offload-"))
+    try:
+        nbytes = make_model(work / "model")
+        text = work / "calib.txt"
+        text.write_text("the quick brown fox jumps over the lazy dog; compression keeps what matters.\n\n" * 400)
+        rows = []
+        for name in a.recipes.split(","):
+            recipe = work / f"{name}.yaml"
+            recipe.write_text(RECIPES[name] % text if "%s" in RECIPES[name] else RECIPES[name])
+            res = {}
+            for offload in (True, False):
+                r = measure(work / "model", recipe, work / f"out-{name}-{offload}", offload)
+                res[offload] = r
+                peak, floor = r["peak_kb"] * 1024, r["floor_kb"] * 1024
+                rows.append([f"{name} w4 g128", "offload" if offload else "in memory", f"{peak / 1e6:.0f}",
+                             f"{100 * peak / nbytes:.1f}%", f"{floor / 1e6:.0f}", f"{(peak - floor) / 1e6:.0f}",
+                             f"{100 * (peak - floor) / nbytes:.1f}%", f"{r['seconds']:.1f}"])
+                print(rows[-1], flush=True)
+            rows.append([f"{name} w4 g128", "offload / in memory", f"{res[True]['peak_kb'] / res[False]['peak_kb']:.2f}x",
+                         "", "", "", "", ""])
+        header = ["recipe", "path", "peak RSS (MB)", "peak / weights", "import floor (MB)",
+                  "peak - floor (MB)", "(peak - floor) / weights", "compress+export (s)"]
+        body = (f"Synthetic 8-layer Llama, {nbytes / 1e9:.2f} GB of fp32 weights in 200 MB safetensors shards; "
+                "peak RSS of a fresh process (ru_maxrss via RUSAGE_CHILDREN), one thread.\n\n" + table(header, rows)
+                + "\n\nThe import floor (Python + torch + transformers + modelpress, no model) is paid by both paths; "
+                  "target: offload peak < 40% of the weight size.")
+        print(body)
+        if not a.no_write:
+            write_section("offload", "python benchmarks/offload.py", body)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
