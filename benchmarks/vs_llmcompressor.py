@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run ours with act_order: true (= their default actorder static) for GPTQ")
     ap.add_argument("--work", default="/tmp/modelpress-vs-llmc", help="scratch folder for models and logs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="re-render the section from WORK/rows.json of an earlier run with the same flags")
     a = ap.parse_args(argv)
     if a.worker:
         return worker(*a.worker, threads=a.threads)
@@ -213,9 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in names if s not in SETTINGS]
     if bad:
         raise SystemExit(f"--settings: unknown {bad[0]!r}; choose from {', '.join(SETTINGS)}")
-    ensure_llmc()
     model_dir = Path(a.model) if a.model else smollm2_dir()
     work = Path(a.work)
+    if a.report_only:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        calib = calibration_set(tok, "wiki", "random", a.samples, a.seqlen, 0)
+        windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
+        saved = json.loads((work / "rows.json").read_text())
+        body = report(a, calib, windows, saved["base"], saved["rows"])
+        print(body)
+        if not a.no_write:
+            _write(a, [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report-only"], body)
+        return 0
+    ensure_llmc()
     work.mkdir(parents=True, exist_ok=True)
     orig, tok = load(str(model_dir))
     calib = calibration_set(tok, "wiki", "random", a.samples, a.seqlen, 0)
@@ -336,6 +349,7 @@ def report(a, calib, windows, base, rows) -> str:
     hdr = ["setting", "tool", "ppl", "Δppl", "top-1 agree", "KL", "wall s", "CPU s", "peak RSS MB",
            "ppl ours/theirs", "wall ours/theirs", "RSS ours/theirs"]
     llmc = next((r for r in rows if r["tool"] == "llm-compressor" and "version" in r), {})
+    emb = ", ".join(f"{r['setting']} {r['embedding_unchanged']}" for r in rows if "embedding_unchanged" in r) or "n/a"
     notes = f"""
 Uncompressed SmolLM2-135M-Instruct: perplexity **{p0:.3f}** on {windows.shape[0]} windows x {windows.shape[1]} tokens
 (modelpress-eval/1: `windows_for(tok, "wiki-eval", {windows.shape[1]}, {windows.shape[0]})`, `evaluate(model, windows,
@@ -356,7 +370,7 @@ Settings, made apples to apples (everything else is each tool's default):
 
 | knob | modelpress | llm-compressor |
 |---|---|---|
-| targets | every `nn.Linear` in the decoder layers, `lm_head` excluded (tied to the embeddings) | `targets=["Linear"]`, `ignore=["lm_head"]` |
+| targets | every `nn.Linear` in the decoder layers, `lm_head` excluded (tied to the embeddings) | `targets=["Linear"]`; GPTQ `ignore=["lm_head"]`; Wanda/SparseGPT `ignore=["re:.*lm_head"]`: their sparsity modifiers name the module `lm_head.`, so the plain name does not match and the tied lm_head/embedding gets pruned (checked: embedding unchanged = {emb}) |
 | pipeline | `modelpress.layerwise`: layer by layer, outputs recomputed with the compressed layer (error propagates), batch 8 | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
