@@ -109,7 +109,7 @@ def worker(model_dir: str, ids_path: str, stage_json: str, out_dir: str, threads
     res = {"tool": "modelpress", "version": getattr(modelpress, "__version__", "dev"), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "compress_seconds": seconds, "compress_cpu_seconds": cpu_seconds, "rss_before_mb": rss_before,
            "peak_before_mb": peak_before, "peak_rss_mb": peak_after, "summary": stats[0]["summary"],
-           "stage": json.loads(stage_json), "linears": len(dense),
+           "stage": json.loads(stage_json), "config": repr(recipe.stages[0][1]), "linears": len(dense),
            "fallbacks": sum(1 for v in (stats[0].get("layers") or {}).values() if v.get("fallback"))}
     (out / "result.json").write_text(json.dumps(res, indent=1))
     print(f"[ours] done in {seconds:.1f} s, peak RSS {peak_after:.0f} MB", flush=True)
@@ -311,6 +311,14 @@ def report(a, calib, windows, base, rows) -> str:
     p0 = base["perplexity"]
     by = {(r["setting"], r["tool"]): r for r in rows}
     res_rows, tgt_rows = [], []
+    import re
+    for r in rows:   # the effective act_order (the default changed during development): from the config or the log
+        if r["tool"].startswith("ours") and r["setting"].startswith("gptq"):
+            log = Path(a.work) / f"{r['setting']}-{r['tool'].replace(' ', '_')}.log"
+            text = r.get("config") or (log.read_text(errors="replace") if log.exists() else "")
+            m = re.search(r"act_order=(True|False)", text)
+            if m and "act_order" not in r["tool"]:
+                r["tool"] = f"{r['tool']} (act_order {m[1].lower()})"
     for name in dict.fromkeys(r["setting"] for r in rows):
         theirs = by.get((name, "llm-compressor"))
         t_ok = theirs is not None and "error" not in theirs
