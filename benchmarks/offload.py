@@ -114,10 +114,12 @@ def main() -> None:
         body = (f"Synthetic 8-layer Llama, {nbytes / 1e9:.2f} GB of fp32 weights in 200 MB safetensors shards; "
                 "peak RSS of a fresh process (ru_maxrss via RUSAGE_CHILDREN), one thread.\n\n" + table(header, rows)
                 + "\n\nThe import floor (Python + torch + transformers + modelpress, no model) is paid by both paths; "
-                  "target: offload peak < 40% of the weight size.")
+                  "target: offload peak < 40% of the weight size. Between layers the offload process holds the "
+                  "floor + embedding + lm_head; its peak comes while a layer is being compressed (the layer plus the "
+                  "quantizer's full-size fp32/fp64 temporaries for one linear, e.g. the SQNR in float64).")
         print(body)
         if not a.no_write:
-            write_section("offload", "python benchmarks/offload.py", body)
+            write_section("offload", " ".join(["python benchmarks/offload.py", *sys.argv[1:]]), body)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
