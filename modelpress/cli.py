@@ -13,7 +13,8 @@ from .errors import UserError
 
 # feature modules that add their own subcommands (each: add_parser(subparsers), run(args) -> int)
 PLUGINS: tuple[str, ...] = ("modelpress.plan.cli", "modelpress.zipcli", "modelpress.certify.cli", "modelpress.tabular.cli",
-                             "modelpress.deploy.cli", "modelpress.report_cli", "modelpress.distill.cli")
+                             "modelpress.deploy.cli", "modelpress.report_cli", "modelpress.distill.cli",
+                             "modelpress.sweep")
 
 
 def _table(rows: list[tuple], header: tuple) -> None:
