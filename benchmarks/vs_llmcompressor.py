@@ -129,8 +129,9 @@ def _run(cmd: list[str], threads: int, log: Path) -> None:
     with open(log, "w") as f:
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(threads), cwd=ROOT)
     if p.returncode:
-        tail = log.read_text().strip().splitlines()[-15:]
-        raise RuntimeError(f"{cmd[1]} failed (exit {p.returncode}, log {log}):\n" + "\n".join(tail))
+        lines = log.read_text(errors="replace").strip().splitlines()
+        errs = [ln for ln in lines if "Error:" in ln]
+        raise RuntimeError(f"{cmd[1]} failed (exit {p.returncode}, log {log}):\n" + "\n".join(lines[-15:] + errs[-1:]))
     print(f"    ({time.perf_counter() - t0:.0f} s incl. start-up)", flush=True)
 
 
@@ -324,7 +325,10 @@ def report(a, calib, windows, base, rows) -> str:
         t_ok = theirs is not None and "error" not in theirs
         for r in [r for r in rows if r["setting"] == name]:
             if "error" in r:
-                res_rows.append([SETTINGS[name]["label"], r["tool"], "failed: " + r["error"][:160]] + [""] * 9)
+                log = Path(a.work) / f"{name}-llmc.log"
+                errs = [ln for ln in log.read_text(errors="replace").splitlines() if "Error:" in ln] if log.exists() else []
+                r["error"] = (errs[-1] if errs else r["error"]).replace("|", "/")
+                res_rows.append([SETTINGS[name]["label"], r["tool"], "failed: " + r["error"][:200]] + [""] * 9)
                 continue
             ratio = (lambda k: r[k] / theirs[k] if t_ok and r["tool"].startswith("ours") and k in r else None)
             res_rows.append([SETTINGS[name]["label"], r["tool"], _f(r["perplexity"]), _f(r["perplexity"] - p0, "{:+.3f}"),
@@ -383,7 +387,7 @@ Settings, made apples to apples (everything else is each tool's default):
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
 | GPTQ observer | `minmax`, fp16-rounded scales | `memoryless_minmax` (their weight default), fp32 scales |
-| GPTQ act-order | shipped recipes: `act_order: false` (groups from the updated weights, as in the GPTQ paper){'; row *ours act_order*: `act_order: true` (static groups from the original weights)' if a.matched else ''} | default `actorder="static"` (columns by decreasing diag H, static groups from the original weights) |
+| GPTQ act-order | each *ours* row says which ran: `act_order: false` = group parameters from the updated weights (GPTQ paper); `true` = columns by decreasing diag H, static groups from the original weights (modelpress' default since commit ee6297e){'; *ours act_order* forces true' if a.matched else ''} | default `actorder="static"` (= our `act_order: true`) |
 | GPTQ w4 g128 | last group of a 576-wide row is partial (4 x 128 + 64) | fails: hidden size 576 is not a multiple of 128 (see the table) |
 | Wanda | score abs(W) x norm(X_j), per output row, `sparsity: 0.5` | `WandaPruningModifier(sparsity=0.5, mask_structure="0:0")` |
 | SparseGPT | `sparsity: 0.5`, block 128, damp 0.01, mask per block by w^2/[H^-1]_jj^2 | `SparseGPTModifier(sparsity=0.5, mask_structure="0:0", block_size=128, dampening_frac=0.01)` |
