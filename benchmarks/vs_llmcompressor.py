@@ -393,6 +393,18 @@ Settings, made apples to apples (everything else is each tool's default):
 | SparseGPT | `sparsity: 0.5`, block 128, damp 0.01, mask per block by w^2/[H^-1]_jj^2 | `SparseGPTModifier(sparsity=0.5, mask_structure="0:0", block_size=128, dampening_frac=0.01)` |
 | weights evaluated | dequantized / masked dense weights patched into the original model | their model saved dense (`save_compressed=False`, quantization parameters dropped), loaded as a plain HF model |
 """
+    caveats = []
+    if calib.input_ids.numel() < 64 * 512 or windows.numel() < 16 * 512:
+        caveats.append(f"This run is smaller than the defaults (64 x 512 calibration, 16 x 512 evaluation): with "
+                       f"{windows.numel()} evaluation tokens, perplexity gaps of about 1% between two GPTQ/SparseGPT "
+                       "implementations are within the spread that GPTQ's error feedback gives from tiny rounding "
+                       "differences, so the 0.5% verdicts below are indicative only.")
+    if a.threads != 2:
+        caveats.append(f"Threads: {a.threads} for both tools. At 2 threads on this shared, oversubscribed 2-core machine "
+                       "every small per-column op of the GPTQ/SparseGPT loops (both tools') waits on an OpenMP barrier, "
+                       "which multiplies wall and CPU time by an order of magnitude and swamps the comparison.")
+    if caveats:
+        notes = notes.rstrip() + "\n\n" + "\n\n".join(caveats)
     return (notes.strip() + "\n\n### Results\n\n" + table(hdr, res_rows)
             + "\n\n### Targets (issue 2)\n\n" + table(["ours", "target", "measured", "needed", "status"], tgt_rows))
 
