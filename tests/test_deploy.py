@@ -225,12 +225,16 @@ def test_runtime_bytes_and_quantized_bytes():
 
 def test_calibrate_tiny_model_reports_positive_times():
     from modelpress.deploy.measure import calibrate, shrunk_config
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    m = _tiny_llama()
-    tw = shrunk_config(m.config)
-    assert (tw.num_hidden_layers, tw.num_attention_heads, tw.head_dim, tw.hidden_size) == (2, 4, 8, 64)
-    ids = torch.randint(0, 128, (1, 16))
-    res = calibrate(m, ids, new_tokens=4, vendor=load_profile("raspberry-pi-5"))
+    try:
+        m = _tiny_llama()
+        tw = shrunk_config(m.config)
+        assert (tw.num_hidden_layers, tw.num_attention_heads, tw.head_dim, tw.hidden_size) == (2, 4, 8, 64)
+        ids = torch.randint(0, 128, (1, 16))
+        res = calibrate(m, ids, new_tokens=4, vendor=load_profile("raspberry-pi-5"))
+    finally:
+        torch.set_num_threads(n)            # no leak into later tests
     assert res["measured"]["decode_s"] > 0 and res["measured"]["prefill_s"] > 0
     assert len(res["estimates"]) == 4
     for r in res["estimates"].values():

@@ -8,12 +8,25 @@ and an optional keep mask (pruned weights stay exactly zero, their error is prop
 sparse+quantized, as in SparseGPT)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import quant
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the column loop on one thread: its ops touch a few thousand floats, and on a busy machine an
+    OpenMP parallel region per op costs far more (spin/barrier waits) than the op itself."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class HessianNotPD(ValueError):
@@ -82,20 +95,21 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
         i2 = min(i1 + blocksize, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            g = col // gs
-            if not static and col % gs == 0:      # dynamic groups: params of the updated weights
-                s, z = quant.scale_zero(W1[:, i:i + gs] * keep[:, i1 + i:i1 + i + gs], bits, sym)
-                s_all[:, g], z_all[:, g] = s, z
-            w, d = W1[:, i], U1[i, i]
-            q = quant.quantize(w, s_all[:, g], z_all[:, g], bits)
-            wq = quant.dequantize(q, s_all[:, g], z_all[:, g]) * keep[:, i1 + i]
-            Q[:, i1 + i] = q.to(torch.uint8)
-            loss += (w - wq) ** 2 / d ** 2 / 2
-            err = (w - wq) / d                                           # (rows,)
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
+        with single_thread():
+            for i in range(i2 - i1):
+                col = int(perm[i1 + i])
+                g = col // gs
+                if not static and col % gs == 0:      # dynamic groups: params of the updated weights
+                    s, z = quant.scale_zero(W1[:, i:i + gs] * keep[:, i1 + i:i1 + i + gs], bits, sym)
+                    s_all[:, g], z_all[:, g] = s, z
+                w, d = W1[:, i], U1[i, i]
+                q = quant.quantize(w, s_all[:, g], z_all[:, g], bits)
+                wq = quant.dequantize(q, s_all[:, g], z_all[:, g]) * keep[:, i1 + i]
+                Q[:, i1 + i] = q.to(torch.uint8)
+                loss += (w - wq) ** 2 / d ** 2 / 2
+                err = (w - wq) / d                                           # (rows,)
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
     return GPTQResult(Q[:, inv], s_all, z_all, float(loss.sum()), damp)

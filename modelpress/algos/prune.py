@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .gptq import inverse_hessian_chol, prepare_hessian
+from .gptq import inverse_hessian_chol, prepare_hessian, single_thread
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -95,28 +95,29 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
             keep1 = _keep_lowest_pruned(score.reshape(1, -1), k).reshape(score.shape)
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                n, m = nm
-                score = W1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
-                keep1[:, i:i + m] = _nm_keep(score, n, m)
-            w, d = W1[:, i], U1[i, i]
-            col = i1 + i
-            if bits is not None:
-                if group_size is not None and col % gs == 0:
-                    g_end = min(i + gs, i2 - i1)
-                    s, z = quant.scale_zero(W1[:, i:g_end] * keep1[:, i:g_end], bits, sym)
-                    S[:, col // gs], Z[:, col // gs] = s, z
-                s, z = S[:, col // gs], Z[:, col // gs]
-                qc = quant.quantize(w * keep1[:, i], s, z, bits)
-                Q[:, col] = qc.to(torch.uint8)
-                wq = quant.dequantize(qc, s, z) * keep1[:, i]
-            else:
-                wq = w * keep1[:, i]
-            err = (w - wq) / d
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = wq
-            Err1[:, i] = err
+        with single_thread():
+            for i in range(i2 - i1):
+                if nm is not None and i % nm[1] == 0:
+                    n, m = nm
+                    score = W1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
+                    keep1[:, i:i + m] = _nm_keep(score, n, m)
+                w, d = W1[:, i], U1[i, i]
+                col = i1 + i
+                if bits is not None:
+                    if group_size is not None and col % gs == 0:
+                        g_end = min(i + gs, i2 - i1)
+                        s, z = quant.scale_zero(W1[:, i:g_end] * keep1[:, i:g_end], bits, sym)
+                        S[:, col // gs], Z[:, col // gs] = s, z
+                    s, z = S[:, col // gs], Z[:, col // gs]
+                    qc = quant.quantize(w * keep1[:, i], s, z, bits)
+                    Q[:, col] = qc.to(torch.uint8)
+                    wq = quant.dequantize(qc, s, z) * keep1[:, i]
+                else:
+                    wq = w * keep1[:, i]
+                err = (w - wq) / d
+                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                W1[:, i] = wq
+                Err1[:, i] = err
         W[:, i1:i2] = W1
         keep[:, i1:i2] = keep1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
