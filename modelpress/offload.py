@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import UserError
-from .export.native import FORMAT, MANIFEST, WEIGHTS, _config_dict, collect_tensors, write_checksums
-from .io import atomic_save_file, sha256_tensor
+from .export.native import FORMAT, MANIFEST, WEIGHTS, collect_tensors, write_folder_files
+from .io import atomic_dir, atomic_save_file, sha256_tensor
 from .model import decoder_layers, layer_linears, normalize, set_module
 
 SUPPORTED = ("quantize", "prune")
@@ -324,9 +323,7 @@ def export_offloaded(model: nn.Module, store: LayerStore, tokenizer, out: str | 
     out = Path(out)
     if out.exists() and not (out / MANIFEST).exists() and any(out.iterdir()):
         raise UserError(f"output folder {out} exists and is not a modelpress export: choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         outside, modules, aliases = _outside_tensors(model)
         specs = [(n, _ST_DTYPES[t.dtype], list(t.shape)) for n, t in outside.items()]
         per_layer = []
@@ -343,30 +340,7 @@ def export_offloaded(model: nn.Module, store: LayerStore, tokenizer, out: str | 
                 yield store.read(i, names)
 
         sha = write_safetensors_streaming(tmp / WEIGHTS, specs, read, {"format": FORMAT})
-        manifest = {"format": FORMAT, "dtype": str(store.dtype), "model_type": model.config.model_type,
-                    "modules": modules, "aliases": aliases, "tensor_sha256": sha}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / "config.json").write_text(json.dumps(_config_dict(model), indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        import yaml
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float))
-        if calibration is not None:
-            (tmp / "calibration.json").write_text(json.dumps(calibration, indent=1))
-        write_checksums(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_folder_files(tmp, model, tokenizer, str(store.dtype), modules, aliases, sha, recipe, report, calibration)
     return out
 
 

@@ -71,24 +71,31 @@ def save(model: nn.Module, tokenizer, out: str | os.PathLike, recipe: dict | Non
     with atomic_dir(out) as tmp:
         tensors, modules, aliases = collect_tensors(model)
         atomic_save_file(tensors, tmp / WEIGHTS, metadata={"format": FORMAT})
-        dtype = str(next(model.parameters()).dtype)
-        manifest = {"format": FORMAT, "dtype": dtype, "model_type": model.config.model_type,
-                    "modules": modules, "aliases": aliases,
-                    "tensor_sha256": {k: sha256_tensor(v) for k, v in tensors.items()}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        (tmp / "config.json").write_text(json.dumps(_config_dict(model), indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float))
-        if calibration is not None:
-            (tmp / "calibration.json").write_text(json.dumps(calibration, indent=1))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        write_checksums(tmp)
+        sha = {k: sha256_tensor(v) for k, v in tensors.items()}
+        write_folder_files(tmp, model, tokenizer, str(next(model.parameters()).dtype), modules, aliases, sha,
+                           recipe, report, calibration, extra_files)
     return out
+
+
+def write_folder_files(tmp: Path, model: nn.Module, tokenizer, dtype: str, modules: dict, aliases: dict,
+                       tensor_sha256: dict, recipe: dict | None = None, report: dict | None = None,
+                       calibration: dict | None = None, extra_files: dict[str, str] | None = None) -> None:
+    """Everything of an export folder beside model.safetensors, checksums.json last."""
+    manifest = {"format": FORMAT, "dtype": dtype, "model_type": model.config.model_type,
+                "modules": modules, "aliases": aliases, "tensor_sha256": tensor_sha256}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (tmp / "config.json").write_text(json.dumps(_config_dict(model), indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if recipe is not None:
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if report is not None:
+        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    if calibration is not None:
+        (tmp / "calibration.json").write_text(json.dumps(calibration, indent=1))
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    write_checksums(tmp)
 
 
 def write_checksums(folder: Path) -> None:
