@@ -22,12 +22,12 @@ from .export.native import apply_state, collect_tensors
 from .io import atomic_save_file, atomic_write_text
 
 
-def _save_module(module: nn.Module, path: Path) -> None:
+def save_module(module: nn.Module, path: Path) -> None:
     tensors, modules, aliases = collect_tensors(module)
     atomic_save_file(tensors, path, metadata={"modules": json.dumps(modules), "aliases": json.dumps(aliases)})
 
 
-def _load_module(module: nn.Module, path: Path) -> None:
+def load_module(module: nn.Module, path: Path) -> None:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     apply_state(module, load_file(path), json.loads(meta["modules"]), json.loads(meta["aliases"]), str(path))
@@ -51,7 +51,7 @@ class StageCheckpoint:
         if self.done == 0:
             return 0, None, {}
         for i in range(self.done):
-            _load_module(layers[i], self.folder / f"layer{i}.safetensors")
+            load_module(layers[i], self.folder / f"layer{i}.safetensors")
         saved = load_file(self.folder / f"inputs{self.done}.safetensors")
         inputs = [saved[f"b{j}"] for j in range(len(saved))]
         return self.done, inputs, self.progress["stats"]
@@ -59,7 +59,7 @@ class StageCheckpoint:
     def save(self, i: int, layer: nn.Module, next_inputs: list[torch.Tensor], stats: dict) -> None:
         # order matters for a kill at any instant: layer and inputs first (new names), progress last,
         # then the inputs the progress no longer points to are removed
-        _save_module(layer, self.folder / f"layer{i}.safetensors")
+        save_module(layer, self.folder / f"layer{i}.safetensors")
         atomic_save_file({f"b{j}": x.detach().cpu() for j, x in enumerate(next_inputs)},
                          self.folder / f"inputs{i + 1}.safetensors")
         self.progress = {"done": i + 1, "stats": {**self.progress["stats"], **_jsonable(stats)}}
@@ -101,11 +101,11 @@ class Run:
         return (self.stage_dir(k) / "stats.json").exists()
 
     def restore_stage(self, k: int, model: nn.Module) -> dict:
-        _load_module(model, self.stage_dir(k) / "model.safetensors")
+        load_module(model, self.stage_dir(k) / "model.safetensors")
         return json.loads((self.stage_dir(k) / "stats.json").read_text())
 
     def finish_stage(self, k: int, model: nn.Module, stats: dict) -> None:
-        _save_module(model, self.stage_dir(k) / "model.safetensors")
+        save_module(model, self.stage_dir(k) / "model.safetensors")
         atomic_write_text(self.stage_dir(k) / "stats.json", json.dumps(_jsonable(stats), default=float))
         for p in self.stage_dir(k).glob("*"):      # only once the stage is marked finished
             if p.name.startswith(("layer", "inputs")):

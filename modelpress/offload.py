@@ -36,9 +36,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoint import save_module
 from .errors import UserError
 from .export.native import FORMAT, MANIFEST, WEIGHTS, collect_tensors, write_folder_files
-from .io import atomic_dir, atomic_save_file, sha256_tensor
+from .io import atomic_dir, sha256_tensor
 from .model import decoder_layers, layer_linears, normalize, set_module
 
 SUPPORTED = ("quantize", "prune")
@@ -93,11 +94,6 @@ class Shards:
             sl = h.get_slice(name)
             st, shape = sl.get_dtype(), list(sl.get_shape())
         return (_ST_DTYPES[dtype] if st in ("F32", "F16", "BF16", "F64") else st), shape
-
-
-def _save_layer(layer: nn.Module, path: Path) -> None:
-    tensors, modules, aliases = collect_tensors(layer)
-    atomic_save_file(tensors, path, metadata={"modules": json.dumps(modules), "aliases": json.dumps(aliases)})
 
 
 def _transplant(layer: nn.Module, path: Path) -> None:
@@ -159,7 +155,7 @@ class LayerStore:
 
     def save(self, i: int, layer: nn.Module, next_inputs, stats: dict) -> None:
         path = self.work / f"stage{self.stage}" / f"layer{i}.safetensors"
-        _save_layer(layer, path)
+        save_module(layer, path)
         if i in self.latest and self.latest[i].parent != path.parent:
             self.latest[i].unlink(missing_ok=True)       # the previous stage's copy is superseded
         self.latest[i] = path

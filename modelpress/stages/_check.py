@@ -51,3 +51,13 @@ def plain_or(stage: str, name: str, module, allowed: tuple[type, ...]) -> None:
     if type(module) is not torch.nn.Linear and not isinstance(module, allowed):
         raise UserError(f"{name} is already a {type(module).__name__} from an earlier stage, which {stage} would "
                         f"replace: exclude it from {stage} (exclude: [...]) or reorder the stages")
+
+
+BUDGETS = ("uniform", "capability", "sensitivity", "owl")
+
+
+def budget(stage: str, value, spread, max_spread: float) -> None:
+    """budget in BUDGETS; budget_spread null or in [0, max_spread]."""
+    choice(stage, "budget", value, BUDGETS)
+    if spread is not None:
+        float_range(stage, "budget_spread", spread, 0.0, max_spread)

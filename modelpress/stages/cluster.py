@@ -41,9 +41,7 @@ class Cluster:
 
     def __post_init__(self):
         _check.choice("cluster", "k", self.k, C.KS)
-        _check.choice("cluster", "budget", self.budget, ("uniform", "capability", "sensitivity", "owl"))
-        if self.budget_spread is not None:
-            _check.float_range("cluster", "budget_spread", self.budget_spread, 0.0, 6.0)
+        _check.budget("cluster", self.budget, self.budget_spread, 6.0)
         if self.group_rows is not None:
             _check.int_range("cluster", "group_rows", self.group_rows, 1, 1 << 20)
         _check.choice("cluster", "weighting", self.weighting, ("none", "activation", "hessian-diag"))

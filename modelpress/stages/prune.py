@@ -44,12 +44,10 @@ class Prune:
         _check.float_range("prune", "damp", self.damp, 0.0, 1.0)
         _check.patterns("prune", "include", self.include)
         _check.patterns("prune", "exclude", self.exclude)
-        _check.choice("prune", "budget", self.budget, ("uniform", "capability", "sensitivity", "owl"))
+        _check.budget("prune", self.budget, self.budget_spread, 1.0)
         if self.budget != "uniform" and nm:
             raise UserError(f"prune.budget {self.budget} needs pattern unstructured ({self.pattern} fixes every "
                             "layer's sparsity): set budget: uniform or pattern: unstructured")
-        if self.budget_spread is not None:
-            _check.float_range("prune", "budget_spread", self.budget_spread, 0.0, 1.0)
 
     @property
     def needs_calibration(self) -> bool:

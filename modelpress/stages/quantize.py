@@ -45,9 +45,7 @@ class Quantize:
         _check.choice("quantize", "observer", self.observer, ("minmax", "mse"))
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
-        _check.choice("quantize", "budget", self.budget, ("uniform", "capability", "sensitivity", "owl"))
-        if self.budget_spread is not None:
-            _check.float_range("quantize", "budget_spread", self.budget_spread, 0.0, 6.0)
+        _check.budget("quantize", self.budget, self.budget_spread, 6.0)
 
     @property
     def needs_calibration(self) -> bool:
