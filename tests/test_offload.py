@@ -34,7 +34,10 @@ def test_offload_equals_in_memory(case, model_dir, tmp_path):
     ref, tok = mp.load(model_dir)
     mp.compress(ref, recipe, calib)
     skel, store, stats = compress_offloaded(model_dir, recipe, calib, tmp_path / "work")
-    assert all(p.is_meta for layer in store.layers for p in layer.parameters())     # nothing resident
+    if store.layers is not None:                  # calibrated: a meta skeleton, nothing left resident
+        assert all(p.is_meta for layer in store.layers for p in layer.parameters())
+    else:                                         # calibration-free: no model built at all
+        assert not isinstance(skel, torch.nn.Module)
     out = export_offloaded(skel, store, tok, tmp_path / "out")
     back, _ = load_compressed(out)
     ids = calib.input_ids[:2]

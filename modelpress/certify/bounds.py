@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy.stats import beta as _beta
 
 from modelpress.errors import UserError
 
@@ -46,7 +45,8 @@ def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
         raise UserError(f"Clopper-Pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
     if k == n:
         return 1.0
-    return float(_beta.ppf(1.0 - delta, k + 1, n - k))
+    from scipy.stats import beta      # lazy: scipy.stats adds ~20 MB to every `import modelpress`
+    return float(beta.ppf(1.0 - delta, k + 1, n - k))
 
 
 def clopper_pearson_lower(k: int, n: int, delta: float) -> float:
@@ -56,7 +56,8 @@ def clopper_pearson_lower(k: int, n: int, delta: float) -> float:
         raise UserError(f"Clopper-Pearson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
     if k == 0:
         return 0.0
-    return float(_beta.ppf(delta, k, n - k + 1))
+    from scipy.stats import beta
+    return float(beta.ppf(delta, k, n - k + 1))
 
 
 def _as_samples(x, a: float, b: float) -> np.ndarray:
