@@ -33,9 +33,11 @@ import json, resource, sys, time
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)
-from modelpress.api import run_recipe
-from modelpress.offload import run_recipe_offloaded
 from modelpress.recipe import Recipe
+if {offload!r}:
+    from modelpress.offload import run_recipe_offloaded
+else:
+    from modelpress.api import run_recipe
 floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 recipe = Recipe.from_yaml({recipe!r})
 t0 = time.perf_counter()

@@ -51,19 +51,25 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
               torch.bool: "BOOL"}
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _FLOAT = ("F32", "F16", "BF16", "F64")
-CHUNK_BYTES = 4 << 20          # rows read per step: about 4 MB (a multiple of 8 rows, so packed codes align)
+CHUNK_BYTES = 1 << 20          # rows read per step: about 1 MB (a multiple of 8 rows, so packed codes align)
 CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")     # linears stored (in, out): need the skeleton
 
 
-def release_memory() -> None:
-    """Collect reference cycles (replaced modules sit in them) and hand freed heap pages back to the OS:
-    glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in the heap, so without
-    malloc_trim the resident set would grow by about a layer per layer."""
-    gc.collect()
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS: glibc keeps freed blocks below its (adaptive, up to 32 MB)
+    mmap threshold in the heap and trims only above twice that, so the temporaries of a few row chunks
+    would otherwise stay resident (measured: +30-40 MB over one 1664 x 4480 linear)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):       # not glibc: nothing to trim
         pass
+
+
+def release_memory() -> None:
+    """Collect reference cycles (replaced modules sit in them), then trim_heap: without it the resident
+    set would grow by about a layer per layer."""
+    gc.collect()
+    trim_heap()
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -304,7 +310,7 @@ def structure_from_shards(shards: Shards, config) -> Structure | None:
     if "lm_head.weight" in shards.files:
         o, i = shards.files["lm_head.weight"].spec("lm_head.weight")[1]
         out_lin["lm_head"] = (o, i, "lm_head.bias" in shards.files)
-    elif getattr(config, "tie_word_embeddings", False):
+    else:                               # no output projection stored: it is tied to the input embedding
         emb = [k for k in outside if k.endswith(".weight") and len(shards.files[k].spec(k)[1]) == 2
                and "embed" in k]
         if len(emb) != 1:
@@ -312,8 +318,6 @@ def structure_from_shards(shards: Shards, config) -> Structure | None:
         aliases["lm_head.weight"] = emb[0]
         o, i = shards.files[emb[0]].spec(emb[0])[1]
         out_lin["lm_head"] = (o, i, False)
-    else:
-        return None
     return Structure(prefix, layer_names, linears, outside, out_lin, aliases)
 
 
@@ -560,7 +564,6 @@ def compress_offloaded(model_dir: str | os.PathLike, recipe, calib, work: Path
     """Apply the recipe's stages layer by layer, continuing whatever `work` holds from an interrupted run.
     Returns (the skeleton model, or an object with the model's `config` when no stage needed one;
     the layer store; per-stage stats)."""
-    from transformers import AutoConfig
     check_recipe(recipe)
     dtype = getattr(torch, recipe.dtype)
     folder = Path(model_dir)
@@ -569,7 +572,7 @@ def compress_offloaded(model_dir: str | os.PathLike, recipe, calib, work: Path
         model, shards = skeleton(folder, dtype)
     else:
         shards = Shards(folder)
-        config = AutoConfig.from_pretrained(folder)
+        config = RawConfig(json.loads((folder / "config.json").read_text()))
         struct = structure_from_shards(shards, config)
         if struct is None:
             model, shards = skeleton(folder, dtype)
@@ -609,6 +612,23 @@ class _ConfigOnly:
     config: object
 
 
+class RawConfig:
+    """config.json as read, with attribute access: transformers.AutoConfig imports the model package
+    (~85 MB resident), which a run that builds no model does not need."""
+
+    def __init__(self, d: dict):
+        self._d = d
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["_d"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_dict(self) -> dict:
+        return dict(self._d)
+
+
 def _meta_linear(o: int, i: int, bias: bool) -> nn.Linear:
     return nn.Linear(i, o, bias=bias, device="meta")
 
@@ -642,6 +662,7 @@ def rtn_entries(w: Src, bias: Src | None, out_f: int, in_f: int, cfg, dtype: tor
             sums["zeros"] += int((w_hat == 0).sum())
             del W64, w_hat
             yield quant.pack(q, bits)
+            trim_heap()
 
     def stats() -> dict:
         noise, signal = sums["noise"], sums["signal"]
@@ -757,10 +778,15 @@ def _per_linear_summary(store, name, cfg, layers) -> dict:
 
 # ---------------------------------------------------------------------------------------------- export
 
+TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|"
+                             r"spiece\.model|chat_template\..*|sentencepiece.*\.model)$")
+
+
 def export_offloaded(model, store: LayerStore, tokenizer, out: str | os.PathLike, recipe: dict | None = None,
                      report: dict | None = None, calibration: dict | None = None) -> Path:
     """The native export folder (same files as modelpress.export.save), streamed tensor by tensor in row
-    chunks from the shards and the layer files."""
+    chunks from the shards and the layer files. `tokenizer`: a tokenizer object (saved with
+    save_pretrained), or the model folder, whose tokenizer files are copied as they are."""
     from .export.native import FORMAT, MANIFEST, WEIGHTS, write_folder_files
     from .io import atomic_dir
     out = Path(out)
@@ -778,6 +804,11 @@ def export_offloaded(model, store: LayerStore, tokenizer, out: str | os.PathLike
             modules.update({pre + k: v for k, v in mods.items()})
             aliases.update({pre + k: pre + v for k, v in al.items()})
         sha, _ = write_streaming(tmp / WEIGHTS, entries, {"format": FORMAT})
+        if isinstance(tokenizer, (str, os.PathLike)):
+            for p in sorted(Path(tokenizer).iterdir()):
+                if p.is_file() and TOKENIZER_FILES.match(p.name):
+                    shutil.copyfile(p, tmp / p.name)
+            tokenizer = None
         write_folder_files(tmp, model, tokenizer, str(store.dtype), modules, aliases, sha, recipe, report, calibration)
     return out
 
@@ -794,18 +825,18 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
     a run interrupted at any point continues with resume=True and writes the same files as an
     uninterrupted run (the wall-clock times are therefore only in the returned report, not in
     report.json). Returns the report."""
-    from transformers import AutoTokenizer
-
     from .calib import calibration_set
     from .model import REFERENCE, smollm2_dir
     src = Path(smollm2_dir() if str(model_src) == REFERENCE else model_src)
     if not (src / "config.json").exists():
         raise UserError(f"--offload needs a local HF folder with config.json and safetensors shards, got {model_src}")
     check_recipe(recipe)
-    tok = AutoTokenizer.from_pretrained(src)
-    c = recipe.calibration
-    calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, None)
-             if recipe.needs_calibration else None)
+    calib = None
+    if recipe.needs_calibration:         # the tokenizer classes cost ~80 MB of imports: only when needed
+        from transformers import AutoTokenizer
+        c = recipe.calibration
+        calib = calibration_set(AutoTokenizer.from_pretrained(src), c.source, c.select, c.samples, c.seqlen,
+                                c.seed, c.field, None)
     work = Path(f"{out}.offload")
     fp = _fingerprint(recipe, calib, model_src)
     fpf = work / "fingerprint.json"
@@ -826,7 +857,7 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
               "stages": [{"name": s["name"], "summary": s["summary"]} for s in stages]}
     if calib is not None:
         report["calibration"] = calib.provenance
-    export_offloaded(model, store, tok, out, recipe.to_dict(), report,
+    export_offloaded(model, store, src, out, recipe.to_dict(), report,
                      calib.provenance if calib is not None else None)
     shutil.rmtree(work, ignore_errors=True)
     report["compress_seconds"] = time.perf_counter() - t0
