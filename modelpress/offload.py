@@ -541,6 +541,8 @@ def skeleton(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Shards]:
     tied = getattr(model.config, "tie_word_embeddings", False)
     if missing and not (tied and all(k == "lm_head.weight" or k.endswith(".lm_head.weight") for k in missing)):
         raise UserError(f"tensors {missing[:3]} are missing from the shards in {folder}: the folder does not match config.json")
+    if tied:
+        model.tie_weights()
     now = [k for k in outside if k in shards.files and not k.startswith(lazy)]
     model.load_state_dict(shards.get(now, dtype), strict=False, assign=True)
     if emb is not None:
@@ -561,7 +563,10 @@ def skeleton(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Shards]:
             placeholder(mod)
             trim_heap()
 
+        shared = head is not None and head.weight is emb.weight
         placeholder(emb)
+        if shared:                          # keep the tie visible (structure_from_model reads it as an alias)
+            head.weight = emb.weight
         emb.register_forward_pre_hook(materialize)
         emb.register_forward_hook(release)
     return model, shards
