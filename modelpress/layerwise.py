@@ -8,6 +8,7 @@
    deployed model). At most one layer plus the activations live on the compute device."""
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -21,6 +22,16 @@ from .targets import Target
 
 class _Stop(Exception):
     pass
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim). Each layer's forward passes and statistics
+    free tens of MB of temporaries that glibc would otherwise keep in its heap, so the resident set would
+    grow layer by layer although nothing is live. A no-op where libc is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _to(x, dev):
@@ -104,12 +115,11 @@ class Step:
                 seen.append((raw, name))
                 x = raw.detach().reshape(-1, raw.shape[-1]).float()   # (tokens, cols)
                 n_new = x.shape[0]
-                if kind == "hessian":
+                if kind == "hessian":             # running mean, in place: H <- H n_old/n + 2 X^T X / n
                     n_old = counts[name]
-                    H = stats.get(name)
-                    H = torch.zeros(x.shape[1], x.shape[1], device=x.device) if H is None else H * (n_old / (n_old + n_new))
-                    xs = x * (2.0 / (n_old + n_new)) ** 0.5
-                    stats[name] = torch.addmm(H, xs.t(), xs)
+                    if name not in stats:
+                        stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                    stats[name].addmm_(x.t(), x, beta=n_old / (n_old + n_new), alpha=2.0 / (n_old + n_new))
                 elif kind == "input_sq_norm":
                     stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
                 elif kind == "inputs":
@@ -155,9 +165,11 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
         layer.to(device)
         step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device)
         yield step
+        trim_heap()
         inputs = step.outputs()
         step.inputs = []
         layer.to(home)
+        trim_heap()
         if checkpoint is not None:
             checkpoint.save(i, layer, inputs, step.extra.get("stats", {}))
 
@@ -177,10 +189,14 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
         advance(checkpoint.done if checkpoint is not None else 0)
         for step in steps(model, calib, batch_size, checkpoint=checkpoint):
             linears = step.linears(target)
-            res = (fn(linears, step.collect(linears, collect)) or {}) if linears else {}
+            stats = step.collect(linears, collect) if linears else {}
+            trim_heap()                      # the forward's temporaries, before the stage allocates its own
+            res = (fn(linears, stats) or {}) if linears else {}
+            del stats
             step.extra["stats"] = res
             out.update(res)
             advance()
             if step.index == touched[-1]:
+                trim_heap()
                 break          # later layers are untouched: no need to propagate further
     return out

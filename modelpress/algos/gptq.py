@@ -66,17 +66,22 @@ class GPTQResult:
     zero: Tensor     # (rows, n_groups) float32, integer-valued
     loss: float      # sum of (w - w_hat)^2 / [H^-1]_jj^2 / 2 (the OBQ objective)
     damp: float
+    row_loss: Tensor | None = None   # (rows,) the objective per output row (split it for stacked linears)
 
 
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
          keep: Tensor | None = None, observer: str = "minmax") -> GPTQResult:
-    """Quantize W (rows, cols) given H (cols, cols). keep: optional bool mask (rows, cols)."""
+    """Quantize W (rows, cols) given H (cols, cols). keep: optional bool mask (rows, cols).
+    Rows are independent given H: linears that read the same input (q/k/v, gate/up) can be stacked
+    into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
     quant.check_groups(cols, group_size)
     W, H, _ = prepare_hessian(W, H)
+    masked = keep is not None
     keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.bool().clone()
-    W *= keep
+    if masked:
+        W *= keep
     gs = group_size or cols
     if group_size:
         blocksize = group_size * max(1, blocksize // group_size)   # groups never straddle blocks
@@ -88,28 +93,38 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
         z_all = torch.zeros_like(s_all)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
+    group = perm // gs                                                   # (cols,) group of each permuted column
     U, damp = inverse_hessian_chol(H, percdamp)
     Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(rows, device=W.device)
+    mq = quant.maxq(bits)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]                    # (rows, B), (B, B)
+        K1 = keep[:, i1:i2].float() if masked else None
+        if static:
+            S1, Z1 = s_all[:, group[i1:i2]], z_all[:, group[i1:i2]]      # (rows, B) each
+        else:
+            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
+        Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
         with single_thread():
             for i in range(i2 - i1):
-                col = int(perm[i1 + i])
-                g = col // gs
-                if not static and col % gs == 0:      # dynamic groups: params of the updated weights
-                    s, z = quant.scale_zero(W1[:, i:i + gs] * keep[:, i1 + i:i1 + i + gs], bits, sym)
-                    s_all[:, g], z_all[:, g] = s, z
-                w, d = W1[:, i], U1[i, i]
-                q = quant.quantize(w, s_all[:, g], z_all[:, g], bits)
-                wq = quant.dequantize(q, s_all[:, g], z_all[:, g]) * keep[:, i1 + i]
-                Q[:, i1 + i] = q.to(torch.uint8)
-                loss += (w - wq) ** 2 / d ** 2 / 2
-                err = (w - wq) / d                                           # (rows,)
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+                if not static and (i1 + i) % gs == 0:                     # dynamic groups: params of the updated weights
+                    j = min(i + gs, i2 - i1)
+                    s, z = quant.scale_zero(W1[:, i:j] * K1[:, i:j] if masked else W1[:, i:j], bits, sym)
+                    s_all[:, (i1 + i) // gs], z_all[:, (i1 + i) // gs] = s, z
+                    S1[:, i:j], Z1[:, i:j] = s[:, None], z[:, None]
+                w, s, z = W1[:, i], S1[:, i], Z1[:, i]
+                q = torch.clamp(torch.round(w / s) + z, 0, mq)            # quant.quantize
+                wq = (q - z) * s                                          # quant.dequantize
+                if masked:
+                    wq *= K1[:, i]
+                err = (w - wq) / U1[i, i]                                 # (rows,)
+                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
+                Q1[:, i] = q
                 Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Q[:, i1:i2] = Q1.to(torch.uint8)
+        loss += Err1.pow(2).sum(1) / 2
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     inv = torch.argsort(perm)
-    return GPTQResult(Q[:, inv], s_all, z_all, float(loss.sum()), damp)
+    return GPTQResult(Q[:, inv], s_all, z_all, float(loss.sum()), damp, loss)

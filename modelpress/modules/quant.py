@@ -4,7 +4,10 @@ Both subclass nn.Linear and keep a dense `weight` derived deterministically from
 the forward is an ordinary F.linear and a reloaded module gives bit-identical outputs.
   SparseLinear: surviving values (original dtype) + a packed keep bitmask (1 bit per weight).
   QuantLinear:  b-bit codes packed (only survivors when a keep mask exists), fp16 scales, b-bit packed
-                zero points (asymmetric only), optional packed keep bitmask."""
+                zero points (asymmetric only), optional packed keep bitmask.
+In memory the codes and masks are held packed too (`q` and `keep` unpack on access), and a module built
+with in_place=True writes its dense weight into the replaced linear's own storage: compressing a model
+costs about the packed codes on top of the model, not a second copy of every weight."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,19 +35,45 @@ def _shell(cls, in_f: int, out_f: int, bias: Tensor | None, dtype: torch.dtype):
     return m
 
 
-class SparseLinear(nn.Linear):
+def _dense(lin: nn.Linear, w: Tensor, in_place: bool) -> nn.Parameter:
+    """The new module's weight: w written into lin's own storage (in_place; lin is being replaced and its
+    weight is shared with nothing else) or a fresh parameter."""
+    if in_place and lin.weight.device != torch.device("meta") and lin.weight.shape == w.shape:
+        with torch.no_grad():
+            lin.weight.data.copy_(w)
+        lin.weight.requires_grad_(False)
+        return lin.weight
+    return nn.Parameter(w.to(lin.weight.dtype).to(lin.weight.device), requires_grad=False)
+
+
+class _Packed:
+    """`keep` (bool (rows, cols) or None) stored as a packed bitmask buffer `keep_bits`."""
+
+    @property
+    def keep(self) -> Tensor | None:
+        bits = self.keep_bits
+        return None if bits is None else unpack_mask(bits, (self.out_features, self.in_features)).to(bits.device)
+
+    def _set_keep_bits(self, keep: Tensor | None, dev) -> None:
+        self.register_buffer("keep_bits", None if keep is None else pack_mask(keep.bool()).to(dev), persistent=False)
+
+
+class SparseLinear(_Packed, nn.Linear):
     kind = "SparseLinear"
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, keep: Tensor) -> "SparseLinear":
+    def from_linear(cls, lin: nn.Linear, keep: Tensor, in_place: bool = False,
+                    weight: Tensor | None = None) -> "SparseLinear":
+        """weight: updated dense weights (SparseGPT) instead of lin's; pruned entries are zeroed here."""
         m = _shell(cls, lin.in_features, lin.out_features, lin.bias, lin.weight.dtype)
         keep = keep.bool().to(lin.weight.device)
-        m.weight = nn.Parameter(lin.weight.detach() * keep, requires_grad=False)
-        m.register_buffer("keep", keep, persistent=False)
+        m.weight = _dense(lin, (lin.weight.detach() if weight is None else weight) * keep, in_place)
+        m._set_keep_bits(keep, lin.weight.device)
         return m
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
-        t = {"values": self.weight.detach()[self.keep].contiguous(), "keep": pack_mask(self.keep)}
+        keep = self.keep
+        t = {"values": self.weight.detach()[keep].contiguous(), "keep": pack_mask(keep)}
         if self.bias is not None:
             t["bias"] = self.bias.detach()
         return t, {"in": self.in_features, "out": self.out_features, "dtype": str(self.weight.dtype)}
@@ -59,40 +88,55 @@ class SparseLinear(nn.Linear):
         lin.weight.data = w
         if "bias" in t:
             lin.bias.data = t["bias"]
-        return cls.from_linear(lin, keep)
+        return cls.from_linear(lin, keep, in_place=True)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_Packed, nn.Linear):
     kind = "QuantLinear"
 
     @classmethod
     def build(cls, lin: nn.Linear, q: Tensor, scale: Tensor, zero: Tensor, bits: int,
-              group_size: int | None, sym: bool, keep: Tensor | None = None) -> "QuantLinear":
+              group_size: int | None, sym: bool, keep: Tensor | None = None,
+              weight: Tensor | None = None, in_place: bool = False) -> "QuantLinear":
+        """weight: the dequantized codes if the caller has them already (float32 (rows, cols));
+        in_place: write it into lin.weight's storage (lin is replaced and shares its weight with nothing)."""
         m = _shell(cls, lin.in_features, lin.out_features, lin.bias, lin.weight.dtype)
         m.bits, m.group_size, m.sym = bits, group_size, sym
-        dev = lin.weight.device
-        m.register_buffer("q", q.to(torch.uint8).to(dev), persistent=False)
+        dev = lin.weight.device if lin.weight.device != torch.device("meta") else q.device
+        m.register_buffer("qpacked", quant.pack(q, bits).to(dev), persistent=False)
         m.register_buffer("scale", scale.half().to(dev), persistent=False)
         m.register_buffer("zero", zero.to(torch.uint8).to(dev), persistent=False)
-        m.register_buffer("keep", None if keep is None else keep.bool().to(dev), persistent=False)
-        m.weight = nn.Parameter(m.dequantized().to(lin.weight.dtype), requires_grad=False)
+        m._set_keep_bits(keep, dev)
+        if weight is None:
+            weight = quant.dequantize_groups(q.to(dev), m.scale.float(), m.zero.float(), group_size,
+                                             None if keep is None else keep.bool().to(dev))
+        m.weight = _dense(lin, weight, in_place)
         return m
+
+    @property
+    def q(self) -> Tensor:
+        """Codes (rows, cols) uint8."""
+        n = self.out_features * self.in_features
+        return quant.unpack(self.qpacked, self.bits, n).reshape(self.out_features, self.in_features).to(self.qpacked.device)
 
     def dequantized(self) -> Tensor:
         return quant.dequantize_groups(self.q, self.scale.float(), self.zero.float(), self.group_size, self.keep)
 
     def set_keep(self, keep: Tensor) -> None:
         """Prune after quantization: pruned weights become exactly zero, codes stay."""
-        self.keep = keep.bool().to(self.q.device) if self.keep is None else (self.keep & keep.bool())
+        old = self.keep
+        dev = self.qpacked.device
+        self._set_keep_bits(keep.bool().to(dev) if old is None else (old & keep.bool().to(dev)), dev)
         self.weight.data = self.dequantized().to(self.weight.dtype)
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
-        codes = self.q if self.keep is None else self.q[self.keep]
-        t = {"qweight": quant.pack(codes, self.bits), "scales": self.scale.contiguous()}
+        keep = self.keep
+        t = {"qweight": self.qpacked if keep is None else quant.pack(self.q[keep], self.bits),
+             "scales": self.scale.contiguous()}
         if not self.sym:
             t["zeros"] = quant.pack(self.zero, self.bits)
-        if self.keep is not None:
-            t["keep"] = pack_mask(self.keep)
+        if keep is not None:
+            t["keep"] = pack_mask(keep)
         if self.bias is not None:
             t["bias"] = self.bias.detach()
         cfg = {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group_size": self.group_size,

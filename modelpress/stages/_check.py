@@ -1,4 +1,4 @@
-"""Shared validation helpers for stage configs: each raises UserError naming `<stage>.<field>`."""
+"""Shared helpers for stage configs: validation (each raises UserError naming `<stage>.<field>`) and tied-weight detection."""
 from __future__ import annotations
 
 from ..errors import UserError
@@ -61,3 +61,12 @@ def budget(stage: str, value, spread, max_spread: float) -> None:
     choice(stage, "budget", value, BUDGETS)
     if spread is not None:
         float_range(stage, "budget_spread", spread, 0.0, max_spread)
+
+
+def shared_storages(model) -> set[int]:
+    """data_ptr of every parameter that more than one module holds (tied embeddings/lm_head): a stage
+    must not write a compressed weight into such a tensor in place."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[p.data_ptr()] = seen.get(p.data_ptr(), 0) + 1
+    return {ptr for ptr, n in seen.items() if n > 1}

@@ -69,9 +69,11 @@ class Prune:
         s += f" + w{self.bits} g{self.group_size}" if self.bits else ""
         return s + (f" ({self.budget} budget)" if self.budget != "uniform" else "")
 
-    def prune_one(self, name: str, lin: torch.nn.Linear, stat: torch.Tensor | None) -> tuple[torch.nn.Module, dict]:
+    def prune_one(self, name: str, lin: torch.nn.Linear, stat: torch.Tensor | None,
+                  in_place: bool = False) -> tuple[torch.nn.Module, dict]:
+        """in_place: the new module's dense weight reuses lin's storage (lin shares it with nothing)."""
         _check.plain_or("prune", name, lin, (SparseLinear, QuantLinear))
-        W = lin.weight.detach().float()
+        W = lin.weight.detach().float()       # may alias lin.weight: read before any in-place write
         if self.method == "sparsegpt" and stat is not None:
             if isinstance(lin, QuantLinear):
                 raise UserError(f"prune.method sparsegpt cannot update the quantized {name}: put prune before "
@@ -79,31 +81,35 @@ class Prune:
             W_hat, keep, qparams = P.sparsegpt(W, stat, self.sparsity, self.pattern, self.block_size, self.damp,
                                                self.bits, self.group_size, self.sym)
             if qparams is not None:
-                new = QuantLinear.build(lin, *qparams, self.bits, self.group_size, self.sym, keep)
-            else:
-                lin.weight.data = W_hat.to(lin.weight.dtype)
-                new = SparseLinear.from_linear(lin, keep)
+                W_hat = quant.dequantize_groups(*qparams, self.group_size, keep)
+            W_hat = W_hat.to(lin.weight.dtype)
         else:
             keep = (P.wanda_mask(W, stat, self.sparsity, self.pattern) if self.method == "wanda"
                     else P.magnitude_mask(W, self.sparsity, self.pattern))
-            if isinstance(lin, QuantLinear):
-                lin.set_keep(keep)
-                new = lin
-            else:
-                new = SparseLinear.from_linear(lin, keep)
-        info = {"kind": type(new).__name__, "sparsity": P.sparsity(new.weight),
-                "sqnr": quant.sqnr(W, new.weight.float())}
-        return new, info
+            W_hat, qparams = None, None
+        if isinstance(lin, QuantLinear):
+            lin.set_keep(keep)
+            new = lin
+        else:
+            if W_hat is None:
+                W_hat = lin.weight.detach() * keep.to(lin.weight.device)
+            info = {"sparsity": P.sparsity(W_hat), "sqnr": quant.sqnr(W, W_hat.float())}
+            new = (QuantLinear.build(lin, *qparams, self.bits, self.group_size, self.sym, keep, W_hat, in_place)
+                   if qparams is not None else SparseLinear.from_linear(lin, keep, in_place, weight=W_hat))
+            return new, {"kind": type(new).__name__, **info}
+        return new, {"kind": type(new).__name__, "sparsity": P.sparsity(new.weight),
+                     "sqnr": quant.sqnr(W, new.weight.float())}
 
     def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
         per = self.budget_map(model, calib)
+        shared = _check.shared_storages(model)
 
         def do(linears, stats):
             out = {}
             for name, lin in linears.items():
                 cfg = dataclasses.replace(self, sparsity=per[name], budget="uniform") if name in per else self
-                new, info = cfg.prune_one(name, lin, stats.get(name))
+                new, info = cfg.prune_one(name, lin, stats.get(name), lin.weight.data_ptr() not in shared)
                 if new is not lin:
                     set_module(model, names[id(lin)], new)
                 out[name] = info

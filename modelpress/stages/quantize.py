@@ -67,41 +67,63 @@ class Quantize:
         s = f"{self.method} w{self.bits} {g} {'sym' if self.sym else 'asym'}"
         return s + (f" ({self.budget} budget)" if self.budget != "uniform" else "")
 
-    def quantize_one(self, name: str, lin: torch.nn.Linear, H: torch.Tensor | None) -> tuple[QuantLinear, dict]:
-        if isinstance(lin, QuantLinear):
-            raise UserError(f"{name} is already quantized: remove the second quantize stage or exclude it")
-        _check.plain_or("quantize", name, lin, (SparseLinear,))
-        keep = lin.keep if isinstance(lin, SparseLinear) else None
-        W = lin.weight.detach().float()
-        info: dict = {}
+    def quantize_group(self, items: list[tuple[str, torch.nn.Linear]], H: torch.Tensor | None,
+                       in_place: bool = False) -> dict[str, tuple[QuantLinear, dict]]:
+        """Quantize linears that read the same input (one Hessian H, or none for RTN). With GPTQ their
+        rows are stacked into one problem: one Cholesky and one column loop (rows are independent given
+        H, so the codes are those of one call per linear)."""
+        for name, lin in items:
+            if isinstance(lin, QuantLinear):
+                raise UserError(f"{name} is already quantized: remove the second quantize stage or exclude it")
+            _check.plain_or("quantize", name, lin, (SparseLinear,))
+        Ws = [lin.weight.detach().float() for _, lin in items]          # (rows_i, cols) each
+        keeps = [lin.keep if isinstance(lin, SparseLinear) else None for _, lin in items]
+        res: list[tuple] = []
         if self.method == "gptq" and H is not None:
             try:
-                r = G.gptq(W, H, self.bits, self.group_size, self.sym, self.damp, self.block_size,
-                           self.act_order, keep, self.observer)
-                q, s, z = r.q, r.scale, r.zero
-                info.update(loss=r.loss, damp=r.damp)
+                keep = None if all(k is None for k in keeps) else torch.cat(
+                    [torch.ones_like(W, dtype=torch.bool) if k is None else k for W, k in zip(Ws, keeps)])
+                r = G.gptq(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, self.bits, self.group_size, self.sym,
+                           self.damp, self.block_size, self.act_order, keep, self.observer)
+                rows = [W.shape[0] for W in Ws]
+                for q, sc, z, rl in zip(r.q.split(rows), r.scale.split(rows), r.zero.split(rows), r.row_loss.split(rows)):
+                    res.append((q, sc, z, {"loss": float(rl.sum()), "damp": r.damp}))
             except G.HessianNotPD as e:
-                log.warning("%s: %s; fell back to RTN (add calibration samples or raise quantize.damp)", name, e)
-                q, s, z = quant.rtn(W, self.bits, self.group_size, self.sym, keep, self.observer)
-                info["fallback"] = "rtn"
+                log.warning("%s: %s; fell back to RTN (add calibration samples or raise quantize.damp)",
+                            ", ".join(n for n, _ in items), e)
+                res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer), {"fallback": "rtn"})
+                       for W, k in zip(Ws, keeps)]
         else:
-            q, s, z = quant.rtn(W, self.bits, self.group_size, self.sym, keep, self.observer)
-        new = QuantLinear.build(lin, q, s, z, self.bits, self.group_size, self.sym, keep)
-        info.update(kind="QuantLinear", bits=self.bits, sqnr=quant.sqnr(W, new.weight.float()),
-                    sparsity=float((new.weight == 0).float().mean()))
-        return new, info
+            res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer), {}) for W, k in zip(Ws, keeps)]
+        out = {}
+        for (name, lin), W, k, (q, sc, z, info) in zip(items, Ws, keeps, res):
+            w_hat = quant.dequantize_groups(q, sc, z, self.group_size, k).to(lin.weight.dtype)   # (rows, cols)
+            info.update(kind="QuantLinear", bits=self.bits, sqnr=quant.sqnr(W, w_hat.float()),
+                        sparsity=float((w_hat == 0).float().mean()))
+            # W may alias lin.weight (fp32): everything above reads it before the in-place write below
+            out[name] = (QuantLinear.build(lin, q, sc, z, self.bits, self.group_size, self.sym, k, w_hat, in_place), info)
+        return out
+
+    def quantize_one(self, name: str, lin: torch.nn.Linear, H: torch.Tensor | None) -> tuple[QuantLinear, dict]:
+        return self.quantize_group([(name, lin)], H)[name]
 
     def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
         per = self.budget_map(model, calib)
+        shared = _check.shared_storages(model)
 
         def do(linears, stats):
-            out = {}
+            groups: dict[tuple, list] = {}     # (config, id of the Hessian) -> [(name, linear)]
             for name, lin in linears.items():
                 cfg = dataclasses.replace(self, bits=per[name], budget="uniform") if name in per else self
-                new, info = cfg.quantize_one(name, lin, stats.get(name))
-                set_module(model, names[id(lin)], new)
-                out[name] = info
+                H = stats.get(name)
+                groups.setdefault((cfg, id(H) if H is not None else name), []).append((name, lin))
+            out = {}
+            for (cfg, _), items in groups.items():
+                in_place = all(lin.weight.data_ptr() not in shared for _, lin in items)
+                for name, (new, info) in cfg.quantize_group(items, stats.get(items[0][0]), in_place).items():
+                    set_module(model, names[id(linears[name])], new)
+                    out[name] = info
             return out
 
         if self.method == "gptq":
