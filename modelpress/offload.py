@@ -454,17 +454,43 @@ class LayerStore:
                                   assign=True, strict=True)
 
     def save(self, i: int, layer: nn.Module, next_inputs, stats: dict) -> None:
+        """Layer i is done: its file and the next layer's inputs first, the progress that points to them
+        last (a kill in between leaves the previous state intact)."""
         from .checkpoint import save_module
         d = self.work / f"stage{self.stage}"
         path = d / f"layer{i}.safetensors"
         save_module(layer, path)
         layer.to("meta")                                 # release: the layer lives on disk from here
         release_memory()
-        if next_inputs is not None:
-            atomic_save_file({f"b{j}": x.detach().cpu() for j, x in enumerate(next_inputs)},
-                             d / f"inputs{i + 1}.safetensors")
-        self.record(f"layer{i}", path, sha256_file(path), stats, done=i + 1 if next_inputs is not None else None)
+        atomic_save_file({f"b{j}": x.detach().cpu() for j, x in enumerate(next_inputs)}, d / f"inputs{i + 1}.safetensors")
+        self.record(f"layer{i}", path, sha256_file(path), stats, done=i + 1)
         (d / f"inputs{i}.safetensors").unlink(missing_ok=True)
+
+    def save_final(self, items: list[tuple[int, nn.Module]], stage_stats: dict) -> None:
+        """The layers the engine left materialized (it stops after the last targeted layer without handing
+        it back) and the end of the stage, recorded by one progress write: a kill before it recomputes
+        them from their previous home, a kill after it finds the stage finished."""
+        from .checkpoint import save_module
+        d = self.work / f"stage{self.stage}"
+        written = []
+        for i, layer in items:
+            path = d / f"layer{i}.safetensors"
+            save_module(layer, path)
+            layer.to("meta")
+            release_memory()
+            written.append((i, path, sha256_file(path)))
+        for i, path, digest in written:
+            self.progress["files"][f"layer{i}"] = digest
+            self.digests[path] = digest
+        self.progress["stats"], self.progress["finished"] = _jsonable(stage_stats), True
+        self._write_progress()
+        for i, path, _ in written:
+            old = self.latest.get(i)
+            if old is not None and old != path:
+                old.unlink(missing_ok=True)
+            self.latest[i] = path
+        for p in d.glob("inputs*.safetensors"):
+            p.unlink()
 
     def retype(self) -> None:
         """Give the skeleton's (meta) modules the classes the layer files hold (a calibration-free stage
@@ -610,10 +636,8 @@ def compress_offloaded(model_dir: str | os.PathLike, recipe, calib, work: Path
                 raise UserError(f"{name}.method {cfg.method} needs calibration data: add a `calibration:` block")
             store.retype()
             st = cfg.apply(model, calib, checkpoint=store)
-            for i, layer in enumerate(store.layers):      # the engine stops after the last targeted layer
-                if any(not p.is_meta for p in layer.parameters()):     # without handing it back
-                    store.save(i, layer, None, {})
-            store.finish_stage(st)
+            store.save_final([(i, layer) for i, layer in enumerate(store.layers)
+                              if any(not p.is_meta for p in layer.parameters())], st)
         else:
             st = _per_linear(store, name, cfg)
             store.finish_stage(st)

@@ -47,8 +47,12 @@ def counted_comp(*a, **k):
 def counted_save(*a, **k):
     state["layers_saved"] += 1
     return save(*a, **k)
+def counted_final(self, items, st):
+    state["layers_saved"] += len(items)
+    return final(self, items, st)
 O.SafeFile.read, O.LayerStore.begin_stage, O.export_offloaded = counted_read, counted_begin, counted_export
-O._compress_linear, O.LayerStore.save = counted_comp, counted_save
+final = O.LayerStore.save_final
+O._compress_linear, O.LayerStore.save, O.LayerStore.save_final = counted_comp, counted_save, counted_final
 O.run_recipe_offloaded(Recipe.from_yaml(recipe), model, out, resume=resume == "1")
 print(json.dumps(state))
 """
