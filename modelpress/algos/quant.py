@@ -119,6 +119,14 @@ def check_groups(cols: int, group_size: int | None) -> None:
 def pack(q: Tensor, bits: int) -> Tensor:
     """Pack unsigned codes (any shape, values < 2^bits) into a flat uint8 tensor, little-endian bit order
     (for 4 bits: two codes per byte, the first in the low nibble)."""
+    if bits in (1, 2, 4, 8):                   # whole codes per byte: shifts, no per-bit expansion
+        per = 8 // bits
+        a = q.detach().cpu().reshape(-1).to(torch.uint8)
+        a = torch.nn.functional.pad(a, (0, -a.numel() % per)).reshape(-1, per)     # (bytes, codes per byte)
+        out = a[:, 0].clone()
+        for k in range(1, per):
+            out |= a[:, k] << (bits * k)
+        return out
     a = q.detach().cpu().reshape(-1).to(torch.uint8).numpy()
     b = np.unpackbits(a[:, None], axis=1, bitorder="little")[:, :bits]      # (n, bits)
     return torch.from_numpy(np.packbits(b.reshape(-1), bitorder="little"))
@@ -131,7 +139,7 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 def sqnr(ref: Tensor, approx: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
-    ref, approx = ref.double(), approx.double()
-    noise = (ref - approx).pow(2).sum()
-    return float("inf") if noise == 0 else float(10 * torch.log10(ref.pow(2).sum() / noise))
+    """Signal-to-quantization-noise ratio in dB (norms accumulated in float64, no float64 copies)."""
+    noise = torch.linalg.vector_norm(ref - approx, dtype=torch.float64)
+    signal = torch.linalg.vector_norm(ref, dtype=torch.float64)
+    return float("inf") if noise == 0 else float(20 * torch.log10(signal / noise))
