@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import hashlib
 import json
@@ -53,7 +52,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _FLOAT = ("F32", "F16", "BF16", "F64")
 CHUNK_BYTES = 1 << 20          # rows read per step: about 1 MB (a multiple of 8 rows, so packed codes align)
-CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")     # linears stored (in, out): need the skeleton
+CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")     # linears stored (in, out): refused
 
 
 def trim_heap() -> None:
@@ -304,8 +303,6 @@ def structure_from_shards(shards: Shards, config) -> Structure | None:
     """The structure of an ordinary decoder LM (every 2-D `.weight` inside the stack is an nn.Linear, the
     output projection is `lm_head`) read from the shard names alone, so no model class is imported; None
     when the folder does not look like one (the caller builds the skeleton instead)."""
-    if getattr(config, "model_type", None) in CONV1D_MODELS:
-        return None
     n = getattr(config, "num_hidden_layers", None)
     pat = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
     groups: dict[str, dict[int, list[str]]] = {}
@@ -630,6 +627,10 @@ def compress_offloaded(model_dir: str | os.PathLike, recipe, calib, work: Path
     check_recipe(recipe)
     dtype = getattr(torch, recipe.dtype)
     folder = Path(model_dir)
+    mtype = json.loads((folder / "config.json").read_text()).get("model_type")
+    if mtype in CONV1D_MODELS:
+        raise UserError(f"--offload reads linear weights as stored (out, in), but {mtype} stores them transposed "
+                        "(Conv1D): compress this model without --offload")
     model, layers, struct = None, None, None
     if any(_calibrated(cfg) for _, cfg in recipe.stages):
         model, shards = skeleton(folder, dtype)

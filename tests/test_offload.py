@@ -1,6 +1,5 @@
 """Disk offload: compressing layer by layer from safetensors shards gives the same model as the
 in-memory path, exported by streaming in the native format."""
-import copy
 
 import pytest
 import torch
@@ -156,3 +155,11 @@ def test_offload_tied_embeddings(case, tmp_path):
     assert back.lm_head.weight is back.model.embed_tokens.weight
     with torch.no_grad():
         assert torch.equal(back(calib.input_ids).logits, ref(calib.input_ids).logits)
+
+
+def test_offload_refuses_conv1d_models(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path)
+    recipe = mp.Recipe.from_dict({"stages": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}}]})
+    with pytest.raises(UserError, match="transposed"):
+        compress_offloaded(tmp_path, recipe, None, tmp_path / "work")
