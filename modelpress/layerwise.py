@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,28 @@ from .targets import Target
 
 class _Stop(Exception):
     pass
+
+
+def parallel_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
+    """[fn(x) for x in items], spread over torch.get_num_threads() Python threads that each run torch on one
+    thread (inter-op instead of intra-op parallelism). For the per-linear solvers (GPTQ, SparseGPT): their
+    column loops are thousands of small ops that one thread runs best, and the linears of a layer are
+    independent. `cost` orders the work largest first. Results come back in the order of `items`."""
+    n = torch.get_num_threads()
+    if n <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
+
+    def one(i):
+        torch.set_num_threads(1)             # this thread's OpenMP/MKL setting
+        return i, fn(items[i])
+
+    try:
+        with ThreadPoolExecutor(min(n, len(items))) as pool:
+            done = dict(pool.map(one, order))
+    finally:
+        torch.set_num_threads(n)
+    return [done[i] for i in range(len(items))]
 
 
 def trim_heap() -> None:

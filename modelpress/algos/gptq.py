@@ -34,19 +34,21 @@ class HessianNotPD(ValueError):
 
 
 def inverse_hessian_chol(H: Tensor, percdamp: float, tries: int = 4) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + lambda I)^-1, lambda = percdamp * mean(diag H); the damping grows
-    x10 per failed try. Returns (U, percdamp used); raises HessianNotPD when every try fails."""
+    """Upper Cholesky factor U of (H + lambda I)^-1 = U^T U, lambda = percdamp * mean(diag H); the damping
+    grows x10 per failed try. Returns (U, percdamp used); raises HessianNotPD when every try fails.
+    One factorization: with J the reversal permutation, J H J = L L^T gives H = R R^T with R = J L J upper,
+    so (H)^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J."""
     cols = H.shape[0]
     mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(cols, device=H.device, dtype=H.dtype)
     for t in range(tries):
         d = percdamp * (10 ** t)
-        Hd = H + d * mean_diag * torch.eye(cols, device=H.device, dtype=H.dtype)
+        Hd = (H + d * mean_diag * eye).flip(0, 1)                                 # J (H + lambda I) J
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
-                return U, d
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)             # (cols, cols) lower
+            if torch.isfinite(Linv).all():
+                return Linv.flip(0, 1), d
     raise HessianNotPD(f"Hessian not positive definite even with damping {percdamp * 10 ** (tries - 1):g}")
 
 
@@ -67,6 +69,7 @@ class GPTQResult:
     loss: float      # sum of (w - w_hat)^2 / [H^-1]_jj^2 / 2 (the OBQ objective)
     damp: float
     row_loss: Tensor | None = None   # (rows,) the objective per output row (split it for stacked linears)
+    w_hat: Tensor | None = None      # (rows, cols) float32 dequantized weights, = dequantize_groups(q, scale, zero)
 
 
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
@@ -77,54 +80,63 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
     quant.check_groups(cols, group_size)
-    W, H, _ = prepare_hessian(W, H)
-    masked = keep is not None
-    keep = torch.ones_like(W, dtype=torch.bool) if keep is None else keep.bool().clone()
-    if masked:
-        W *= keep
+    H = H.float().clone()
+    dead = torch.diag(H) == 0                                            # dead inputs: H_jj = 1, W[:, j] = 0
+    H[dead, dead] = 1
     gs = group_size or cols
     if group_size:
         blocksize = group_size * max(1, blocksize // group_size)   # groups never straddle blocks
     static = act_order or group_size is None
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    inv = torch.argsort(perm)
+    # transposed layout: a column of W is a contiguous row of WT, so the per-column ops stream memory
+    WT = W.detach().float().t()[perm]                                    # (cols, rows) copy
+    WT[dead[perm]] = 0
+    masked = keep is not None
+    KT = keep.bool().t()[perm].float() if masked else None               # (cols, rows)
+    if masked:
+        WT *= KT
     if static:  # group parameters from the original (masked) weights
-        s_all, z_all = quant.group_params(W, bits, group_size, sym, observer)
+        s_all, z_all = quant.group_params(WT[inv].t(), bits, group_size, sym, observer)
     else:
         s_all = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device)
         z_all = torch.zeros_like(s_all)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H, keep = W[:, perm], H[perm][:, perm], keep[:, perm]
     group = perm // gs                                                   # (cols,) group of each permuted column
-    U, damp = inverse_hessian_chol(H, percdamp)
-    Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    U, damp = inverse_hessian_chol(H[perm][:, perm], percdamp)
+    QT = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(rows, device=W.device)
     mq = quant.maxq(bits)
+    # two-level lazy batching: rank-1 updates stay inside sub-blocks of `sub` columns; sub-blocks and blocks
+    # update the columns after them with one GEMM each (the same result as column-by-column updates)
+    sub = next(b for b in (32, 16, 8, 4, 2, 1) if static or gs % b == 0)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]                    # (rows, B), (B, B)
-        K1 = keep[:, i1:i2].float() if masked else None
+        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]                              # (B, rows) view, (B, B)
         if static:
-            S1, Z1 = s_all[:, group[i1:i2]], z_all[:, group[i1:i2]]      # (rows, B) each
+            S1, Z1 = s_all[:, group[i1:i2]].t().contiguous(), z_all[:, group[i1:i2]].t().contiguous()
         else:
-            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
-        Q1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
+            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)          # (B, rows) each
+        Q1, E1 = torch.empty_like(W1), torch.empty_like(W1)
         with single_thread():
-            for i in range(i2 - i1):
-                if not static and (i1 + i) % gs == 0:                     # dynamic groups: params of the updated weights
-                    j = min(i + gs, i2 - i1)
-                    s, z = quant.scale_zero(W1[:, i:j] * K1[:, i:j] if masked else W1[:, i:j], bits, sym)
-                    s_all[:, (i1 + i) // gs], z_all[:, (i1 + i) // gs] = s, z
-                    S1[:, i:j], Z1[:, i:j] = s[:, None], z[:, None]
-                w, s, z = W1[:, i], S1[:, i], Z1[:, i]
-                q = torch.clamp(torch.round(w / s) + z, 0, mq)            # quant.quantize
-                wq = (q - z) * s                                          # quant.dequantize
-                if masked:
-                    wq *= K1[:, i]
-                err = (w - wq) / U1[i, i]                                 # (rows,)
-                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
-                Q1[:, i] = q
-                Err1[:, i] = err
-        Q[:, i1:i2] = Q1.to(torch.uint8)
-        loss += Err1.pow(2).sum(1) / 2
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
-    inv = torch.argsort(perm)
-    return GPTQResult(Q[:, inv], s_all, z_all, float(loss.sum()), damp, loss)
+            for j1 in range(0, i2 - i1, sub):
+                j2 = min(j1 + sub, i2 - i1)
+                for i in range(j1, j2):
+                    if not static and (i1 + i) % gs == 0:   # dynamic groups: params of the updated weights
+                        j = min(i + gs, i2 - i1)          # (a group starts a sub-block: its columns are up to date)
+                        wg = W1[i:j] * KT[i1 + i:i1 + j] if masked else W1[i:j]
+                        s, z = quant.scale_zero(wg.t(), bits, sym)
+                        s_all[:, (i1 + i) // gs], z_all[:, (i1 + i) // gs] = s, z
+                        S1[i:j], Z1[i:j] = s, z
+                    w, s, z = W1[i], S1[i], Z1[i]                         # (rows,) each
+                    q = torch.clamp(torch.round(w / s) + z, 0, mq)        # quant.quantize
+                    wq = (q - z) * s                                      # quant.dequantize
+                    if masked:
+                        wq *= KT[i1 + i]
+                    err = (w - wq) / U1[i, i]                             # (rows,)
+                    W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1)
+                    Q1[i], E1[i], W1[i] = q, err, wq                      # WT ends as the dequantized weights
+                W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
+        QT[i1:i2] = Q1.to(torch.uint8)
+        loss += E1.pow(2).sum(0) / 2
+        WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+    return GPTQResult(QT[inv].t(), s_all, z_all, float(loss.sum()), damp, loss, WT[inv].t())

@@ -77,52 +77,56 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
             blocksize = group_size * max(1, blocksize // group_size)
     W, H, dead = prepare_hessian(W, H)
     U, _ = inverse_hessian_chol(H, percdamp)
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     gs = group_size or cols
-    Q = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device) if bits else None
+    # transposed layout (a column of W is a contiguous row of WT) and two-level lazy batching as in gptq:
+    # a sub-block never splits an N:M group or starts inside a quantization group
+    WT = W.t().contiguous()                                              # (cols, rows)
+    KT = torch.ones(cols, rows, dtype=torch.bool, device=W.device)
+    QT = torch.zeros(cols, rows, dtype=torch.uint8, device=W.device) if bits else None
     S = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device) if bits else None
     Z = torch.zeros_like(S) if bits else None
     if bits is not None and group_size is None:   # per-channel: one range per row, from the whole row
         S[:, 0], Z[:, 0] = quant.scale_zero(W, bits, sym)
+    del W
+    sub = next((b for b in (32, 16, 8, 4, 2, 1) if (bits is None or group_size is None or gs % b == 0)
+                and (nm is None or b % nm[1] == 0)), blocksize)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        Err1 = torch.zeros_like(W1)
+        W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]                              # (B, rows) view, (B, B)
         d1 = torch.diag(U1)
+        K1 = KT[i1:i2]
         if nm is None:
-            score = W1 ** 2 / d1[None, :] ** 2
-            k = int(score.numel() * sparsity)
-            keep1 = _keep_lowest_pruned(score.reshape(1, -1), k).reshape(score.shape)
-        else:
-            keep1 = torch.ones_like(W1, dtype=torch.bool)
+            score = W1 ** 2 / d1[:, None] ** 2
+            K1.copy_(_keep_lowest_pruned(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape))
+        E1 = torch.empty_like(W1)
         with single_thread():
-            for i in range(i2 - i1):
-                if nm is not None and i % nm[1] == 0:
-                    n, m = nm
-                    score = W1[:, i:i + m] ** 2 / d1[i:i + m][None, :] ** 2
-                    keep1[:, i:i + m] = _nm_keep(score, n, m)
-                w, d = W1[:, i], U1[i, i]
-                col = i1 + i
-                if bits is not None:
-                    if group_size is not None and col % gs == 0:
-                        g_end = min(i + gs, i2 - i1)
-                        s, z = quant.scale_zero(W1[:, i:g_end] * keep1[:, i:g_end], bits, sym)
-                        S[:, col // gs], Z[:, col // gs] = s, z
-                    s, z = S[:, col // gs], Z[:, col // gs]
-                    qc = quant.quantize(w * keep1[:, i], s, z, bits)
-                    Q[:, col] = qc.to(torch.uint8)
-                    wq = quant.dequantize(qc, s, z) * keep1[:, i]
-                else:
-                    wq = w * keep1[:, i]
-                err = (w - wq) / d
-                W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-                W1[:, i] = wq
-                Err1[:, i] = err
-        W[:, i1:i2] = W1
-        keep[:, i1:i2] = keep1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    W *= keep
-    return W, keep, ((Q, S, Z) if bits is not None else None)
+            for j1 in range(0, i2 - i1, sub):
+                j2 = min(j1 + sub, i2 - i1)
+                for i in range(j1, j2):
+                    if nm is not None and i % nm[1] == 0:
+                        n, m = nm
+                        score = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2          # (m, rows)
+                        K1[i:i + m] = _nm_keep(score.t(), n, m).t()
+                    w, d, k = W1[i], U1[i, i], K1[i]
+                    col = i1 + i
+                    if bits is not None:
+                        if group_size is not None and col % gs == 0:
+                            g_end = min(i + gs, i2 - i1)
+                            s, z = quant.scale_zero((W1[i:g_end] * K1[i:g_end]).t(), bits, sym)
+                            S[:, col // gs], Z[:, col // gs] = s, z
+                        s, z = S[:, col // gs], Z[:, col // gs]
+                        qc = quant.quantize(w * k, s, z, bits)
+                        QT[col] = qc.to(torch.uint8)
+                        wq = quant.dequantize(qc, s, z) * k
+                    else:
+                        wq = w * k
+                    err = (w - wq) / d
+                    W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1)
+                    W1[i], E1[i] = wq, err
+                W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
+        WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
+    WT *= KT
+    return WT.t(), KT.t(), ((QT.t(), S, Z) if bits is not None else None)
 
 
 def sparsity(w: Tensor) -> float:

@@ -43,7 +43,7 @@ def _dense(lin: nn.Linear, w: Tensor, in_place: bool) -> nn.Parameter:
             lin.weight.data.copy_(w)
         lin.weight.requires_grad_(False)
         return lin.weight
-    return nn.Parameter(w.to(lin.weight.dtype).to(lin.weight.device), requires_grad=False)
+    return nn.Parameter(w.to(lin.weight.dtype).to(lin.weight.device).contiguous(), requires_grad=False)
 
 
 class _Packed:

@@ -86,8 +86,9 @@ class Quantize:
                 r = G.gptq(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, self.bits, self.group_size, self.sym,
                            self.damp, self.block_size, self.act_order, keep, self.observer)
                 rows = [W.shape[0] for W in Ws]
-                for q, sc, z, rl in zip(r.q.split(rows), r.scale.split(rows), r.zero.split(rows), r.row_loss.split(rows)):
-                    res.append((q, sc, z, {"loss": float(rl.sum()), "damp": r.damp}))
+                for q, sc, z, rl, wh in zip(r.q.split(rows), r.scale.split(rows), r.zero.split(rows),
+                                            r.row_loss.split(rows), r.w_hat.split(rows)):
+                    res.append((q, sc, z, {"loss": float(rl.sum()), "damp": r.damp, "w_hat": wh}))
             except G.HessianNotPD as e:
                 log.warning("%s: %s; fell back to RTN (add calibration samples or raise quantize.damp)",
                             ", ".join(n for n, _ in items), e)
@@ -97,9 +98,10 @@ class Quantize:
             res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer), {}) for W, k in zip(Ws, keeps)]
         out = {}
         for (name, lin), W, k, (q, sc, z, info) in zip(items, Ws, keeps, res):
-            w_hat = quant.dequantize_groups(q, sc, z, self.group_size, k).to(lin.weight.dtype)   # (rows, cols)
+            w_hat = info.pop("w_hat", None)                                                      # (rows, cols)
+            w_hat = (quant.dequantize_groups(q, sc, z, self.group_size, k) if w_hat is None else w_hat).to(lin.weight.dtype)
             info.update(kind="QuantLinear", bits=self.bits, sqnr=quant.sqnr(W, w_hat.float()),
-                        sparsity=float((w_hat == 0).float().mean()))
+                        sparsity=1.0 - int(torch.count_nonzero(w_hat)) / w_hat.numel())
             # W may alias lin.weight (fp32): everything above reads it before the in-place write below
             out[name] = (QuantLinear.build(lin, q, sc, z, self.bits, self.group_size, self.sym, k, w_hat, in_place), info)
         return out
@@ -118,10 +120,12 @@ class Quantize:
                 cfg = dataclasses.replace(self, bits=per[name], budget="uniform") if name in per else self
                 H = stats.get(name)
                 groups.setdefault((cfg, id(H) if H is not None else name), []).append((name, lin))
+            work = [(cfg, items, stats.get(items[0][0]), all(lin.weight.data_ptr() not in shared for _, lin in items))
+                    for (cfg, _), items in groups.items()]
             out = {}
-            for (cfg, _), items in groups.items():
-                in_place = all(lin.weight.data_ptr() not in shared for _, lin in items)
-                for name, (new, info) in cfg.quantize_group(items, stats.get(items[0][0]), in_place).items():
+            for res in layerwise.parallel_map(lambda w: w[0].quantize_group(*w[1:]), work,
+                                              cost=lambda w: sum(lin.weight.numel() for _, lin in w[1]) * w[1][0][1].in_features):
+                for name, (new, info) in res.items():
                     set_module(model, names[id(linears[name])], new)
                     out[name] = info
             return out
