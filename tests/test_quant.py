@@ -82,3 +82,26 @@ def test_stage_falls_back_to_rtn_with_message(caplog):
     assert info["fallback"] == "rtn"
     assert "fell back to RTN" in caplog.text
     assert info["sqnr"] > 15
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(2, 32, False), (3, 64, False), (4, 64, True), (4, None, False), (8, 48, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantlinear_codes_exact_from_weight_or_packed(bits, gs, sym, dtype):
+    """fp32 QuantLinears derive their codes from the weight; bf16 ones keep them packed: both give back
+    exactly the codes they were built from (survivors), and the fp32 export refuses a modified weight."""
+    from modelpress.modules import QuantLinear
+    g = torch.Generator().manual_seed(bits)
+    lin = torch.nn.Linear(96, 24, dtype=dtype)
+    keep = torch.rand(24, 96, generator=g) > 0.3
+    q, s, z = Q.rtn(lin.weight.float() * 3, bits, gs, sym, keep)
+    m = QuantLinear.build(lin, q, s, z, bits, gs, sym, keep, in_place=True)
+    assert m.weight.data_ptr() == lin.weight.data_ptr()              # written into the replaced weight
+    assert torch.equal(m.q[keep], q[keep])
+    assert (m.qpacked is None) == (dtype == torch.float32)
+    state, cfg = m.to_state()
+    assert torch.equal(QuantLinear.from_state(state, cfg).weight, m.weight)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            m.weight[0, 0] += 1e-3
+        with pytest.raises(RuntimeError, match="changed after quantization"):
+            m.to_state()

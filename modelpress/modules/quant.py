@@ -103,7 +103,10 @@ class QuantLinear(_Packed, nn.Linear):
         m = _shell(cls, lin.in_features, lin.out_features, lin.bias, lin.weight.dtype)
         m.bits, m.group_size, m.sym = bits, group_size, sym
         dev = lin.weight.device if lin.weight.device != torch.device("meta") else q.device
-        m.register_buffer("qpacked", quant.pack(q, bits).to(dev), persistent=False)
+        # float32/64 weights hold the codes exactly (w = s (q - z), s fp16-exact: q = round(w / s) + z), so the
+        # codes are derived from the weight on demand; lower-precision weights keep them packed
+        derived = lin.weight.dtype in (torch.float32, torch.float64)
+        m.register_buffer("qpacked", None if derived else quant.pack(q, bits).to(dev), persistent=False)
         m.register_buffer("scale", scale.half().to(dev), persistent=False)
         m.register_buffer("zero", zero.to(torch.uint8).to(dev), persistent=False)
         m._set_keep_bits(keep, dev)
@@ -115,24 +118,32 @@ class QuantLinear(_Packed, nn.Linear):
 
     @property
     def q(self) -> Tensor:
-        """Codes (rows, cols) uint8."""
-        n = self.out_features * self.in_features
-        return quant.unpack(self.qpacked, self.bits, n).reshape(self.out_features, self.in_features).to(self.qpacked.device)
+        """Codes (rows, cols) uint8 (pruned positions: the zero point's code when derived)."""
+        rows, cols = self.out_features, self.in_features
+        if self.qpacked is not None:
+            return quant.unpack(self.qpacked, self.bits, rows * cols).reshape(rows, cols).to(self.qpacked.device)
+        s = quant.expand(self.scale.float(), self.group_size, cols)
+        z = quant.expand(self.zero.float(), self.group_size, cols)
+        return quant.quantize(self.weight.detach().float(), s, z, self.bits).to(torch.uint8)
 
     def dequantized(self) -> Tensor:
         return quant.dequantize_groups(self.q, self.scale.float(), self.zero.float(), self.group_size, self.keep)
 
     def set_keep(self, keep: Tensor) -> None:
-        """Prune after quantization: pruned weights become exactly zero, codes stay."""
+        """Prune after quantization: pruned weights become exactly zero, the others keep their codes."""
         old = self.keep
-        dev = self.qpacked.device
-        self._set_keep_bits(keep.bool().to(dev) if old is None else (old & keep.bool().to(dev)), dev)
-        self.weight.data = self.dequantized().to(self.weight.dtype)
+        dev = self.scale.device
+        new = keep.bool().to(dev) if old is None else (old & keep.bool().to(dev))
+        self._set_keep_bits(new, dev)
+        with torch.no_grad():
+            self.weight.data.mul_(new)
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
-        keep = self.keep
-        t = {"qweight": self.qpacked if keep is None else quant.pack(self.q[keep], self.bits),
-             "scales": self.scale.contiguous()}
+        keep, q = self.keep, self.q
+        if self.qpacked is None and not torch.equal(self.dequantized().to(self.weight.dtype), self.weight.detach()):
+            raise RuntimeError(f"QuantLinear weight was changed after quantization (it no longer equals "
+                               f"scale * (code - zero)): re-run the quantize stage after modifying weights")
+        t = {"qweight": quant.pack(q if keep is None else q[keep], self.bits), "scales": self.scale.contiguous()}
         if not self.sym:
             t["zeros"] = quant.pack(self.zero, self.bits)
         if keep is not None:
