@@ -65,8 +65,8 @@ print(json.dumps(r))
 """
 
 
-def make_model(folder: Path) -> int:
-    """Synthetic Llama saved as shards; returns the weight bytes."""
+def make_model(folder: Path) -> tuple[int, int]:
+    """Synthetic Llama saved as shards; returns (weight bytes, bytes of one decoder layer)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -77,10 +77,11 @@ def make_model(folder: Path) -> int:
                       max_position_embeddings=512)
     model = LlamaForCausalLM(cfg)
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
     model.save_pretrained(folder, max_shard_size="200MB")
     tiny_tokenizer().save_pretrained(folder)
     del model
-    return nbytes
+    return nbytes, layer
 
 
 def measure(model: Path, recipe: Path, out: Path, offload: bool) -> dict:
@@ -93,16 +94,17 @@ def measure(model: Path, recipe: Path, out: Path, offload: bool) -> dict:
 
 def main() -> None:
     from benchmarks._md import table, write_section
+    from modelpress.offload import CHUNK_BYTES
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default="rtn,gptq")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mp-offload-"))
     try:
-        nbytes = make_model(work / "model")
+        nbytes, layer_bytes = make_model(work / "model")
         text = work / "calib.txt"
         text.write_text("the quick brown fox jumps over the lazy dog; compression keeps what matters.\n\n" * 400)
-        rows = []
+        rows, floors = [], {}
         for name in a.recipes.split(","):
             recipe = work / f"{name}.yaml"
             recipe.write_text(RECIPES[name] % text if "%s" in RECIPES[name] else RECIPES[name])
@@ -110,6 +112,7 @@ def main() -> None:
             for offload in (True, False):
                 r = measure(work / "model", recipe, work / f"out-{name}-{offload}", offload)
                 res[offload] = r
+                floors[(name, offload)] = r["floor_kb"] * 1024
                 peak, floor = r["peak_kb"] * 1024, r["floor_kb"] * 1024
                 rows.append([f"{name} w4 g128", "offload" if offload else "in memory", f"{peak / 1e6:.0f}",
                              f"{100 * peak / nbytes:.1f}%", f"{floor / 1e6:.0f}", f"{(peak - floor) / 1e6:.0f}",
@@ -128,12 +131,16 @@ def main() -> None:
                   "(Python + torch + modelpress; plus the transformers model class and tokenizer for the in-memory "
                   "path and for calibrated offload, which build a meta skeleton and tokenize the calibration text; "
                   "calibration-free offload builds no model and copies the tokenizer files). "
-                  "RTN offload holds one row chunk (~1 MB of fp32 rows) of one linear plus its packed codes; "
+                  f"RTN offload holds one row chunk ({CHUNK_BYTES >> 20} MB of fp32 rows) of one linear plus its packed codes; "
                   "tensors are read with pread, not mmap, and the export is copied in row chunks, so neither a "
                   "decoder layer nor the embedding or lm_head is ever resident. GPTQ offload holds one decoder "
-                  "layer (134 MB here), its Hessians and the GPTQ/SQNR temporaries of modelpress.algos.gptq and "
-                  "modelpress.stages.quantize (full-size copies of H and float64 copies of W); the embedding is "
-                  "materialized only for the layer-0 input capture, lm_head never.")
+                  f"layer ({layer_bytes / 1e6:.0f} MB here) with its Hessians while the layer is solved; the embedding "
+                  "is materialized only for the layer-0 input capture, lm_head never; its peak comes inside the GPTQ "
+                  "solve of the widest linear (down_proj, several full-size copies of its 4480 x 4480 Hessian in "
+                  "modelpress.algos.gptq)."
+                  + "".join(f" Lower bound of any one-layer-resident {n} run here: its import floor + one fp32 layer = "
+                            f"{(f + layer_bytes) / 1e6:.0f} MB ({100 * (f + layer_bytes) / nbytes:.1f}% of the weights)."
+                            for (n, o), f in floors.items() if o and n != "rtn"))
         print(body)
         if not a.no_write:
             write_section("offload", " ".join(["python benchmarks/offload.py", *sys.argv[1:]]), body)
