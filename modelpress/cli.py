@@ -62,10 +62,8 @@ def cmd_compress(a) -> int:
                 c[k] = v
         recipe = Recipe.from_dict(d, str(a.recipe))
     if a.offload:
-        if a.resume:
-            raise UserError("--offload cannot be combined with --resume: rerun with --offload alone")
         from .offload import run_recipe_offloaded
-        rep = run_recipe_offloaded(recipe, a.model, a.out)
+        rep = run_recipe_offloaded(recipe, a.model, a.out, resume=a.resume)
         for st in rep["stages"]:
             print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
         print(f"wrote {a.out} (not evaluated with --offload: run `modelpress eval {a.out}`)")

@@ -215,7 +215,7 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
             stats = step.collect(linears, collect) if linears else {}
             trim_heap()                      # the forward's temporaries, before the stage allocates its own
             res = (fn(linears, stats) or {}) if linears else {}
-            del stats
+            del stats, linears                # the replaced linears and the statistics die with this layer
             step.extra["stats"] = res
             out.update(res)
             advance()

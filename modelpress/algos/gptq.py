@@ -33,32 +33,33 @@ class HessianNotPD(ValueError):
     """The damped Hessian is not positive definite (too few or degenerate calibration inputs)."""
 
 
-def inverse_hessian_chol(H: Tensor, percdamp: float, tries: int = 4) -> tuple[Tensor, float]:
-    """Upper Cholesky factor U of (H + lambda I)^-1 = U^T U, lambda = percdamp * mean(diag H); the damping
-    grows x10 per failed try. Returns (U, percdamp used); raises HessianNotPD when every try fails.
-    One factorization: with J the reversal permutation, J H J = L L^T gives H = R R^T with R = J L J upper,
-    so (H)^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J."""
+def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None, tries: int = 4) -> tuple[Tensor, float]:
+    """Upper Cholesky factor U of (H_p + lambda I)^-1 = U^T U, with H_p = H[perm][:, perm] (perm: the column
+    order, default the identity) and lambda = percdamp * mean(diag H_p); dead inputs (H_jj = 0) count as
+    H_jj = 1. The damping grows x10 per failed try. Returns (U, percdamp used); raises HessianNotPD when
+    every try fails. H is not modified. One factorization: with J the reversal permutation,
+    J H_p J = L L^T gives H_p = R R^T with R = J L J upper, so H_p^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J.
+    Memory: about three (cols, cols) matrices besides H."""
     cols = H.shape[0]
-    mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(cols, device=H.device, dtype=H.dtype)
+    idx = (torch.arange(cols, device=H.device) if perm is None else perm).flip(0)
+    Hd = H.float().index_select(0, idx).index_select(1, idx)                  # J H_p J, (cols, cols)
+    diag = Hd.diagonal()
+    base = diag.clone()
+    base[base == 0] = 1                                                       # dead inputs
+    mean_diag = base.mean()
     for t in range(tries):
         d = percdamp * (10 ** t)
-        Hd = (H + d * mean_diag * eye).flip(0, 1)                                 # J (H + lambda I) J
+        diag.copy_(base + d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)             # (cols, cols) lower
+            del Hd, diag
+            eye = torch.eye(cols, device=H.device, dtype=L.dtype)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)         # (cols, cols) lower
+            del L, eye
             if torch.isfinite(Linv).all():
                 return Linv.flip(0, 1), d
+            raise HessianNotPD(f"inverse Hessian factor not finite with damping {d:g}")
     raise HessianNotPD(f"Hessian not positive definite even with damping {percdamp * 10 ** (tries - 1):g}")
-
-
-def prepare_hessian(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Copies in float32; dead input channels (H_jj = 0) get H_jj = 1 and W[:, j] = 0."""
-    W, H = W.float().clone(), H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return W, H, dead
 
 
 @dataclass
@@ -80,14 +81,14 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
     quant.check_groups(cols, group_size)
-    H = H.float().clone()
-    dead = torch.diag(H) == 0                                            # dead inputs: H_jj = 1, W[:, j] = 0
-    H[dead, dead] = 1
+    hd = torch.diag(H).float()
+    dead = hd == 0                                                       # dead inputs: W[:, j] = 0 (H_jj = 1)
     gs = group_size or cols
     if group_size:
         blocksize = group_size * max(1, blocksize // group_size)   # groups never straddle blocks
     static = act_order or group_size is None
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    perm = (torch.argsort(torch.where(dead, torch.ones_like(hd), hd), descending=True) if act_order
+            else torch.arange(cols, device=W.device))
     inv = torch.argsort(perm)
     # transposed layout: a column of W is a contiguous row of WT, so the per-column ops stream memory
     WT = W.detach().float().t()[perm]                                    # (cols, rows) copy
@@ -102,7 +103,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
         s_all = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device)
         z_all = torch.zeros_like(s_all)
     group = perm // gs                                                   # (cols,) group of each permuted column
-    U, damp = inverse_hessian_chol(H[perm][:, perm], percdamp)
+    U, damp = inverse_hessian_chol(H, percdamp, perm)
     QT = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(rows, device=W.device)
     mq = quant.maxq(bits)

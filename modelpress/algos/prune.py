@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .gptq import inverse_hessian_chol, prepare_hessian, single_thread
+from .gptq import inverse_hessian_chol, single_thread
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -75,7 +75,8 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
         quant.check_groups(cols, group_size)
         if group_size:
             blocksize = group_size * max(1, blocksize // group_size)
-    W, H, dead = prepare_hessian(W, H)
+    W = W.float().clone()
+    W[:, torch.diag(H) == 0] = 0                                         # dead inputs
     U, _ = inverse_hessian_chol(H, percdamp)
     gs = group_size or cols
     # transposed layout (a column of W is a contiguous row of WT) and two-level lazy batching as in gptq:
