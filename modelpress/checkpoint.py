@@ -77,22 +77,30 @@ def _jsonable(d):
     return d
 
 
+def claim(folder: Path, fingerprint: str, resume: bool, inputs: str) -> None:
+    """Take `folder` for a run with this fingerprint (a hash of its inputs): a run left there by an interrupted
+    process is continued only with resume=True and the same inputs; a folder without a fingerprint is stale."""
+    f = folder / "fingerprint.json"
+    if f.exists():
+        if not resume:
+            raise UserError(f"an interrupted run exists in {folder}: pass --resume to continue it, "
+                            "or delete that folder to start over")
+        if json.loads(f.read_text())["fingerprint"] != fingerprint:
+            raise UserError(f"{folder} belongs to a run with another {inputs}: delete it to start over, "
+                            "or resume with the original inputs")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(f, json.dumps({"fingerprint": fingerprint}))
+
+
 class Run:
     """The checkpoint folder of one compress run."""
 
     def __init__(self, folder: str | Path, recipe: dict, calib_sha: str | None, resume: bool):
         self.folder = Path(folder)
         fp = hashlib.sha256(json.dumps({"recipe": recipe, "calib": calib_sha}, sort_keys=True).encode()).hexdigest()
-        f = self.folder / "fingerprint.json"
-        if self.folder.exists() and f.exists():
-            if not resume:
-                raise UserError(f"an interrupted run exists in {self.folder}: pass --resume to continue it, "
-                                "or delete that folder to start over")
-            if json.loads(f.read_text())["fingerprint"] != fp:
-                raise UserError(f"{self.folder} belongs to a run with another recipe or calibration set: "
-                                "delete it to start over, or resume with the original recipe")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(f, json.dumps({"fingerprint": fp}))
+        claim(self.folder, fp, resume, "recipe or calibration set")
 
     def stage_dir(self, k: int) -> Path:
         return self.folder / f"stage{k}"

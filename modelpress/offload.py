@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .io import atomic_save_file, atomic_write_text, sha256_file
+from .io import atomic_save_file, atomic_write, atomic_write_text, sha256_file
 
 SUPPORTED = ("quantize", "prune")
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -227,38 +226,32 @@ def write_streaming(path: Path, entries: list[Entry], metadata: dict[str, str]) 
     header["__metadata__"] = metadata
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     fsha, sha = hashlib.sha256(), {}
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for b in (struct.pack("<Q", len(hb)), hb):
-                f.write(b)
-                fsha.update(b)
-            for e in entries:
-                tdt = _TORCH_DTYPES[e.dtype]
-                h = hashlib.sha256(f"{tdt}{tuple(e.shape)}".encode())
-                written = 0
-                for t in e.chunks():
-                    if t.dtype != tdt:
-                        raise RuntimeError(f"offload: {e.name} is {t.dtype}, its header says {tdt}")
-                    if not t.numel():
-                        continue
-                    mv = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-                    f.write(mv)
-                    h.update(mv)
-                    fsha.update(mv)
-                    written += mv.nbytes
-                end = header[e.name]["data_offsets"]
-                if written != end[1] - end[0]:
-                    raise RuntimeError(f"offload: {e.name} wrote {written} bytes, its header says {end[1] - end[0]}")
-                sha[e.name] = h.hexdigest()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(f) -> None:
+        for b in (struct.pack("<Q", len(hb)), hb):
+            f.write(b)
+            fsha.update(b)
+        for e in entries:
+            tdt = _TORCH_DTYPES[e.dtype]
+            h = hashlib.sha256(f"{tdt}{tuple(e.shape)}".encode())
+            written = 0
+            for t in e.chunks():
+                if t.dtype != tdt:
+                    raise RuntimeError(f"offload: {e.name} is {t.dtype}, its header says {tdt}")
+                if not t.numel():
+                    continue
+                mv = memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+                f.write(mv)
+                h.update(mv)
+                fsha.update(mv)
+                written += mv.nbytes
+            end = header[e.name]["data_offsets"]
+            if written != end[1] - end[0]:
+                raise RuntimeError(f"offload: {e.name} wrote {written} bytes, its header says {end[1] - end[0]}")
+            sha[e.name] = h.hexdigest()
+
+    atomic_write(path, write)
     return sha, fsha.hexdigest()
 
 
@@ -477,7 +470,7 @@ class LayerStore:
     def save(self, i: int, layer: nn.Module, next_inputs, stats: dict) -> None:
         """Layer i is done: its file and the next layer's inputs first, the progress that points to them
         last (a kill in between leaves the previous state intact)."""
-        from .checkpoint import save_module
+        from .checkpoint import claim, save_module
         d = self.work / f"stage{self.stage}"
         path = d / f"layer{i}.safetensors"
         save_module(layer, path)
@@ -912,18 +905,8 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
                                 c.seed, c.field, None)
     work = Path(f"{out}.offload")
     fp = _fingerprint(recipe, calib, model_src)
-    fpf = work / "fingerprint.json"
-    if fpf.exists():
-        if not resume:
-            raise UserError(f"an interrupted offloaded run exists in {work}: pass --resume to continue it, "
-                            "or delete that folder to start over")
-        if json.loads(fpf.read_text())["fingerprint"] != fp:
-            raise UserError(f"{work} belongs to a run with another recipe, model or calibration set: "
-                            "delete it to start over, or resume with the original inputs")
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        atomic_write_text(fpf, json.dumps({"fingerprint": fp}))
+    from .checkpoint import claim
+    claim(work, fp, resume, "recipe, model or calibration set")
     t0 = time.perf_counter()
     with large_allocations_mapped():
         model, store, stages = compress_offloaded(src, recipe, calib, work)
