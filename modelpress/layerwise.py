@@ -120,43 +120,56 @@ class Step:
     def collect(self, linears: dict[str, nn.Module], kind: str) -> dict[str, Tensor]:
         """Run the layer over all samples and return per-linear input statistics:
         "hessian": H = 2 X^T X / n (cols, cols); "input_sq_norm": sum_t x_tj^2 (cols,);
-        "inputs": the raw inputs (tokens, cols) (small models only); "none": nothing."""
+        "inputs": the raw inputs (tokens, cols) (small models only); "none": nothing. Statistics are taken in
+        forward pre-hooks, and each batch stops once every targeted linear has its input (the collect pass never
+        runs the last linear, e.g. down_proj, whose output nobody reads)."""
         if kind == "none" or not linears:
             return {}
         stats: dict[str, Tensor] = {}
         counts: dict[str, int] = {n: 0 for n in linears}
         alias: dict[str, str] = {}     # linears fed the very same input tensor share one statistic
         seen: list[tuple[Tensor, str]] = []
+        pending: set[str] = set()      # targeted linears not yet reached in this batch
 
         def make(name):
-            def hook(_m, args, _o):
+            def hook(_m, args):
                 raw = args[0]
-                for t, first in seen:
-                    if t is raw:
-                        alias[name] = first
-                        return
-                seen.append((raw, name))
-                x = raw.detach().reshape(-1, raw.shape[-1]).float()   # (tokens, cols)
-                n_new = x.shape[0]
-                if kind == "hessian":             # running mean, in place: H <- H n_old/n + 2 X^T X / n
-                    n_old = counts[name]
-                    if name not in stats:
-                        stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                    stats[name].addmm_(x.t(), x, beta=n_old / (n_old + n_new), alpha=2.0 / (n_old + n_new))
-                elif kind == "input_sq_norm":
-                    stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
-                elif kind == "inputs":
-                    stats[name] = torch.cat([stats[name], x]) if name in stats else x
-                else:
-                    raise ValueError(f"unknown statistic {kind!r}")
-                counts[name] += n_new
+                pending.discard(name)
+                record(name, raw)
+                if not pending:
+                    raise _Stop                # every targeted linear has its input: skip the rest of the layer
             return hook
 
-        hooks = [m.register_forward_hook(make(n)) for n, m in linears.items()]
+        def record(name, raw):
+            for t, first in seen:
+                if t is raw:
+                    alias[name] = first
+                    return
+            seen.append((raw, name))
+            x = raw.detach().reshape(-1, raw.shape[-1]).float()   # (tokens, cols)
+            n_new = x.shape[0]
+            if kind == "hessian":             # running mean, in place: H <- H n_old/n + 2 X^T X / n
+                n_old = counts[name]
+                if name not in stats:
+                    stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                stats[name].addmm_(x.t(), x, beta=n_old / (n_old + n_new), alpha=2.0 / (n_old + n_new))
+            elif kind == "input_sq_norm":
+                stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
+            elif kind == "inputs":
+                stats[name] = torch.cat([stats[name], x]) if name in stats else x
+            else:
+                raise ValueError(f"unknown statistic {kind!r}")
+            counts[name] += n_new
+
+        hooks = [m.register_forward_pre_hook(make(n)) for n, m in linears.items()]
         try:
             for x, kw in zip(self.inputs, self.kwargs):
                 seen.clear()
-                self.layer(x, **kw)
+                pending.update(linears)
+                try:
+                    self.layer(x, **kw)
+                except _Stop:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
