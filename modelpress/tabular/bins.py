@@ -1,7 +1,8 @@
 """Adaptive feature bins aligned with the teacher's decision boundaries (TabKD, arXiv 2603.15481).
 
-A feature's bins are the intervals between its inner edges e_1 < ... < e_K inside
-[low, high] (K + 1 bins), or its levels when categorical. Edges come from
+A feature's bins are the intervals [low, e_1], (e_1, e_2], ..., (e_K, high] between its inner
+edges low <= e_1 < ... < e_K < high (K + 1 bins; e_1 = low makes the point bin {low}, a split
+"x <= low" of a tree teacher), or its levels when categorical. Edges come from
 
 * the teacher's split thresholds (tree teachers): every distinct threshold inside the range
   when they fit into `max_bins`, else frequency-weighted quantiles of the threshold multiset
@@ -50,7 +51,7 @@ def make_bins(spec: FeatureSpec, edges: list[np.ndarray], source: str) -> Bins:
             n.append(len(f.levels))
             continue
         e = np.unique(np.asarray(e, dtype=np.float64))
-        e = e[(e > f.low) & (e < f.high)]
+        e = e[(e >= f.low) & (e < f.high)]  # an edge at low makes the point bin {low}
         if f.kind == "integer":
             e = _int_edges(e, f.low, f.high)
         out.append(e)
@@ -76,11 +77,16 @@ def bins_from_thresholds(spec: FeatureSpec, thresholds: list[np.ndarray], max_bi
     edges = []
     for f, t in zip(spec.features, thresholds):
         t = np.asarray(t, dtype=np.float64)
+        point = np.zeros(0)
         if f.kind != "categorical":
-            t = t[(t > f.low) & (t < f.high)]
+            t = t[(t >= f.low) & (t < f.high)]
             if f.kind == "integer":  # thresholds 2.3 and 2.7 split the same integers
                 t = np.floor(t) + 0.5
-        edges.append(reduce_thresholds(t, max_bins - 1))
+            elif np.any(t == f.low) and max_bins > 2:
+                # a split "x <= low" isolates the point mass at low (zero-inflated columns such
+                # as spending): keep it as its own bin {low} whatever the other thresholds
+                point, t = np.array([f.low]), t[t > f.low]
+        edges.append(np.concatenate([point, reduce_thresholds(t, max_bins - 1 - len(point))]))
     return make_bins(spec, edges, "thresholds")
 
 

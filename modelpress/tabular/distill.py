@@ -13,6 +13,9 @@ TabKD with a query budget N (every teacher query is counted and becomes a traini
      differently-labelled queries. Black-box teachers (bins from sweeps) use the
      `*_blackbox` shares, since their bins carry less boundary information;
   5. label = teacher soft outputs p_T; train the student with KL (MLP) or fit a shallow tree.
+     The MLP student's input encoding (`student_recipe`: PLE over quantile bins of its own
+     training inputs for tree teachers, plain otherwise) depends on the teacher only, so
+     every method at the same teacher trains exactly the same student.
 
 Baselines at the same budget and with the same student training (information used):
   * "uniform":  spec ranges/levels only; i.i.d. uniform in the box.
@@ -56,6 +59,9 @@ class DistillConfig:
     batch: int = 512
     lr: float = 1e-2
     tau: float = 1.0
+    ple_bins: int = -1
+    ple_steps: int = 800
+    ple_lr: float = 3e-3
     tree_depth: int = 6
     max_bins: int = 8
     sweep_frac: float = 0.1
@@ -83,6 +89,9 @@ class DistillConfig:
                 raise UserError(f"distill.{name}={getattr(self, name)} out of range; use [0, 0.9)")
         if self.steps < 1 or self.batch < 1 or self.tau <= 0 or self.refine_rounds < 1 or self.refine_rounds_blackbox < 1 or self.dfkd_rounds < 1 or self.lr <= 0 or self.tree_depth < 1 or self.min_copies < 1:
             raise UserError("distill.steps, lr, tree_depth and min_copies must be positive")
+        if not -1 <= self.ple_bins <= 64 or self.ple_steps < 1 or self.ple_lr <= 0:
+            raise UserError(f"distill.ple_bins={self.ple_bins} must be -1 (auto), 0 (off) or 1..64; "
+                            "ple_steps and ple_lr must be positive")
         if any(h < 1 for h in self.hidden):
             raise UserError(f"distill.hidden={self.hidden}: layer widths must be >= 1")
 
@@ -209,6 +218,19 @@ def dfkd_queries(teacher: Teacher, spec: FeatureSpec, cfg: DistillConfig, rng: n
     return X, P
 
 
+def student_recipe(cfg: DistillConfig, tree_teacher: bool) -> tuple[int, int, float]:
+    """(PLE bins, steps, lr) of the final MLP student; depends on the teacher, never on the method.
+
+    ple_bins = -1 (auto): a tree-ensemble teacher is piecewise constant with axis-aligned steps
+    (often at a point mass such as spending = 0), which a PLE input encoding represents and a
+    plain small MLP smooths over, so tree teachers get 8 PLE bins; smooth (MLP, torch)
+    teachers get the plain MLP, whose near-linear extrapolation suits them better. The wider
+    PLE input layer trains with ple_lr for ple_steps (unstable at the plain lr).
+    """
+    k = (8 if tree_teacher else 0) if cfg.ple_bins < 0 else cfg.ple_bins
+    return (k, cfg.ple_steps, cfg.ple_lr) if k > 0 else (0, cfg.steps, cfg.lr)
+
+
 def distill(teacher: Teacher, spec: FeatureSpec, cfg: DistillConfig) -> DistillResult:
     """Generate N = cfg.budget teacher queries with cfg.method and train the student."""
     check_teacher_spec(teacher, spec)
@@ -229,8 +251,10 @@ def distill(teacher: Teacher, spec: FeatureSpec, cfg: DistillConfig) -> DistillR
         X, P = dfkd_queries(teacher, spec, cfg, rng, center, scale)
     info["n_queries"] = int(teacher.n_queries - q0)
     if cfg.student == "mlp":
-        student = train_mlp(X, P, center, scale, cfg.seed, cfg.hidden, cfg.steps, cfg.batch, lr=cfg.lr,
-                            tau=cfg.tau)
+        k, steps, lr = student_recipe(cfg, split_thresholds(teacher.model, len(spec)) is not None)
+        info["ple_bins"] = k
+        student = train_mlp(X, P, center, scale, cfg.seed, cfg.hidden, steps, cfg.batch, lr=lr,
+                            tau=cfg.tau, ple_bins=k)
     else:
         student = train_tree(X, P, cfg.seed, cfg.tree_depth)
     cov_bins = bins or uniform_bins(spec, min(cfg.max_bins, 4))

@@ -1,7 +1,11 @@
 """Student models for data-free tabular distillation (TabKD, arXiv 2603.15481).
 
-* `MLPStudent`: input normalisation to the spec box (buffers, so it exports), hidden ReLU
-  layers, class logits. Trained with the distillation loss
+* `MLPStudent`: input normalisation to the spec box (buffers, so it exports), optionally a
+  piecewise-linear encoding (PLE, Gorishniy et al. 2022, arXiv 2203.05556) of every feature
+  over K quantile bins of the student's own training inputs,
+      e_jt(x) = clamp((x_j - q_j,t-1) / (q_j,t - q_j,t-1), 0, 1),  t = 1..K,
+  (a zero-width bin, e.g. a point mass at 0, becomes the step 1[x_j > q]), hidden ReLU
+  layers, class logits. PLE lets a small MLP bend sharply where its inputs are dense. Trained with the distillation loss
       L = KL(p_T || softmax(z_S / tau)) * tau^2 + alpha * CE(argmax p_T, z_S)
   on the teacher's soft outputs p_T (tau = 1, alpha = 0 gives plain KL).
 * `TreeStudent`: a shallow regression tree fitted to p_T (scikit-learn), stored as tensors
@@ -23,18 +27,34 @@ from modelpress.errors import UserError
 from modelpress.io import atomic_save_file, atomic_write_bytes
 
 
+def quantile_edges(X: np.ndarray, k: int) -> np.ndarray:
+    """PLE bin edges: per feature the 0, 1/k, ..., 1 quantiles of X.  X (n, d) -> (d, k + 1)"""
+    return np.quantile(X, np.linspace(0, 1, k + 1), axis=0).T
+
+
 class MLPStudent(nn.Module):
-    """x (n, d) -> logits (n, C); x is normalised by (x - center) / scale inside."""
+    """x (n, d) -> logits (n, C); x is normalised by (x - center) / scale inside and, when
+    `edges` (d, K + 1) is given, also piecewise-linearly encoded over those K bins."""
 
     def __init__(self, d: int, n_classes: int, hidden: tuple[int, ...] = (64, 64),
-                 center: np.ndarray | None = None, scale: np.ndarray | None = None):
+                 center: np.ndarray | None = None, scale: np.ndarray | None = None,
+                 edges: np.ndarray | None = None, ple_bins: int = 0):
         super().__init__()
-        self.config = {"kind": "mlp", "d": d, "n_classes": n_classes, "hidden": list(hidden)}
+        k = ple_bins if edges is None else edges.shape[1] - 1
+        self.config = {"kind": "mlp", "d": d, "n_classes": n_classes, "hidden": list(hidden), "ple_bins": int(k)}
         self.register_buffer("center", torch.as_tensor(np.zeros(d) if center is None else center,
                                                        dtype=torch.float32))
         self.register_buffer("scale", torch.as_tensor(np.ones(d) if scale is None else scale,
                                                       dtype=torch.float32))
-        layers, prev = [], d
+        self.ple = k > 0
+        if self.ple:
+            e = np.zeros((d, k + 1)) if edges is None else np.asarray(edges, dtype=np.float64)
+            width = np.diff(e, axis=1)  # (d, k)
+            s = np.asarray(self.scale, dtype=np.float64)[:, None]
+            self.register_buffer("ple_lo", torch.as_tensor(e[:, :-1], dtype=torch.float32))  # (d, k)
+            # zero-width bins (point masses) become steps: divide by a width far below any gap
+            self.register_buffer("ple_w", torch.as_tensor(np.maximum(width, 1e-6 * s), dtype=torch.float32))
+        layers, prev = [], d * (k + 1)
         for h in hidden:
             layers += [nn.Linear(prev, h), nn.ReLU()]
             prev = h
@@ -42,7 +62,11 @@ class MLPStudent(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.center) / self.scale)
+        z = (x - self.center) / self.scale  # (n, d)
+        if self.ple:
+            e = ((x.unsqueeze(-1) - self.ple_lo) / self.ple_w).clamp(0, 1)  # (n, d, k)
+            z = torch.cat([z, e.flatten(1)], 1)  # (n, d (k + 1))
+        return self.net(z)
 
 
 class TreeStudent(nn.Module):
@@ -82,13 +106,16 @@ def distill_loss(z_s: torch.Tensor, p_t: torch.Tensor, tau: float = 1.0, alpha: 
 
 def train_mlp(X: np.ndarray, P: np.ndarray, center: np.ndarray, scale: np.ndarray, seed: int,
               hidden: tuple[int, ...] = (64, 64), steps: int = 600, batch: int = 256, lr: float = 3e-3,
-              tau: float = 1.0, alpha: float = 0.0, init: MLPStudent | None = None) -> MLPStudent:
-    """Fit an MLP student to teacher soft outputs P on queries X (Adam, cosine lr)."""
+              tau: float = 1.0, alpha: float = 0.0, init: MLPStudent | None = None,
+              ple_bins: int = 0) -> MLPStudent:
+    """Fit an MLP student to teacher soft outputs P on queries X (Adam, cosine lr); with
+    ple_bins = K > 0 its inputs are PLE-encoded over K quantile bins of X itself."""
     g = torch.Generator().manual_seed(seed)
     if init is None:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(seed)
-            model = MLPStudent(X.shape[1], P.shape[1], hidden, center, scale)
+            edges = quantile_edges(X, ple_bins) if ple_bins > 0 else None
+            model = MLPStudent(X.shape[1], P.shape[1], hidden, center, scale, edges)
     else:
         model = init
     Xt = torch.as_tensor(X, dtype=torch.float32)
@@ -167,7 +194,7 @@ def load_student(path: str | Path) -> nn.Module:
     cfg = json.loads(meta["config"])
     sd = load_file(str(path))
     if cfg["kind"] == "mlp":
-        m = MLPStudent(cfg["d"], cfg["n_classes"], tuple(cfg["hidden"]))
+        m = MLPStudent(cfg["d"], cfg["n_classes"], tuple(cfg["hidden"]), ple_bins=int(cfg.get("ple_bins", 0)))
     else:
         m = TreeStudent(sd["feature"], sd["threshold"], sd["left"], sd["right"], sd["value"], cfg["depth"], cfg["d"])
     m.load_state_dict(sd)
