@@ -136,8 +136,8 @@ def main() -> None:
                   "decoder layer nor the embedding or lm_head is ever resident. GPTQ offload holds one decoder "
                   f"layer ({layer_bytes / 1e6:.0f} MB here) with its Hessians while the layer is solved; the embedding "
                   "is materialized only for the layer-0 input capture, lm_head never; its peak comes inside the GPTQ "
-                  "solve of the widest linear (down_proj, several full-size copies of its 4480 x 4480 Hessian in "
-                  "modelpress.algos.gptq)."
+                  "solve of the widest linear (down_proj: its 4480 x 4480 Hessian plus the about three matrices of that "
+                  "size that modelpress.algos.gptq.inverse_hessian_chol holds while it factors it)."
                   + "".join(f" Lower bound of any one-layer-resident {n} run here: its import floor + one fp32 layer = "
                             f"{(f + layer_bytes) / 1e6:.0f} MB ({100 * (f + layer_bytes) / nbytes:.1f}% of the weights)."
                             for (n, o), f in floors.items() if o and n != "rtn"))
