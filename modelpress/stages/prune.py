@@ -87,18 +87,17 @@ class Prune:
             keep = (P.wanda_mask(W, stat, self.sparsity, self.pattern) if self.method == "wanda"
                     else P.magnitude_mask(W, self.sparsity, self.pattern))
             W_hat, qparams = None, None
+        if W_hat is None:                      # = what set_keep / from_linear will hold
+            W_hat = lin.weight.detach() * keep.to(lin.weight.device)
+        info = {"sparsity": P.sparsity(W_hat), "sqnr": quant.sqnr(W, W_hat.float())}   # before any in-place write
         if isinstance(lin, QuantLinear):
             lin.set_keep(keep)
             new = lin
+        elif qparams is not None:
+            new = QuantLinear.build(lin, *qparams, self.bits, self.group_size, self.sym, keep, W_hat, in_place)
         else:
-            if W_hat is None:
-                W_hat = lin.weight.detach() * keep.to(lin.weight.device)
-            info = {"sparsity": P.sparsity(W_hat), "sqnr": quant.sqnr(W, W_hat.float())}
-            new = (QuantLinear.build(lin, *qparams, self.bits, self.group_size, self.sym, keep, W_hat, in_place)
-                   if qparams is not None else SparseLinear.from_linear(lin, keep, in_place, weight=W_hat))
-            return new, {"kind": type(new).__name__, **info}
-        return new, {"kind": type(new).__name__, "sparsity": P.sparsity(new.weight),
-                     "sqnr": quant.sqnr(W, new.weight.float())}
+            new = SparseLinear.from_linear(lin, keep, in_place, weight=W_hat)
+        return new, {"kind": type(new).__name__, **info}
 
     def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
