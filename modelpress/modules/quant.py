@@ -140,7 +140,9 @@ class QuantLinear(_Packed, nn.Linear):
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
         keep, q = self.keep, self.q
-        if self.qpacked is None and not torch.equal(self.dequantized().to(self.weight.dtype), self.weight.detach()):
+        if self.qpacked is None and not torch.equal(       # derived codes must reproduce the weight exactly
+                quant.dequantize_groups(q, self.scale.float(), self.zero.float(), self.group_size, keep)
+                .to(self.weight.dtype), self.weight.detach()):
             raise RuntimeError(f"QuantLinear weight was changed after quantization (it no longer equals "
                                f"scale * (code - zero)): re-run the quantize stage after modifying weights")
         t = {"qweight": quant.pack(q if keep is None else q[keep], self.bits), "scales": self.scale.contiguous()}
