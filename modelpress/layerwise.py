@@ -8,7 +8,6 @@
    deployed model). At most one layer plus the activations live on the compute device."""
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .calib import CalibrationSet
+from .memory import trim_heap
 from .model import compute_device, decoder_layers, layer_linears
 from .targets import Target
 
@@ -45,16 +45,6 @@ def parallel_map(fn: Callable, items: list, cost: Callable | None = None) -> lis
     finally:
         torch.set_num_threads(n)
     return [done[i] for i in range(len(items))]
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc malloc_trim). Each layer's forward passes and statistics
-    free tens of MB of temporaries that glibc would otherwise keep in its heap, so the resident set would
-    grow layer by layer although nothing is live. A no-op where libc is not glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _to(x, dev):

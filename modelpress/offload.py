@@ -43,6 +43,7 @@ from torch import nn
 
 from .errors import UserError
 from .io import atomic_save_file, atomic_write, atomic_write_text, sha256_file
+from .memory import trim_heap
 
 SUPPORTED = ("quantize", "prune")
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -52,16 +53,6 @@ _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _FLOAT = ("F32", "F16", "BF16", "F64")
 CHUNK_BYTES = 1 << 20          # rows read per step: about 1 MB (a multiple of 8 rows, so packed codes align)
 CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")     # linears stored (in, out): refused
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS: glibc keeps freed blocks below its (adaptive, up to 32 MB)
-    mmap threshold in the heap and trims only above twice that, so the temporaries of a few row chunks
-    would otherwise stay resident (measured: +30-40 MB over one 1664 x 4480 linear)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):       # not glibc: nothing to trim
-        pass
 
 
 @contextlib.contextmanager
