@@ -72,3 +72,13 @@ def tiny_model_dir(path, layers: int = 2, hidden: int = 64, inter: int = 128):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on the shared 2-core CI box: one intra-op thread is faster than two contended ones.
+    Restores the caller's thread count (thread-count changes must not leak between tests)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

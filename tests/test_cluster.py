@@ -16,13 +16,7 @@ from modelpress.stages.cluster import Cluster
 from .conftest import correlated_calib, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The shared CI box has 2 cores: intra-op threads only add contention for these small tensors."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _w(rows=128, cols=96, seed=0):

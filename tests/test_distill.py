@@ -8,13 +8,7 @@ from modelpress.errors import UserError
 from .conftest import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a single thread is faster than two contended ones on the shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _perturb(clone, seed=0, scale=0.05):

@@ -13,13 +13,7 @@ from modelpress.stages.lowrank import LowRank
 from .conftest import correlated_calib, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The shared CI box has 2 cores: intra-op threads only add contention for these small tensors."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _correlated_inputs(n=2048, cols=64, seed=0):

@@ -11,13 +11,7 @@ from modelpress.errors import UserError
 from .conftest import tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a single thread is faster than two contended ones on the shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_topk_mask_exact_count_and_ste_gradient():

@@ -13,12 +13,7 @@ from modelpress.stages import safety_prune as SP
 from .conftest import VOCAB, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _streams(seed=0, n=6, seqlen=24):
