@@ -100,7 +100,8 @@ def main() -> None:
     overrides = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
-        overrides[k] = type(getattr(DistillConfig(), k))(v)
+        t = type(getattr(DistillConfig(), k))
+        overrides[k] = v.lower() in ("1", "true", "yes") if t is bool else t(v)
     names = args.datasets.split(",")
     if args.quick:
         names, args.seeds, args.no_write = names[:1], 1, True

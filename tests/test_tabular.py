@@ -14,7 +14,7 @@ from modelpress.tabular.bins import (bins_from_thresholds, digitize, make_bins, 
                                      sweep_bins)
 from modelpress.tabular.covering import covering_rows, ipog, pairwise_coverage
 from modelpress.tabular.distill import DistillConfig, agreement, distill
-from modelpress.tabular.queries import sample_in_bins
+from modelpress.tabular.queries import farthest_points, refine_boundaries, sample_in_bins, uniform_queries
 from modelpress.tabular.spec import Feature, FeatureSpec, spec_from_columns, spec_from_dict
 from modelpress.tabular.student import load_student, predict_proba, save_student, train_tree
 from modelpress.tabular.teacher import Teacher, split_thresholds
@@ -144,6 +144,29 @@ def test_sweep_bins_find_step():
     assert len(X) <= 200 and T.n_queries == len(X)
     assert len(bins.edges[0]) == 1 and abs(bins.edges[0][0] - 0.3) < 1 / 23
     assert len(bins.edges[1]) == 2  # no change seen: 3 equal-width fallback bins
+
+
+def test_farthest_points_order():
+    Z = np.array([[0.0], [1.0], [2.0], [10.0]])
+    np.testing.assert_array_equal(farthest_points(Z, 3), [0, 3, 2])
+    assert len(farthest_points(Z, 9)) == 4 and len(farthest_points(Z, 0)) == 0
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_refine_boundaries_bisects_onto_step(spread):
+    spec = FeatureSpec((Feature("a", "numeric", 0, 1), Feature("b", "numeric", 0, 1)))
+    T = Teacher(StepTeacher())
+    X = uniform_queries(spec, 300, np.random.default_rng(0))
+    P = T.proba(X)
+    q0 = T.n_queries
+    Xn, Pn = refine_boundaries(T, spec, X, P, 60, np.random.default_rng(1), steps=5, spread=spread)
+    assert len(Xn) == 60 and T.n_queries - q0 == 60  # 12 pairs x 5 bisection steps, all counted
+    np.testing.assert_array_equal(Pn, T.proba(Xn))
+    last = Xn[-12:]  # 5th midpoints: within 2^-5 of a bracket (~0.1 long) from the step at 0.3
+    assert np.abs(last[:, 0] - 0.3).max() < 0.01
+    span = last[:, 1].max() - last[:, 1].min()
+    # the closest brackets cluster on part of the boundary x0 = 0.3; spread ones cover it
+    assert span > 0.9 if spread else span < 0.5, span
 
 
 def test_sample_in_bins_lands_in_bins():

@@ -10,7 +10,11 @@ TabKD with a query budget N (every teacher query is counted and becomes a traini
      fit a proxy student on the queries so far, draw fresh covering-array seeds in the bins
      and push them onto the proxy's decision boundary (signed-gradient ascent on its
      predictive entropy), label them; (b) the rest: bisection between nearest
-     differently-labelled queries. Black-box teachers (bins from sweeps) use the
+     differently-labelled queries, `bisect_steps` teacher queries per pair, the pairs spread
+     over the boundary (`bisect_spread`: farthest-point choice among the tighter half of
+     the brackets, instead of the closest brackets, which cluster where queries are dense
+     -- most of all after (a) has packed points onto one stretch of the boundary). Black-box
+     teachers (bins from sweeps) use the
      `*_blackbox` shares, since their bins carry less boundary information;
   5. label = teacher soft outputs p_T; train the student with KL (MLP) or fit a shallow tree.
      The MLP student's input encoding (`student_recipe`: PLE over quantile bins of its own
@@ -73,6 +77,8 @@ class DistillConfig:
     refine_rounds: int = 3
     refine_rounds_blackbox: int = 4
     dfkd_rounds: int = 4
+    bisect_steps: int = 4
+    bisect_spread: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -87,8 +93,9 @@ class DistillConfig:
         for name in ("sweep_frac", "refine_frac", "proxy_share", "refine_frac_blackbox", "proxy_share_blackbox"):
             if not 0.0 <= getattr(self, name) < 0.9:
                 raise UserError(f"distill.{name}={getattr(self, name)} out of range; use [0, 0.9)")
-        if self.steps < 1 or self.batch < 1 or self.tau <= 0 or self.refine_rounds < 1 or self.refine_rounds_blackbox < 1 or self.dfkd_rounds < 1 or self.lr <= 0 or self.tree_depth < 1 or self.min_copies < 1:
-            raise UserError("distill.steps, lr, tree_depth and min_copies must be positive")
+        if self.steps < 1 or self.batch < 1 or self.tau <= 0 or self.refine_rounds < 1 or self.refine_rounds_blackbox < 1 or self.dfkd_rounds < 1 or self.lr <= 0 or self.tree_depth < 1 or self.min_copies < 1 or self.bisect_steps < 1:
+            raise UserError("distill.steps, lr, tree_depth, min_copies, bisect_steps and the round "
+                            "counts must be positive")
         if not -1 <= self.ple_bins <= 64 or self.ple_steps < 1 or self.ple_lr <= 0:
             raise UserError(f"distill.ple_bins={self.ple_bins} must be -1 (auto), 0 (off) or 1..64; "
                             "ple_steps and ple_lr must be positive")
@@ -174,7 +181,8 @@ def tabkd_queries(teacher: Teacher, spec: FeatureSpec, cfg: DistillConfig, rng: 
         Xn = entropy_ascent(proxy, seeds, spec)
         X, P = np.concatenate([X, Xn]), np.concatenate([P, teacher.proba(Xn)])
     # part 2: bisection between nearest differently-labelled queries
-    Xr, Pr = refine_boundaries(teacher, spec, X, P, N - len(X), rng)
+    Xr, Pr = refine_boundaries(teacher, spec, X, P, N - len(X), rng, steps=cfg.bisect_steps,
+                               spread=cfg.bisect_spread)
     X, P = np.concatenate([X, Xr]), np.concatenate([P, Pr])
     if len(X) < N:  # refinement found too few pairs: spend the rest on another covering copy
         Lx = covering_rows(bins.n_levels, N - len(X), rng)

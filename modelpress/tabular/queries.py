@@ -5,7 +5,10 @@
 * `refine_boundaries`: boundary refinement. Pair each labelled query with its nearest
   neighbour (in range-normalised space) that the teacher labels differently and bisect the
   segment between them; every bisection midpoint is a teacher query, so the new points
-  converge onto the teacher's decision boundary from both sides.
+  converge onto the teacher's decision boundary from both sides; after s steps a pair's
+  bracket is 2^-s of its length. With `spread`, the pairs are chosen by farthest-point
+  order of their midpoints among the tighter half of the brackets (`farthest_points`), so
+  the exact boundary points cover the whole boundary instead of its densest stretch.
 * Baseline generators that use the spec only: `uniform_queries` (uniform in the box, uniform
   over levels) and `gaussian_queries` (per feature N(mid, (range/4)^2) clipped to the range).
 """
@@ -94,12 +97,30 @@ def normalise(X: np.ndarray, spec: FeatureSpec) -> np.ndarray:
     return (X - (lo + hi) / 2) / half
 
 
+def farthest_points(Z: np.ndarray, k: int) -> np.ndarray:
+    """Greedy farthest-point order: index 0, then repeatedly the point farthest from those
+    chosen.  Z (n, d) -> (min(k, n),) indices."""
+    k = min(k, len(Z))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    idx = [0]
+    dist = ((Z - Z[0]) ** 2).sum(1)  # (n,) squared distance to the chosen set
+    for _ in range(k - 1):
+        i = int(dist.argmax())
+        idx.append(i)
+        dist = np.minimum(dist, ((Z - Z[i]) ** 2).sum(1))
+    return np.asarray(idx, dtype=np.int64)
+
+
 def refine_boundaries(teacher: Teacher, spec: FeatureSpec, X: np.ndarray, P: np.ndarray, budget: int,
-                      rng: np.random.Generator, steps: int = 3, max_pool: int = 2048
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      rng: np.random.Generator, steps: int = 3, max_pool: int = 2048,
+                      spread: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Bisect between nearest differently-labelled query pairs; <= budget new teacher queries.
 
-    X (n, d), P (n, C): labelled queries so far. Each pair costs `steps` queries; at each step
+    X (n, d), P (n, C): labelled queries so far. Pairs: each pool point and its nearest
+    differently-labelled pool point; the closest `budget // steps` of them, or with `spread`
+    the farthest-point selection (midpoints, normalised space) among the closest half.
+    Each pair costs `steps` queries; at each step
     the midpoint m is queried and replaces the end point with the same teacher label, so the
     bracket [x_a, x_b] shrinks onto the boundary. Returns (X_new (q, d), P_new (q, C)).
     """
@@ -119,7 +140,14 @@ def refine_boundaries(teacher: Teacher, spec: FeatureSpec, X: np.ndarray, P: np.
     # closest pairs first: they bracket the boundary most tightly
     starts = starts[np.argsort(D[starts, nn[starts]], kind="stable")]
     n_pairs = min(len(starts), max(budget // steps, 1))
-    starts = starts[:n_pairs]
+    if spread:
+        # among the tighter half of the brackets, pick pairs whose midpoints are spread over
+        # the boundary (farthest-point order) instead of the n closest, which cluster
+        cand = starts[:max(n_pairs, len(starts) // 2)]
+        mids = (Z[cand] + Z[nn[cand]]) / 2
+        starts = cand[farthest_points(mids, n_pairs)]
+    else:
+        starts = starts[:n_pairs]
     A, B = Xp[starts].copy(), Xp[nn[starts]].copy()  # (p, d)
     ya = yp[starts]
     out_X, out_P, used = [], [], 0
