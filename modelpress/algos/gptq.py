@@ -33,6 +33,21 @@ class HessianNotPD(ValueError):
     """The damped Hessian is not positive definite (too few or degenerate calibration inputs)."""
 
 
+def tril_inverse(L: Tensor, leaf: int = 128) -> Tensor:
+    """L^-1 of a lower-triangular L (n, n) by 2x2 blocks, [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]:
+    about n^3/3 flops in GEMMs (LAPACK trtri's count), where a triangular solve against the identity costs n^3."""
+    n = L.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(L, torch.eye(n, device=L.device, dtype=L.dtype), upper=False)
+    h = n // 2
+    out = torch.zeros_like(L)
+    Ai, Di = tril_inverse(L[:h, :h], leaf), tril_inverse(L[h:, h:], leaf)    # (h, h), (n-h, n-h)
+    out[:h, :h], out[h:, h:] = Ai, Di
+    torch.mm(Di, L[h:, :h] @ Ai, out=out[h:, :h])
+    out[h:, :h].neg_()
+    return out
+
+
 def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None, tries: int = 4) -> tuple[Tensor, float]:
     """Upper Cholesky factor U of (H_p + lambda I)^-1 = U^T U, with H_p = H[perm][:, perm] (perm: the column
     order, default the identity) and lambda = percdamp * mean(diag H_p); dead inputs (H_jj = 0) count as
@@ -53,9 +68,8 @@ def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None,
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
             del Hd, diag
-            eye = torch.eye(cols, device=H.device, dtype=L.dtype)
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)         # (cols, cols) lower
-            del L, eye
+            Linv = tril_inverse(L)                                            # (cols, cols) lower
+            del L
             if torch.isfinite(Linv).all():
                 return Linv.flip(0, 1), d
             raise HessianNotPD(f"inverse Hessian factor not finite with damping {d:g}")
@@ -64,7 +78,7 @@ def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None,
 
 @dataclass
 class GPTQResult:
-    q: Tensor        # (rows, cols) uint8 codes
+    q: Tensor        # (rows, cols) uint8 codes (pruned positions: the zero point)
     scale: Tensor    # (rows, n_groups) float32, fp16-exact
     zero: Tensor     # (rows, n_groups) float32, integer-valued
     loss: float      # sum of (w - w_hat)^2 / [H^-1]_jj^2 / 2 (the OBQ objective)
@@ -117,7 +131,12 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
             S1, Z1 = s_all[:, group[i1:i2]].t().contiguous(), z_all[:, group[i1:i2]].t().contiguous()
         else:
             S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)          # (B, rows) each
-        Q1, E1 = torch.empty_like(W1), torch.empty_like(W1)
+        E1 = torch.empty_like(W1)
+        # per-column row views and the pivots as Python floats, made once per block: the loop below runs
+        # a dozen small ops per column, so indexing costs as much as arithmetic
+        Wr, Sr, Zr, Er, Ur = W1.unbind(0), S1.unbind(0), Z1.unbind(0), E1.unbind(0), U1.unbind(0)
+        Kr = KT[i1:i2].unbind(0) if masked else None
+        piv = U1.diagonal().tolist()
         with single_thread():
             for j1 in range(0, i2 - i1, sub):
                 j2 = min(j1 + sub, i2 - i1)
@@ -128,16 +147,17 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
                         s, z = quant.scale_zero(wg.t(), bits, sym)
                         s_all[:, (i1 + i) // gs], z_all[:, (i1 + i) // gs] = s, z
                         S1[i:j], Z1[i:j] = s, z
-                    w, s, z = W1[i], S1[i], Z1[i]                         # (rows,) each
-                    q = torch.clamp(torch.round(w / s) + z, 0, mq)        # quant.quantize
-                    wq = (q - z) * s                                      # quant.dequantize
+                    w, s, z = Wr[i], Sr[i], Zr[i]                         # (rows,) each
+                    # quant.quant_dequant: s (clamp(round(w / s) + z, 0, maxq) - z), in place on one temporary
+                    wq = torch.div(w, s).round_().add_(z).clamp_(0, mq).sub_(z).mul_(s)
                     if masked:
-                        wq *= KT[i1 + i]
-                    err = (w - wq) / U1[i, i]                             # (rows,)
-                    W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1)
-                    Q1[i], E1[i], W1[i] = q, err, wq                      # WT ends as the dequantized weights
+                        wq.mul_(Kr[i])
+                    err = torch.sub(w, wq, out=Er[i]).div_(piv[i])       # (rows,)
+                    W1[i + 1:j2].addr_(Ur[i][i + 1:j2], err, alpha=-1)
+                    w.copy_(wq)                                           # WT ends as the dequantized weights
                 W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
-        QT[i1:i2] = Q1.to(torch.uint8)
+        # codes from the dequantized weights: exact, as (q - z) s / s rounds back to the integer q - z
+        QT[i1:i2] = quant.quantize(W1, S1, Z1, bits).to(torch.uint8)
         loss += E1.pow(2).sum(0) / 2
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
     return GPTQResult(QT[inv].t(), s_all, z_all, float(loss.sum()), damp, loss, WT[inv].t())

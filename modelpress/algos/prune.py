@@ -100,6 +100,8 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
             score = W1 ** 2 / d1[:, None] ** 2
             K1.copy_(_keep_lowest_pruned(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape))
         E1 = torch.empty_like(W1)
+        Wr, Er, Ur, Kr = W1.unbind(0), E1.unbind(0), U1.unbind(0), K1.unbind(0)   # per-column views, made once
+        piv = d1.tolist()
         with single_thread():
             for j1 in range(0, i2 - i1, sub):
                 j2 = min(j1 + sub, i2 - i1)
@@ -108,7 +110,7 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
                         n, m = nm
                         score = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2          # (m, rows)
                         K1[i:i + m] = _nm_keep(score.t(), n, m).t()
-                    w, d, k = W1[i], U1[i, i], K1[i]
+                    w, k = Wr[i], Kr[i]
                     col = i1 + i
                     if bits is not None:
                         if group_size is not None and col % gs == 0:
@@ -121,9 +123,9 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
                         wq = quant.dequantize(qc, s, z) * k
                     else:
                         wq = w * k
-                    err = (w - wq) / d
-                    W1[i + 1:j2].addr_(U1[i, i + 1:j2], err, alpha=-1)
-                    W1[i], E1[i] = wq, err
+                    err = torch.sub(w, wq, out=Er[i]).div_(piv[i])        # (rows,)
+                    W1[i + 1:j2].addr_(Ur[i][i + 1:j2], err, alpha=-1)
+                    w.copy_(wq)
                 W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
     WT *= KT

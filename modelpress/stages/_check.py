@@ -9,6 +9,11 @@ def choice(stage: str, field: str, value, allowed) -> None:
         raise UserError(f"{stage}.{field} must be one of {list(allowed)}, got {value!r}")
 
 
+def flag(stage: str, field: str, value) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"{stage}.{field} must be true or false, got {value!r}")
+
+
 def int_range(stage: str, field: str, value, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise UserError(f"{stage}.{field} must be an integer in [{lo}, {hi}], got {value!r}")

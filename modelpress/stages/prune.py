@@ -28,6 +28,7 @@ class Prune:
     sym: bool = True
     damp: float = 0.01
     block_size: int = 128
+    sequential: bool = True               # wanda/sparsegpt: one input group at a time within a layer (layerwise.run)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear sparsities, mean = sparsity
@@ -42,6 +43,7 @@ class Prune:
             _check.int_range("prune", "bits", self.bits, 2, 8)
         _check.group_size("prune", self.group_size)
         _check.float_range("prune", "damp", self.damp, 0.0, 1.0)
+        _check.flag("prune", "sequential", self.sequential)
         _check.patterns("prune", "include", self.include)
         _check.patterns("prune", "exclude", self.exclude)
         _check.budget("prune", self.budget, self.budget_spread, 1.0)
@@ -121,7 +123,7 @@ class Prune:
                 raise UserError(f"prune.method {self.method} needs calibration data: add a `calibration:` block "
                                 "or use magnitude")
             layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}",
-                                    checkpoint=checkpoint)
+                                    checkpoint=checkpoint, sequential=self.sequential)
         else:
             layers = do(self.target.select(model), {})
         if not layers:

@@ -31,6 +31,7 @@ class Quantize:
     damp: float = 0.01                    # GPTQ: lambda = damp * mean(diag H)
     block_size: int = 128                 # GPTQ lazy-update block
     observer: str = "minmax"              # minmax | mse (clipping search)
+    sequential: bool = False              # GPTQ: one input group at a time within a layer (layerwise.run)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear integer bits, mean ~ bits
@@ -43,6 +44,7 @@ class Quantize:
         _check.float_range("quantize", "damp", self.damp, 0.0, 1.0)
         _check.int_range("quantize", "block_size", self.block_size, 1, 1 << 16)
         _check.choice("quantize", "observer", self.observer, ("minmax", "mse"))
+        _check.flag("quantize", "sequential", self.sequential)
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
         _check.budget("quantize", self.budget, self.budget_spread, 6.0)
@@ -134,7 +136,7 @@ class Quantize:
             if calib is None:
                 raise UserError("quantize.method gptq needs calibration data: add a `calibration:` block or use rtn")
             layers = layerwise.run(model, calib, self.target, do, collect="hessian", progress=f"GPTQ {self.describe()}",
-                                    checkpoint=checkpoint)
+                                    checkpoint=checkpoint, sequential=self.sequential)
         else:
             layers = do(self.target.select(model), {})
         if not layers:

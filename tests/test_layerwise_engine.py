@@ -1,0 +1,119 @@
+"""The layer-by-layer engine's numerics: one-triangle Hessian updates, the blocked triangular inverse, worker
+threads (same statistics and outputs as one thread), and true-sequential groups."""
+import pytest
+import torch
+
+from modelpress import layerwise
+from modelpress.algos.gptq import inverse_hessian_chol, tril_inverse
+from modelpress.errors import UserError
+from modelpress.recipe import Recipe
+from modelpress.targets import Target
+
+from .conftest import correlated_calib, tiny_llama
+
+P = "model.layers.0."
+
+
+@pytest.fixture
+def threads():
+    n = torch.get_num_threads()
+    yield lambda k: torch.set_num_threads(k)
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_gram_update_matches_running_mean_of_2xtx(contiguous):
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(100, 37, generator=g), torch.randn(60, 37, generator=g)
+    if not contiguous:                           # the GEMM fallback
+        x1 = torch.randn(37, 100, generator=g).t()
+    H = torch.zeros(37, 37)
+    layerwise.gram_update_(H, x1, 0.0, 2 / 100)
+    layerwise.gram_update_(H, x2, 100 / 160, 2 / 160)
+    layerwise.symmetrize_(H)
+    X = torch.cat([x1, x2])
+    assert torch.equal(H, H.t())
+    assert torch.allclose(H, 2 * X.t() @ X / 160, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 7, 128, 129, 300])
+def test_tril_inverse_is_the_inverse(n):
+    g = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(A @ A.t() + n * torch.eye(n, dtype=torch.float64))
+    Li = tril_inverse(L, leaf=32)
+    assert torch.equal(Li, Li.tril())
+    assert (Li @ L - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12
+
+
+def test_inverse_hessian_factor_reproduces_the_inverse():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 300, generator=g)
+    H = 2 * X.t() @ X / 400
+    perm = torch.randperm(300, generator=g)
+    U, d = inverse_hessian_chol(H, 0.01, perm)
+    Hp = H[perm][:, perm].double()
+    Hp += d * Hp.diagonal().mean() * torch.eye(300, dtype=torch.float64)
+    assert torch.equal(U, U.triu())
+    assert torch.allclose(U.double().t() @ U.double(), torch.linalg.inv(Hp), rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "input_sq_norm", "inputs"])
+def test_worker_threads_give_the_statistics_of_one_thread(kind, threads):
+    m, calib = tiny_llama(), correlated_calib(n=10)
+    res = {}
+    for k in (1, 2):
+        threads(k)
+        step = next(layerwise.steps(m, calib, batch_size=3))     # 4 batches: uneven split over 2 workers
+        lin = step.linears(Target())
+        res[k] = (step.collect(lin, kind), step.outputs())
+    (s1, o1), (s2, o2) = res[1], res[2]
+    assert s1.keys() == s2.keys() == lin.keys()
+    for name in s1:
+        assert torch.allclose(s1[name], s2[name], rtol=1e-5, atol=1e-6), name
+    assert s2[P + "self_attn.q_proj"] is s2[P + "self_attn.v_proj"]
+    assert len(o1) == len(o2) == 4
+    for a, b in zip(o1, o2):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_compresses_one_input_group_at_a_time(one_thread):
+    m, calib = tiny_llama(layers=1), correlated_calib()
+    calls = []
+
+    def fn(linears, stats):
+        calls.append(sorted(n.split(".")[-1] for n in linears))
+        if "o_proj" in calls[-1][0]:             # o_proj's input must come from the q/k/v already changed
+            calls.append(float(stats[P + "self_attn.o_proj"].trace()))
+        for n, lin in linears.items():
+            if n.endswith("v_proj"):             # values halved -> attention output halved
+                lin.weight.data.mul_(0.5)
+        return {n: {} for n in linears}
+
+    layerwise.run(m, calib, Target(), fn, sequential=True)
+    assert calls[0] == ["k_proj", "q_proj", "v_proj"]
+    assert calls[1] == ["o_proj"] and calls[3] == ["gate_proj", "up_proj"] and calls[4] == ["down_proj"]
+    one_pass = []
+    layerwise.run(tiny_llama(layers=1), calib, Target(),
+                  lambda lin, st: one_pass.append(float(st[P + "self_attn.o_proj"].trace())) or {}, sequential=False)
+    # trace(H_o) drops by 4x: o_proj's statistics were taken after v_proj changed
+    assert calls[2] == pytest.approx(one_pass[0] / 4, rel=1e-4)
+
+
+def test_sequential_gptq_and_sparsegpt_run_and_reach_their_targets(one_thread):
+    calib = correlated_calib()
+    for stage in ({"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "sequential": True}},
+                  {"prune": {"method": "sparsegpt", "sparsity": 0.5, "sequential": True}}):
+        m = tiny_llama()
+        from modelpress.api import compress
+        stats = compress(m, Recipe.from_dict({"stages": [stage]}), calib)[0]["layers"]
+        assert len(stats) == 14
+        if "prune" in stage:
+            assert all(v["sparsity"] == pytest.approx(0.5, abs=1e-3) for v in stats.values())
+        else:
+            assert all(v["sqnr"] > 15 for v in stats.values())
+
+
+def test_sequential_must_be_a_boolean():
+    with pytest.raises(UserError, match=r"prune.sequential must be true or false, got 'yes'"):
+        Recipe.from_dict({"stages": [{"prune": {"method": "wanda", "sequential": "yes"}}]})
