@@ -14,7 +14,8 @@ from modelpress.tabular.bins import (bins_from_thresholds, digitize, make_bins, 
                                      sweep_bins)
 from modelpress.tabular.covering import covering_rows, ipog, pairwise_coverage
 from modelpress.tabular.distill import DistillConfig, agreement, distill
-from modelpress.tabular.queries import farthest_points, refine_boundaries, sample_in_bins, uniform_queries
+from modelpress.tabular.queries import (balance_seeds, farthest_points, refine_boundaries, sample_in_bins,
+                                       uniform_queries, water_fill)
 from modelpress.tabular.spec import Feature, FeatureSpec, spec_from_columns, spec_from_dict
 from modelpress.tabular.student import load_student, predict_proba, save_student, train_tree
 from modelpress.tabular.teacher import Teacher, split_thresholds
@@ -167,6 +168,27 @@ def test_refine_boundaries_bisects_onto_step(spread):
     span = last[:, 1].max() - last[:, 1].min()
     # the closest brackets cluster on part of the boundary x0 = 0.3; spread ones cover it
     assert span > 0.9 if spread else span < 0.5, span
+
+
+def test_water_fill_equalises_counts():
+    np.testing.assert_array_equal(water_fill([10, 2, 5], 4), [0, 4, 0])
+    np.testing.assert_array_equal(water_fill([10, 2, 5], 20), [2, 11, 7])  # -> 12, 13, 12
+    np.testing.assert_array_equal(water_fill([0, 100, 7], 50), [29, 0, 21])
+    assert water_fill([3, 3], 3).sum() == 3 and water_fill([3, 3], 0).sum() == 0
+
+
+def test_balance_seeds_fill_the_rare_class():
+    spec = FeatureSpec((Feature("a", "numeric", 0, 1), Feature("b", "numeric", 0, 1)))
+    T = Teacher(StepTeacher())  # class 0 where x0 <= 0.3
+    X = uniform_queries(spec, 200, np.random.default_rng(0))
+    y = T.proba(X).argmax(1)
+    Xb = balance_seeds(X, y, spec, 100, np.random.default_rng(1), sigma=0.1)
+    assert Xb.shape == (100, 2) and Xb.min() >= 0 and Xb.max() <= 1
+    yb = T.proba(Xb).argmax(1)
+    before = np.bincount(y, minlength=2)
+    after = before + np.bincount(yb, minlength=2)
+    assert before[0] < 70 and (yb == 0).mean() > 0.75  # seeds go to the rare class 0
+    assert before[1] - before[0] >= 80 and abs(after[0] - after[1]) <= 20  # 50:150 -> ~150:150
 
 
 def test_sample_in_bins_lands_in_bins():

@@ -9,6 +9,12 @@
   bracket is 2^-s of its length. With `spread`, the pairs are chosen by farthest-point
   order of their midpoints among the tighter half of the brackets (`farthest_points`), so
   the exact boundary points cover the whole boundary instead of its densest stretch.
+* `balance_seeds`: class balancing. Queries spread over the spec box can leave a class
+  whose region is a thin sliver of the box with a handful of points (the student then
+  extrapolates it); new seeds are drawn around existing queries of the rarest teacher
+  labels (Gaussian steps in range-normalised space), allotted by water-filling so that the
+  label counts move towards equal -- the class-balance idea of data-free KD (DAFL's
+  information-entropy term, Chen et al. 2019), done with teacher labels instead of a loss.
 * Baseline generators that use the spec only: `uniform_queries` (uniform in the box, uniform
   over levels) and `gaussian_queries` (per feature N(mid, (range/4)^2) clipped to the range).
 """
@@ -165,3 +171,40 @@ def refine_boundaries(teacher: Teacher, spec: FeatureSpec, X: np.ndarray, P: np.
         A = np.where(same[:, None], M, A)
         B = np.where(same[:, None], B, M)
     return np.concatenate(out_X), np.concatenate(out_P)
+
+
+def water_fill(counts: np.ndarray, n: int) -> np.ndarray:
+    """Split n new items over classes so that counts + alloc is as equal as possible
+    (lowest first).  counts (C,) -> alloc (C,) int, sum n."""
+    c = np.asarray(counts, dtype=np.int64)
+    alloc = np.zeros_like(c)
+    if n <= 0 or len(c) == 0:
+        return alloc
+    order = np.argsort(c, kind="stable")
+    s = c[order]
+    # find the water level: largest k such that the k lowest can be raised to s[k-1] within n
+    level_cost = np.arange(1, len(s) + 1) * s - np.cumsum(s)  # cost to raise the k lowest to s[k-1]
+    k = int(np.searchsorted(level_cost, n, side="right"))  # classes below the final level
+    base = (n + s[:k].sum()) // k
+    extra = (n + s[:k].sum()) - base * k
+    fill = base - s[:k] + (np.arange(k) < extra)
+    alloc[order[:k]] = fill
+    return alloc
+
+
+def balance_seeds(X: np.ndarray, y: np.ndarray, spec: FeatureSpec, n: int, rng: np.random.Generator,
+                  sigma: float = 0.1) -> np.ndarray:
+    """n new seeds around queries of the rarest labels.  X (m, d), y (m,) -> (n, d) snapped.
+
+    Classes never seen in y get nothing (there is no point to start from). Each seed is a
+    random query of its class plus N(0, sigma^2) per coordinate in [-1, 1]-normalised space.
+    """
+    seen = np.flatnonzero(np.bincount(y))
+    if n <= 0 or len(seen) == 0:
+        return np.zeros((0, X.shape[1]))
+    alloc = water_fill(np.bincount(y)[seen], n)  # (k,)
+    base = np.concatenate([rng.choice(np.flatnonzero(y == c), a) for c, a in zip(seen, alloc) if a > 0])
+    lo, hi = spec.bounds()
+    half = np.where(hi > lo, (hi - lo) / 2, 0.0)
+    Z = normalise(X[base], spec) + sigma * rng.standard_normal((len(base), X.shape[1]))
+    return snap(np.clip(Z, -1, 1) * half + (lo + hi) / 2, spec)
