@@ -391,7 +391,7 @@ Settings, made apples to apples (everything else is each tool's default):
 | knob | modelpress | llm-compressor |
 |---|---|---|
 | targets | every `nn.Linear` in the decoder layers, `lm_head` excluded (tied to the embeddings) | `targets=["Linear"]`; GPTQ `ignore=["lm_head"]`; Wanda/SparseGPT `ignore=["re:.*lm_head"]`: their sparsity modifiers name the module `lm_head.`, so the plain name does not match and the tied lm_head/embedding gets pruned (checked: embedding unchanged = {emb}) |
-| pipeline | `modelpress.layerwise`: layer by layer, outputs recomputed with the compressed layer (error propagates), batch 8; on CPU a layer's batches and its solves run in parallel Python threads (one torch thread each, as many as `torch.get_num_threads()`), the Hessians as one-triangle BLAS updates (ssyrk); linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes). GPTQ: one calibration pass per layer (`sequential: false`, the quantize default). Wanda/SparseGPT: `sequential: true` (the prune default, \"true sequential\" of the GPTQ repo): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were pruned (about one more forward pass per layer) | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
+| pipeline | `modelpress.layerwise`: layer by layer, outputs recomputed with the compressed layer (error propagates), batch 8; a layer's solves run in parallel Python threads (one torch thread each, as many as `torch.get_num_threads()`), the Hessians are one-triangle BLAS updates (ssyrk); linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes). GPTQ: one calibration pass per layer (`sequential: false`, the quantize default). Wanda/SparseGPT: `sequential: true` (the prune default, \"true sequential\" of the GPTQ repo): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were pruned (about one more forward pass per layer) | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
 | GPTQ observer | `minmax`, fp16-rounded scales (the *mse observer* setting: `observer: mse`, a per-group clipping search, as in the shipped `w4a16-gptq-g128` recipe) | `memoryless_minmax` (their weight default), fp32 scales |
@@ -409,9 +409,9 @@ Settings, made apples to apples (everything else is each tool's default):
                        "differences, so the 0.5% verdicts below are indicative only.")
     if a.threads == 2:
         caveats.append("Threads: 2 for both tools (this machine's cores; each tool's default use of them). llm-compressor "
-                       "runs every op on 2 OpenMP threads; modelpress runs two Python threads of one torch thread each: two "
-                       "calibration batches at a time through a layer, then two linear groups' GPTQ/SparseGPT solves at a "
-                       "time.")
+                       "runs every op on 2 OpenMP threads; modelpress runs the forward passes and Hessians on 2 threads and "
+                       "the GPTQ/SparseGPT column loops (thousands of small ops) on one thread per linear group, two groups "
+                       "at a time.")
     else:
         caveats.append(f"Threads: {a.threads} for both tools. At 2 threads on this shared, oversubscribed 2-core machine "
                        "every small per-column op of the GPTQ/SparseGPT loops (both tools') waits on an OpenMP barrier, "

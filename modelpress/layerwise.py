@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ class _Stop(Exception):
 def parallel_map(fn: Callable, items: list, cost: Callable | None = None, workers: int | None = None) -> list:
     """[fn(x) for x in items], spread over W = min(workers or torch.get_num_threads(), len(items)) Python
     threads that each run torch (and scipy's BLAS) on threads // W threads: inter-op instead of intra-op
-    parallelism. For the per-linear solvers (GPTQ, SparseGPT), whose column loops are thousands of small ops
-    that one thread runs best, and for the batches of a layer-wise forward pass (no OpenMP barrier per
-    elementwise op, and each thread's activations stay in its own core's cache). The caller's grad mode is
-    kept. `cost` orders the work largest first. Results come back in the order of `items`."""
+    parallelism, for the per-linear solvers (GPTQ, SparseGPT), whose column loops are thousands of small ops
+    that one thread runs best. The caller's grad mode is kept. `cost` orders the work largest first. Results
+    come back in the order of `items`. (Not for forward passes: two concurrent batches measured no faster than
+    one batch on two OpenMP threads here, and each thread's allocator arena raised the peak RSS.)"""
     n = torch.get_num_threads()
     w = min(workers or n, len(items))
     if w <= 1:
@@ -62,12 +61,6 @@ def _blas_pools():
     import scipy.linalg.blas  # noqa: F401  (loaded first, so the controller sees it)
     from threadpoolctl import ThreadpoolController
     return ThreadpoolController()
-
-
-def cpu_workers(device: torch.device, n_batches: int) -> int:
-    """Python threads for a layer-wise pass over n_batches on `device`: one per torch thread on CPU (at most
-    one per batch); one on an accelerator, which runs the batches in order anyway."""
-    return min(torch.get_num_threads(), n_batches) if device.type == "cpu" else 1
 
 
 def gram_update_(H: Tensor, x: Tensor, beta: float, alpha: float) -> None:
@@ -146,8 +139,7 @@ class Step:
 
     @torch.no_grad()
     def outputs(self) -> list[Tensor]:
-        return parallel_map(lambda b: _out(self.layer(self.inputs[b], **self.kwargs[b])), list(range(len(self.inputs))),
-                            workers=cpu_workers(self.device, len(self.inputs)))
+        return [_out(self.layer(x, **kw)) for x, kw in zip(self.inputs, self.kwargs)]
 
     @torch.no_grad()
     def collect(self, linears: dict[str, nn.Module], kind: str, first_input: bool = False) -> dict[str, Tensor]:
@@ -155,102 +147,64 @@ class Step:
         "hessian": H = 2 X^T X / n (cols, cols); "input_sq_norm": sum_t x_tj^2 (cols,);
         "inputs": the raw inputs (tokens, cols) (small models only); "none": nothing. Statistics are taken in
         forward pre-hooks, and each batch stops once every targeted linear has its input (the collect pass never
-        runs the last linear, e.g. down_proj, whose output nobody reads). On CPU the batches are shared among
-        worker threads (parallel_map) that each keep their own sums (one Hessian per worker and input), added
-        up in worker order at the end. first_input: only the linears that read the first input reached (e.g.
-        q/k/v), and each batch stops at the next linear: for true-sequential stages (see run)."""
+        runs the last linear, e.g. down_proj, whose output nobody reads). first_input: only the linears that read
+        the first input reached (e.g. q/k/v), and each batch stops at the next linear: for true-sequential
+        stages (see run)."""
         if kind == "none" or not linears:
             return {}
         if kind not in ("hessian", "input_sq_norm", "inputs"):
             raise ValueError(f"unknown statistic {kind!r}")
-        workers = cpu_workers(self.device, len(self.inputs))
-        local = threading.local()
+        stats: dict[str, Tensor] = {}
+        rows: dict[str, int] = {}
+        alias: dict[str, str] = {}     # linears fed the very same input tensor share one statistic
+        seen: list[tuple[Tensor, str]] = []
+        pending: set[str] = set()      # targeted linears not yet reached in this batch
+
+        def record(name: str, raw: Tensor) -> bool:
+            """Add one linear's input of this batch; True once the batch can stop."""
+            first = next((f for t, f in seen if t is raw), None)
+            if first is not None:
+                alias[name] = first
+            elif first_input and seen:
+                return True                # a second input: the first group is complete
+            else:
+                seen.append((raw, name))
+                x = raw.detach().reshape(-1, raw.shape[-1]).float()           # (tokens, cols)
+                rows[name] = rows.get(name, 0) + x.shape[0]
+                if kind == "hessian":
+                    if name not in stats:
+                        stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                    gram_update_(stats[name], x, 1.0, 1.0)
+                elif kind == "input_sq_norm":
+                    stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
+                else:
+                    stats[name] = torch.cat([stats[name], x]) if name in stats else x
+            pending.discard(name)
+            return not pending
 
         def make(name):
             def hook(_m, args):
-                if local.acc.record(name, args[0]):
+                if record(name, args[0]):
                     raise _Stop                # every targeted linear has its input: skip the rest of the layer
             return hook
 
-        def shard(w: int) -> _Acc:
-            acc = local.acc = _Acc(kind, list(linears), first_input)
-            for b in range(w, len(self.inputs), workers):
-                acc.start(b)
-                try:
-                    self.layer(self.inputs[b], **self.kwargs[b])
-                except _Stop:
-                    pass
-            acc.start(-1)
-            return acc
-
         hooks = [m.register_forward_pre_hook(make(n)) for n, m in linears.items()]
         try:
-            accs = parallel_map(shard, list(range(workers)), workers=workers)
+            for x, kw in zip(self.inputs, self.kwargs):
+                seen.clear()
+                pending.update(linears)
+                try:
+                    self.layer(x, **kw)
+                except _Stop:
+                    pass
         finally:
             for h in hooks:
                 h.remove()
-        return _Acc.reduce(accs)
-
-
-class _Acc:
-    """One worker's input statistics of the targeted linears over its batches (see Step.collect). Linears fed
-    the very same input tensor (q/k/v, gate/up) share one statistic (`alias`)."""
-
-    def __init__(self, kind: str, names: list[str], first_input: bool = False):
-        self.kind, self.names, self.first_input = kind, names, first_input
-        self.sums: dict[str, Tensor] = {}        # hessian: upper triangle of sum X^T X; input_sq_norm: sum x^2
-        self.rows: dict[str, int] = {}           # tokens seen per input
-        self.inputs: dict[str, list] = {}        # inputs: [(batch, x (tokens, cols))]
-        self.alias: dict[str, str] = {}
-        self.seen: list[tuple[Tensor, str]] = []
-        self.pending: set[str] = set()
-        self.batch = -1
-
-    def start(self, batch: int) -> None:
-        self.batch, self.pending = batch, set(self.names)
-        self.seen.clear()
-
-    def record(self, name: str, raw: Tensor) -> bool:
-        """Add one linear's input of the current batch; True once every targeted linear has had its input."""
-        first = next((f for t, f in self.seen if t is raw), None)
-        if first is not None:
-            self.alias[name] = first
-            self.pending.discard(name)
-            return not self.pending
-        if self.first_input and self.seen:
-            return True                          # a second input: the first group is complete
-        self.pending.discard(name)
-        self.seen.append((raw, name))
-        x = raw.detach().reshape(-1, raw.shape[-1]).float()                # (tokens, cols)
-        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
-        if self.kind == "hessian":
-            if name not in self.sums:
-                self.sums[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            gram_update_(self.sums[name], x, 1.0, 1.0)
-        elif self.kind == "input_sq_norm":
-            self.sums[name] = self.sums.get(name, 0) + (x ** 2).sum(0)
-        else:
-            self.inputs.setdefault(name, []).append((self.batch, x))
-        return not self.pending
-
-    @staticmethod
-    def reduce(accs: list[_Acc]) -> dict[str, Tensor]:
-        stats: dict[str, Tensor] = {}
-        kind = accs[0].kind
-        alias = {k: v for a in accs for k, v in a.alias.items()}
-        for name in dict.fromkeys(n for a in accs for n in (a.inputs if kind == "inputs" else a.sums)):
-            if kind == "inputs":
-                stats[name] = torch.cat([x for _, x in sorted((p for a in accs for p in a.inputs.get(name, [])),
-                                                              key=lambda p: p[0])])
-                continue
-            parts = [a.sums.pop(name) for a in accs if name in a.sums]
-            total = parts[0]
-            for p in parts[1:]:
-                total.add_(p)
-            if kind == "hessian":
-                symmetrize_(total)
-                total.mul_(2.0 / sum(a.rows.get(name, 0) for a in accs))   # H = 2 X^T X / n
-            stats[name] = total
+            seen.clear()
+        if kind == "hessian":
+            for name, H in stats.items():
+                symmetrize_(H)
+                H.mul_(2.0 / rows[name])                                       # H = 2 X^T X / n
         for name, first in alias.items():
             stats[name] = stats[first]
         return stats
