@@ -25,15 +25,15 @@ class _Stop(Exception):
     pass
 
 
-def parallel_map(fn: Callable, items: list, cost: Callable | None = None, workers: int | None = None) -> list:
-    """[fn(x) for x in items], spread over W = min(workers or torch.get_num_threads(), len(items)) Python
+def parallel_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
+    """[fn(x) for x in items], spread over W = min(torch.get_num_threads(), len(items)) Python
     threads that each run torch on threads // W threads: inter-op instead of intra-op
     parallelism, for the per-linear solvers (GPTQ, SparseGPT), whose column loops are thousands of small ops
     that one thread runs best. The caller's grad mode is kept. `cost` orders the work largest first. Results
     come back in the order of `items`. (Not for forward passes: two concurrent batches measured no faster than
     one batch on two OpenMP threads here, and each thread's allocator arena raised the peak RSS.)"""
     n = torch.get_num_threads()
-    w = min(workers or n, len(items))
+    w = min(n, len(items))
     if w <= 1:
         return [fn(x) for x in items]
     per = max(1, n // w)
@@ -53,9 +53,9 @@ def parallel_map(fn: Callable, items: list, cost: Callable | None = None, worker
     return [done[i] for i in range(len(items))]
 
 
-def gram_update_(H: Tensor, x: Tensor, beta: float, alpha: float, strip: int = 384) -> None:
-    """H <- beta H + alpha x^T x for x (tokens, cols) and H (cols, cols), in place; only the upper triangle
-    is right: finish with symmetrize_(H). Computed as row strips of `strip` columns from the diagonal on
+def gram_add_(H: Tensor, x: Tensor, strip: int = 384) -> None:
+    """H += x^T x for x (tokens, cols) and H (cols, cols), in place; only the upper triangle is right: finish
+    with symmetrize_(H). Computed as row strips of `strip` columns from the diagonal on
     (H[a:b, a:] += x[:, a:b]^T x[:, a:]): (k+1)/2k of the GEMM's flops for k strips, in torch's own BLAS
     (scipy's ssyrk halves the flops but its threads and torch's OpenMP threads spin against each other
     between calls: the layer-wise collect pass ran 40% slower with it)."""
@@ -63,7 +63,7 @@ def gram_update_(H: Tensor, x: Tensor, beta: float, alpha: float, strip: int = 3
     k = max(1, round(cols / strip))
     edges = [round(i * cols / k) for i in range(k + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
-        H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=beta, alpha=alpha)
+        H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
 
 
 def symmetrize_(H: Tensor) -> None:
@@ -163,7 +163,7 @@ class Step:
                 if kind == "hessian":
                     if name not in stats:
                         stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                    gram_update_(stats[name], x, 1.0, 1.0)
+                    gram_add_(stats[name], x)
                 elif kind == "input_sq_norm":
                     stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
                 else:

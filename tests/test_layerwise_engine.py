@@ -22,15 +22,16 @@ def threads():
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_gram_update_matches_running_mean_of_2xtx(contiguous):
+def test_gram_add_matches_2xtx_over_n(contiguous):
     g = torch.Generator().manual_seed(0)
     x1, x2 = torch.randn(100, 37, generator=g), torch.randn(60, 37, generator=g)
     if not contiguous:                           # the GEMM fallback
         x1 = torch.randn(37, 100, generator=g).t()
     H = torch.zeros(37, 37)
-    layerwise.gram_update_(H, x1, 0.0, 2 / 100)
-    layerwise.gram_update_(H, x2, 100 / 160, 2 / 160)
+    layerwise.gram_add_(H, x1, strip=16)                    # 37 columns: 2 strips
+    layerwise.gram_add_(H, x2, strip=16)
     layerwise.symmetrize_(H)
+    H *= 2 / 160
     X = torch.cat([x1, x2])
     assert torch.equal(H, H.t())
     assert torch.allclose(H, 2 * X.t() @ X / 160, rtol=1e-5, atol=1e-5)

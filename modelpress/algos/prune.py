@@ -75,20 +75,18 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
         quant.check_groups(cols, group_size)
         if group_size:
             blocksize = group_size * max(1, blocksize // group_size)
-    W = W.float().clone()
-    W[:, torch.diag(H) == 0] = 0                                         # dead inputs
     U, _ = inverse_hessian_chol(H, percdamp)
     gs = group_size or cols
     # transposed layout (a column of W is a contiguous row of WT) and two-level lazy batching as in gptq:
     # a sub-block never splits an N:M group or starts inside a quantization group
-    WT = W.t().contiguous()                                              # (cols, rows)
+    WT = W.float().t().clone(memory_format=torch.contiguous_format)      # (cols, rows), always a copy
+    WT[torch.diag(H) == 0] = 0                                           # dead inputs
     KT = torch.ones(cols, rows, dtype=torch.bool, device=W.device)
     QT = torch.zeros(cols, rows, dtype=torch.uint8, device=W.device) if bits else None
     S = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device) if bits else None
     Z = torch.zeros_like(S) if bits else None
     if bits is not None and group_size is None:   # per-channel: one range per row, from the whole row
-        S[:, 0], Z[:, 0] = quant.scale_zero(W, bits, sym)
-    del W
+        S[:, 0], Z[:, 0] = quant.scale_zero(WT.t(), bits, sym)
     sub = next((b for b in (32, 16, 8, 4, 2, 1) if (bits is None or group_size is None or gs % b == 0)
                 and (nm is None or b % nm[1] == 0)), blocksize)
     for i1 in range(0, cols, blocksize):
@@ -134,7 +132,7 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
 
 def sparsity(w: Tensor) -> float:
     """Fraction of exact zeros."""
-    return float((w == 0).sum()) / w.numel()
+    return 1.0 - int(torch.count_nonzero(w)) / w.numel()
 
 
 def is_nm(w_or_keep: Tensor, n: int, m: int) -> bool:

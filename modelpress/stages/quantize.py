@@ -11,6 +11,7 @@ import torch
 
 from .. import layerwise
 from ..algos import gptq as G
+from ..algos import prune as P
 from ..algos import quant
 from ..errors import UserError
 from ..model import set_module
@@ -103,7 +104,7 @@ class Quantize:
             w_hat = info.pop("w_hat", None)                                                      # (rows, cols)
             w_hat = (quant.dequantize_groups(q, sc, z, self.group_size, k) if w_hat is None else w_hat).to(lin.weight.dtype)
             info.update(kind="QuantLinear", bits=self.bits, sqnr=quant.sqnr(W, w_hat.float()),
-                        sparsity=1.0 - int(torch.count_nonzero(w_hat)) / w_hat.numel())
+                        sparsity=P.sparsity(w_hat))
             # W may alias lin.weight (fp32): everything above reads it before the in-place write below
             out[name] = (QuantLinear.build(lin, q, sc, z, self.bits, self.group_size, self.sym, k, w_hat, in_place), info)
         return out
