@@ -8,6 +8,8 @@
    deployed model). At most one layer plus the activations live on the compute device."""
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -112,6 +114,36 @@ def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
+class _Stats:
+    """Per-linear input statistics summed over batches: "hessian": H = 2 X^T X / n (cols, cols);
+    "input_sq_norm": sum_t x_tj^2 (cols,); "inputs": the raw inputs (tokens, cols) (small models only)."""
+
+    def __init__(self, kind: str):
+        if kind not in ("hessian", "input_sq_norm", "inputs"):
+            raise ValueError(f"unknown statistic {kind!r}")
+        self.kind, self.stats, self.rows = kind, {}, {}
+
+    def add(self, name, raw: Tensor) -> None:
+        x = raw.detach().reshape(-1, raw.shape[-1]).float()                   # (tokens, cols)
+        self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+        if self.kind == "hessian":
+            if name not in self.stats:
+                self.stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            gram_add_(self.stats[name], x)
+        elif self.kind == "input_sq_norm":
+            self.stats[name] = self.stats.get(name, 0) + (x ** 2).sum(0)
+        else:
+            self.stats[name] = torch.cat([self.stats[name], x]) if name in self.stats else x
+
+    def finish(self, name) -> Tensor | None:
+        """The statistic of `name` (None if it never saw an input); hands it over (no longer kept here)."""
+        st = self.stats.pop(name, None)
+        if st is not None and self.kind == "hessian":
+            symmetrize_(st)
+            st.mul_(2.0 / self.rows[name])                                     # H = 2 X^T X / n
+        return st
+
+
 @dataclass
 class Step:
     """One decoder layer during a layer-wise pass."""
@@ -122,6 +154,7 @@ class Step:
     kwargs: list[dict]
     device: torch.device
     extra: dict = field(default_factory=dict)
+    out: list[Tensor] | None = None   # the outputs, when a one-pass sweep already computed them
 
     def linears(self, target: Target) -> dict[str, nn.Linear]:
         return target.filter(layer_linears(self.layer, self.prefix))
@@ -132,19 +165,14 @@ class Step:
 
     @torch.no_grad()
     def collect(self, linears: dict[str, nn.Module], kind: str, first_input: bool = False) -> dict[str, Tensor]:
-        """Run the layer over all samples and return per-linear input statistics:
-        "hessian": H = 2 X^T X / n (cols, cols); "input_sq_norm": sum_t x_tj^2 (cols,);
-        "inputs": the raw inputs (tokens, cols) (small models only); "none": nothing. Statistics are taken in
-        forward pre-hooks, and each batch stops once every targeted linear has its input (the collect pass never
-        runs the last linear, e.g. down_proj, whose output nobody reads). first_input: only the linears that read
-        the first input reached (e.g. q/k/v), and each batch stops at the next linear: for true-sequential
-        stages (see run)."""
+        """Run the layer over all samples and return per-linear input statistics (see _Stats for the kinds).
+        Statistics are taken in forward pre-hooks, and each batch stops once every targeted linear has its input
+        (the collect pass never runs the last linear, e.g. down_proj, whose output nobody reads). first_input:
+        only the linears that read the first input reached (e.g. q/k/v), and each batch stops at the next
+        linear: the first pass of a true-sequential layer (see run)."""
         if kind == "none" or not linears:
             return {}
-        if kind not in ("hessian", "input_sq_norm", "inputs"):
-            raise ValueError(f"unknown statistic {kind!r}")
-        stats: dict[str, Tensor] = {}
-        rows: dict[str, int] = {}
+        acc = _Stats(kind)
         alias: dict[str, str] = {}     # linears fed the very same input tensor share one statistic
         seen: list[tuple[Tensor, str]] = []
         pending: set[str] = set()      # targeted linears not yet reached in this batch
@@ -158,16 +186,7 @@ class Step:
                 return True                # a second input: the first group is complete
             else:
                 seen.append((raw, name))
-                x = raw.detach().reshape(-1, raw.shape[-1]).float()           # (tokens, cols)
-                rows[name] = rows.get(name, 0) + x.shape[0]
-                if kind == "hessian":
-                    if name not in stats:
-                        stats[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                    gram_add_(stats[name], x)
-                elif kind == "input_sq_norm":
-                    stats[name] = stats.get(name, 0) + (x ** 2).sum(0)
-                else:
-                    stats[name] = torch.cat([stats[name], x]) if name in stats else x
+                acc.add(name, raw)
             pending.discard(name)
             return not pending
 
@@ -190,13 +209,182 @@ class Step:
             for h in hooks:
                 h.remove()
             seen.clear()
-        if kind == "hessian":
-            for name, H in stats.items():
-                symmetrize_(H)
-                H.mul_(2.0 / rows[name])                                       # H = 2 X^T X / n
+        stats = {name: acc.finish(name) for name in list(acc.stats)}
         for name, first in alias.items():
             stats[name] = stats[first]
         return stats
+
+    def grouped(self, linears: dict[str, nn.Module], kind: str, fn, sequential: bool) -> tuple[dict, list[list[str]]]:
+        """collect + fn: all linears at once, or (sequential) one input group at a time, each found and measured
+        by a partial pass (collect(first_input=True)). Returns fn's merged results and the groups in order."""
+        res: dict = {}
+        groups: list[list[str]] = []
+        rest = dict(linears)
+        while rest:
+            stats = self.collect(rest, kind, first_input=sequential)
+            group = {n: m for n, m in rest.items() if n in stats} if sequential else {}
+            group = group or rest            # not sequential, or a linear the forward never reached
+            rest = {n: m for n, m in rest.items() if n not in group}
+            groups.append(list(group))
+            trim_heap()                      # the forward's temporaries, before the stage allocates its own
+            res.update(fn(group, stats) or {})
+            del stats, group                 # the replaced linears and the statistics die here
+        return res, groups
+
+    @torch.no_grad()
+    def sweep(self, linears: dict[str, nn.Module], groups: list[list[str]], kind: str,
+              fn: Callable[[dict[str, nn.Module], dict[str, Tensor]], dict]) -> dict:
+        """True-sequential compression in ONE forward pass: each batch runs through the layer and parks at the
+        first linear of every input group (e.g. q/k/v, o_proj, gate/up, down_proj; `groups` in forward order, as
+        run() found them on an earlier layer with the same linears); once every batch has parked there (or
+        finished without reaching it), the group's statistics are complete, fn(group, stats) compresses it, and
+        the batches go on through the compressed group. The outputs (self.out) come out of the same pass, so a
+        layer costs one forward instead of one per group plus one. Same numbers as the multi-pass path: the
+        statistics are summed batch by batch in the same order. Each batch runs in its own Python thread, one at a
+        time (a baton, no concurrency), holding its live activations while parked."""
+        return _Sweep(self, linears, groups, kind, fn).run()
+
+
+class _Abort(BaseException):
+    pass
+
+
+class _Gate(nn.Module):
+    """Stands in for one targeted linear during a sweep: parks the batch until the linear's group is compressed,
+    then calls whatever module holds the linear's place by then (the stage may have replaced it)."""
+
+    def __init__(self, sweep: "_Sweep", name: str, parent: nn.Module, attr: str, inner: nn.Module):
+        super().__init__()
+        self.sweep, self.name, self.attr = sweep, name, attr
+        self.held = (parent, inner)          # a tuple: not registered as submodules
+
+    def forward(self, x, *args, **kwargs):
+        self.sweep.arrive(self.name, x)
+        parent, inner = self.held
+        now = getattr(parent, self.attr)
+        return (inner if now is self else now)(x, *args, **kwargs)
+
+
+class _Sweep:
+    """The baton scheduler behind Step.sweep."""
+
+    def __init__(self, step: Step, linears: dict[str, nn.Module], groups: list[list[str]], kind: str, fn):
+        self.step, self.linears, self.kind, self.fn = step, linears, kind, fn
+        self.group_of = {n: g for g, names in enumerate(groups) for n in names}
+        missing = set(linears) - set(self.group_of)
+        if missing:
+            raise ValueError(f"sweep: {sorted(missing)} belong to no group")
+        self.n_groups = len(groups)
+        self.acc = _Stats(kind)
+        self.done: set[int] = set()          # compressed groups
+        self.first: dict[tuple[int, int], weakref.ref] = {}   # (batch, group) -> the input its first linear read
+        self.parked: dict[int, int] = {}     # batch -> the group it waits at
+        self.cv = threading.Condition()
+        self.turn: int | None = None         # the batch allowed to run
+        self.abort = False
+        self.local = threading.local()
+        self.errors: list[BaseException] = []
+        self.res: dict = {}
+
+    def arrive(self, name: str, raw: Tensor) -> None:                   # in a batch's thread
+        b, g = self.local.batch, self.group_of[name]
+        if g in self.done:
+            ref = self.first.get((b, g))
+            if ref is not None and ref() is not raw:
+                raise RuntimeError(f"{name} does not read the same input as the other linears of its group on this "
+                                   "layer (the layers differ in structure): set `sequential: false` in the recipe")
+            return
+        self.first[(b, g)] = weakref.ref(raw)
+        self.acc.add(g, raw)
+        self.parked[b] = g
+        self._wait(b)
+
+    def _wait(self, b: int) -> None:
+        with self.cv:
+            self.turn = None
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn == b or self.abort)
+        if self.abort:
+            raise _Abort
+
+    def _work(self, b: int, threads: int) -> None:
+        self.local.batch = b
+        torch.set_num_threads(threads)
+        if self.step.device.type == "cuda":
+            torch.cuda.set_device(self.step.device)
+        try:
+            with self.cv:
+                self.cv.wait_for(lambda: self.turn == b or self.abort)
+            if not self.abort:
+                with torch.no_grad():
+                    self.outs[b] = _out(self.step.layer(self.step.inputs[b], **self.step.kwargs[b]))
+        except _Abort:
+            pass
+        except BaseException as e:           # handed to the calling thread
+            self.errors.append(e)
+        finally:
+            with self.cv:
+                self.turn = None
+                self.cv.notify_all()
+
+    def _hand(self, b: int) -> None:
+        """Let batch b run until it parks or ends."""
+        with self.cv:
+            self.turn = b
+            self.cv.notify_all()
+            self.cv.wait_for(lambda: self.turn is None)
+        if self.errors:
+            raise self.errors[0]
+
+    def _compress(self, g: int) -> None:
+        names = [n for n in self.linears if self.group_of[n] == g]
+        st = self.acc.finish(g)
+        stats = {n: st for n in names} if st is not None else {}
+        del st
+        self.res.update(self.fn({n: self.linears[n] for n in names}, stats) or {})
+        self.done.add(g)
+
+    def run(self) -> dict:
+        layer, B = self.step.layer, len(self.step.inputs)
+        self.outs: list[Tensor | None] = [None] * B
+        gates = []
+        for name, lin in self.linears.items():
+            rel = name[len(self.step.prefix) + 1:]
+            parent_name, _, attr = rel.rpartition(".")
+            parent = layer.get_submodule(parent_name)
+            gate = _Gate(self, name, parent, attr, lin)
+            setattr(parent, attr, gate)
+            gates.append(gate)
+        threads = [threading.Thread(target=self._work, args=(b, torch.get_num_threads()), daemon=True)
+                   for b in range(B)]
+        try:
+            for t in threads:
+                t.start()
+            for b in range(B):
+                self._hand(b)
+            while self.parked:
+                g = min(self.parked.values())            # the earliest group in forward order
+                self._compress(g)
+                for b in sorted(b for b, at in self.parked.items() if at == g):
+                    del self.parked[b]
+                    self._hand(b)
+            for g in range(self.n_groups):                # linears the forward never reached: no statistics
+                if g not in self.done and any(self.group_of[n] == g for n in self.linears):
+                    self._compress(g)
+        finally:
+            with self.cv:
+                self.abort = True
+                self.cv.notify_all()
+            for t in threads:
+                t.join()
+            for gate in gates:                            # a linear the stage kept (changed in place) goes back
+                parent, inner = gate.held
+                if getattr(parent, gate.attr) is gate:
+                    setattr(parent, gate.attr, inner)
+                gate.held = (None, None)
+            self.first.clear()
+        self.step.out = self.outs
+        return self.res
 
 
 def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
@@ -222,8 +410,8 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
         step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device)
         yield step
         trim_heap()
-        inputs = step.outputs()
-        step.inputs = []
+        inputs = step.out if step.out is not None else step.outputs()
+        step.inputs, step.out = [], None
         layer.to(home)
         trim_heap()
         if checkpoint is not None:
@@ -237,7 +425,9 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     """For each decoder layer: stats = collect(targeted linears); fn(linears, stats) -> per-linear dict.
     sequential ("true sequential", GPTQ repo): within a layer, the linears are compressed one input group at a
     time in forward order (q/k/v, then o_proj, gate/up, down_proj), each group's statistics taken with the
-    groups before it already compressed; about one more forward pass per layer.
+    groups before it already compressed. The first layer with a given set of linears finds its groups with one
+    partial pass per group; later layers with the same linears run Step.sweep: one forward pass per layer in all,
+    against two (statistics, then outputs) without `sequential`.
     Returns the merged per-linear results (those of layers restored from a checkpoint included)."""
     from .progress import bar
     prefix, layers = decoder_layers(model)
@@ -245,19 +435,20 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     touched = [i for i, layer in enumerate(layers) if target.filter(layer_linears(layer, f"{prefix}.{i}"))]
     if not touched:
         return out
+    sequential = sequential and collect != "none"
+    known: dict[tuple[str, ...], list[list[str]]] = {}   # a layer's linears (relative names) -> its input groups
     with bar(progress, total=touched[-1] + 1) as advance:
         advance(checkpoint.done if checkpoint is not None else 0)
         for step in steps(model, calib, batch_size, checkpoint=checkpoint):
             rest = step.linears(target)
-            res: dict = {}
-            while rest:
-                stats = step.collect(rest, collect, first_input=sequential and collect != "none")
-                group = {n: m for n, m in rest.items() if n in stats} if sequential else {}
-                group = group or rest            # not sequential, or a linear the forward never reached
-                rest = {n: m for n, m in rest.items() if n not in group}
-                trim_heap()                      # the forward's temporaries, before the stage allocates its own
-                res.update(fn(group, stats) or {})
-                del stats, group                 # the replaced linears and the statistics die here
+            cut = len(step.prefix) + 1
+            key = tuple(n[cut:] for n in rest)
+            if sequential and key in known:
+                res = step.sweep(rest, [[f"{step.prefix}.{r}" for r in g] for g in known[key]], collect, fn)
+            else:
+                res, groups = step.grouped(rest, collect, fn, sequential)
+                if sequential:
+                    known[key] = [[n[cut:] for n in g] for g in groups]
             step.extra["stats"] = res
             out.update(res)
             advance()

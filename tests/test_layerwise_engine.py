@@ -9,7 +9,7 @@ from modelpress.errors import UserError
 from modelpress.recipe import Recipe
 from modelpress.targets import Target
 
-from .conftest import correlated_calib, tiny_llama
+from .conftest import correlated_calib, tiny_gpt2, tiny_llama
 
 P = "model.layers.0."
 
@@ -118,3 +118,58 @@ def test_sequential_gptq_and_sparsegpt_run_and_reach_their_targets(one_thread):
 def test_sequential_must_be_a_boolean():
     with pytest.raises(UserError, match=r"prune.sequential must be true or false, got 'yes'"):
         Recipe.from_dict({"stages": [{"prune": {"method": "wanda", "sequential": "yes"}}]})
+
+
+def _multi_pass_sweep(self, linears, groups, kind, fn):
+    return self.grouped(linears, kind, fn, True)[0]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("stage", [
+    {"quantize": {"method": "gptq", "bits": 3, "group_size": 16, "sequential": True}},
+    {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
+    {"prune": {"method": "wanda", "sparsity": 0.5}}])
+def test_one_pass_sweep_equals_one_pass_per_group(build, stage, one_thread, monkeypatch):
+    """Step.sweep (one forward per layer) gives the very same weights, statistics and outputs as measuring each
+    input group with its own partial pass; 20 samples in batches of 8: three batches parked at once, one short."""
+    from modelpress.api import compress
+    calib = correlated_calib(n=20)
+    runs, swept, sweep = [], [], layerwise.Step.sweep
+    monkeypatch.setattr(layerwise.Step, "sweep", lambda self, *a: swept.append(self.index) or sweep(self, *a))
+    for multi in (False, True):
+        if multi:
+            monkeypatch.setattr(layerwise.Step, "sweep", _multi_pass_sweep)
+        m = build(layers=3) if build is tiny_llama else build()
+        stats = compress(m, Recipe.from_dict({"stages": [stage]}), calib)[0]["layers"]
+        with torch.no_grad():
+            runs.append((m.state_dict(), stats, m(calib.input_ids).logits))
+    (sd1, st1, lo1), (sd2, st2, lo2) = runs
+    assert swept == ([1, 2] if build is tiny_llama else [1])       # layer 0 found the groups
+    assert sd1.keys() == sd2.keys() and all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    assert st1 == st2
+    assert torch.equal(lo1, lo2)
+
+
+@pytest.mark.parametrize("where", ["stage", "forward"])
+def test_a_failing_sweep_raises_and_leaves_no_gates_or_threads(where, one_thread):
+    import threading
+    m, calib = tiny_llama(layers=3), correlated_calib(n=20)
+    before = threading.active_count()
+    calls = []
+
+    def fn(linears, stats):
+        calls.append(list(linears))
+        if where == "stage" and len(calls) == 6:           # layer 1's o_proj, inside the sweep
+            raise ValueError("boom")
+        return {n: {} for n in linears}
+
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            raise ValueError("boom")
+
+    if where == "forward":                                  # layer 1's MLP fails inside the sweep
+        m.model.layers[1].mlp.act_fn = Boom()
+    with pytest.raises(ValueError, match="boom"):
+        layerwise.run(m, calib, Target(), fn, sequential=True)
+    assert threading.active_count() == before
+    assert all(type(mod).__name__ != "_Gate" for mod in m.modules())

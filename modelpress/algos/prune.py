@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import quant
-from .gptq import inverse_hessian_chol, single_thread
+from .gptq import inverse_hessian_chol, loop_arrays, single_thread
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -98,19 +98,21 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
             score = W1 ** 2 / d1[:, None] ** 2
             K1.copy_(_keep_lowest_pruned(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape))
         E1 = torch.empty_like(W1)
-        Wr, Er, Ur, Kr = W1.unbind(0), E1.unbind(0), U1.unbind(0), K1.unbind(0)   # per-column views, made once
-        piv = d1.tolist()
-        with single_thread():
-            for j1 in range(0, i2 - i1, sub):
-                j2 = min(j1 + sub, i2 - i1)
-                for i in range(j1, j2):
-                    if nm is not None and i % nm[1] == 0:
-                        n, m = nm
-                        score = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2          # (m, rows)
-                        K1[i:i + m] = _nm_keep(score.t(), n, m).t()
-                    w, k = Wr[i], Kr[i]
-                    col = i1 + i
-                    if bits is not None:
+        if bits is None:
+            _prune_columns(W1, U1, K1, E1, d1, sub, nm)
+        else:
+            Wr, Er, Ur, Kr = W1.unbind(0), E1.unbind(0), U1.unbind(0), K1.unbind(0)   # per-column views, made once
+            piv = d1.tolist()
+            with single_thread():
+                for j1 in range(0, i2 - i1, sub):
+                    j2 = min(j1 + sub, i2 - i1)
+                    for i in range(j1, j2):
+                        if nm is not None and i % nm[1] == 0:
+                            n, m = nm
+                            score = W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2          # (m, rows)
+                            K1[i:i + m] = _nm_keep(score.t(), n, m).t()
+                        w, k = Wr[i], Kr[i]
+                        col = i1 + i
                         if group_size is not None and col % gs == 0:
                             g_end = min(i + gs, i2 - i1)
                             s, z = quant.scale_zero((W1[i:g_end] * K1[i:g_end]).t(), bits, sym)
@@ -119,15 +121,37 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
                         qc = quant.quantize(w * k, s, z, bits)
                         QT[col] = qc.to(torch.uint8)
                         wq = quant.dequantize(qc, s, z) * k
-                    else:
-                        wq = w * k
-                    err = torch.sub(w, wq, out=Er[i]).div_(piv[i])        # (rows,)
-                    W1[i + 1:j2].addr_(Ur[i][i + 1:j2], err, alpha=-1)
-                    w.copy_(wq)
-                W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
+                        err = torch.sub(w, wq, out=Er[i]).div_(piv[i])        # (rows,)
+                        W1[i + 1:j2].addr_(Ur[i][i + 1:j2], err, alpha=-1)
+                        w.copy_(wq)
+                    W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
     WT *= KT
     return WT.t(), KT.t(), ((QT.t(), S, Z) if bits is not None else None)
+
+
+def _prune_columns(W1: Tensor, U1: Tensor, K1: Tensor, E1: Tensor, d1: Tensor, sub: int,
+                   nm: tuple[int, int] | None) -> None:
+    """SparseGPT's column loop over one block without quantization, in place: W1 (B, rows) pruned by K1 (B, rows)
+    (an N:M mask is chosen here, one group of m columns at a time), the surviving weights OBS-updated; E1 (B,
+    rows) gets the scaled errors. Three elementwise ops per column, through numpy views on CPU."""
+    Kf = K1.float()                                                      # (B, rows)
+    D1 = (1 - Kf).div_(d1[:, None])                                      # pruned: 1 / [U]_jj, kept: 0
+    xp, Wn, En, Un, Kn, Dn = loop_arrays(W1, E1, U1, Kf, D1)
+    with single_thread():
+        for j1 in range(0, W1.shape[0], sub):
+            j2 = min(j1 + sub, W1.shape[0])
+            for i in range(j1, j2):
+                if nm is not None and i % nm[1] == 0:
+                    n, m = nm
+                    K1[i:i + m] = _nm_keep((W1[i:i + m] ** 2 / d1[i:i + m, None] ** 2).t(), n, m).t()
+                    Kf[i:i + m] = K1[i:i + m]
+                    torch.sub(1, Kf[i:i + m], out=D1[i:i + m]).div_(d1[i:i + m, None])
+                w, e = Wn[i], En[i]                                       # (rows,) each
+                xp.multiply(w, Dn[i], out=e)                             # (w - w k) / [U]_ii
+                xp.multiply(w, Kn[i], out=w)
+                Wn[i + 1:j2] -= Un[i, i + 1:j2, None] * e
+            W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
 
 
 def sparsity(w: Tensor) -> float:

@@ -28,7 +28,7 @@ class Prune:
     sym: bool = True
     damp: float = 0.01
     block_size: int = 128
-    sequential: bool = True               # wanda/sparsegpt: one input group at a time within a layer (layerwise.run)
+    sequential: bool = True               # wanda/sparsegpt: one input group at a time within a layer, one forward pass per layer (layerwise.run)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear sparsities, mean = sparsity

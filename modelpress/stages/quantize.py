@@ -32,7 +32,7 @@ class Quantize:
     damp: float = 0.01                    # GPTQ: lambda = damp * mean(diag H)
     block_size: int = 128                 # GPTQ lazy-update block
     observer: str = "minmax"              # minmax | mse (clipping search)
-    sequential: bool = False              # GPTQ: one input group at a time within a layer (layerwise.run)
+    sequential: bool = True               # GPTQ: one input group at a time within a layer, one forward pass per layer (layerwise.run)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear integer bits, mean ~ bits
