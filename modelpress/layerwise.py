@@ -341,6 +341,7 @@ class _Sweep:
         st = self.acc.finish(g)
         stats = {n: st for n in names} if st is not None else {}
         del st
+        trim_heap()                          # the forward's freed temporaries, before the stage allocates its own
         self.res.update(self.fn({n: self.linears[n] for n in names}, stats) or {})
         self.done.add(g)
 
