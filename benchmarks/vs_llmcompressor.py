@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="their calibration batch size (ours: modelpress.layerwise's 8)")
     ap.add_argument("--matched", action="store_true",
                     help="also run ours with act_order: true (= their default actorder static) for GPTQ")
+    ap.add_argument("--calib-bf16", action="store_true",
+                    help="also run ours with calib_dtype: bfloat16 (calibration forward passes under bf16 autocast)")
     ap.add_argument("--work", default="/tmp/modelpress-vs-llmc", help="scratch folder for models and logs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
@@ -260,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = [("ours", st["ours"])]
         if a.matched and "quantize" in st["ours"]:
             variants.append(("ours act_order", {"quantize": {**st["ours"]["quantize"], "act_order": True}}))
+        if a.calib_bf16:
+            kind, cfg = next(iter(st["ours"].items()))
+            variants.append(("ours bf16", {kind: {**cfg, "calib_dtype": "bfloat16"}}))
         for tag, stage in variants:
             print(f"[{name}] {tag}: compressing ...", flush=True)
             res = run_ours(model_dir, ids_path, stage, work / f"{name}-{tag.replace(' ', '_')}", a.threads)
@@ -391,7 +396,7 @@ Settings, made apples to apples (everything else is each tool's default):
 | knob | modelpress | llm-compressor |
 |---|---|---|
 | targets | every `nn.Linear` in the decoder layers, `lm_head` excluded (tied to the embeddings) | `targets=["Linear"]`; GPTQ `ignore=["lm_head"]`; Wanda/SparseGPT `ignore=["re:.*lm_head"]`: their sparsity modifiers name the module `lm_head.`, so the plain name does not match and the tied lm_head/embedding gets pruned (checked: embedding unchanged = {emb}) |
-| pipeline | `modelpress.layerwise`: layer by layer, outputs recomputed with the compressed layer (error propagates), batch 8; a layer's solves run in parallel Python threads (one torch thread each, as many as `torch.get_num_threads()`), the Hessians are computed as upper-triangle strips of GEMMs (5/8 to 3/4 of the flops); linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes). GPTQ: one calibration pass per layer (`sequential: false`, the quantize default). Wanda/SparseGPT: `sequential: true` (the prune default, \"true sequential\" of the GPTQ repo): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were pruned (about one more forward pass per layer) | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
+| pipeline | `modelpress.layerwise`: layer by layer, outputs computed with the compressed layer (error propagates), batch 8. `sequential: true` (the default of quantize and prune, the GPTQ repo's \"true sequential\"): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were compressed, all in one forward pass per layer (each batch parks at the first linear of a group until the group is compressed; the first layer finds the groups with one partial pass per group). Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes); Hessians are upper-triangle strips of GEMMs (5/8 to 3/4 of the flops); the per-column ops of the GPTQ/SparseGPT loops run through numpy views on one thread | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
 | GPTQ observer | `minmax`, fp16-rounded scales (the *mse observer* setting: `observer: mse`, a per-group clipping search, as in the shipped `w4a16-gptq-g128` recipe) | `memoryless_minmax` (their weight default), fp32 scales |
@@ -402,6 +407,11 @@ Settings, made apples to apples (everything else is each tool's default):
 | weights evaluated | dequantized / masked dense weights patched into the original model | their model saved dense (`save_compressed=False`, quantization parameters dropped), loaded as a plain HF model |
 """
     caveats = []
+    if a.calib_bf16:
+        caveats.append("*ours bf16* rows: the same stage with `calib_dtype: bfloat16`: the calibration forward passes run "
+                       "under torch.autocast(bfloat16) (native AVX512-BF16 GEMMs on this CPU); the weights, Hessians / "
+                       "input norms and solves stay float32, and the evaluated model is float32 like every other row. "
+                       "*ours* rows are the default `calib_dtype: float32`.")
     if calib.input_ids.numel() < 64 * 512 or windows.numel() < 16 * 512:
         caveats.append(f"This run is smaller than the defaults (64 x 512 calibration, 16 x 512 evaluation): with "
                        f"{windows.numel()} evaluation tokens, perplexity gaps of about 1% between two GPTQ/SparseGPT "
@@ -409,9 +419,8 @@ Settings, made apples to apples (everything else is each tool's default):
                        "differences, so the 0.5% verdicts below are indicative only.")
     if a.threads == 2:
         caveats.append("Threads: 2 for both tools (this machine's cores; each tool's default use of them). llm-compressor "
-                       "runs every op on 2 OpenMP threads; modelpress runs the forward passes and Hessians on 2 threads and "
-                       "the GPTQ/SparseGPT column loops (thousands of small ops) on one thread per linear group, two groups "
-                       "at a time.")
+                       "runs every op on 2 OpenMP threads; modelpress runs the forward passes, Hessians and block updates on 2 "
+                       "threads and the GPTQ/SparseGPT column loops (thousands of small ops) on one thread.")
     else:
         caveats.append(f"Threads: {a.threads} for both tools. At 2 threads on this shared, oversubscribed 2-core machine "
                        "every small per-column op of the GPTQ/SparseGPT loops (both tools') waits on an OpenMP barrier, "

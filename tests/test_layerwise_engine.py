@@ -173,3 +173,39 @@ def test_a_failing_sweep_raises_and_leaves_no_gates_or_threads(where, one_thread
         layerwise.run(m, calib, Target(), fn, sequential=True)
     assert threading.active_count() == before
     assert all(type(mod).__name__ != "_Gate" for mod in m.modules())
+
+
+def test_bfloat16_calibration_forward_stays_close_to_float32(one_thread):
+    """amp="bfloat16": the forward passes run under autocast, the statistics and outputs come back float32 and
+    within bf16 rounding of the float32 ones."""
+    m, calib = tiny_llama(), correlated_calib(n=10)
+    res = {}
+    for amp in (None, torch.bfloat16):
+        step = next(layerwise.steps(m, calib, batch_size=4, amp=amp))
+        lin = step.linears(Target())
+        res[amp] = (step.collect(lin, "hessian"), step.outputs())
+    (h32, o32), (h16, o16) = res[None], res[torch.bfloat16]
+    rel = {n: float((h16[n] - h32[n]).norm() / h32[n].norm()) for n in h32}
+    assert all(h.dtype == torch.float32 for h in h16.values())
+    assert all(r < 3e-2 for r in rel.values()), rel
+    assert rel[P + "mlp.down_proj"] > 1e-5 and rel[P + "self_attn.o_proj"] > 1e-5   # read bf16 matmul outputs
+    for a, b in zip(o32, o16):
+        assert b.dtype == torch.float32 and float((a - b).norm() / a.norm()) < 3e-2
+
+
+def test_bfloat16_calibration_sweep_equals_its_multi_pass(one_thread, monkeypatch):
+    from modelpress.api import compress
+    calib, runs = correlated_calib(n=20), []
+    stage = {"quantize": {"method": "gptq", "bits": 4, "group_size": 16, "calib_dtype": "bfloat16"}}
+    for multi in (False, True):
+        if multi:
+            monkeypatch.setattr(layerwise.Step, "sweep", _multi_pass_sweep)
+        m = tiny_llama(layers=3)
+        compress(m, Recipe.from_dict({"stages": [stage]}), calib)
+        runs.append(m.state_dict())
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_calib_dtype_is_checked():
+    with pytest.raises(UserError, match=r"quantize.calib_dtype must be one of \['float32', 'bfloat16'\], got 'fp8'"):
+        Recipe.from_dict({"stages": [{"quantize": {"calib_dtype": "fp8"}}]})

@@ -29,6 +29,8 @@ class Prune:
     damp: float = 0.01
     block_size: int = 128
     sequential: bool = True               # wanda/sparsegpt: one input group at a time within a layer, one forward pass per layer (layerwise.run)
+    calib_dtype: str = "float32"          # float32 | bfloat16: the calibration forward passes' precision (autocast;
+                                          # weights, statistics and solves stay float32)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear sparsities, mean = sparsity
@@ -44,6 +46,7 @@ class Prune:
         _check.group_size("prune", self.group_size)
         _check.float_range("prune", "damp", self.damp, 0.0, 1.0)
         _check.flag("prune", "sequential", self.sequential)
+        _check.choice("prune", "calib_dtype", self.calib_dtype, ("float32", "bfloat16"))
         _check.patterns("prune", "include", self.include)
         _check.patterns("prune", "exclude", self.exclude)
         _check.budget("prune", self.budget, self.budget_spread, 1.0)
@@ -123,7 +126,8 @@ class Prune:
                 raise UserError(f"prune.method {self.method} needs calibration data: add a `calibration:` block "
                                 "or use magnitude")
             layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}",
-                                    checkpoint=checkpoint, sequential=self.sequential)
+                                    checkpoint=checkpoint, sequential=self.sequential,
+                                    amp=self.calib_dtype)
         else:
             layers = do(self.target.select(model), {})
         if not layers:

@@ -33,6 +33,8 @@ class Quantize:
     block_size: int = 128                 # GPTQ lazy-update block
     observer: str = "minmax"              # minmax | mse (clipping search)
     sequential: bool = True               # GPTQ: one input group at a time within a layer, one forward pass per layer (layerwise.run)
+    calib_dtype: str = "float32"          # float32 | bfloat16: the calibration forward passes' precision (autocast;
+                                          # weights, statistics and solves stay float32)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear integer bits, mean ~ bits
@@ -46,6 +48,7 @@ class Quantize:
         _check.int_range("quantize", "block_size", self.block_size, 1, 1 << 16)
         _check.choice("quantize", "observer", self.observer, ("minmax", "mse"))
         _check.flag("quantize", "sequential", self.sequential)
+        _check.choice("quantize", "calib_dtype", self.calib_dtype, ("float32", "bfloat16"))
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
         _check.budget("quantize", self.budget, self.budget_spread, 6.0)
@@ -137,7 +140,8 @@ class Quantize:
             if calib is None:
                 raise UserError("quantize.method gptq needs calibration data: add a `calibration:` block or use rtn")
             layers = layerwise.run(model, calib, self.target, do, collect="hessian", progress=f"GPTQ {self.describe()}",
-                                    checkpoint=checkpoint, sequential=self.sequential)
+                                    checkpoint=checkpoint, sequential=self.sequential,
+                                    amp=self.calib_dtype)
         else:
             layers = do(self.target.select(model), {})
         if not layers:
