@@ -348,7 +348,8 @@ class _Sweep:
         st = self.acc.finish(g)
         stats = {n: st for n in names} if st is not None else {}
         del st
-        trim_heap()                          # the forward's freed temporaries, before the stage allocates its own
+        if self.done:                        # (before the first group, only a norm ran since the last trim)
+            trim_heap()                      # the forward's freed temporaries, before the stage allocates its own
         self.res.update(self.fn({n: self.linears[n] for n in names}, stats) or {})
         self.done.add(g)
 
@@ -417,7 +418,8 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
         layer.to(device)
         step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device, amp=amp)
         yield step
-        trim_heap()
+        if step.out is None:                     # (after a sweep the outputs exist: the trim below suffices)
+            trim_heap()
         inputs = step.out if step.out is not None else step.outputs()
         step.inputs, step.out = [], None
         layer.to(home)
