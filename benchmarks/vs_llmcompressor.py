@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="their calibration batch size (ours: modelpress.layerwise's 8)")
     ap.add_argument("--matched", action="store_true",
                     help="also run ours with act_order: true (= their default actorder static) for GPTQ")
-    ap.add_argument("--calib-bf16", action="store_true",
-                    help="also run ours with calib_dtype: bfloat16 (calibration forward passes under bf16 autocast)")
+    ap.add_argument("--calib-f32", action="store_true",
+                    help="also run ours with calib_dtype: float32 (calibration forward passes in plain float32)")
     ap.add_argument("--work", default="/tmp/modelpress-vs-llmc", help="scratch folder for models and logs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
@@ -262,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         variants = [("ours", st["ours"])]
         if a.matched and "quantize" in st["ours"]:
             variants.append(("ours act_order", {"quantize": {**st["ours"]["quantize"], "act_order": True}}))
-        if a.calib_bf16:
+        if a.calib_f32:
             kind, cfg = next(iter(st["ours"].items()))
-            variants.append(("ours bf16", {kind: {**cfg, "calib_dtype": "bfloat16"}}))
+            variants.append(("ours fp32", {kind: {**cfg, "calib_dtype": "float32"}}))
         for tag, stage in variants:
             print(f"[{name}] {tag}: compressing ...", flush=True)
             res = run_ours(model_dir, ids_path, stage, work / f"{name}-{tag.replace(' ', '_')}", a.threads)
@@ -321,6 +321,7 @@ def report(a, calib, windows, base, rows) -> str:
     """Markdown: settings, the measured table, ratios and targets."""
     sys.path.insert(0, str(ROOT))
     from benchmarks._md import table
+    import torch
     p0 = base["perplexity"]
     by = {(r["setting"], r["tool"]): r for r in rows}
     res_rows, tgt_rows = [], []
@@ -407,11 +408,15 @@ Settings, made apples to apples (everything else is each tool's default):
 | weights evaluated | dequantized / masked dense weights patched into the original model | their model saved dense (`save_compressed=False`, quantization parameters dropped), loaded as a plain HF model |
 """
     caveats = []
-    if a.calib_bf16:
-        caveats.append("*ours bf16* rows: the same stage with `calib_dtype: bfloat16`: the calibration forward passes run "
-                       "under torch.autocast(bfloat16) (native AVX512-BF16 GEMMs on this CPU); the weights, Hessians / "
-                       "input norms and solves stay float32, and the evaluated model is float32 like every other row. "
-                       "*ours* rows are the default `calib_dtype: float32`.")
+    from modelpress.layerwise import fast_bf16
+    bf16 = fast_bf16(torch.device("cpu"))
+    caveats.append("*ours* rows run the stage defaults, `calib_dtype: auto`, which on this CPU "
+                   + ("(native AVX512-BF16/AMX GEMMs) is bfloat16: the calibration forward passes run under "
+                      "torch.autocast(bfloat16), while the weights, the Hessians / input norms and the solves stay float32 "
+                      "and the evaluated model is float32 like every other row." if bf16 else
+                      "(no native bf16 GEMMs) is float32.")
+                   + (" *ours fp32* rows: the same stage with `calib_dtype: float32` (plain float32 forward passes)."
+                      if a.calib_f32 else ""))
     if calib.input_ids.numel() < 64 * 512 or windows.numel() < 16 * 512:
         caveats.append(f"This run is smaller than the defaults (64 x 512 calibration, 16 x 512 evaluation): with "
                        f"{windows.numel()} evaluation tokens, perplexity gaps of about 1% between two GPTQ/SparseGPT "

@@ -396,6 +396,24 @@ class _Sweep:
         return self.res
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively: CUDA with bf16 support, a CPU with AVX512-BF16 or
+    AMX (elsewhere bf16 GEMMs are emulated and slower than float32 ones)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_dtype(calib_dtype: str, model: nn.Module, device: torch.device | None = None) -> torch.dtype | None:
+    """The autocast dtype of a stage's `calib_dtype` for the calibration forward passes (None: none).
+    "auto": bfloat16 for a float32 model on a device with native bf16 GEMMs (fast_bf16), else none; "float32":
+    none; "bfloat16": bfloat16."""
+    if calib_dtype == "auto":
+        fp32 = next(model.parameters()).dtype == torch.float32
+        return torch.bfloat16 if fp32 and fast_bf16(device or compute_device()) else None
+    return None if calib_dtype == "float32" else getattr(torch, calib_dtype)
+
+
 def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
           device: torch.device | None = None, checkpoint=None, amp: torch.dtype | None = None) -> Iterator[Step]:
     """Yield one Step per decoder layer; after the caller is done with a step, the layer's outputs are
@@ -431,14 +449,14 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
 def run(model: nn.Module, calib: CalibrationSet, target: Target,
         fn: Callable[[dict[str, nn.Module], dict[str, Tensor]], dict],
         collect: str = "hessian", batch_size: int = 8, progress: str | None = None, checkpoint=None,
-        sequential: bool = False, amp: str | None = None) -> dict:
+        sequential: bool = False, amp: torch.dtype | None = None) -> dict:
     """For each decoder layer: stats = collect(targeted linears); fn(linears, stats) -> per-linear dict.
     sequential ("true sequential", GPTQ repo): within a layer, the linears are compressed one input group at a
     time in forward order (q/k/v, then o_proj, gate/up, down_proj), each group's statistics taken with the
     groups before it already compressed. The first layer with a given set of linears finds its groups with one
     partial pass per group; later layers with the same linears run Step.sweep: one forward pass per layer in all,
-    against two (statistics, then outputs) without `sequential`. amp ("float32" or None: plain; "bfloat16"): run
-    the forward passes under torch.autocast to this dtype (bfloat16: about 1.8x faster layer forwards on CPUs with AVX512-BF16 or AMX);
+    against two (statistics, then outputs) without `sequential`. amp (see autocast_dtype): run the forward passes
+    under torch.autocast to this dtype (bfloat16: about 1.8x faster layer forwards on CPUs with AVX512-BF16 or AMX);
     the weights, the statistics and the solves stay float32.
     Returns the merged per-linear results (those of layers restored from a checkpoint included)."""
     from .progress import bar
@@ -448,7 +466,6 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     if not touched:
         return out
     sequential = sequential and collect != "none"
-    amp = None if amp in (None, "float32") else getattr(torch, amp)
     known: dict[tuple[str, ...], list[list[str]]] = {}   # a layer's linears (relative names) -> its input groups
     with bar(progress, total=touched[-1] + 1) as advance:
         advance(checkpoint.done if checkpoint is not None else 0)

@@ -207,5 +207,14 @@ def test_bfloat16_calibration_sweep_equals_its_multi_pass(one_thread, monkeypatc
 
 
 def test_calib_dtype_is_checked():
-    with pytest.raises(UserError, match=r"quantize.calib_dtype must be one of \['float32', 'bfloat16'\], got 'fp8'"):
+    with pytest.raises(UserError, match=r"quantize.calib_dtype must be one of \['auto', 'float32', 'bfloat16'\], got 'fp8'"):
         Recipe.from_dict({"stages": [{"quantize": {"calib_dtype": "fp8"}}]})
+
+
+def test_auto_calib_dtype_is_bf16_only_for_float32_models_on_native_bf16_devices():
+    cpu = torch.device("cpu")
+    m = tiny_llama()
+    assert layerwise.autocast_dtype("auto", m, cpu) == (torch.bfloat16 if layerwise.fast_bf16(cpu) else None)
+    assert layerwise.autocast_dtype("auto", tiny_llama(dtype=torch.bfloat16), cpu) is None
+    assert layerwise.autocast_dtype("float32", m, cpu) is None
+    assert layerwise.autocast_dtype("bfloat16", m, cpu) is torch.bfloat16

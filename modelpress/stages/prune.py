@@ -29,8 +29,8 @@ class Prune:
     damp: float = 0.01
     block_size: int = 128
     sequential: bool = True               # wanda/sparsegpt: one input group at a time within a layer, one forward pass per layer (layerwise.run)
-    calib_dtype: str = "float32"          # float32 | bfloat16: the calibration forward passes' precision (autocast;
-                                          # weights, statistics and solves stay float32)
+    calib_dtype: str = "auto"             # auto | float32 | bfloat16: the calibration forward passes' autocast dtype
+                                          # (auto: bf16 where GEMMs are native bf16; weights, statistics, solves: fp32)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear sparsities, mean = sparsity
@@ -46,7 +46,7 @@ class Prune:
         _check.group_size("prune", self.group_size)
         _check.float_range("prune", "damp", self.damp, 0.0, 1.0)
         _check.flag("prune", "sequential", self.sequential)
-        _check.choice("prune", "calib_dtype", self.calib_dtype, ("float32", "bfloat16"))
+        _check.choice("prune", "calib_dtype", self.calib_dtype, ("auto", "float32", "bfloat16"))
         _check.patterns("prune", "include", self.include)
         _check.patterns("prune", "exclude", self.exclude)
         _check.budget("prune", self.budget, self.budget_spread, 1.0)
@@ -121,13 +121,14 @@ class Prune:
             return out
 
         collect = {"wanda": "input_sq_norm", "sparsegpt": "hessian"}.get(self.method)
+        amp = layerwise.autocast_dtype(self.calib_dtype, model)
         if collect:
             if calib is None:
                 raise UserError(f"prune.method {self.method} needs calibration data: add a `calibration:` block "
                                 "or use magnitude")
             layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}",
                                     checkpoint=checkpoint, sequential=self.sequential,
-                                    amp=self.calib_dtype)
+                                    amp=amp)
         else:
             layers = do(self.target.select(model), {})
         if not layers:
@@ -136,5 +137,6 @@ class Prune:
         nm = P.parse_pattern(self.pattern)
         valid = "" if not nm else (", N:M valid" if all(
             P.is_nm(model.get_submodule(n).weight, *nm) for n in layers) else ", N:M VIOLATED")
-        return {"summary": f"prune {self.describe()}: sparsity {total:.3f} (target {self.sparsity:.3f}){valid}",
+        bf16 = ", bf16 calibration forward" if amp is not None and collect else ""
+        return {"summary": f"prune {self.describe()}: sparsity {total:.3f} (target {self.sparsity:.3f}){valid}{bf16}",
                 "layers": layers}

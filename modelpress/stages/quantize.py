@@ -33,8 +33,8 @@ class Quantize:
     block_size: int = 128                 # GPTQ lazy-update block
     observer: str = "minmax"              # minmax | mse (clipping search)
     sequential: bool = True               # GPTQ: one input group at a time within a layer, one forward pass per layer (layerwise.run)
-    calib_dtype: str = "float32"          # float32 | bfloat16: the calibration forward passes' precision (autocast;
-                                          # weights, statistics and solves stay float32)
+    calib_dtype: str = "auto"             # auto | float32 | bfloat16: the calibration forward passes' autocast dtype
+                                          # (auto: bf16 where GEMMs are native bf16; weights, statistics, solves: fp32)
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear integer bits, mean ~ bits
@@ -48,7 +48,7 @@ class Quantize:
         _check.int_range("quantize", "block_size", self.block_size, 1, 1 << 16)
         _check.choice("quantize", "observer", self.observer, ("minmax", "mse"))
         _check.flag("quantize", "sequential", self.sequential)
-        _check.choice("quantize", "calib_dtype", self.calib_dtype, ("float32", "bfloat16"))
+        _check.choice("quantize", "calib_dtype", self.calib_dtype, ("auto", "float32", "bfloat16"))
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
         _check.budget("quantize", self.budget, self.budget_spread, 6.0)
@@ -136,12 +136,13 @@ class Quantize:
                     out[name] = info
             return out
 
+        amp = layerwise.autocast_dtype(self.calib_dtype, model)
         if self.method == "gptq":
             if calib is None:
                 raise UserError("quantize.method gptq needs calibration data: add a `calibration:` block or use rtn")
             layers = layerwise.run(model, calib, self.target, do, collect="hessian", progress=f"GPTQ {self.describe()}",
                                     checkpoint=checkpoint, sequential=self.sequential,
-                                    amp=self.calib_dtype)
+                                    amp=amp)
         else:
             layers = do(self.target.select(model), {})
         if not layers:
@@ -149,5 +150,6 @@ class Quantize:
         sq = [v["sqnr"] for v in layers.values()]
         fb = sum(1 for v in layers.values() if v.get("fallback"))
         summary = (f"quantize {self.describe()}: {len(layers)} linears, mean SQNR {sum(sq) / len(sq):.2f} dB"
-                   + (f", {fb} fell back to RTN" if fb else ""))
+                   + (f", {fb} fell back to RTN" if fb else "")
+                   + (", bf16 calibration forward" if amp is not None and self.method == "gptq" else ""))
         return {"summary": summary, "layers": layers}
