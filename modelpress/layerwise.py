@@ -12,7 +12,6 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -26,34 +25,6 @@ from .targets import Target
 
 class _Stop(Exception):
     pass
-
-
-def parallel_map(fn: Callable, items: list, cost: Callable | None = None) -> list:
-    """[fn(x) for x in items], spread over W = min(torch.get_num_threads(), len(items)) Python
-    threads that each run torch on threads // W threads: inter-op instead of intra-op
-    parallelism, for the per-linear solvers (GPTQ, SparseGPT), whose column loops are thousands of small ops
-    that one thread runs best. The caller's grad mode is kept. `cost` orders the work largest first. Results
-    come back in the order of `items`. (Not for forward passes: two concurrent batches measured no faster than
-    one batch on two OpenMP threads here, and each thread's allocator arena raised the peak RSS.)"""
-    n = torch.get_num_threads()
-    w = min(n, len(items))
-    if w <= 1:
-        return [fn(x) for x in items]
-    per = max(1, n // w)
-    grad = torch.is_grad_enabled()
-    order = sorted(range(len(items)), key=lambda i: -cost(items[i])) if cost else list(range(len(items)))
-
-    def one(i):
-        torch.set_num_threads(per)           # this thread's OpenMP/MKL setting
-        with torch.set_grad_enabled(grad):
-            return i, fn(items[i])
-
-    try:
-        with ThreadPoolExecutor(w) as pool:
-            done = dict(pool.map(one, order))
-    finally:
-        torch.set_num_threads(n)
-    return [done[i] for i in range(len(items))]
 
 
 def gram_add_(H: Tensor, x: Tensor, strip: int = 384) -> None:

@@ -110,11 +110,10 @@ class Prune:
         shared = _check.shared_storages(model)
 
         def do(linears, stats):
-            work = [(dataclasses.replace(self, sparsity=per[name], budget="uniform") if name in per else self,
-                     name, lin, stats.get(name), lin.weight.data_ptr() not in shared) for name, lin in linears.items()]
             out = {}
-            for (_, name, lin, _, _), (new, info) in zip(work, layerwise.parallel_map(
-                    lambda w: w[0].prune_one(*w[1:]), work, cost=lambda w: w[2].weight.numel() * w[2].in_features)):
+            for name, lin in linears.items():       # one at a time: each solve's memory is gone before the next
+                cfg = dataclasses.replace(self, sparsity=per[name], budget="uniform") if name in per else self
+                new, info = cfg.prune_one(name, lin, stats.get(name), lin.weight.data_ptr() not in shared)
                 if new is not lin:
                     set_module(model, names[id(lin)], new)
                 out[name] = info

@@ -126,12 +126,10 @@ class Quantize:
                 cfg = dataclasses.replace(self, bits=per[name], budget="uniform") if name in per else self
                 H = stats.get(name)
                 groups.setdefault((cfg, id(H) if H is not None else name), []).append((name, lin))
-            work = [(cfg, items, stats.get(items[0][0]), all(lin.weight.data_ptr() not in shared for _, lin in items))
-                    for (cfg, _), items in groups.items()]
             out = {}
-            for res in layerwise.parallel_map(lambda w: w[0].quantize_group(*w[1:]), work,
-                                              cost=lambda w: sum(lin.weight.numel() for _, lin in w[1]) * w[1][0][1].in_features):
-                for name, (new, info) in res.items():
+            for (cfg, _), items in groups.items():     # one at a time: each solve's memory is gone before the next
+                in_place = all(lin.weight.data_ptr() not in shared for _, lin in items)
+                for name, (new, info) in cfg.quantize_group(items, stats.get(items[0][0]), in_place).items():
                     set_module(model, names[id(linears[name])], new)
                     out[name] = info
             return out
