@@ -247,12 +247,11 @@ class _Sweep:
     """The baton scheduler behind Step.sweep."""
 
     def __init__(self, step: Step, linears: dict[str, nn.Module], groups: list[list[str]], kind: str, fn):
-        self.step, self.linears, self.kind, self.fn = step, linears, kind, fn
+        self.step, self.linears, self.fn = step, linears, fn
         self.group_of = {n: g for g, names in enumerate(groups) for n in names}
         missing = set(linears) - set(self.group_of)
         if missing:
             raise ValueError(f"sweep: {sorted(missing)} belong to no group")
-        self.n_groups = len(groups)
         self.acc = _Stats(kind)
         self.done: set[int] = set()          # compressed groups
         self.first: dict[tuple[int, int], weakref.ref] = {}   # (batch, group) -> the input its first linear read
@@ -348,9 +347,8 @@ class _Sweep:
                 for b in sorted(b for b, at in self.parked.items() if at == g):
                     del self.parked[b]
                     self._hand(b)
-            for g in range(self.n_groups):                # linears the forward never reached: no statistics
-                if g not in self.done and any(self.group_of[n] == g for n in self.linears):
-                    self._compress(g)
+            for g in sorted(set(self.group_of.values()) - self.done):   # never reached: no statistics
+                self._compress(g)
         finally:
             with self.cv:
                 self.abort = True

@@ -126,8 +126,7 @@ class Prune:
                 raise UserError(f"prune.method {self.method} needs calibration data: add a `calibration:` block "
                                 "or use magnitude")
             layers = layerwise.run(model, calib, self.target, do, collect=collect, progress=f"prune {self.describe()}",
-                                    checkpoint=checkpoint, sequential=self.sequential,
-                                    amp=amp)
+                                    checkpoint=checkpoint, sequential=self.sequential, amp=amp)
         else:
             layers = do(self.target.select(model), {})
         if not layers:

@@ -139,8 +139,7 @@ class Quantize:
             if calib is None:
                 raise UserError("quantize.method gptq needs calibration data: add a `calibration:` block or use rtn")
             layers = layerwise.run(model, calib, self.target, do, collect="hessian", progress=f"GPTQ {self.describe()}",
-                                    checkpoint=checkpoint, sequential=self.sequential,
-                                    amp=amp)
+                                    checkpoint=checkpoint, sequential=self.sequential, amp=amp)
         else:
             layers = do(self.target.select(model), {})
         if not layers:
