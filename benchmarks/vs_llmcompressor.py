@@ -31,7 +31,10 @@ RUNNER = ROOT / "benchmarks" / "_llmc_runner.py"
 
 # name -> (label, our stage {name: config}, their scheme, baseline stage). Their defaults are kept
 # where they equal ours (damping 0.01 * mean diag H, block 128, min-max observer); actorder is
-# their default "static" (= our act_order: true, static groups from the original weights).
+# their default "static" (= our act_order: true, static groups from the original weights). Ours re-solves
+# the scales for the final codes (quantize.refit_scales, on by default), which they do not have. The
+# "-hessian" settings run our observer hessian (clipping search weighted by diag H = E[x^2] per input)
+# against their counterpart, the imatrix_mse observer (weighted by E[x^2] too).
 SETTINGS: dict[str, dict] = {
     "gptq-w4g128": dict(label="GPTQ w4 g128 sym",
                         ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True}},
@@ -43,6 +46,14 @@ SETTINGS: dict[str, dict] = {
                                     "observer": "mse"},
                             baseline=[{"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True}},
                                       {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True, "observer": "mse"}}]),
+    "gptq-w4g128-hessian": dict(label="GPTQ w4 g128 sym, hessian observer (theirs: imatrix_mse)",
+                                ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                                   "observer": "hessian"}},
+                                theirs={"method": "gptq", "bits": 4, "group_size": 128, "sym": True, "actorder": "static",
+                                        "observer": "imatrix_mse"},
+                                baseline=[{"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True}},
+                                          {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True,
+                                                        "observer": "mse"}}]),
     "gptq-w4g64": dict(label="GPTQ w4 g64 sym",
                        ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "sym": True}},
                        theirs={"method": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": "static"},
@@ -51,6 +62,14 @@ SETTINGS: dict[str, dict] = {
                        ours={"quantize": {"method": "gptq", "bits": 3, "group_size": 64, "sym": False}},
                        theirs={"method": "gptq", "bits": 3, "group_size": 64, "sym": False, "actorder": "static"},
                        baseline={"quantize": {"method": "rtn", "bits": 3, "group_size": 64, "sym": False}}),
+    "gptq-w3g64-hessian": dict(label="GPTQ w3 g64 asym, hessian observer (theirs: imatrix_mse)",
+                               ours={"quantize": {"method": "gptq", "bits": 3, "group_size": 64, "sym": False,
+                                                  "observer": "hessian"}},
+                               theirs={"method": "gptq", "bits": 3, "group_size": 64, "sym": False, "actorder": "static",
+                                       "observer": "imatrix_mse"},
+                               baseline=[{"quantize": {"method": "rtn", "bits": 3, "group_size": 64, "sym": False}},
+                                         {"quantize": {"method": "rtn", "bits": 3, "group_size": 64, "sym": False,
+                                                       "observer": "mse"}}]),
     "wanda50": dict(label="Wanda 50% unstructured",
                     ours={"prune": {"method": "wanda", "sparsity": 0.5}},
                     theirs={"method": "wanda", "sparsity": 0.5},
@@ -64,7 +83,8 @@ SETTINGS: dict[str, dict] = {
                           theirs={"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4"},
                           baseline={"prune": {"method": "magnitude", "sparsity": 0.5, "pattern": "2:4"}}),
 }
-DEFAULT_SETTINGS = "gptq-w4g64,wanda50,sparsegpt50,gptq-w3g64,gptq-w4g128,gptq-w4g128-mse"
+DEFAULT_SETTINGS = ("gptq-w4g64,wanda50,sparsegpt50,gptq-w3g64,gptq-w4g128,gptq-w4g128-mse,gptq-w4g128-hessian,"
+                    "gptq-w3g64-hessian")
 
 
 def _peak_mb() -> float:

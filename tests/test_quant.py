@@ -61,6 +61,37 @@ def test_gptq_beats_rtn_on_correlated_inputs(gs, act_order):
     assert err_gptq < 0.6 * err_rtn
 
 
+@pytest.mark.parametrize("gs,sym,observer,gain", [(32, True, "mse", 0.9), (48, False, "minmax", 0.9),
+                                                  (None, True, "minmax", 0.97)])
+def test_refit_scales_lowers_layer_error_same_codes(gs, sym, observer, gain):
+    """Re-solving the scales for GPTQ's codes: same codes, fp16-exact scales, lower output error on every
+    row (rows that would not improve keep their scales), w_hat consistent with the stored parameters."""
+    X = _correlated(d=96)
+    W = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    W[:, 5] = 0                                                      # a dead input too
+    X[:, 5] = 0
+    H = 2 * X.t() @ X / X.shape[0]
+    a = G.gptq(W, H, 3, gs, sym=sym, act_order=True, observer=observer)
+    b = G.gptq(W, H, 3, gs, sym=sym, act_order=True, observer=observer, refit=True)
+    assert torch.equal(a.q, b.q) and torch.equal(a.zero, b.zero)
+    assert torch.equal(b.scale, b.scale.half().float())
+    assert torch.equal(b.w_hat, Q.dequantize_groups(b.q, b.scale, b.zero, gs))
+    err = lambda r: (X @ (W - r.w_hat).t()).pow(2).sum(0)            # (rows,)
+    assert bool((err(b) <= err(a)).all())
+    assert err(b).sum() < gain * err(a).sum()
+
+
+def test_refit_scales_keeps_pruned_zero():
+    X = _correlated()
+    W = torch.randn(32, 128)
+    keep = torch.rand(32, 128, generator=torch.Generator().manual_seed(3)) > 0.5
+    H = 2 * X.t() @ X / X.shape[0]
+    a, b = (G.gptq(W, H, 4, 32, keep=keep, refit=r) for r in (False, True))
+    assert bool((b.w_hat[~keep] == 0).all())
+    err = lambda r: (X @ (W * keep - r.w_hat).t()).pow(2).sum()
+    assert err(b) < err(a)
+
+
 def test_gptq_keep_mask_stays_zero():
     X = _correlated()
     W = torch.randn(32, 128)
@@ -105,3 +136,28 @@ def test_quantlinear_codes_exact_from_weight_or_packed(bits, gs, sym, dtype):
             m.weight[0, 0] += 1e-3
         with pytest.raises(RuntimeError, match="changed after quantization"):
             m.to_state()
+
+
+def test_hessian_observer_minimises_weighted_error():
+    """observer hessian: per group, the lowest input-weighted squared error sum_j h_j (w_j - w_hat_j)^2 of the
+    clipping grid, so never above min/max's (shrink 1 is on the grid) nor mse's (same grid, other loss)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 160, generator=g)
+    h = torch.rand(160, generator=g).pow(4) * 10                     # uneven input energies
+    def werr(obs):
+        s, z = Q.group_params(w, 3, 64, False, obs, h)
+        w_hat = Q.dequantize_groups(Q.quantize(w, Q.expand(s, 64, 160), Q.expand(z, 64, 160), 3), s, z, 64)
+        return ((w - w_hat).pow(2) * h).sum(1)                       # (rows,)
+    e_h, e_mm, e_mse = werr("hessian"), werr("minmax"), werr("mse")
+    assert bool((e_h <= e_mm * (1 + 1e-6)).all()) and bool((e_h <= e_mse * (1 + 1e-6)).all())
+    assert e_h.sum() < 0.9 * e_mm.sum()
+    with pytest.raises(ValueError, match="second moments"):
+        Q.group_params(w, 3, 64, False, "hessian")
+
+
+def test_hessian_observer_needs_gptq():
+    from modelpress.errors import UserError
+    from modelpress.stages.quantize import Quantize
+    with pytest.raises(UserError, match="quantize.observer hessian .* method gptq"):
+        Quantize(method="rtn", observer="hessian")
+    Quantize(method="gptq", observer="hessian")

@@ -5,7 +5,8 @@ Column-by-column optimal-brain-quantization with lazy block updates and the Chol
 inverse Hessian. H = 2 X^T X / n over calibration inputs X (tokens, cols). Optional act-order with
 static groups (group parameters fixed from the original weights, so no column permutation is stored)
 and an optional keep mask (pruned weights stay exactly zero, their error is propagated: joint
-sparse+quantized, as in SparseGPT)."""
+sparse+quantized, as in SparseGPT). Optionally the scales are then re-solved for the final integer codes
+(`refit_scales`): the same layer objective, closed form per row."""
 from __future__ import annotations
 
 import contextlib
@@ -92,6 +93,35 @@ def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None,
     raise HessianNotPD(f"Hessian not positive definite even with damping {percdamp * 10 ** (tries - 1):g}")
 
 
+def refit_scales(W: Tensor, H: Tensor, Qc: Tensor, scale: Tensor, group_size: int | None) -> Tensor:
+    """Least-squares group scales for fixed integer codes Qc = q - z (rows, cols): per row r,
+    s_r = argmin_s f_r(s), f_r(s) = (w_r - w_hat_r) H (w_r - w_hat_r)^T with w_hat_r = sum_g s_g Qc_r,g: the
+    calibration output error that the column loop only reduced greedily. f_r(s) = s^T A_r s - 2 s^T b_r + const
+    with A_r[g, h] = Qc_r,g H_gh Qc_r,h^T and b_r[g] = Qc_r,g (H w_r^T)_g, a (G, G) system per row.
+    Returns fp16-exact scales (rows, G); rows whose f_r does not go down (fp16 rounding, a singular A_r)
+    keep `scale`."""
+    rows, cols = W.shape
+    gs, ng = group_size or cols, scale.shape[1]
+    H = H.float()
+    pad = ng * gs - cols
+
+    def group_sums(x: Tensor) -> Tensor:                                 # (rows, cols) -> (rows, G)
+        return torch.nn.functional.pad(x, (0, pad)).view(rows, ng, gs).sum(-1).double()
+    b = group_sums(Qc * (W.float() @ H))                                 # (rows, G)
+    A = torch.empty(rows, ng, ng, dtype=torch.float64, device=W.device)
+    for g in range(ng):
+        c = slice(g * gs, min((g + 1) * gs, cols))
+        A[:, g] = group_sums((Qc[:, c] @ H[c]) * Qc)                     # Qc_r,g H_g,: against every group
+    mu = 1e-9 * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None]   # (rows, 1) ridge
+    s0 = scale.double()
+    s = torch.linalg.solve(A + torch.diag_embed(mu.expand(-1, ng)), b + mu * s0).float().half().float()
+
+    def f(x: Tensor) -> Tensor:                                          # f_r up to its constant, (rows,)
+        return (x[:, None] @ A @ x[:, :, None]).view(rows) - 2 * (x * b).sum(1)
+    ok = torch.isfinite(s).all(1) & (s > 0).all(1) & (f(s.double()) < f(s0))
+    return torch.where(ok[:, None], s, scale)
+
+
 @dataclass
 class GPTQResult:
     q: Tensor        # (rows, cols) uint8 codes (pruned positions: the zero point)
@@ -105,8 +135,9 @@ class GPTQResult:
 
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-         keep: Tensor | None = None, observer: str = "minmax") -> GPTQResult:
-    """Quantize W (rows, cols) given H (cols, cols). keep: optional bool mask (rows, cols).
+         keep: Tensor | None = None, observer: str = "minmax", refit: bool = False) -> GPTQResult:
+    """Quantize W (rows, cols) given H (cols, cols). keep: optional bool mask (rows, cols); refit: re-solve
+    the scales for the final codes (refit_scales).
     Rows are independent given H: linears that read the same input (q/k/v, gate/up) can be stacked
     into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
@@ -128,7 +159,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     if masked:
         WT *= KT
     if static:  # group parameters from the original (masked) weights
-        s_all, z_all = quant.group_params(WT[inv].t(), bits, group_size, sym, observer)
+        s_all, z_all = quant.group_params(WT[inv].t(), bits, group_size, sym, observer, hd)
     else:
         s_all = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device)
         z_all = torch.zeros_like(s_all)
@@ -162,7 +193,9 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
                     if not static and (i1 + i) % gs == 0:   # dynamic groups: params of the updated weights
                         j = min(i + gs, i2 - i1)          # (a group starts a sub-block: its columns are up to date)
                         wg = W1[i:j] * KT[i1 + i:i1 + j] if masked else W1[i:j]
-                        s, z = quant.scale_zero(wg.t(), bits, sym)
+                        c = perm[i1 + i:i1 + j]
+                        s, z = quant.group_params(wg.t(), bits, None, sym, observer, hd[c])
+                        s, z = s[:, 0], z[:, 0]
                         s_all[:, (i1 + i) // gs], z_all[:, (i1 + i) // gs] = s, z
                         S1[i:j], Z1[i:j], L1[i:j], H1[i:j] = s, z, -z, mq - z
                     w, s, r, e = Wn[i], Sn[i], Rn[i], En[i]               # (rows,) each
@@ -184,4 +217,12 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
         torch.mul(R1, S1, out=W1)                                        # WT ends as the dequantized weights
         loss += E1.pow(2).sum(0) / 2
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
-    return GPTQResult(QT[inv].t(), s_all, z_all, float(loss.sum()), damp, loss, WT[inv].t())
+    Q = QT[inv].t()
+    if not refit:
+        return GPTQResult(Q, s_all, z_all, float(loss.sum()), damp, loss, WT[inv].t())
+    del WT
+    Qc = Q.float() - quant.expand(z_all, group_size, cols)                # (rows, cols), 0 where pruned or dead
+    W0 = W.float() * KT[inv].t() if masked else W.float()
+    W0 = W0.masked_fill(dead, 0) if dead.any() else W0
+    s_all = refit_scales(W0, H, Qc, s_all, group_size)
+    return GPTQResult(Q, s_all, z_all, float(loss.sum()), damp, loss, quant.dequantize_groups(Q, s_all, z_all, group_size))

@@ -18,31 +18,47 @@ def maxq(bits: int) -> int:
     return (1 << bits) - 1
 
 
-def scale_zero(w: Tensor, bits: int, sym: bool, shrink: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-row min/max scale and zero point of w (rows, cols) -> (rows,), (rows,)."""
-    w = w.float()
+def _range(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row min and max of w (rows, cols), widened to include 0 -> (rows,), (rows,)."""
     zero_t = torch.zeros(w.shape[0], device=w.device)
-    xmin = torch.minimum(w.min(dim=1).values, zero_t) * shrink
-    xmax = torch.maximum(w.max(dim=1).values, zero_t) * shrink
+    return torch.minimum(w.min(dim=1).values, zero_t), torch.maximum(w.max(dim=1).values, zero_t)
+
+
+def _params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of the range [xmin, xmax] (rows,) each."""
     mq = maxq(bits)
-    if sym:
-        amax = torch.maximum(xmin.abs(), xmax)
-        s = 2 * amax / mq
-    else:
-        s = (xmax - xmin) / mq
+    s = 2 * torch.maximum(xmin.abs(), xmax) / mq if sym else (xmax - xmin) / mq
     s = s.clamp(min=1e-7).half().float()                       # fp16-exact scales
     z = torch.full_like(s, float(1 << (bits - 1))) if sym else torch.round(-xmin / s).clamp(0, mq)
     return s, z
 
 
+def scale_zero(w: Tensor, bits: int, sym: bool, shrink: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-row min/max scale and zero point of w (rows, cols) -> (rows,), (rows,)."""
+    xmin, xmax = _range(w.float())
+    return _params(xmin * shrink, xmax * shrink, bits, sym)
+
+
 def scale_zero_mse(w: Tensor, bits: int, sym: bool, grid: int = 40, max_shrink: float = 0.8,
-                   norm: float = 2.4) -> tuple[Tensor, Tensor]:
-    """Per-row clipping search: the shrink of the min/max range with the lowest |w - w_hat|^norm."""
-    best_s, best_z = scale_zero(w, bits, sym)
-    best_err = (quant_dequant(w, best_s[:, None], best_z[:, None], bits) - w).abs().pow(norm).sum(1)
-    for i in range(1, int(max_shrink * grid) + 1):
-        s, z = scale_zero(w, bits, sym, shrink=1 - i / grid)
-        err = (quant_dequant(w, s[:, None], z[:, None], bits) - w).abs().pow(norm).sum(1)
+                   norm: float = 2.4, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row clipping search: the shrink of the min/max range (1, 1 - 1/grid, ..., 1 - max_shrink) with the
+    lowest sum_j c_j |w_j - w_hat_j|^norm, c = weight (same shape as w, e.g. the inputs' second moments) or 1."""
+    w = w.float()
+    xmin, xmax = _range(w)
+    mq = maxq(bits)
+    e = torch.empty_like(w)                                    # (rows, cols) work buffer
+    best_s = best_z = best_err = None
+    for i in range(int(max_shrink * grid) + 1):
+        f = 1 - i / grid
+        s, z = _params(xmin * f, xmax * f, bits, sym)
+        s2, z2 = s[:, None], z[:, None]
+        # w_hat - w with w_hat = s (clamp(round(w / s), -z, maxq - z)): quantize's codes shifted by the integer z
+        torch.div(w, s2, out=e).round_().clamp_(min=-z2, max=mq - z2).mul_(s2).sub_(w)
+        e.square_() if norm == 2 else e.abs_().pow_(norm)
+        err = (e if weight is None else e.mul_(weight)).sum(1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
         better = err < best_err
         best_s, best_z, best_err = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.minimum(err, best_err)
     return best_s, best_z
@@ -61,16 +77,26 @@ def quant_dequant(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
     return dequantize(quantize(w, s, z, bits), s, z)
 
 
-def group_params(w: Tensor, bits: int, group_size: int | None, sym: bool,
-                 observer: str = "minmax") -> tuple[Tensor, Tensor]:
-    """Scales and zeros per (row, group) of w (rows, cols) -> (rows, n_groups) each."""
+OBSERVERS = ("minmax", "mse", "hessian")
+
+
+def group_params(w: Tensor, bits: int, group_size: int | None, sym: bool, observer: str = "minmax",
+                 h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scales and zeros per (row, group) of w (rows, cols) -> (rows, n_groups) each. observer: minmax (the range),
+    mse (clipping search, |err|^2.4), hessian (clipping search, squared error weighted by h (cols,), the inputs'
+    second moments diag H: the error that reaches the layer's output, without input correlations)."""
     rows, cols = w.shape
     gs = group_size or cols
-    fn = scale_zero_mse if observer == "mse" else scale_zero
     ng = n_groups(cols, group_size)
     wp = torch.nn.functional.pad(w.float(), (0, ng * gs - cols))    # zero padding: 0 is always in range
     wg = wp.reshape(rows * ng, gs)                                   # (rows * n_groups, gs)
-    s, z = fn(wg, bits, sym)
+    if observer == "hessian":
+        if h is None:
+            raise ValueError("observer 'hessian' needs the inputs' second moments h (calibration data)")
+        hg = torch.nn.functional.pad(h.float(), (0, ng * gs - cols)).reshape(1, ng, gs)
+        s, z = scale_zero_mse(wg, bits, sym, norm=2.0, weight=hg.expand(rows, ng, gs).reshape(rows * ng, gs))
+    else:
+        s, z = (scale_zero_mse if observer == "mse" else scale_zero)(wg, bits, sym)
     return s.reshape(rows, -1), z.reshape(rows, -1)
 
 

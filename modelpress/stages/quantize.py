@@ -31,7 +31,8 @@ class Quantize:
     act_order: bool = True                # GPTQ: columns by decreasing H_jj (static groups, as llm-compressor)
     damp: float = 0.01                    # GPTQ: lambda = damp * mean(diag H)
     block_size: int = 128                 # GPTQ lazy-update block
-    observer: str = "minmax"              # minmax | mse (clipping search)
+    observer: str = "minmax"              # minmax | mse (clipping search) | hessian (GPTQ: search weighted by diag H)
+    refit_scales: bool = True             # GPTQ: re-solve each group's scale for the final codes (least squares under H)
     sequential: bool = True               # GPTQ: one input group at a time within a layer, one forward pass per layer (layerwise.run)
     calib_dtype: str = "auto"             # auto | float32 | bfloat16: the calibration forward passes' autocast dtype
                                           # (auto: bf16 where GEMMs are native bf16; weights, statistics, solves: fp32)
@@ -46,7 +47,11 @@ class Quantize:
         _check.group_size("quantize", self.group_size)
         _check.float_range("quantize", "damp", self.damp, 0.0, 1.0)
         _check.int_range("quantize", "block_size", self.block_size, 1, 1 << 16)
-        _check.choice("quantize", "observer", self.observer, ("minmax", "mse"))
+        _check.choice("quantize", "observer", self.observer, quant.OBSERVERS)
+        if self.observer == "hessian" and self.method != "gptq":
+            raise UserError("quantize.observer hessian weighs the clipping search by calibration statistics: "
+                            "use it with method gptq, or observer mse with rtn")
+        _check.flag("quantize", "refit_scales", self.refit_scales)
         _check.flag("quantize", "sequential", self.sequential)
         _check.choice("quantize", "calib_dtype", self.calib_dtype, ("auto", "float32", "bfloat16"))
         _check.patterns("quantize", "include", self.include)
@@ -90,7 +95,7 @@ class Quantize:
                 keep = None if all(k is None for k in keeps) else torch.cat(
                     [torch.ones_like(W, dtype=torch.bool) if k is None else k for W, k in zip(Ws, keeps)])
                 r = G.gptq(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, self.bits, self.group_size, self.sym,
-                           self.damp, self.block_size, self.act_order, keep, self.observer)
+                           self.damp, self.block_size, self.act_order, keep, self.observer, self.refit_scales)
                 rows = [W.shape[0] for W in Ws]
                 for q, sc, z, rl, wh in zip(r.q.split(rows), r.scale.split(rows), r.zero.split(rows),
                                             r.row_loss.split(rows), r.w_hat.split(rows)):
@@ -98,7 +103,8 @@ class Quantize:
             except G.HessianNotPD as e:
                 log.warning("%s: %s; fell back to RTN (add calibration samples or raise quantize.damp)",
                             ", ".join(n for n, _ in items), e)
-                res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer), {"fallback": "rtn"})
+                obs = "mse" if self.observer == "hessian" else self.observer
+                res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, obs), {"fallback": "rtn"})
                        for W, k in zip(Ws, keeps)]
         else:
             res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer), {}) for W, k in zip(Ws, keeps)]
