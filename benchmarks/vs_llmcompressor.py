@@ -31,8 +31,7 @@ RUNNER = ROOT / "benchmarks" / "_llmc_runner.py"
 
 # name -> (label, our stage {name: config}, their scheme, baseline stage). Their defaults are kept
 # where they equal ours (damping 0.01 * mean diag H, block 128, min-max observer); actorder is
-# their default "static" (= our act_order: true, static groups from the original weights). Ours re-solves
-# the scales for the final codes (quantize.refit_scales, on by default), which they do not have. The
+# their default "static" (= our act_order: true, static groups from the original weights). The
 # "-hessian" settings run our observer hessian (clipping search weighted by diag H = E[x^2] per input)
 # against their counterpart, the imatrix_mse observer (weighted by E[x^2] too).
 SETTINGS: dict[str, dict] = {
@@ -225,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run ours with act_order: true (= their default actorder static) for GPTQ")
     ap.add_argument("--calib-f32", action="store_true",
                     help="also run ours with calib_dtype: float32 (calibration forward passes in plain float32)")
+    ap.add_argument("--refit", action="store_true",
+                    help="also run ours with refit_scales: true for GPTQ (least-squares scales for the final codes)")
     ap.add_argument("--work", default="/tmp/modelpress-vs-llmc", help="scratch folder for models and logs")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.calib_f32:
             kind, cfg = next(iter(st["ours"].items()))
             variants.append(("ours fp32", {kind: {**cfg, "calib_dtype": "float32"}}))
+        if a.refit and "quantize" in st["ours"]:
+            variants.append(("ours refit", {"quantize": {**st["ours"]["quantize"], "refit_scales": True}}))
         for tag, stage in variants:
             print(f"[{name}] {tag}: compressing ...", flush=True)
             res = run_ours(model_dir, ids_path, stage, work / f"{name}-{tag.replace(' ', '_')}", a.threads)
@@ -420,7 +423,7 @@ Settings, made apples to apples (everything else is each tool's default):
 | pipeline | `modelpress.layerwise`: layer by layer, outputs computed with the compressed layer (error propagates), batch 8. `sequential: true` (the default of quantize and prune, the GPTQ repo's \"true sequential\"): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were compressed, all in one forward pass per layer (each batch parks at the first linear of a group until the group is compressed; the first layer finds the groups with one partial pass per group). Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes); Hessians are upper-triangle strips of GEMMs (5/8 to 3/4 of the flops); the per-column ops of the GPTQ/SparseGPT loops run through numpy views on one thread | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
-| GPTQ observer | `minmax`, fp16-rounded scales (the *mse observer* setting: `observer: mse`, a per-group clipping search, as in the shipped `w4a16-gptq-g128` recipe) | `memoryless_minmax` (their weight default), fp32 scales |
+| GPTQ observer | `minmax`, fp16-rounded scales (the *mse observer* setting: `observer: mse`, a per-group clipping search of abs(err)^2.4; the *hessian observer* settings: `observer: hessian`, the same search of the squared error weighted by each input's diag H, as in the shipped GPTQ recipes) | `memoryless_minmax` (their weight default), fp32 scales; `mse`; `imatrix_mse` (a clipping search weighted by E[x^2] per input, their counterpart of ours) |
 | GPTQ act-order | each *ours* row says which ran: `act_order: false` = group parameters from the updated weights (GPTQ paper); `true` = columns by decreasing diag H, static groups from the original weights (modelpress' default since commit ee6297e){'; *ours act_order* forces true' if a.matched else ''} | default `actorder="static"` (= our `act_order: true`) |
 | GPTQ w4 g128 | last group of a 576-wide row is partial (4 x 128 + 64) | fails: hidden size 576 is not a multiple of 128 (see the table) |
 | Wanda | score abs(W) x norm(X_j), per output row, `sparsity: 0.5` | `WandaPruningModifier(sparsity=0.5, mask_structure="0:0")` |
@@ -436,7 +439,9 @@ Settings, made apples to apples (everything else is each tool's default):
                       "and the evaluated model is float32 like every other row." if bf16 else
                       "(no native bf16 GEMMs) is float32.")
                    + (" *ours fp32* rows: the same stage with `calib_dtype: float32` (plain float32 forward passes)."
-                      if a.calib_f32 else ""))
+                      if a.calib_f32 else "")
+                   + (" *ours refit* rows: the same stage with `refit_scales: true` (each group's scale re-solved by least "
+                      "squares under H for GPTQ's final codes; no target row counts them as the default)." if a.refit else ""))
     if calib.input_ids.numel() < 64 * 512 or windows.numel() < 16 * 512:
         caveats.append(f"This run is smaller than the defaults (64 x 512 calibration, 16 x 512 evaluation): with "
                        f"{windows.numel()} evaluation tokens, perplexity gaps of about 1% between two GPTQ/SparseGPT "

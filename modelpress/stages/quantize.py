@@ -32,7 +32,8 @@ class Quantize:
     damp: float = 0.01                    # GPTQ: lambda = damp * mean(diag H)
     block_size: int = 128                 # GPTQ lazy-update block
     observer: str = "minmax"              # minmax | mse (clipping search) | hessian (GPTQ: search weighted by diag H)
-    refit_scales: bool = True             # GPTQ: re-solve each group's scale for the final codes (least squares under H)
+    refit_scales: bool = False            # GPTQ: re-solve each group's scale for the final codes (least squares under H;
+                                          # helps minmax/mse scales, not hessian ones: BENCHMARKS.md)
     sequential: bool = True               # GPTQ: one input group at a time within a layer, one forward pass per layer (layerwise.run)
     calib_dtype: str = "auto"             # auto | float32 | bfloat16: the calibration forward passes' autocast dtype
                                           # (auto: bf16 where GEMMs are native bf16; weights, statistics, solves: fp32)
