@@ -441,7 +441,7 @@ Settings, made apples to apples (everything else is each tool's default):
                    + (" *ours fp32* rows: the same stage with `calib_dtype: float32` (plain float32 forward passes)."
                       if a.calib_f32 else "")
                    + (" *ours refit* rows: the same stage with `refit_scales: true` (each group's scale re-solved by least "
-                      "squares under H for GPTQ's final codes; no target row counts them as the default)." if a.refit else ""))
+                      "squares under H for GPTQ's final codes)." if a.refit else ""))
     if calib.input_ids.numel() < 64 * 512 or windows.numel() < 16 * 512:
         caveats.append(f"This run is smaller than the defaults (64 x 512 calibration, 16 x 512 evaluation): with "
                        f"{windows.numel()} evaluation tokens, perplexity gaps of about 1% between two GPTQ/SparseGPT "
