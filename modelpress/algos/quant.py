@@ -6,6 +6,10 @@ Conventions (shared by GPTQ, SparseGPT and the QuantLinear module):
   asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s)  (range always contains 0);
   symmetric:  s = 2 max|w| / (2^b - 1),   z = 2^(b-1)          (signed codes q - z in [-2^(b-1), 2^(b-1) - 1]);
   scales are rounded to fp16 where they are computed, so stored fp16 scales reproduce w_hat exactly.
+Observers pick the range: min/max, or a clipping search (shrink the range, keep the lowest error) of
+abs(err)^2.4 ("mse", as llm-compressor's) or of the squared error weighted by each input's second moment
+E[x_j^2] = diag H / 2 ("hessian": the error that reaches the layer's output when inputs are uncorrelated, the
+weighting of AWQ's activation-aware view, arXiv 2306.00978, and llama.cpp's importance matrix).
 """
 from __future__ import annotations
 
