@@ -34,41 +34,26 @@ RUNNER = ROOT / "benchmarks" / "_llmc_runner.py"
 # their default "static" (= our act_order: true, static groups from the original weights). The
 # "-hessian" settings run our observer hessian (clipping search weighted by diag H = E[x^2] per input)
 # against their counterpart, the imatrix_mse observer (weighted by E[x^2] too).
+def _gptq(bits: int, group_size: int, sym: bool, observer: str | None = None, theirs: str | None = None) -> dict:
+    """A GPTQ setting: ours and theirs with the same scheme (their observer `theirs`, default ours), against
+    RTN (and RTN with the mse observer when an observer is named)."""
+    scheme = {"bits": bits, "group_size": group_size, "sym": sym}
+    theirs = theirs or observer
+    label = (f"GPTQ w{bits} g{group_size} {'sym' if sym else 'asym'}" + (f", {observer} observer" if observer else "")
+             + (f" (theirs: {theirs})" if theirs != observer else ""))
+    rtn = {"quantize": {"method": "rtn", **scheme}}
+    return dict(label=label, ours={"quantize": {"method": "gptq", **scheme, **({"observer": observer} if observer else {})}},
+                theirs={"method": "gptq", **scheme, "actorder": "static", **({"observer": theirs} if theirs else {})},
+                baseline=[rtn, {"quantize": {**rtn["quantize"], "observer": "mse"}}] if observer else rtn)
+
+
 SETTINGS: dict[str, dict] = {
-    "gptq-w4g128": dict(label="GPTQ w4 g128 sym",
-                        ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True}},
-                        theirs={"method": "gptq", "bits": 4, "group_size": 128, "sym": True, "actorder": "static"},
-                        baseline={"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True}}),
-    "gptq-w4g128-mse": dict(label="GPTQ w4 g128 sym, mse observer",
-                            ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True, "observer": "mse"}},
-                            theirs={"method": "gptq", "bits": 4, "group_size": 128, "sym": True, "actorder": "static",
-                                    "observer": "mse"},
-                            baseline=[{"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True}},
-                                      {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True, "observer": "mse"}}]),
-    "gptq-w4g128-hessian": dict(label="GPTQ w4 g128 sym, hessian observer (theirs: imatrix_mse)",
-                                ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 128, "sym": True,
-                                                   "observer": "hessian"}},
-                                theirs={"method": "gptq", "bits": 4, "group_size": 128, "sym": True, "actorder": "static",
-                                        "observer": "imatrix_mse"},
-                                baseline=[{"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True}},
-                                          {"quantize": {"method": "rtn", "bits": 4, "group_size": 128, "sym": True,
-                                                        "observer": "mse"}}]),
-    "gptq-w4g64": dict(label="GPTQ w4 g64 sym",
-                       ours={"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "sym": True}},
-                       theirs={"method": "gptq", "bits": 4, "group_size": 64, "sym": True, "actorder": "static"},
-                       baseline={"quantize": {"method": "rtn", "bits": 4, "group_size": 64, "sym": True}}),
-    "gptq-w3g64": dict(label="GPTQ w3 g64 asym",
-                       ours={"quantize": {"method": "gptq", "bits": 3, "group_size": 64, "sym": False}},
-                       theirs={"method": "gptq", "bits": 3, "group_size": 64, "sym": False, "actorder": "static"},
-                       baseline={"quantize": {"method": "rtn", "bits": 3, "group_size": 64, "sym": False}}),
-    "gptq-w3g64-hessian": dict(label="GPTQ w3 g64 asym, hessian observer (theirs: imatrix_mse)",
-                               ours={"quantize": {"method": "gptq", "bits": 3, "group_size": 64, "sym": False,
-                                                  "observer": "hessian"}},
-                               theirs={"method": "gptq", "bits": 3, "group_size": 64, "sym": False, "actorder": "static",
-                                       "observer": "imatrix_mse"},
-                               baseline=[{"quantize": {"method": "rtn", "bits": 3, "group_size": 64, "sym": False}},
-                                         {"quantize": {"method": "rtn", "bits": 3, "group_size": 64, "sym": False,
-                                                       "observer": "mse"}}]),
+    "gptq-w4g128": _gptq(4, 128, True),
+    "gptq-w4g128-mse": _gptq(4, 128, True, "mse"),
+    "gptq-w4g128-hessian": _gptq(4, 128, True, "hessian", "imatrix_mse"),
+    "gptq-w4g64": _gptq(4, 64, True),
+    "gptq-w3g64": _gptq(3, 64, False),
+    "gptq-w3g64-hessian": _gptq(3, 64, False, "hessian", "imatrix_mse"),
     "wanda50": dict(label="Wanda 50% unstructured",
                     ours={"prune": {"method": "wanda", "sparsity": 0.5}},
                     theirs={"method": "wanda", "sparsity": 0.5},
