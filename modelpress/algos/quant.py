@@ -37,10 +37,9 @@ def _params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, T
     return s, z
 
 
-def scale_zero(w: Tensor, bits: int, sym: bool, shrink: float = 1.0) -> tuple[Tensor, Tensor]:
+def scale_zero(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
     """Per-row min/max scale and zero point of w (rows, cols) -> (rows,), (rows,)."""
-    xmin, xmax = _range(w.float())
-    return _params(xmin * shrink, xmax * shrink, bits, sym)
+    return _params(*_range(w.float()), bits, sym)
 
 
 def scale_zero_mse(w: Tensor, bits: int, sym: bool, grid: int = 40, max_shrink: float = 0.8,
