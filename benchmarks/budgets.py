@@ -31,7 +31,7 @@ from benchmarks.order import Scorer  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import CalibrationSet  # noqa: E402
 from modelpress.plan.budget import plan_budget  # noqa: E402
-from modelpress.plan.cli import plot_plan  # noqa: E402
+from modelpress.cli.plan import plot_plan  # noqa: E402
 from modelpress.plan.sae import SAEConfig  # noqa: E402
 from modelpress.stages.prune import Prune  # noqa: E402
 from modelpress.targets import Target  # noqa: E402

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._md import table, write_section  # noqa: E402
-from modelpress.deploy.cli import _prompt  # noqa: E402
+from modelpress.cli.deploy import _prompt  # noqa: E402
 from modelpress.deploy.estimate import builtin_profiles, estimate_dir, load_profile  # noqa: E402
 from modelpress.deploy.measure import calibrate  # noqa: E402
 from modelpress.model import load, smollm2_dir  # noqa: E402

@@ -36,7 +36,7 @@ torch.set_num_threads(1)
 from modelpress.recipe import Recipe
 recipe = Recipe.from_yaml({recipe!r})
 if {offload!r}:
-    from modelpress.offload import run_recipe_offloaded
+    from modelpress.engine.offload import run_recipe_offloaded
 else:
     from modelpress.api import run_recipe
 if not {offload!r} or recipe.needs_calibration:      # this path builds the model class and a tokenizer:
@@ -94,7 +94,7 @@ def measure(model: Path, recipe: Path, out: Path, offload: bool) -> dict:
 
 def main() -> None:
     from benchmarks._md import table, write_section
-    from modelpress.offload import CHUNK_BYTES
+    from modelpress.engine.shards import CHUNK_BYTES
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default="rtn,gptq")
     ap.add_argument("--no-write", action="store_true")

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both tools (and the evaluation)")
     ap.add_argument("--batch-size", type=int, default=8,
-                    help="their calibration batch size (ours: modelpress.layerwise's 8)")
+                    help="their calibration batch size (ours: modelpress.engine.layerwise's 8)")
     ap.add_argument("--matched", action="store_true",
                     help="also run ours with act_order: true (= their default actorder static) for GPTQ")
     ap.add_argument("--calib-f32", action="store_true",
@@ -405,7 +405,7 @@ Settings, made apples to apples (everything else is each tool's default):
 | knob | modelpress | llm-compressor |
 |---|---|---|
 | targets | every `nn.Linear` in the decoder layers, `lm_head` excluded (tied to the embeddings) | `targets=["Linear"]`; GPTQ `ignore=["lm_head"]`; Wanda/SparseGPT `ignore=["re:.*lm_head"]`: their sparsity modifiers name the module `lm_head.`, so the plain name does not match and the tied lm_head/embedding gets pruned (checked: embedding unchanged = {emb}) |
-| pipeline | `modelpress.layerwise`: layer by layer, outputs computed with the compressed layer (error propagates), batch 8. `sequential: true` (the default of quantize and prune, the GPTQ repo's \"true sequential\"): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were compressed, all in one forward pass per layer (each batch parks at the first linear of a group until the group is compressed; the first layer finds the groups with one partial pass per group). Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes); Hessians are upper-triangle strips of GEMMs (5/8 to 3/4 of the flops); the per-column ops of the GPTQ/SparseGPT loops run through numpy views on one thread | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
+| pipeline | `modelpress.engine.layerwise`: layer by layer, outputs computed with the compressed layer (error propagates), batch 8. `sequential: true` (the default of quantize and prune, the GPTQ repo's \"true sequential\"): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were compressed, all in one forward pass per layer (each batch parks at the first linear of a group until the group is compressed; the first layer finds the groups with one partial pass per group). Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes); Hessians are upper-triangle strips of GEMMs (5/8 to 3/4 of the flops); the per-column ops of the GPTQ/SparseGPT loops run through numpy views on one thread | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
 | GPTQ observer | `minmax`, fp16-rounded scales (the *mse observer* setting: `observer: mse`, a per-group clipping search of abs(err)^2.4; the *hessian observer* settings: `observer: hessian`, the same search of the squared error weighted by each input's diag H, as in the shipped GPTQ recipes) | `memoryless_minmax` (their weight default), fp32 scales; `mse`; `imatrix_mse` (a clipping search weighted by E[x^2] per input, their counterpart of ours) |
@@ -416,7 +416,7 @@ Settings, made apples to apples (everything else is each tool's default):
 | weights evaluated | dequantized / masked dense weights patched into the original model | their model saved dense (`save_compressed=False`, quantization parameters dropped), loaded as a plain HF model |
 """
     caveats = []
-    from modelpress.layerwise import fast_bf16
+    from modelpress.engine.layerwise import fast_bf16
     bf16 = fast_bf16(torch.device("cpu"))
     caveats.append("*ours* rows run the stage defaults, `calib_dtype: auto`, which on this CPU "
                    + ("(native AVX512-BF16/AMX GEMMs) is bfloat16: the calibration forward passes run under "

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from modelpress import embodied  # noqa: E402
+from modelpress.deploy import embodied  # noqa: E402
 from modelpress.algos.quant import quant_dequant, scale_zero  # noqa: E402
 
 L1, L2, M1, M2, DAMP = 0.5, 0.4, 1.0, 0.7, 0.6   # link lengths (m), end masses (kg), joint damping (N m s/rad)

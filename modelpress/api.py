@@ -16,9 +16,9 @@ from . import model as _model
 from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
-from .checkpoint import Run
+from .engine.checkpoint import Run
 from .eval import eval_windows, evaluate as _evaluate, size_report
-from .export import save
+from .export import load_model, save
 from .recipe import Recipe
 
 log = logging.getLogger("modelpress")
@@ -30,7 +30,7 @@ def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
     >>> model, tok = modelpress.load("smollm2")
     """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    m, tok = _model.load(src)
+    m, tok = load_model(src)
     if (Path(str(src)) / "modelpress.json").exists():
         return m, tok          # an export keeps its own dtype (its logits must match exactly)
     return m.to(dtype), tok
@@ -47,7 +47,7 @@ def calibration_set(tokenizer, source="wiki", select="random", samples=128, seql
 
 def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = None, run: Run | None = None) -> list[dict]:
     """Apply the recipe's stages in order (or planned order) to `model` in place; returns per-stage stats.
-    With `run` (a modelpress.checkpoint.Run), progress is checkpointed per stage and per decoder layer,
+    With `run` (a modelpress.engine.checkpoint.Run), progress is checkpointed per stage and per decoder layer,
     and a run interrupted earlier resumes from its last finished layer.
 
     >>> stats = modelpress.compress(model, Recipe.from_yaml("w4a16-gptq-g128"), calib)
@@ -69,7 +69,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
             st = cfg.apply(model, calib, checkpoint=run.checkpoint(k))
         else:
             st = cfg.apply(model, calib)
-        st = {"name": name, "config": Recipe(stages=((name, cfg),)).to_dict()["stages"][0][name],
+        st = {"name": name, "config": Recipe.stage_dict(name, cfg),
               "seconds": time.perf_counter() - t0, **st}
         log.info(st["summary"])
         if run is not None:

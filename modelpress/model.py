@@ -62,8 +62,8 @@ def smollm2_dir() -> Path:
 
 
 def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer from: "smollm2" (the reference model), a modelpress export
-    folder, a local HF folder, a local .gguf file, or a hub id. Returns (model, tokenizer), eval mode."""
+    """Load a causal LM and its tokenizer from: "smollm2" (the reference model), a local HF folder, a
+    local .gguf file, or a hub id. Returns (model, tokenizer), eval mode. (Exports: modelpress.export.load_model.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = str(src)
     path = Path(src)
@@ -71,8 +71,7 @@ def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32)
     if src == REFERENCE:
         path = smollm2_dir()
     elif path.is_dir() and (path / "modelpress.json").exists():
-        from .export import load_compressed
-        return load_compressed(path)
+        raise UserError(f"{src} is a modelpress export: load it with modelpress.load (or modelpress.export.load_model)")
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model file {src} does not exist: pass an existing .gguf file, an HF folder or a hub id")
@@ -169,3 +168,10 @@ def count_params(model: nn.Module) -> int:
 
 def compute_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def attention_mlp_split(layer_lin: dict[str, nn.Module]) -> tuple[list[str], list[str]]:
+    """Attention and MLP linears of one decoder layer (registration order: q, k, v, o / gate, up, down)."""
+    attn = [n for n in layer_lin if any(k in n.rsplit(".", 1)[0].lower() for k in ("attn", "attention"))]
+    mlp = [n for n in layer_lin if n not in attn]
+    return attn, mlp

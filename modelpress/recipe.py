@@ -129,6 +129,17 @@ class Recipe:
         d["stages"] = [{name: plain(cfg)} for name, cfg in self.stages]
         return d
 
+    @staticmethod
+    def stage(name: str, **kw):
+        """A stage config from the registry, e.g. Recipe.stage("quantize", method="rtn", bits=4): how code
+        below the stages (planners, the engine) is handed the stages it runs."""
+        return STAGES[name](**kw)
+
+    @staticmethod
+    def stage_dict(name: str, cfg) -> dict:
+        """One stage's config as it appears in a recipe's `stages:` list."""
+        return Recipe(stages=((name, cfg),)).to_dict()["stages"][0][name]
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 

@@ -168,7 +168,7 @@ def test_cli_exit_codes_and_export(tiny_lm, tmp_path, monkeypatch):
     import argparse
 
     from modelpress import api
-    from modelpress.certify import cli
+    from modelpress.cli import certify as cli
     f, g, _ = tiny_lm
     export = tmp_path / "exp"
     export.mkdir()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelpress.deploy import cli
+from modelpress.cli import deploy as cli
 from modelpress.deploy.estimate import (DecoderShape, WeightBytes, builtin_profiles, decode_flops, decoder_shape,
                                         estimate, estimate_dir, kv_cache_bytes, load_profile, prefill_flops,
                                         profile_from_dict, roofline_seconds, tensor_bytes, weight_bytes,

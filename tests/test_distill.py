@@ -145,7 +145,7 @@ def tiny_folder(tmp_path):
 
 def _cli(argv):
     import argparse
-    from modelpress.distill import cli
+    from modelpress.cli import distill as cli
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
     assert cli.add_parser(sub) == ("distill", "mft")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from modelpress import embodied
+from modelpress.deploy import embodied
 from modelpress.errors import UserError
 
 

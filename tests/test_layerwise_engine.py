@@ -3,7 +3,7 @@ statistics and outputs at any thread count, and true-sequential groups."""
 import pytest
 import torch
 
-from modelpress import layerwise
+from modelpress.engine import layerwise
 from modelpress.algos.gptq import inverse_hessian_chol, tril_inverse
 from modelpress.errors import UserError
 from modelpress.recipe import Recipe

@@ -294,7 +294,7 @@ def test_zip_unzip_cli_bit_identical(registered, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from modelpress import zipcli
+    from modelpress.cli import zip as zipcli
     m = tiny_llama(tied=True)
     m.save_pretrained(tmp_path / "orig")
     tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress import mft
+from modelpress.distill import mft
 from modelpress.algos import mask as MK
 from modelpress.errors import UserError
 

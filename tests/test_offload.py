@@ -7,7 +7,7 @@ import torch
 import modelpress as mp
 from modelpress.errors import UserError
 from modelpress.export import load_compressed
-from modelpress.offload import compress_offloaded, export_offloaded, run_recipe_offloaded
+from modelpress.engine.offload import compress_offloaded, export_offloaded, run_recipe_offloaded
 
 from .conftest import correlated_calib, tiny_model_dir
 
@@ -85,11 +85,11 @@ def test_rtn_row_chunks_equal_whole_matrix(sym, group_size, observer, bias, tmp_
     very bytes of QuantLinear.to_state and the SQNR of the whole-matrix computation."""
     from safetensors.torch import save_file
 
-    from modelpress import offload as O
+    from modelpress.engine import offload as O
     from modelpress.algos import quant
     from modelpress.modules import QuantLinear
     from modelpress.stages.quantize import Quantize
-    monkeypatch.setattr(O, "CHUNK_BYTES", 8 * 72 * 4)
+    monkeypatch.setattr("modelpress.engine.shards.CHUNK_BYTES", 8 * 72 * 4)
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(72, 44, bias=bias)                # 44 rows: 5 full chunks + a partial one
     lin.weight.data = torch.randn(44, 72, generator=g) * torch.linspace(0.1, 3, 72)
@@ -117,7 +117,7 @@ def test_structure_from_shard_names_equals_skeleton(tied, tmp_path):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from modelpress.offload import RawConfig, Shards, skeleton, structure_from_model, structure_from_shards
+    from modelpress.engine.offload import RawConfig, Shards, skeleton, structure_from_model, structure_from_shards
     cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, tie_word_embeddings=tied, attention_bias=True)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)

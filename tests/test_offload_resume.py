@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelpress.errors import UserError
-from modelpress.offload import run_recipe_offloaded
+from modelpress.engine.offload import run_recipe_offloaded
 from modelpress.recipe import Recipe
 
 from .conftest import tiny_model_dir
@@ -25,7 +25,7 @@ stages:
 # (stage<k> or export), a point chosen by the test; prints counters when it finishes.
 SCRIPT = r"""
 import json, os, signal, sys
-import modelpress.offload as O
+import modelpress.engine.offload as O
 from modelpress.recipe import Recipe
 model, recipe, out, resume, phase, n = sys.argv[1:7]
 state = {"phase": None, "reads": 0, "linears": 0, "layers_saved": 0}

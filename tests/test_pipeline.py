@@ -126,7 +126,7 @@ def test_recipe_yaml_roundtrip():
 
 
 def test_layerwise_shares_statistics_of_identical_inputs(calib):
-    from modelpress import layerwise
+    from modelpress.engine import layerwise
     from modelpress.targets import Target
     m = tiny_llama()
     step = next(layerwise.steps(m, calib))

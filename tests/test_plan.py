@@ -233,7 +233,7 @@ def test_stage_budget_fields_when_wired():
 # ---------------------------------------------------------------------------------------------- CLI
 
 def test_cli_plan_budget_and_order(tmp_path, capsys):
-    from modelpress.plan.cli import add_parser, run
+    from modelpress.cli.plan import add_parser, run
     d = tiny_model_dir(tmp_path / "m")
     r = tmp_path / "r.yaml"
     r.write_text("stages:\n  - quantize: {method: rtn, bits: 8, group_size: 32}\n"

@@ -18,9 +18,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from modelpress import report_cli
+from modelpress.cli import report as report_cli
 from modelpress.errors import UserError
-from modelpress.report import build, load_run, size_breakdown
+from modelpress.report.build import build, load_run, size_breakdown
 
 CHROMIUM = "/usr/bin/chromium"
 CONFIG = {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 8, "num_attention_heads": 2,

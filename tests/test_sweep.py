@@ -5,7 +5,7 @@ import pytest
 
 import argparse
 
-from modelpress import sweep as sweep_cli
+from modelpress.cli import sweep as sweep_cli
 from modelpress.errors import UserError
 from modelpress.sweep import plan, sweep
 

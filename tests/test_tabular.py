@@ -292,7 +292,7 @@ def test_spec_validation_errors():
 
 
 def _cli(argv):
-    from modelpress.tabular import cli
+    from modelpress.cli import tabular as cli
     ap = argparse.ArgumentParser()
     cli.add_parser(ap.add_subparsers(dest="cmd"))
     args = ap.parse_args(argv)

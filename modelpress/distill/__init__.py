@@ -1,5 +1,5 @@
 """Distillation: Low-Rank Clone (LRC, arXiv 2505.12781; rank guideline arXiv 2603.22355).
-CLI: modelpress.distill.cli (`modelpress distill lowrank`, `modelpress mft`)."""
+CLI: modelpress.cli.distill (`modelpress distill lowrank`, `modelpress mft`)."""
 from __future__ import annotations
 
 import json

@@ -5,6 +5,6 @@
   config.json, tokenizer files, recipe.yaml, report.json, calibration.json (provenance)
   checksums.json      sha256 of every file above
 The folder is written under a temporary name and renamed into place (atomic)."""
-from .native import collect_tensors, load_compressed, save, verify
+from .native import collect_tensors, load_compressed, load_model, save, verify
 
-__all__ = ["collect_tensors", "load_compressed", "save", "verify"]
+__all__ = ["collect_tensors", "load_compressed", "load_model", "save", "verify"]

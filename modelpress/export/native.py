@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_dir, atomic_save_file, atomic_write_text, sha256_file, sha256_tensor
-from ..model import normalize, set_module
+from ..model import REFERENCE, load, normalize, set_module
 
 FORMAT = "modelpress/1"
 MANIFEST = "modelpress.json"
@@ -142,6 +142,15 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], modules: dict
         root.tie_weights()
     from ..modules import retie
     retie(root)
+
+
+def load_model(src: str | os.PathLike = REFERENCE, dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer) from a modelpress export (kept in its own dtype: its logits must match exactly)
+    or anything modelpress.model.load reads ("smollm2", an HF folder, a .gguf file, a hub id)."""
+    path = Path(str(src))
+    if path.is_dir() and (path / MANIFEST).exists():
+        return load_compressed(path)
+    return load(src, dtype)
 
 
 def load_compressed(folder: str | os.PathLike, check: bool = True):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..model import attention_mlp_split
 
 KINDS = ("sparsity", "bits")
 BOUNDS = {"sparsity": (0.0, 0.95), "bits": (2.0, 8.0)}
@@ -186,13 +187,6 @@ class BudgetPlan:
         return [(c.layer, c.name, c.score, c.budget) for c in self.components]
 
 
-def _split(layer_lin: dict[str, nn.Linear]) -> tuple[list[str], list[str]]:
-    """Attention and MLP linears of one decoder layer (registration order: q, k, v, o / gate, up, down)."""
-    attn = [n for n in layer_lin if any(k in n.rsplit(".", 1)[0].lower() for k in ("attn", "attention"))]
-    mlp = [n for n in layer_lin if n not in attn]
-    return attn, mlp
-
-
 def layer_components(model: nn.Module, linears: dict[str, nn.Linear], layer: int, per_head: bool) -> list[Component]:
     """Components of decoder layer `layer` over the targeted `linears` (full names): one per attention head
     plus one MLP when `per_head`, else a single component for the whole layer."""
@@ -200,7 +194,7 @@ def layer_components(model: nn.Module, linears: dict[str, nn.Linear], layer: int
         return []
     if not per_head:
         return [Component(layer, "layer", tuple(linears), float(sum(m.weight.numel() for m in linears.values())))]
-    attn, mlp = _split(linears)
+    attn, mlp = attention_mlp_split(linears)
     out = []
     if attn:
         cfg = getattr(model, "config", None)
@@ -381,7 +375,7 @@ def plan_budget(model: nn.Module, calib, method: str, mean: float, kind: str = "
 
 def owl_ratios(model: nn.Module, calib, target, m: float = 5.0) -> dict[int, float]:
     """Per decoder layer: fraction of Wanda scores above m x the layer's mean score (over its linears)."""
-    from .. import layerwise
+    from ..engine import layerwise
     per: dict[int, list[int]] = {}
 
     def fn(linears, stats):

@@ -113,15 +113,15 @@ def _subset(calib, n: int):
     return CalibrationSet(calib.input_ids[:n], calib.attention_mask[:n], dict(calib.provenance, subset=n))
 
 
-def reference_curve(model: nn.Module, metric: Callable[[nn.Module], float], bits: Sequence[int] = CURVE_BITS,
-                    group_size: int | None = 64, sym: bool = False,
+def reference_curve(model: nn.Module, metric: Callable[[nn.Module], float], stage: Callable[..., object],
+                    bits: Sequence[int] = CURVE_BITS, group_size: int | None = 64, sym: bool = False,
                     include: tuple[str, ...] = (), exclude: tuple[str, ...] = ("lm_head",)) -> tuple[tuple[float, float], ...]:
-    """(bits, metric) of RTN-quantized copies of `model` (not modified)."""
-    from ..stages.quantize import Quantize
+    """(bits, metric) of RTN-quantized copies of `model` (not modified). `stage(name, **config)` builds a
+    stage config (modelpress.recipe.Recipe.stage: the planner sits below the stages and is handed them)."""
     out = []
     for b in bits:
         m = copy.deepcopy(model)
-        Quantize(method="rtn", bits=b, group_size=group_size, sym=sym, include=include, exclude=exclude).apply(m)
+        stage("quantize", method="rtn", bits=b, group_size=group_size, sym=sym, include=include, exclude=exclude).apply(m)
         out.append((float(b), metric(m)))
         del m
     return tuple(out)
@@ -142,7 +142,7 @@ def plan_order(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module
     else:
         name = getattr(metric, "__name__", "loss")
     probe = _subset(calib, samples) if calib is not None else None
-    curve = curve or reference_curve(model, metric, bits, group_size)
+    curve = curve or reference_curve(model, metric, recipe.stage, bits, group_size)
     cb, cl = [b for b, _ in curve], [v for _, v in curve]
     out = []
     for i, (sname, cfg) in enumerate(stages):

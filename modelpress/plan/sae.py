@@ -160,10 +160,9 @@ def capability_scores(model: nn.Module, calib, target=None, cfg: SAEConfig | Non
                       weights: dict[str, float] | None = None) -> dict[tuple[int, str], dict[str, float]]:
     """{(layer, "head h" | "mlp"): {breadth, entropy, consistency, density, fve, l0, wanda}} for every decoder
     layer with targeted linears. One layer-wise pass over `calib`; `model` is not modified."""
-    from .. import layerwise
-    from ..model import layer_linears
+    from ..engine import layerwise
+    from ..model import attention_mlp_split, layer_linears
     from ..targets import Target
-    from .budget import _split
     cfg = cfg or SAEConfig()
     target = target or Target()
     cfg_m = getattr(model, "config", None)
@@ -173,7 +172,7 @@ def capability_scores(model: nn.Module, calib, target=None, cfg: SAEConfig | Non
         if not step.linears(target):
             continue
         full = layer_linears(step.layer, step.prefix)
-        attn, mlp = _split(full)
+        attn, mlp = attention_mlp_split(full)
         need = {n: full[n] for n in ([attn[0], attn[-1]] if attn else []) + mlp}
         x = step.collect(need, "inputs")
         n_tok = x[next(iter(need))].shape[0]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import layerwise
+from ..engine import layerwise
 from ..algos import cluster as C
 from ..algos import quant
 from ..errors import UserError

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import layerwise
+from ..engine import layerwise
 from ..algos import lowrank as LR
 from ..algos import quant
 from ..errors import UserError

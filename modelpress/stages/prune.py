@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import layerwise
+from ..engine import layerwise
 from ..algos import prune as P
 from ..algos import quant
 from ..errors import UserError

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import layerwise
+from ..engine import layerwise
 from ..algos import gptq as G
 from ..algos import prune as P
 from ..algos import quant

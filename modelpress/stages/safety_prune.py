@@ -8,7 +8,7 @@ score_ij = |W_ij| * sqrt(max(delta_j, 0)) (modelpress.algos.mask). The lowest sc
 pruned (unstructured: `sparsity` of each row; N:M: all but N of every M inputs), ties - e.g. channels
 the safety prompt does not excite, or identical streams, where every score is 0 - broken by |W_ij|, so
 the stage degrades to per-row magnitude pruning rather than to an arbitrary mask. Layer-sequential:
-both streams' inputs to layer l+1 are recomputed with the pruned layer l (modelpress.layerwise).
+both streams' inputs to layer l+1 are recomputed with the pruned layer l (modelpress.engine.layerwise).
 The pruned model is meant to be deployed *with* the safety prompt; the stats carry it under "deploy".
 Text LLMs and the language tower of VLMs (the decoder stack modelpress.model.decoder_layers finds).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import layerwise
+from ..engine import layerwise
 from ..algos import mask as MK
 from ..algos import prune as P
 from ..algos import quant

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.tabular.spec import FeatureSpec
+from modelpress.tabular.spec import FeatureSpec, uniform_queries
 from modelpress.tabular.teacher import Teacher
 
 
@@ -159,7 +159,6 @@ def sweep(teacher: Teacher, spec: FeatureSpec, budget: int, rng: np.random.Gener
 
     `sample(n, rng) -> (n, d)` draws the anchor points (default: uniform in the spec box).
     """
-    from modelpress.tabular.queries import uniform_queries
     sample = sample or (lambda n, r: uniform_queries(spec, n, r))
     d = len(spec)
     feats = [j for j, f in enumerate(spec.features) if f.kind != "categorical"]

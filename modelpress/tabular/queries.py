@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from modelpress.tabular.bins import Bins
-from modelpress.tabular.spec import FeatureSpec
+from modelpress.tabular.spec import FeatureSpec, uniform_queries  # noqa: F401 (re-exported)
 from modelpress.tabular.teacher import Teacher
 
 
@@ -66,23 +66,6 @@ def sample_in_bins(L: np.ndarray, spec: FeatureSpec, bins: Bins, rng: np.random.
         else:
             X[:, j] = a + U[:, j] * (b - a)
     return snap(X, spec)
-
-
-def uniform_queries(spec: FeatureSpec, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Uniform in the spec box (integers uniform, levels uniform).  -> (n, d)"""
-    d = len(spec)
-    X = np.empty((n, d), dtype=np.float64)
-    U = rng.random((n, d))
-    for j, f in enumerate(spec.features):
-        if f.kind == "categorical":
-            lv = np.asarray(f.levels, dtype=np.float64)
-            X[:, j] = lv[np.minimum((U[:, j] * len(lv)).astype(np.int64), len(lv) - 1)]
-        elif f.kind == "integer":
-            a, b = np.ceil(f.low), np.floor(f.high)
-            X[:, j] = a + np.minimum(np.floor(U[:, j] * (b - a + 1)), b - a)
-        else:
-            X[:, j] = f.low + U[:, j] * (f.high - f.low)
-    return X
 
 
 def gaussian_queries(spec: FeatureSpec, n: int, rng: np.random.Generator) -> np.ndarray:

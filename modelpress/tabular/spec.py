@@ -187,3 +187,20 @@ def spec_from_thresholds(thresholds: list[np.ndarray], margin: float = 0.5) -> F
         w = float(t.max() - t.min()) or 1.0
         feats.append(Feature(f"x{j}", "numeric", float(t.min() - margin * w), float(t.max() + margin * w)))
     return FeatureSpec(tuple(feats))
+
+
+def uniform_queries(spec: FeatureSpec, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Uniform in the spec box (integers uniform, levels uniform).  -> (n, d)"""
+    d = len(spec)
+    X = np.empty((n, d), dtype=np.float64)
+    U = rng.random((n, d))
+    for j, f in enumerate(spec.features):
+        if f.kind == "categorical":
+            lv = np.asarray(f.levels, dtype=np.float64)
+            X[:, j] = lv[np.minimum((U[:, j] * len(lv)).astype(np.int64), len(lv) - 1)]
+        elif f.kind == "integer":
+            a, b = np.ceil(f.low), np.floor(f.high)
+            X[:, j] = a + np.minimum(np.floor(U[:, j] * (b - a + 1)), b - a)
+        else:
+            X[:, j] = f.low + U[:, j] * (f.high - f.low)
+    return X

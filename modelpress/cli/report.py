@@ -17,7 +17,7 @@ def add_parser(subparsers) -> tuple[str, ...]:
 
 
 def run(args) -> int:
-    from .report import build
+    from ..report.build import build
     devices = [d.strip() for a in (args.device or []) for d in a.split(",") if d.strip()] or None
     out = build(args.dirs, args.out, devices=devices, context=args.context, control_hz=args.control_hz,
                 title=args.title)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .algos import mask as MK
-from .errors import UserError
-from .model import decoder_layers, set_module
+from ..algos import mask as MK
+from ..errors import UserError
+from ..model import decoder_layers, set_module
 
 
 class MaskedLinear(nn.Module):

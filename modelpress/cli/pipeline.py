@@ -1,20 +1,44 @@
-"""The `modelpress` command. User mistakes print one line (`modelpress: error: ...`, exit 2), never a
-traceback. Feature commands live in their own modules, each with add_parser(subparsers) and run(args)."""
+"""`modelpress compress`, `eval` and `inspect`: the pipeline's own commands (load -> calibrate ->
+compress -> evaluate -> export, and looking at what was exported)."""
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
-import logging
-import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
-# feature modules that add their own subcommands (each: add_parser(subparsers), run(args) -> int)
-PLUGINS: tuple[str, ...] = ("modelpress.plan.cli", "modelpress.zipcli", "modelpress.certify.cli", "modelpress.tabular.cli",
-                             "modelpress.deploy.cli", "modelpress.report_cli", "modelpress.distill.cli",
-                             "modelpress.sweep")
+
+def add_parser(sub) -> tuple[str, ...]:
+    c = sub.add_parser("compress", help="compress MODEL with a recipe, evaluate it and export it")
+    c.add_argument("model", help='"smollm2", an HF folder, a .gguf file or a hub id')
+    c.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
+    c.add_argument("--out", required=True, help="export folder")
+    c.add_argument("--calib-select")
+    c.add_argument("--calib-samples", type=int)
+    c.add_argument("--calib-seqlen", type=int)
+    c.add_argument("--calib-seed", type=int)
+    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+    c.add_argument("--offload", action="store_true",
+                   help="models larger than memory: one decoder layer at a time from the safetensors shards")
+    e = sub.add_parser("eval", help="perplexity (and agreement with --reference) of a model or export")
+    e.add_argument("model")
+    e.add_argument("--reference", help="original model to compare with")
+    e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
+    e.add_argument("--seqlen", type=int, help="window length (default 512 on CPU, 2048 on GPU)")
+    e.add_argument("--windows", type=int, default=32)
+    e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
+    e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
+    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks")
+    i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
+    i.add_argument("dir")
+    for name, fn in (("compress", cmd_compress), ("eval", cmd_eval), ("inspect", cmd_inspect)):
+        sub.choices[name].set_defaults(pipeline_command=fn)
+    return ("compress", "eval", "inspect")
+
+
+def run(a) -> int:
+    return a.pipeline_command(a)
 
 
 def _table(rows: list[tuple], header: tuple) -> None:
@@ -50,8 +74,8 @@ def _mean(layers: dict, key: str) -> float:
 
 
 def cmd_compress(a) -> int:
-    from .api import run_recipe
-    from .recipe import Recipe
+    from ..api import run_recipe
+    from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
     if a.calib_select or a.calib_samples or a.calib_seqlen or a.calib_seed is not None:
         d = recipe.to_dict()
@@ -62,7 +86,7 @@ def cmd_compress(a) -> int:
                 c[k] = v
         recipe = Recipe.from_dict(d, str(a.recipe))
     if a.offload:
-        from .offload import run_recipe_offloaded
+        from ..engine.offload import run_recipe_offloaded
         rep = run_recipe_offloaded(recipe, a.model, a.out, resume=a.resume)
         for st in rep["stages"]:
             print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
@@ -79,10 +103,10 @@ def cmd_compress(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .api import evaluate, load
+    from ..api import evaluate, load
     model, tok = load(a.model)
     if a.tasks:
-        from .eval.lm_eval_bridge import print_results, run_tasks
+        from ..eval.lm_eval_bridge import print_results, run_tasks
         print_results(run_tasks(model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
                                 include_defaults=a.tasks_dir is None))
         return 0
@@ -98,7 +122,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from .export import verify
+    from ..export import verify
     d = Path(a.dir)
     if not (d / "modelpress.json").exists():
         raise UserError(f"{d} is not a modelpress export (no modelpress.json): pass a folder written by `compress`")
@@ -113,65 +137,9 @@ def cmd_inspect(a) -> int:
     if rep:
         print_report(rep)
     if (d / "certificate.json").exists():
-        from .certify import certificate as certify
+        from ..certify import certificate as certify
         certify.verify(d)                          # UserError on any tampering
         cert = certify.load(d)
         print("  certificate: " + certify.summary(cert))
         print("  " + cert.statement)
     return 0
-
-
-def parser() -> tuple[argparse.ArgumentParser, dict]:
-    p = argparse.ArgumentParser(prog="modelpress", description="Compress neural networks and certify what survived.")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compress", help="compress MODEL with a recipe, evaluate it and export it")
-    c.add_argument("model", help='"smollm2", an HF folder, a .gguf file or a hub id')
-    c.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
-    c.add_argument("--out", required=True, help="export folder")
-    c.add_argument("--calib-select")
-    c.add_argument("--calib-samples", type=int)
-    c.add_argument("--calib-seqlen", type=int)
-    c.add_argument("--calib-seed", type=int)
-    c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
-    c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
-    c.add_argument("--offload", action="store_true",
-                   help="models larger than memory: one decoder layer at a time from the safetensors shards")
-    e = sub.add_parser("eval", help="perplexity (and agreement with --reference) of a model or export")
-    e.add_argument("model")
-    e.add_argument("--reference", help="original model to compare with")
-    e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
-    e.add_argument("--seqlen", type=int, help="window length (default 512 on CPU, 2048 on GPU)")
-    e.add_argument("--windows", type=int, default=32)
-    e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
-    e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
-    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks")
-    i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
-    i.add_argument("dir")
-    handlers = {"compress": cmd_compress, "eval": cmd_eval, "inspect": cmd_inspect}
-    for modname in PLUGINS:
-        mod = importlib.import_module(modname)
-        before = set(sub.choices)
-        mod.add_parser(sub)
-        for name in set(sub.choices) - before:
-            handlers[name] = mod.run
-    return p, handlers
-
-
-def main(argv: list[str] | None = None) -> int:
-    p, handlers = parser()
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
-    logging.getLogger("modelpress").setLevel(logging.INFO)
-    try:
-        return handlers[a.cmd](a) or 0
-    except UserError as err:
-        print(f"modelpress: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("modelpress: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import UserError
-from .export.native import apply_state, collect_tensors
-from .io import atomic_save_file, atomic_write_text
+from ..errors import UserError
+from ..export.native import apply_state, collect_tensors
+from ..io import atomic_save_file, atomic_write_text
 
 
 def save_module(module: nn.Module, path: Path) -> None:

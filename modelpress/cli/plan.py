@@ -10,7 +10,7 @@ import math
 import torch
 
 from ..errors import UserError
-from .budget import ALLOCATORS, BudgetPlan
+from ..plan.budget import ALLOCATORS, BudgetPlan
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
@@ -52,7 +52,7 @@ def _setup(a):
 
 
 def cmd_order(a) -> int:
-    from .order import plan_order
+    from ..plan.order import plan_order
     recipe, model, calib = _setup(a)
     if a.windows < 1 or a.windows > a.samples:
         raise UserError(f"--windows must be in [1, --samples={a.samples}], got {a.windows}")
@@ -159,7 +159,7 @@ def plot_plan(plan: BudgetPlan, path: str, title: str) -> None:
 
 
 def cmd_budget(a) -> int:
-    from .budget import plan_budget
+    from ..plan.budget import plan_budget
     if a.plot and not a.plot.lower().endswith(".png"):
         raise UserError(f"--plot {a.plot}: the plot is a PNG file, name it *.png")
     recipe, model, calib = _setup(a)

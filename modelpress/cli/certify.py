@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from modelpress.calib import sources
     from modelpress.eval import eval_windows
 
-    from .certificate import certify, save, summary
+    from ..certify.certificate import certify, save, summary
 
     if args.text not in ("wiki-eval", "wiki") and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} does not exist: pass a .txt/.jsonl file or wiki-eval")

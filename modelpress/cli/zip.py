@@ -9,8 +9,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UserError
-from .io import atomic_dir
+from ..errors import UserError
+from ..io import atomic_dir
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
@@ -38,17 +38,17 @@ def run(args) -> int:
 
 
 def _registered() -> None:
-    from .modules import MODULE_TYPES
-    from .modules.zip import ZipEmbedding, ZipLinear
+    from ..modules import MODULE_TYPES
+    from ..modules.zip import ZipEmbedding, ZipLinear
     if MODULE_TYPES.get("ZipLinear") is not ZipLinear or MODULE_TYPES.get("ZipEmbedding") is not ZipEmbedding:
         raise RuntimeError("ZipLinear/ZipEmbedding are not registered in modelpress.modules.MODULE_TYPES: "
                            "the export would lose their weights")
 
 
 def _zip(args) -> int:
-    from .export import save
-    from .model import load
-    from .stages.lossless import Lossless
+    from ..export import save
+    from ..export import load_model as load
+    from ..stages.lossless import Lossless
     _registered()
     stage = Lossless(codec=args.codec, include=tuple(args.include), exclude=tuple(args.exclude), cast=args.cast)
     model, tok = load(args.model, dtype="auto")
@@ -64,8 +64,8 @@ def _zip(args) -> int:
 def unzip_model(model: nn.Module) -> int:
     """Replace every ZipLinear/ZipEmbedding by the plain module with the decoded weight, keeping ties.
     Returns the number of modules replaced."""
-    from .model import set_module
-    from .modules.zip import _ZipWeight, retie, unzip_module
+    from ..model import set_module
+    from ..modules.zip import _ZipWeight, retie, unzip_module
     retie(model)
     zips = {n: m for n, m in model.named_modules() if isinstance(m, _ZipWeight)}
     plain: dict[str, nn.Module] = {}
@@ -86,7 +86,7 @@ def unzip_model(model: nn.Module) -> int:
 
 
 def _unzip(args) -> int:
-    from .model import load
+    from ..export import load_model as load
     src = Path(args.src)
     if not (src / "modelpress.json").exists():
         raise UserError(f"{src} is not a modelpress export (no modelpress.json): pass a folder written by `modelpress zip`")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ def save(tr: Trajectory, path: str | os.PathLike) -> None:
     """Write a trajectory as .npz (atomically)."""
     import io
 
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
     buf = io.BytesIO()
     np.savez(buf, **{k: getattr(tr, k) for k in ("t", "q", "action", "torque", "done") if getattr(tr, k) is not None})
     atomic_write_bytes(path, buf.getvalue())

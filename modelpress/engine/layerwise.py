@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .calib import CalibrationSet
+from ..calib import CalibrationSet
 from .memory import trim_heap
-from .model import compute_device, decoder_layers, layer_linears
-from .targets import Target
+from ..model import compute_device, decoder_layers, layer_linears
+from ..targets import Target
 
 
 class _Stop(Exception):
@@ -387,7 +387,7 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
           device: torch.device | None = None, checkpoint=None, amp: torch.dtype | None = None) -> Iterator[Step]:
     """Yield one Step per decoder layer; after the caller is done with a step, the layer's outputs are
     recomputed (with the caller's modifications) and fed to the next layer. With a checkpoint
-    (modelpress.checkpoint.StageCheckpoint), finished layers are restored and skipped, and each
+    (modelpress.engine.checkpoint.StageCheckpoint), finished layers are restored and skipped, and each
     finished layer is saved with the next layer's inputs (step.extra["stats"] is saved with it)."""
     device = device or compute_device()
     prefix, layers = decoder_layers(model)
@@ -400,7 +400,7 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
     for i in range(start, len(layers)):
         layer = layers[i]
         if checkpoint is not None and hasattr(checkpoint, "load_layer"):
-            checkpoint.load_layer(i, layer)      # offload (modelpress.offload): materialize the layer from disk
+            checkpoint.load_layer(i, layer)      # offload (modelpress.engine.offload): materialize the layer from disk
         home = next(layer.parameters()).device
         layer.to(device)
         step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device, amp=amp)
@@ -428,7 +428,7 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     under torch.autocast to this dtype (bfloat16: about 1.8x faster layer forwards on CPUs with AVX512-BF16 or AMX);
     the weights, the statistics and the solves stay float32.
     Returns the merged per-linear results (those of layers restored from a checkpoint included)."""
-    from .progress import bar
+    from ..progress import bar
     prefix, layers = decoder_layers(model)
     out: dict = dict(checkpoint.progress["stats"]) if checkpoint is not None else {}
     touched = [i for i, layer in enumerate(layers) if target.filter(layer_linears(layer, f"{prefix}.{i}"))]

@@ -77,13 +77,14 @@ def _positive(name: str, v, allow_zero: bool = False) -> None:
 
 def run_lowrank(a) -> int:
     from .. import model as M
-    from . import lowrank_clone as LRC
-    from . import save_pretrained_atomic
+    from ..export import load_model
+    from ..distill import lowrank_clone as LRC
+    from ..distill import save_pretrained_atomic
     for name in ("steps", "batch_size", "train_windows", "val_windows", "lr", "temperature"):
         _positive(name.replace("_", "-"), getattr(a, name))
     for name in ("ce_weight", "kl_weight", "clone_weight"):
         _positive(name.replace("_", "-"), getattr(a, name), allow_zero=True)
-    teacher, tok = M.load(a.teacher)
+    teacher, tok = load_model(a.teacher)
     D_T = teacher.config.hidden_size
     w = _windows(tok, a.data, a.field, a.seqlen, a.train_windows + a.val_windows)
     train, val = w[: a.train_windows], w[a.train_windows:]
@@ -127,17 +128,17 @@ def run_lowrank(a) -> int:
 
 
 def run_mft(a) -> int:
-    from .. import mft
-    from .. import model as M
+    from ..distill import mft
+    from ..export import load_model
     from ..model import decoder_layers
-    from . import save_pretrained_atomic
+    from ..distill import save_pretrained_atomic
     for name in ("steps", "batch_size", "windows", "lr"):
         _positive(name.replace("_", "-"), getattr(a, name))
     if not 0 < a.keep <= 1:
         raise UserError(f"--keep must be in (0, 1], got {a.keep}")
     if not 0 <= a.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
-    model, tok = M.load(a.model)
+    model, tok = load_model(a.model)
     layers = mft.parse_layers(a.layers, len(decoder_layers(model)[1]))
     w = _windows(tok, a.data, a.field, a.seqlen, a.windows)
     n_val = int(round(a.val_fraction * w.shape[0]))

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .estimate import builtin_profiles, estimate_dir, load_profile
+from ..deploy.estimate import builtin_profiles, estimate_dir, load_profile
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -115,8 +115,8 @@ def _measure(args, folder: Path, console) -> int:
     import torch
     from rich.table import Table
 
-    from ..model import load
-    from .measure import calibrate
+    from ..export import load_model as load
+    from ..deploy.measure import calibrate
     if args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from ..errors import UserError
 
 DEFAULT_DEVICES = ("jetson-orin-nano", "jetson-agx-orin", "rtx-4090", "h100")
 PARTS = (("embedding", re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_positions)\.")),
@@ -48,7 +48,7 @@ def _read_json(path: Path) -> dict | None:
 
 def load_run(folder: str | os.PathLike) -> dict:
     """Everything the report shows about one export folder; absent parts are None."""
-    from .deploy.estimate import tensor_bytes
+    from ..deploy.estimate import tensor_bytes
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: pass modelpress export folders (written by `modelpress compress`)")
@@ -255,7 +255,7 @@ def _certificate(cert: dict | None) -> str:
 
 
 def _deployment(run: dict, devices: list[str], context: int, control_hz: float | None) -> str:
-    from .deploy.estimate import estimate_dir
+    from ..deploy.estimate import estimate_dir
     if run["config"] is None or run["tensors"] is None:
         return _note("deployment estimates need config.json and the .safetensors weights in the export")
     try:
@@ -368,11 +368,11 @@ def render(runs: list[dict], devices: list[str] | None = None, context: int = 20
 def build(folders: list[str | os.PathLike], out: str | os.PathLike, devices: list[str] | None = None,
           context: int = 2048, control_hz: float | None = None, title: str | None = None) -> Path:
     """Read the export folders and write the report atomically. Returns the output path."""
-    from .io import atomic_write_text
+    from ..io import atomic_write_text
     if not folders:
         raise UserError("report needs at least one export folder: `modelpress report DIR [DIR ...] --out report.html`")
     if devices:
-        from .deploy.estimate import load_profile
+        from ..deploy.estimate import load_profile
         for d in devices:
             load_profile(d)  # fail early on a bad device name or YAML
     runs = [load_run(f) for f in folders]
