@@ -8,9 +8,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -40,6 +41,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """safetensors.save_file, but written to a temp file and renamed into place."""
+    from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -87,6 +89,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def sha256_tensor(t: torch.Tensor) -> str:
     """Hash of a tensor's raw bytes (dtype and shape included)."""
+    import torch
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

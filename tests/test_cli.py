@@ -50,3 +50,29 @@ def test_folder_without_config(capsys, tmp_path):
 
 def test_inspect_non_export(capsys, tmp_path):
     assert "not a modelpress export" in _err(capsys, ["inspect", str(tmp_path)])
+
+
+def test_help_imports_no_torch():
+    """`modelpress --help` and every subcommand's parser are built without torch, transformers or numpy
+    (the command must start fast: BENCHMARKS.md "CLI start-up")."""
+    import subprocess
+    import sys
+    code = ("import sys, modelpress.cli as c; c.parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'numpy', 'safetensors'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
+
+
+def test_plan_allocator_names_match_the_registry():
+    from modelpress.cli.plan import ALLOCATOR_NAMES
+    from modelpress.plan.budget import ALLOCATORS
+    assert ALLOCATOR_NAMES == tuple(ALLOCATORS)
+
+
+def test_public_names_stay_functions():
+    import modelpress
+    import modelpress.certify.certificate  # noqa: F401  (binding a subpackage must not shadow the verb)
+    import modelpress.export.native  # noqa: F401
+    assert callable(modelpress.export) and modelpress.export.__name__ == "save"
+    assert callable(modelpress.certify) and modelpress.certify.__name__ == "certify"
+    assert modelpress.Recipe.__name__ == "Recipe" and set(modelpress.__all__) >= {"load", "compress", "evaluate"}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
@@ -128,6 +130,7 @@ def run_lowrank(a) -> int:
 
 
 def run_mft(a) -> int:
+    import torch
     from ..distill import mft
     from ..export import load_model
     from ..model import decoder_layers
@@ -172,6 +175,7 @@ def run_mft(a) -> int:
 
 
 def run(a) -> int:
+    import torch
     if getattr(a, "threads", None):
         torch.set_num_threads(a.threads)
     if a.cmd == "mft":

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import io
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
-from ..plan.budget import ALLOCATORS, BudgetPlan
+
+if TYPE_CHECKING:
+    from ..plan.budget import BudgetPlan
+
+# the keys of modelpress.plan.budget.ALLOCATORS, spelled out so `--help` imports no torch (a test checks they agree)
+ALLOCATOR_NAMES = ("uniform", "capability", "sensitivity", "owl")
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
@@ -27,7 +31,7 @@ def add_parser(subparsers) -> tuple[str, ...]:
         q.add_argument("--seqlen", type=int, default=256, help="calibration tokens per sample (default 256)")
         q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     o.add_argument("--windows", type=int, default=4, help="calibration sequences scored by the KL metric")
-    b.add_argument("--method", choices=tuple(ALLOCATORS), help="allocator (default: the stage's `budget`, "
+    b.add_argument("--method", choices=ALLOCATOR_NAMES, help="allocator (default: the stage's `budget`, "
                                                                 "else capability)")
     b.add_argument("--stage", type=int, default=None, help="1-based stage index (default: the first prune or "
                                                            "quantize stage)")
@@ -43,6 +47,7 @@ def _setup(a):
     if a.samples < 2 or a.seqlen < 2:
         raise UserError(f"--samples and --seqlen must be >= 2, got {a.samples}, {a.seqlen}")
     if a.threads:
+        import torch
         torch.set_num_threads(a.threads)
     recipe = Recipe.from_yaml(a.recipe)
     model, tok = load(a.model or recipe.model or REFERENCE, recipe.dtype)
@@ -121,6 +126,7 @@ def print_plan(plan: BudgetPlan, stage: str) -> None:
 
 def plot_plan(plan: BudgetPlan, path: str, title: str) -> None:
     """Two heat maps (layers x components): score and budget. Written atomically as PNG."""
+    import torch
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from modelpress.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,6 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _read_eval(path: str, d: int) -> np.ndarray:
+    import numpy as np
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--eval file {p} not found; pass a CSV of held-out feature rows")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
 from ..io import atomic_dir
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def add_parser(subparsers) -> tuple[str, ...]:
@@ -64,6 +66,7 @@ def _zip(args) -> int:
 def unzip_model(model: nn.Module) -> int:
     """Replace every ZipLinear/ZipEmbedding by the plain module with the decoded weight, keeping ties.
     Returns the number of modules replaced."""
+    from torch import nn
     from ..model import set_module
     from ..modules.zip import _ZipWeight, retie, unzip_module
     retie(model)
