@@ -1,23 +1,34 @@
-"""TCA-TBE tile decode on the GPU (ZipServ, arXiv 2603.17435): a tile-parallel decompression kernel and
-a fused decode+GEMM for small batch (N <= 16 tokens, the decode phase), in Triton, plus a pure-torch
-reference of exactly the same per-tile arithmetic (what the CPU tests check).
+"""TCA-TBE decode on the GPU (ZipServ, arXiv 2603.17435): a tile-parallel decompression kernel and a fused
+decode+GEMM for small batch (N <= 16 tokens, the decode phase), in Triton, plus a pure-torch reference of
+exactly the same per-tile arithmetic (what the CPU tests check).
 
-Decoding one 16x64 tensor-core tile g (16 8x8 tiles t, 64 bits j each; layout in
-modelpress/algos/lossless.py):
+Decoding one 16x64 tensor-core tile g (16 8x8 tiles t, 64 bits j each; layout in modelpress/algos/lossless.py):
   code[t, j]  = bit j of bitmaps[16 g + t, 0] | bit j of [.., 1] << 1 | bit j of [.., 2] << 2
   inw         = code != 0
-  rank[t, j]  = number of in-window elements before (t, j) inside the tile
-              = exclusive cumsum of inw along j + exclusive cumsum over t of the row sums
+  rank[t, j]  = number of in-window elements before (t, j) inside the tile (storage order)
   off(g)      = block_offsets[g // 4] + (sub_offsets[g // 4, g % 4 - 1] if g % 4 else 0)
   word        = sign/mantissa byte h = hi[off(g) + rank]  -> h>>7 << 15 | (code+e0-1) << 7 | h & 0x7F
                 or fallback[1024 g - off(g) + (64 t + j - rank)] when code == 0
   position    = g -> (block row rb, block col cb, r16), t -> (k16, k8, r8), j -> (i, jj):
                 row = 64 rb + 16 r16 + 8 r8 + i, col = 64 cb + 16 k16 + 8 k8 + jj
-No state is carried between tiles, so every tile decodes independently (one program per tile).
+
+The kernels follow ZipServ's ZipGEMM structure (its `LoadBF16FragWithTripleBitmap`) as far as Triton
+expresses it: a program owns a 64-row stripe (a 64x64 block per K step, 4096 weights), and decodes in
+"groups" = one row of one 8x8 tile (8 consecutive k of one output row, byte i of each bit plane):
+  group rank  = (in-window elements of the earlier 8-column groups of its 16x64 tile, a column-major
+                prefix: ranks run over (k16, k8, r8, i)) computed by popcounts of the group bytes;
+  element     = popcount of the group's indicator byte below it (32-bit POPC, no 64-bit shifts),
+so every weight costs a few integer operations and two predicated byte/half-word loads (one of the
+two is skipped); the next block's bit planes and offsets are loaded one step ahead (register double
+buffer); the decoded (64, 64) bf16 tile goes to tl.dot (wgmma m64n16k16 on sm_90, A from registers
+where Triton's layout pass allows). Split-K writes fp32 partials to a workspace that a second kernel sums
+in a fixed order (deterministic), adding the bias and casting; with one split the GEMM kernel stores
+y (+ bias) itself. Splits are sized so that the programs fill the SMs at the occupancy the compiled
+kernel reaches (registers, shared memory).
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
-or CUDA. The fused kernel computes Y^T = W X^T with W decoded into registers 16 rows x 64 columns at a
-time, tl.dot on (16, 64) x (64, 16), fp32 accumulation, split-K with fp32 atomics."""
+or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount is computed with shifts (the
+interpreter has no libdevice) and tl.dot runs in fp32 (the interpreter mis-computes bf16 dots)."""
 from __future__ import annotations
 
 import os
@@ -25,8 +36,12 @@ import os
 import torch
 from torch import Tensor
 
+from ..errors import UserError
+
 TILE_ROWS, TILE_COLS = 16, 64
+BLOCK_M = 64                      # rows per program of the fused kernel (one 64x64 block per K step)
 FUSED_MAX_N = 16
+NUM_WARPS = 4
 
 
 # --------------------------------------------------------------------------- pure-torch reference
@@ -77,11 +92,31 @@ def decompress_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offset
     return full[: shape[0], : shape[1]].contiguous().view(dtype)
 
 
+# --------------------------------------------------------------------------- launch arithmetic (pure)
+
+def resident_ctas(regs: int, smem: int, warps: int, sm_regs: int = 65536, sm_smem: int = 228 * 1024,
+                  max_warps: int = 64, max_ctas: int = 32) -> int:
+    """CTAs one SM holds at once (sm_90 limits): registers are allocated per warp in units of 256, each
+    CTA reserves 1 KiB of shared memory besides its own."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (sm_regs // per_warp) // warps
+    by_smem = sm_smem // (smem + 1024)
+    return max(0, min(by_regs, by_smem, max_warps // warps, max_ctas))
+
+
+def split_k(n_stripes: int, n_cb: int, n_sm: int, ctas_per_sm: int) -> int:
+    """K slices so that n_stripes * slices programs fill every SM at the kernel's occupancy (one wave),
+    never more slices than 64-column K blocks."""
+    want = n_sm * max(ctas_per_sm, 1)
+    return max(1, min(n_cb, -(-want // max(n_stripes, 1))))
+
+
 # --------------------------------------------------------------------------- Triton kernels
 
 try:  # optional dependency: without triton (or CUDA) only the torch reference runs
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import libdevice as _libdevice
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
@@ -90,135 +125,231 @@ def triton_available() -> bool:
     return triton is not None
 
 
-def _kernels():
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _need_triton() -> None:
     if triton is None:
         raise RuntimeError("triton is not installed: pip install 'modelpress[gpu]' (or use decompress_torch)")
-    return triton, decompress_kernel, fused_kernel
 
 
 if triton is not None:
     @triton.jit
-    def _decode_tile(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, g, e0):
-        """(16, 64) int32 words of 16x64 tile g in (t, j) layout."""
-        t = tl.arange(0, 16)[:, None]
-        j = tl.arange(0, 64)[None, :].to(tl.int64)
-        base = (g * 16 + t) * 3
-        b0 = tl.load(bm_ptr + base)
-        b1 = tl.load(bm_ptr + base + 1)
-        b2 = tl.load(bm_ptr + base + 2)
-        code = (((b0 >> j) & 1) | (((b1 >> j) & 1) << 1) | (((b2 >> j) & 1) << 2)).to(tl.int32)
-        inw = (code != 0).to(tl.int32)
-        row_cnt = tl.sum(inw, axis=1)                                     # (16,)
-        rank = tl.cumsum(inw, axis=1) - inw + (tl.cumsum(row_cnt, axis=0) - row_cnt)[:, None]
-        blk = g // 4
-        r16 = g % 4
-        hoff = tl.load(blk_ptr + blk).to(tl.int64) + tl.load(sub_ptr + blk * 3 + r16 - 1, mask=r16 > 0,
-                                                             other=0).to(tl.int64)
-        s = (t * 64 + j).to(tl.int64)
-        h = tl.load(hi_ptr + hoff + rank, mask=inw != 0, other=0).to(tl.int32)
-        f = tl.load(fb_ptr + (g.to(tl.int64) * 1024 - hoff) + (s - rank), mask=inw == 0, other=0).to(tl.int32)
-        word = ((h & 0x80) << 8) | ((code + e0 - 1) << 7) | (h & 0x7F)
-        return tl.where(inw != 0, word, f & 0xFFFF)
+    def _popc(x, INTERP: tl.constexpr):
+        """Set bits of x (int32, < 256 here): POPC on the GPU, shifts in the interpreter (no libdevice)."""
+        if INTERP:
+            x = x - ((x >> 1) & 0x55)
+            x = (x & 0x33) + ((x >> 2) & 0x33)
+            return (x + (x >> 4)) & 0x0F
+        else:
+            return _libdevice.popc(x)
 
     @triton.jit
-    def decompress_kernel(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_cb, rows, cols):
-        g = tl.program_id(0)                                             # one 16x64 tile per program
-        word = _decode_tile(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, g, e0)
-        t = tl.arange(0, 16)[:, None]
-        j = tl.arange(0, 64)[None, :]
-        blk = g // 4
-        row = (blk // n_cb) * 64 + (g % 4) * 16 + (t % 2) * 8 + j // 8
-        col = (blk % n_cb) * 64 + (t // 4) * 16 + ((t // 2) % 2) * 8 + j % 8
-        ptr = out_ptr + row.to(tl.int64) * cols + col
-        tl.store(ptr, word.to(tl.int16), mask=(row < rows) & (col < cols))
+    def _block_planes(bm8_ptr, blk):
+        """Bit-plane bytes of 64x64 block blk as (64 rows, 8 column groups) int32 each: group (r, cg) is
+        row i = r % 8 of 8x8 tile (r16, k16, k8, r8) = (r // 16, cg // 2, cg % 2, r // 8 % 2)."""
+        r = tl.arange(0, 64)[:, None]
+        cg = tl.arange(0, 8)[None, :]
+        tile = (r // 16) * 16 + cg * 2 + (r // 8) % 2                                # (64, 8) in the block
+        p = bm8_ptr + blk.to(tl.int64) * 1536 + tile * 24 + r % 8                    # 64 tiles x 3 planes x 8 B
+        return tl.load(p).to(tl.int32), tl.load(p + 8).to(tl.int32), tl.load(p + 16).to(tl.int32)
 
     @triton.jit
-    def fused_kernel(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, y_ptr, bias_ptr, e0, n_cb, M, K, N, cb_per_split,
-                     stride_xn, ATOMIC: tl.constexpr, HAS_BIAS: tl.constexpr, F32_DOT: tl.constexpr):
-        """y[n, m] (+)= sum_k W[m, k] x[n, k] for the 16 rows of one tile row and a range of K tiles.
-        ATOMIC (split-K): fp32 atomics into a zeroed fp32 y, bias added by the caller; otherwise one
-        program owns its outputs and stores them (+ bias) straight in y's dtype (bf16): no epilogue kernel."""
-        pid_m = tl.program_id(0)                                         # 16-row stripe
-        pid_k = tl.program_id(1)                                         # split-K slice
-        rb = pid_m // 4
-        r16 = pid_m % 4
+    def _decode_block(q0, q1, q2, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, INTERP: tl.constexpr):
+        """(64, 64) int32 words (row-major) of 64x64 block blk from its plane bytes (64, 8) each."""
+        r = tl.arange(0, 64)[:, None]                                                # (64, 1)
+        cg = tl.arange(0, 8)[None, :]                                                # (1, 8)
+        jj = tl.arange(0, 8)[None, None, :]                                          # (1, 1, 8)
+        r16 = r // 16
+        ind = q0 | q1 | q2                                                           # (64, 8) in-window bits
+        cnt = tl.reshape(_popc(ind, INTERP), (4, 16, 8))                             # (r16, row in 16, cg)
+        col = tl.sum(cnt, axis=1)                                                    # (4, 8)
+        pre = tl.cumsum(cnt, axis=1) - cnt + (tl.cumsum(col, axis=1) - col)[:, None, :]
+        grank = tl.reshape(pre, (64, 8))                                             # group rank in its tile
+        sub = tl.load(sub_ptr + blk * 3 + r16 - 1, mask=r16 > 0, other=0).to(tl.int32)  # (64, 1)
+        hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # block's hi offset
+        hg = (sub + grank)[:, :, None]                                               # (64, 8, 1)
+        # fallback index: 1024 g - off(g) + 64 t + 8 i + jj - rank, g = 4 blk + r16, t = 2 cg + r8
+        fg = (1024 * r16 - sub + 128 * cg + 64 * ((r // 8) % 2) + 8 * (r % 8) - grank)[:, :, None]
+        i3 = ind[:, :, None]
+        rloc = _popc(i3 & ((1 << jj) - 1), INTERP)                                   # (64, 8, 8)
+        code = ((q0[:, :, None] >> jj) & 1) | (((q1[:, :, None] >> jj) & 1) << 1) | (((q2[:, :, None] >> jj) & 1) << 2)
+        inw = code != 0
+        h = tl.load(hi_ptr + hb + (hg + rloc), mask=inw, other=0).to(tl.int32)
+        f = tl.load(fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (fg + jj - rloc), mask=code == 0, other=0).to(tl.int32)
+        word = tl.where(inw, ((h & 0x80) << 8) | ((code + (e0 - 1)) << 7) | (h & 0x7F), f & 0xFFFF)
+        return tl.reshape(word, (64, 64))
+
+    @triton.jit
+    def decompress_kernel(bm8_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_cb, rows, cols,
+                          INTERP: tl.constexpr):
+        """One 64x64 block per program, written row-major into out (rows, cols) int16."""
+        blk = tl.program_id(0)
+        q0, q1, q2 = _block_planes(bm8_ptr, blk)
+        word = _decode_block(q0, q1, q2, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, INTERP)
+        row = (blk // n_cb) * 64 + tl.arange(0, 64)[:, None]
+        col = (blk % n_cb) * 64 + tl.arange(0, 64)[None, :]
+        tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
+
+    @triton.jit
+    def fused_kernel(bm8_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_cb, M, K, N,
+                     cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """acc[m, n] = sum_k W[m, k] x[n, k] over the 64 rows of block row program_id(0) and the K blocks
+        of slice program_id(1). SPLIT: fp32 partials to out (splits, N, M), summed by splitk_reduce_kernel;
+        otherwise y (N, M) = acc (+ bias) stored in y's dtype."""
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
         kk = tl.arange(0, 64)
-        nn = tl.arange(0, 16)
-        acc = tl.zeros((16, 16), dtype=tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        acc = tl.zeros((64, BLOCK_N), dtype=tl.float32)
         cb0 = pid_k * cb_per_split
-        for cb in range(cb0, tl.minimum(cb0 + cb_per_split, n_cb)):
-            g = (rb * n_cb + cb) * 4 + r16
-            word = _decode_tile(bm_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, g, e0)  # (16, 64) in (t, j) layout
-            w = word.to(tl.int16).to(tl.bfloat16, bitcast=True)
-            # (t, j) = (k16, k8, r8, i, jj) -> rows (r8, i), cols (k16, k8, jj)
-            w = tl.reshape(tl.permute(tl.reshape(w, (4, 2, 2, 8, 8)), (2, 3, 0, 1, 4)), (16, 64))
+        cb1 = tl.minimum(cb0 + cb_per_split, n_cb)
+        blk = pid_m * n_cb + cb0
+        q0, q1, q2 = _block_planes(bm8_ptr, blk)
+        for cb in range(cb0, cb1):
+            blk = pid_m * n_cb + cb
+            word = _decode_block(q0, q1, q2, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, INTERP)
+            # next block's bit planes one step ahead (the last step re-reads its own block: no branch)
+            q0, q1, q2 = _block_planes(bm8_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
             k = cb * 64 + kk
-            xt = tl.load(x_ptr + nn[None, :] * stride_xn + k[:, None],
-                         mask=(k[:, None] < K) & (nn[None, :] < N), other=0.0)       # (64, 16) = X^T chunk
-            if F32_DOT:  # Triton's CPU interpreter mis-computes bf16 tl.dot; the GPU path keeps bf16
+            xt = tl.load(x_ptr + nn[None, :] * stride_xn + k[:, None], mask=(k[:, None] < K) & (nn[None, :] < N),
+                         other=0.0)                                                  # (64, BLOCK_N) = X^T chunk
+            w = word.to(tl.int16).to(tl.bfloat16, bitcast=True)
+            if INTERP:
                 acc += tl.dot(w.to(tl.float32), xt.to(tl.float32))
             else:
                 acc += tl.dot(w, xt)
-        m = pid_m * 16 + tl.arange(0, 16)
-        ptr = y_ptr + nn[None, :] * M + m[:, None]
+        m = pid_m * 64 + tl.arange(0, 64)
         mask = (m[:, None] < M) & (nn[None, :] < N)
-        if ATOMIC:
-            tl.atomic_add(ptr, acc, mask=mask)
+        if SPLIT:
+            tl.store(out_ptr + (pid_k * N + nn[None, :]).to(tl.int64) * M + m[:, None], acc, mask=mask)
         else:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + m, mask=m < M, other=0.0).to(tl.float32)[:, None]
-            tl.store(ptr, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + nn[None, :].to(tl.int64) * M + m[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def splitk_reduce_kernel(ws_ptr, y_ptr, bias_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """y (N, M) = sum over s = 0..SPLITS-1 (in this order) of ws (SPLITS, N, M) (+ bias), cast to y."""
+        n = tl.program_id(1)
+        m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(ws_ptr + (s * N + n).to(tl.int64) * M + m, mask=m < M, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + m, mask=m < M, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n.to(tl.int64) * M + m, acc.to(y_ptr.dtype.element_ty), mask=m < M)
+
+
+# --------------------------------------------------------------------------- host wrappers
+
+_STREAMS = (("bitmaps", torch.int64), ("hi", torch.uint8), ("fallback", torch.int16),
+            ("block_offsets", (torch.int32, torch.int64)), ("sub_offsets", torch.int16))
+
+
+def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
+                  padded: tuple[int, int]) -> None:
+    """One-line UserError unless the codec tensors have the dtypes and shapes of a (rp, cp) TCA-TBE matrix."""
+    rp, cp = padded
+    if rp % 64 or cp % 64 or rp <= 0 or cp <= 0:
+        raise UserError(f"padded shape must be positive multiples of 64, got {padded}: pass TcaTbe.padded")
+    for (name, dt), t in zip(_STREAMS, (bitmaps, hi, fallback, block_offsets, sub_offsets)):
+        ok = t.dtype in dt if isinstance(dt, tuple) else t.dtype == dt
+        if not ok:
+            raise UserError(f"TCA-TBE stream {name} must be {dt}, got {t.dtype}: pass the tensors of "
+                            "modules.zip._enc_tensors (bitmaps viewed as int64, fallback as int16)")
+    B = rp * cp // 4096
+    if tuple(bitmaps.shape) != (rp * cp // 64, 3) or tuple(sub_offsets.shape) != (B, 3) or block_offsets.numel() != B + 1:
+        raise UserError(f"TCA-TBE streams do not match padded shape {padded} (bitmaps {tuple(bitmaps.shape)}, "
+                        f"sub_offsets {tuple(sub_offsets.shape)}): pass the padded shape of the same encoding")
+    devs = {t.device for t in (bitmaps, hi, fallback, block_offsets, sub_offsets)}
+    if len(devs) != 1:
+        raise UserError(f"TCA-TBE streams are on several devices {sorted(map(str, devs))}: move them together (.to(device))")
+
+
+def _nonempty(hi: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
+    _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
+    _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
+    return _hi, _fb
 
 
 def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
-                      e0: int,
-                      shape: tuple[int, int], padded: tuple[int, int], dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Tile-parallel decompression: one program per 16x64 tile, output (rows, cols) of `dtype`."""
-    _, dec, _ = _kernels()
+                      e0: int, shape: tuple[int, int], padded: tuple[int, int],
+                      dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Block-parallel decompression: one program per 64x64 block, output (rows, cols) of `dtype`."""
+    _need_triton()
+    check_streams(bitmaps, hi, fallback, block_offsets, sub_offsets, padded)
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise UserError(f"decompress dtype must be bfloat16 or float16 (the encoded dtype), got {dtype}")
     rows, cols = shape
     rp, cp = padded
     out = torch.empty(rows, cols, dtype=torch.int16, device=bitmaps.device)
-    G = rp * cp // 1024
-    _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
-    _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
-    dec[(G,)](bitmaps, _hi, _fb, block_offsets, sub_offsets, out, e0, cp // 64, rows, cols, num_warps=4)
+    _hi, _fb = _nonempty(hi, fallback)
+    decompress_kernel[(rp * cp // 4096,)](bitmaps.view(torch.uint8), _hi, _fb, block_offsets, sub_offsets, out, e0,
+                                          cp // 64, rows, cols, INTERP=_interp(), num_warps=NUM_WARPS)
     return out.view(dtype)
 
 
-def split_k(n_stripes: int, n_cb: int, n_sm: int, per_sm: int = 8) -> int:
-    """K slices so that about `per_sm` programs per SM run: a program decodes one tile at a time, so
-    many programs must be in flight to keep enough loads outstanding (never more slices than K tiles)."""
-    return max(1, min(n_cb, -(-per_sm * n_sm // max(n_stripes, 1))))
+_CTAS_PER_SM: dict = {}
+
+
+def _ctas_per_sm(handle, device: torch.device) -> int:
+    """Occupancy of the compiled fused kernel (from its registers and shared memory), cached per device."""
+    key = str(device)
+    if key not in _CTAS_PER_SM and handle is not None and getattr(handle, "n_regs", None):
+        _CTAS_PER_SM[key] = max(1, resident_ctas(handle.n_regs, handle.metadata.shared, NUM_WARPS))
+    return _CTAS_PER_SM.get(key, 2)
 
 
 def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor,
-                        sub_offsets: Tensor, e0: int, shape: tuple[int, int], padded: tuple[int, int], bias: Tensor | None = None,
-                        splits: int | None = None) -> Tensor:
-    """y = x W^T (+ bias) for x (N, K) bf16 with N <= 16, W decoded tile by tile in registers."""
-    _, _, fused = _kernels()
+                        sub_offsets: Tensor, e0: int, shape: tuple[int, int], padded: tuple[int, int],
+                        bias: Tensor | None = None, splits: int | None = None,
+                        weight_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """y = x W^T (+ bias) for x (N, K) bf16 with N <= 16, W (bf16, TCA-TBE) decoded block by block in
+    registers. splits: K slices (None: fill the SMs at the kernel's occupancy); more than one slice
+    sums fp32 partials in a second kernel, in a fixed order (the result does not depend on timing)."""
+    _need_triton()
     M, K = shape
     rp, cp = padded
-    N = x.shape[0]
-    if N > FUSED_MAX_N or x.dtype != torch.bfloat16:
-        raise ValueError(f"fused kernel takes bf16 x with N <= {FUSED_MAX_N}, got {tuple(x.shape)} {x.dtype}")
+    if weight_dtype != torch.bfloat16:
+        raise UserError(f"fused_linear_triton decodes bf16 weights, these are {weight_dtype}: use "
+                        "decompress_triton(..., dtype=torch.float16) and a matmul for fp16 weights")
+    if x.dim() != 2 or x.dtype != torch.bfloat16 or not 1 <= x.shape[0] <= FUSED_MAX_N:
+        raise UserError(f"fused_linear_triton takes x of shape (N, K) bf16 with 1 <= N <= {FUSED_MAX_N}, got "
+                        f"{tuple(x.shape)} {x.dtype}: use decompress_triton and a matmul for larger N")
+    if x.shape[1] != K:
+        raise UserError(f"x has {x.shape[1]} features but the weight has in_features K = {K}: pass x of shape (N, {K})")
+    if not (rp >= M and cp >= K and rp - M < 64 and cp - K < 64):
+        raise UserError(f"padded {padded} is not shape {shape} rounded up to 64: pass TcaTbe.shape and .padded together")
+    check_streams(bitmaps, hi, fallback, block_offsets, sub_offsets, padded)
+    if x.device != bitmaps.device:
+        raise UserError(f"x is on {x.device} but the weight streams are on {bitmaps.device}: move x to {bitmaps.device}")
+    if bias is not None and (bias.shape != (M,) or not bias.dtype.is_floating_point or bias.device != x.device):
+        raise UserError(f"bias must be a float tensor of shape ({M},) on {x.device}, got {tuple(bias.shape)} "
+                        f"{bias.dtype} on {bias.device}")
     x = x.contiguous()
-    n_stripes, n_cb = rp // 16, cp // 64
+    N = x.shape[0]
+    n_stripes, n_cb = rp // 64, cp // 64
     if splits is None:
         n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        splits = split_k(n_stripes, n_cb, n_sm)
-    per = -(-n_cb // splits)
+        splits = split_k(n_stripes, n_cb, n_sm, _ctas_per_sm(None, x.device))
+    if not isinstance(splits, int) or splits < 1:
+        raise UserError(f"splits must be a positive int (K slices), got {splits!r}")
+    per = -(-n_cb // min(splits, n_cb))
     splits = -(-n_cb // per)
-    atomic = splits > 1
-    y = (torch.zeros(N, M, dtype=torch.float32, device=x.device) if atomic
-         else torch.empty(N, M, dtype=torch.bfloat16, device=x.device))
-    _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
-    _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
-    fused[(n_stripes, splits)](bitmaps, _hi, _fb, block_offsets, sub_offsets, x, y, bias if bias is not None else y, e0, n_cb,
-                               M, K, N, per, x.stride(0), ATOMIC=atomic, HAS_BIAS=bias is not None,
-                               F32_DOT=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
-    if not atomic:
-        return y
-    if bias is not None:
-        y += bias.float()
-    return y.to(torch.bfloat16)
+    y = torch.empty(N, M, dtype=torch.bfloat16, device=x.device)
+    out = torch.empty(splits, N, M, dtype=torch.float32, device=x.device) if splits > 1 else y
+    _hi, _fb = _nonempty(hi, fallback)
+    handle = fused_kernel[(n_stripes, splits)](
+        bitmaps.view(torch.uint8), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0,
+        n_cb, M, K, N, per, x.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=_interp(),
+        BLOCK_N=16, num_warps=NUM_WARPS)
+    if x.is_cuda:
+        _ctas_per_sm(handle, x.device)
+    if splits > 1:
+        splitk_reduce_kernel[(triton.cdiv(M, 256), N)](out, y, bias if bias is not None else y, M, N, SPLITS=splits,
+                                                       HAS_BIAS=bias is not None, BLOCK=256, num_warps=4)
+    return y
