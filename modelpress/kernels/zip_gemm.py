@@ -42,6 +42,7 @@ TILE_ROWS, TILE_COLS = 16, 64
 BLOCK_M = 64                      # rows per program of the fused kernel (one 64x64 block per K step)
 FUSED_MAX_N = 16
 NUM_WARPS = 4
+NUM_STAGES = 1                    # software pipelining off: the prefetch is explicit (fewer instructions, 16 warps/SM)
 
 
 # --------------------------------------------------------------------------- pure-torch reference
@@ -137,63 +138,120 @@ def _need_triton() -> None:
 if triton is not None:
     @triton.jit
     def _popc(x, INTERP: tl.constexpr):
-        """Set bits of x (int32, < 256 here): POPC on the GPU, shifts in the interpreter (no libdevice)."""
+        """Set bits of x (int32): POPC on the GPU, shifts and a multiply in the interpreter (no libdevice)."""
         if INTERP:
-            x = x - ((x >> 1) & 0x55)
-            x = (x & 0x33) + ((x >> 2) & 0x33)
-            return (x + (x >> 4)) & 0x0F
+            x = x - ((x >> 1) & 0x55555555)
+            x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+            x = (x + (x >> 4)) & 0x0F0F0F0F
+            return ((x * 0x01010101) >> 24) & 0xFF
         else:
             return _libdevice.popc(x)
 
     @triton.jit
-    def _block_planes(bm8_ptr, blk):
-        """Bit-plane bytes of 64x64 block blk as (64 rows, 8 column groups) int32 each: group (r, cg) is
-        row i = r % 8 of 8x8 tile (r16, k16, k8, r8) = (r // 16, cg // 2, cg % 2, r // 8 % 2)."""
-        r = tl.arange(0, 64)[:, None]
-        cg = tl.arange(0, 8)[None, :]
-        tile = (r // 16) * 16 + cg * 2 + (r // 8) % 2                                # (64, 8) in the block
-        p = bm8_ptr + blk.to(tl.int64) * 1536 + tile * 24 + r % 8                    # 64 tiles x 3 planes x 8 B
-        return tl.load(p).to(tl.int32), tl.load(p + 8).to(tl.int32), tl.load(p + 16).to(tl.int32)
+    def _block_planes(bm_ptr, blk):
+        """The three 64-bit bit planes of every 8x8 tile of 64x64 block blk, as (128,) int64 tensors:
+        entry u is tile u % 64 (storage order (r16, k16, k8, r8)); entries u and u + 64 are the two
+        threads that decode rows 0-3 and 4-7 of that tile."""
+        t = tl.arange(0, 128) % 64
+        p = bm_ptr + (blk.to(tl.int64) * 64 + t) * 3
+        return tl.load(p), tl.load(p + 1), tl.load(p + 2)
 
     @triton.jit
-    def _decode_block(q0, q1, q2, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, INTERP: tl.constexpr):
-        """(64, 64) int32 words (row-major) of 64x64 block blk from its plane bytes (64, 8) each."""
-        r = tl.arange(0, 64)[:, None]                                                # (64, 1)
-        cg = tl.arange(0, 8)[None, :]                                                # (1, 8)
-        jj = tl.arange(0, 8)[None, None, :]                                          # (1, 1, 8)
-        r16 = r // 16
-        ind = q0 | q1 | q2                                                           # (64, 8) in-window bits
-        cnt = tl.reshape(_popc(ind, INTERP), (4, 16, 8))                             # (r16, row in 16, cg)
-        col = tl.sum(cnt, axis=1)                                                    # (4, 8)
-        pre = tl.cumsum(cnt, axis=1) - cnt + (tl.cumsum(col, axis=1) - col)[:, None, :]
-        grank = tl.reshape(pre, (64, 8))                                             # group rank in its tile
-        sub = tl.load(sub_ptr + blk * 3 + r16 - 1, mask=r16 > 0, other=0).to(tl.int32)  # (64, 1)
+    def _elem(z, ind_w, win, fp, E, K: tl.constexpr, J: tl.constexpr, FLOAT: tl.constexpr, INTERP: tl.constexpr):
+        """Element jj = J of a group (row K of the thread's 4 rows of an 8x8 tile): FLOAT, the fp32 equal to
+        the bf16 weight (fallback words converted from bf16: NaN payloads may change, for the GEMM);
+        otherwise its exact 16 bits in the high half of an int32 (for decompression). z holds the group's eight 3-bit codes (code J at bits
+        3J..3J+2), moved straight to the exponent field (bits 23-25); rank = popcount of the indicator bits
+        below J in the group's byte of ind_w; the sign/mantissa byte comes from the group's 8-byte hi
+        window, a fallback word from one predicated bf16 load (code 0)."""
+        e7 = (z << (23 - 3 * J)) & 0x3800000                                        # code << 23
+        rl = _popc(ind_w & (((1 << J) - 1) << (8 * K)), INTERP)
+        h = ((win >> (rl * 8).to(tl.uint64)) & 0xFF).to(tl.int32)                    # byte rl of the window
+        w = ((h * 0x01010000) & -2139160576) | (e7 + E)                              # -2139160576 = 0x807F0000
+        if FLOAT:  # no `other` on the loads: tl.where picks
+            f = tl.load(fp.to(tl.pointer_type(tl.bfloat16)) + (J - rl), mask=e7 == 0).to(tl.float32)
+            return tl.where(e7 != 0, w.to(tl.float32, bitcast=True), f)
+        else:
+            f = tl.load(fp + (J - rl), mask=e7 == 0).to(tl.int32)
+            return tl.where(e7 != 0, w, f << 16)
+
+    @triton.jit
+    def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
+        """Eight (128,) tensors (element jj = 0..7 of a group) -> (128, 8); joined axes stay in-thread."""
+        v = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+        return tl.reshape(tl.permute(v, (0, 3, 2, 1)), (128, 8))                     # [u, p, q, s] = w_{4s+2q+p}
+
+    @triton.jit
+    def _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi,
+                   K: tl.constexpr, FLOAT: tl.constexpr, INTERP: tl.constexpr):
+        """(128, 8) words of row i = 4 half + K of each thread's 8x8 tile t. pl*: the thread's 32-bit
+        half of each plane, ind_w: of the indicator; pt: in-window elements of the earlier 8x8 tiles of
+        its 16x64 tile; cl: of its tile's rows 0-3."""
+        q0 = (pl0 >> (8 * K)) & 0xFF
+        q1 = (pl1 >> (8 * K)) & 0xFF
+        q2 = (pl2 >> (8 * K)) & 0xFF
+        grank = pt + half * cl + _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)        # group rank in its 16x64 tile
+        z = tl.load(sp_ptr + q0) | (tl.load(sp_ptr + q1) << 1) | (tl.load(sp_ptr + q2) << 2)  # 8 codes, 3 bits each
+        # the group's (up to) 8 hi bytes: three aligned 32-bit words around its first byte, funnel-shifted
+        gpos = hb + (sub + grank)
+        wi = gpos >> 2
+        hw = hi_ptr.to(tl.pointer_type(tl.int32))
+        w0 = tl.load(hw + wi, mask=wi * 4 < n_hi, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w1 = tl.load(hw + wi + 1, mask=wi * 4 + 4 < n_hi, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w2 = tl.load(hw + wi + 2, mask=wi * 4 + 8 < n_hi, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        sh = ((gpos & 3) * 8).to(tl.uint64)
+        win = (((w0 | (w1 << 32)) >> sh) & 0xFFFFFFFF) | (((w1 | (w2 << 32)) >> sh) << 32)
+        # fallback index: 1024 g - off(g) + 64 t16 + 8 i + jj - rank, g = 4 blk + r16
+        fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) - sub + 64 * (t % 16)
+                                                          + 8 * (4 * half + K) - grank)
+        return _join8(_elem(z, ind_w, win, fp, E, K, 0, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 1, FLOAT, INTERP),
+                      _elem(z, ind_w, win, fp, E, K, 2, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 3, FLOAT, INTERP),
+                      _elem(z, ind_w, win, fp, E, K, 4, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 5, FLOAT, INTERP),
+                      _elem(z, ind_w, win, fp, E, K, 6, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 7, FLOAT, INTERP))
+
+    @triton.jit
+    def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hi, FLOAT: tl.constexpr,
+                      INTERP: tl.constexpr):
+        """(64, 64) block blk (row-major) from its bit planes (_block_planes): fp32 values (FLOAT) or int32
+        with the 16-bit words in the high half. Thread-like entry u = (half, t) decodes rows 4 half .. 4 half + 3 of 8x8
+        tile t; sp_ptr: the spread3 table."""
+        u = tl.arange(0, 128)
+        t = u % 64
+        half = u // 64
+        sh = (32 * half).to(tl.int64)
+        pl0 = ((p0 >> sh) & 0xFFFFFFFF).to(tl.int32)                                 # the thread's 4 rows
+        pl1 = ((p1 >> sh) & 0xFFFFFFFF).to(tl.int32)
+        pl2 = ((p2 >> sh) & 0xFFFFFFFF).to(tl.int32)
+        ind64 = p0 | p1 | p2                                                         # in-window bits
+        cl = _popc((ind64 & 0xFFFFFFFF).to(tl.int32), INTERP)                        # rows 0-3
+        c = cl + _popc((ind64 >> 32).to(tl.int32), INTERP)                           # whole 8x8 tile
+        ind_w = pl0 | pl1 | pl2
+        c3 = tl.reshape(c, (2, 4, 16))                                               # (half, r16, t16)
+        pt = tl.reshape(tl.cumsum(c3, axis=2) - c3, (128,))                          # earlier tiles of the 16x64
+        sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
         hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # block's hi offset
-        hg = (sub + grank)[:, :, None]                                               # (64, 8, 1)
-        # fallback index: 1024 g - off(g) + 64 t + 8 i + jj - rank, g = 4 blk + r16, t = 2 cg + r8
-        fg = (1024 * r16 - sub + 128 * cg + 64 * ((r // 8) % 2) + 8 * (r % 8) - grank)[:, :, None]
-        i3 = ind[:, :, None]
-        rloc = _popc(i3 & ((1 << jj) - 1), INTERP)                                   # (64, 8, 8)
-        code = ((q0[:, :, None] >> jj) & 1) | (((q1[:, :, None] >> jj) & 1) << 1) | (((q2[:, :, None] >> jj) & 1) << 2)
-        inw = code != 0
-        h = tl.load(hi_ptr + hb + (hg + rloc), mask=inw, other=0).to(tl.int32)
-        f = tl.load(fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (fg + jj - rloc), mask=code == 0, other=0).to(tl.int32)
-        word = tl.where(inw, ((h & 0x80) << 8) | ((code + (e0 - 1)) << 7) | (h & 0x7F), f & 0xFFFF)
-        return tl.reshape(word, (64, 64))
+        E = (e0 - 1) << 23
+        r0 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 0, FLOAT, INTERP)
+        r1 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 1, FLOAT, INTERP)
+        r2 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 2, FLOAT, INTERP)
+        r3 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 3, FLOAT, INTERP)
+        v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # (128, 8, 2, 2): [u, jj, p, q], K = 2q + p
+        v = tl.reshape(v, (2, 4, 8, 2, 8, 2, 2))                                     # [half, r16, cg, r8, jj, p, q]
+        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # rows (r16, r8, half, q, p) x (cg, jj)
 
     @triton.jit
-    def decompress_kernel(bm8_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_cb, rows, cols,
+    def decompress_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_hi, n_cb, rows, cols,
                           INTERP: tl.constexpr):
         """One 64x64 block per program, written row-major into out (rows, cols) int16."""
         blk = tl.program_id(0)
-        q0, q1, q2 = _block_planes(bm8_ptr, blk)
-        word = _decode_block(q0, q1, q2, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, INTERP)
+        p0, p1, p2 = _block_planes(bm_ptr, blk)
+        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hi, False, INTERP) >> 16
         row = (blk // n_cb) * 64 + tl.arange(0, 64)[:, None]
         col = (blk % n_cb) * 64 + tl.arange(0, 64)[None, :]
         tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm8_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_cb, M, K, N,
+    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hi, n_cb, M, K, N,
                      cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         """acc[m, n] = sum_k W[m, k] x[n, k] over the 64 rows of block row program_id(0) and the K blocks
@@ -207,20 +265,19 @@ if triton is not None:
         cb0 = pid_k * cb_per_split
         cb1 = tl.minimum(cb0 + cb_per_split, n_cb)
         blk = pid_m * n_cb + cb0
-        q0, q1, q2 = _block_planes(bm8_ptr, blk)
+        p0, p1, p2 = _block_planes(bm_ptr, blk)
         for cb in range(cb0, cb1):
             blk = pid_m * n_cb + cb
-            word = _decode_block(q0, q1, q2, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, INTERP)
+            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hi, True, INTERP)
             # next block's bit planes one step ahead (the last step re-reads its own block: no branch)
-            q0, q1, q2 = _block_planes(bm8_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
+            p0, p1, p2 = _block_planes(bm_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
             k = cb * 64 + kk
             xt = tl.load(x_ptr + nn[None, :] * stride_xn + k[:, None], mask=(k[:, None] < K) & (nn[None, :] < N),
                          other=0.0)                                                  # (64, BLOCK_N) = X^T chunk
-            w = word.to(tl.int16).to(tl.bfloat16, bitcast=True)
             if INTERP:
-                acc += tl.dot(w.to(tl.float32), xt.to(tl.float32))
-            else:
-                acc += tl.dot(w, xt)
+                acc += tl.dot(w, xt.to(tl.float32))
+            else:  # fp32 -> bf16 is exact here (NaN payloads may change, still NaN: the dot is the same)
+                acc += tl.dot(w.to(tl.bfloat16), xt)
         m = pid_m * 64 + tl.arange(0, 64)
         mask = (m[:, None] < M) & (nn[None, :] < N)
         if SPLIT:
@@ -270,6 +327,19 @@ def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: 
         raise UserError(f"TCA-TBE streams are on several devices {sorted(map(str, devs))}: move them together (.to(device))")
 
 
+_SPREAD3: dict = {}
+
+
+def spread3(device: torch.device) -> Tensor:
+    """(256,) int32 table, cached per device: bit j of the index moved to bit 3 j (interleaves the three
+    bit planes of eight codes into one word: code j = bits 3j..3j+2)."""
+    key = str(device)
+    if key not in _SPREAD3:
+        b = torch.arange(256)
+        _SPREAD3[key] = sum(((b >> j) & 1) << (3 * j) for j in range(8)).to(torch.int32).to(device)
+    return _SPREAD3[key]
+
+
 def _nonempty(hi: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
     _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
     _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
@@ -288,7 +358,7 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offse
     rp, cp = padded
     out = torch.empty(rows, cols, dtype=torch.int16, device=bitmaps.device)
     _hi, _fb = _nonempty(hi, fallback)
-    decompress_kernel[(rp * cp // 4096,)](bitmaps.view(torch.uint8), _hi, _fb, block_offsets, sub_offsets, out, e0,
+    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out, e0, hi.numel(),
                                           cp // 64, rows, cols, INTERP=_interp(), num_warps=NUM_WARPS)
     return out.view(dtype)
 
@@ -344,9 +414,9 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
     out = torch.empty(splits, N, M, dtype=torch.float32, device=x.device) if splits > 1 else y
     _hi, _fb = _nonempty(hi, fallback)
     handle = fused_kernel[(n_stripes, splits)](
-        bitmaps.view(torch.uint8), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0,
+        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0, hi.numel(),
         n_cb, M, K, N, per, x.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=_interp(),
-        BLOCK_N=16, num_warps=NUM_WARPS)
+        BLOCK_N=16, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if x.is_cuda:
         _ctas_per_sm(handle, x.device)
     if splits > 1:
