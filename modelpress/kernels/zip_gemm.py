@@ -13,18 +13,26 @@ Decoding one 16x64 tensor-core tile g (16 8x8 tiles t, 64 bits j each; layout in
                 row = 64 rb + 16 r16 + 8 r8 + i, col = 64 cb + 16 k16 + 8 k8 + jj
 
 The kernels follow ZipServ's ZipGEMM structure (its `LoadBF16FragWithTripleBitmap`) as far as Triton
-expresses it: a program owns a 64-row stripe (a 64x64 block per K step, 4096 weights), and decodes in
-"groups" = one row of one 8x8 tile (8 consecutive k of one output row, byte i of each bit plane):
-  group rank  = (in-window elements of the earlier 8-column groups of its 16x64 tile, a column-major
-                prefix: ranks run over (k16, k8, r8, i)) computed by popcounts of the group bytes;
-  element     = popcount of the group's indicator byte below it (32-bit POPC, no 64-bit shifts),
-so every weight costs a few integer operations and two predicated byte/half-word loads (one of the
-two is skipped); the next block's bit planes and offsets are loaded one step ahead (register double
-buffer); the decoded (64, 64) bf16 tile goes to tl.dot (wgmma m64n16k16 on sm_90, A from registers
-where Triton's layout pass allows). Split-K writes fp32 partials to a workspace that a second kernel sums
-in a fixed order (deterministic), adding the bias and casting; with one split the GEMM kernel stores
-y (+ bias) itself. Splits are sized so that the programs fill the SMs at the occupancy the compiled
-kernel reaches (registers, shared memory).
+expresses it. A program owns a 64-row stripe and decodes one 64x64 block (4096 weights) per K step; each
+of its 128 threads owns half (4 rows) of one 8x8 tile, i.e. four "groups" (one tile row: 8 consecutive k
+of one output row, byte i of each 64-bit bit plane):
+  tile prefix  = in-window elements of the earlier 8x8 tiles of the 16x64 tile: a 16-wide scan that
+                 stays inside a warp (shuffles, no barrier);
+  group rank   = tile prefix + popcount (32-bit POPC) of the indicator bits of the earlier rows;
+  codes        = the three plane bytes interleaved by a 256-entry table (code jj = bits 3jj..3jj+2),
+                 shifted straight into the exponent field;
+  element rank = popcount of the group's indicator byte below jj;
+  sign+mantissa = byte `rank` of the group's 8-byte hi window (three aligned 32-bit loads per group,
+                 funnel-shifted): no per-weight load for in-window weights;
+  fallback     = one predicated 16-bit load per weight (executed, masked off, for in-window ones).
+The words are built as fp32 bit patterns (bf16 in the high half), converted to bf16 in pairs and fed to
+tl.dot (wgmma m64n16k16 on sm_90). The next block's bit planes are loaded one step ahead (register
+double buffer; Triton's own pipelining is off, it costs more instructions than it saves here). Split-K
+writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic), adding
+the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized so the
+programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
+What is left per weight (measured by modelpress.kernels.static, ~27 thread-instructions on sm_90): the
+fallback gather (~7), the window byte extraction and word assembly (~8), code and rank (~4).
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
 or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount is computed with shifts (the
@@ -91,6 +99,21 @@ def decompress_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offset
     # g = (rb, cb, r16) -> rows (rb, r16, 16), cols (cb, 64)
     full = out.reshape(rp // 64, cp // 64, 4, 16, 64).permute(0, 2, 3, 1, 4).reshape(rp, cp)
     return full[: shape[0], : shape[1]].contiguous().view(dtype)
+
+
+def decompress_rows_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
+                          e0: int, padded: tuple[int, int], rows: Tensor) -> Tensor:
+    """Rows `rows` (r,) of the padded matrix as (r, cp) int16 words, decoding only the 16x64 tiles of the
+    64-row block rows that hold them (embedding lookups)."""
+    cp = padded[1]
+    dev = bitmaps.device
+    rows = rows.to(device=dev, dtype=torch.int64)
+    rb = torch.unique(rows // 64)                                                # (nb,) block rows needed
+    ncb = cp // 64
+    g = ((rb[:, None] * ncb + torch.arange(ncb, device=dev)) * 4)[:, :, None] + torch.arange(4, device=dev)
+    tiles = decode_tiles_torch(bitmaps, hi, fallback, block_offsets, sub_offsets, e0, g.reshape(-1))
+    blocks = tiles.reshape(-1, ncb, 4, 16, 64).permute(0, 2, 3, 1, 4).reshape(-1, 64, cp)   # (nb, 64, cp)
+    return blocks[torch.searchsorted(rb, rows // 64), rows % 64]
 
 
 # --------------------------------------------------------------------------- launch arithmetic (pure)
@@ -341,8 +364,14 @@ def spread3(device: torch.device) -> Tensor:
 
 
 def _nonempty(hi: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
-    _hi = hi if hi.numel() else torch.zeros(1, dtype=torch.uint8, device=hi.device)
+    """Streams as the kernels read them: never empty; hi 4-byte aligned (read as aligned 32-bit words; the
+    last word may extend up to 3 bytes past the data, inside the CUDA allocation, whose blocks are 512-byte
+    multiples; CPU tensors, i.e. the interpreter, get a padded copy)."""
     _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
+    if hi.is_cuda and hi.numel() and hi.data_ptr() % 4 == 0:
+        return hi, _fb
+    _hi = torch.zeros(-(-max(hi.numel(), 1) // 4) * 4, dtype=torch.uint8, device=hi.device)
+    _hi[: hi.numel()] = hi
     return _hi, _fb
 
 
@@ -376,10 +405,11 @@ def _ctas_per_sm(handle, device: torch.device) -> int:
 
 def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor,
                         sub_offsets: Tensor, e0: int, shape: tuple[int, int], padded: tuple[int, int],
-                        bias: Tensor | None = None, splits: int | None = None,
-                        weight_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+                        bias: Tensor | None = None, splits: int | None = None, *,
+                        weight_dtype: torch.dtype) -> Tensor:
     """y = x W^T (+ bias) for x (N, K) bf16 with N <= 16, W (bf16, TCA-TBE) decoded block by block in
-    registers. splits: K slices (None: fill the SMs at the kernel's occupancy); more than one slice
+    registers. weight_dtype: the encoded dtype (TcaTbe.dtype; the streams do not carry it), only bf16.
+    splits: K slices (None: fill the SMs at the kernel's occupancy); more than one slice
     sums fp32 partials in a second kernel, in a fixed order (the result does not depend on timing)."""
     _need_triton()
     M, K = shape
