@@ -129,3 +129,58 @@ def figures(name: str, compiled, weights_per_iter: int) -> StaticFigures:
         barriers=sum(o.startswith("BAR") for o in op),
         shared_ops=sum(o.startswith(("LDS", "STS", "LDSM")) for o in op),
         global_loads=sum(o.startswith("LDG") for o in op))
+
+
+# --------------------------------------------------------------------------- the kernels of zip_gemm
+
+_FUSED_SIG = {"bm_ptr": "*i64", "sp_ptr": "*i32", "hi_ptr": "*u8", "fb_ptr": "*i16", "blk_ptr": "*i32",
+              "sub_ptr": "*i16", "x_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*bf16", "e0": "i32", "n_hi": "i64",
+              "n_cb": "i32", "M": "i32", "K": "i32", "N": "i32", "cb_per_split": "i32", "stride_xn": "i32",
+              "SPLIT": "constexpr", "HAS_BIAS": "constexpr", "INTERP": "constexpr", "BLOCK_N": "constexpr"}
+_DEC_SIG = {"bm_ptr": "*i64", "sp_ptr": "*i32", "hi_ptr": "*u8", "fb_ptr": "*i16", "blk_ptr": "*i32",
+            "sub_ptr": "*i16", "out_ptr": "*i16", "e0": "i32", "n_hi": "i64", "n_cb": "i32", "rows": "i32",
+            "cols": "i32", "INTERP": "constexpr"}
+
+
+@dataclass
+class Variant:
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    weights_per_iter: int        # weights decoded per main-loop iteration (0: no decode loop)
+    num_warps: int
+    num_stages: int
+
+
+def variants() -> list[Variant]:
+    """Every compiled form of the current kernels, as launched by zip_gemm (sm_90 figures)."""
+    from . import zip_gemm as ZG
+    w, s = ZG.NUM_WARPS, ZG.NUM_STAGES
+    split = {**_FUSED_SIG, "out_ptr": "*fp32"}
+    out = [Variant("fused (1 split, bias, bf16 out)", ZG.fused_kernel, _FUSED_SIG,
+                   {"SPLIT": False, "HAS_BIAS": True, "INTERP": False, "BLOCK_N": 16}, 4096, w, s),
+           Variant("fused (split-K partials)", ZG.fused_kernel, split,
+                   {"SPLIT": True, "HAS_BIAS": False, "INTERP": False, "BLOCK_N": 16}, 4096, w, s),
+           Variant("decompress", ZG.decompress_kernel, _DEC_SIG, {"INTERP": False}, 0, w, 3),
+           Variant("split-K reduce (8 splits)", ZG.splitk_reduce_kernel,
+                   {"ws_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16", "M": "i32", "N": "i32",
+                    "SPLITS": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
+                   {"SPLITS": 8, "HAS_BIAS": True, "BLOCK": 256}, 0, 4, 3)]
+    return out
+
+
+def baseline_variant(module) -> Variant:
+    """The fused kernel before issue 19 (16 rows per program, scans, atomics), from its source module:
+    one 16x64 tile (1024 weights) per loop iteration."""
+    sig = {"bm_ptr": "*i64", "hi_ptr": "*u8", "fb_ptr": "*i16", "blk_ptr": "*i32", "sub_ptr": "*i16",
+           "x_ptr": "*bf16", "y_ptr": "*fp32", "bias_ptr": "*fp32", "e0": "i32", "n_cb": "i32", "M": "i32",
+           "K": "i32", "N": "i32", "cb_per_split": "i32", "stride_xn": "i32", "ATOMIC": "constexpr",
+           "HAS_BIAS": "constexpr", "F32_DOT": "constexpr"}
+    return Variant("baseline fused (before issue 19, split-K atomics)", module.fused_kernel, sig,
+                   {"ATOMIC": True, "HAS_BIAS": False, "F32_DOT": False}, 1024, 4, 3)
+
+
+def measure(v: Variant, arch: int = 90) -> StaticFigures:
+    k = compile_sm90(v.fn, v.signature, v.constexprs, num_warps=v.num_warps, num_stages=v.num_stages, arch=arch)
+    return figures(v.name, k, v.weights_per_iter)

@@ -146,7 +146,7 @@ class _ZipWeight(nn.Module):
 _WARNED: set = set()
 
 
-def _warn_cpu_decode(m: "_ZipWeight") -> None:
+def _warn_cpu_decode(m: _ZipWeight) -> None:
     if m.codec not in _WARNED:
         _WARNED.add(m.codec)
         warnings.warn(f"{type(m).__name__} with codec {m.codec} on CUDA decodes its weight on the CPU at every "
