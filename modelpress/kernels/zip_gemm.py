@@ -31,8 +31,11 @@ double buffer; Triton's own pipelining is off, it costs more instructions than i
 writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic), adding
 the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized so the
 programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left per weight (measured by modelpress.kernels.static, ~27 thread-instructions on sm_90): the
-fallback gather (~7), the window byte extraction and word assembly (~8), code and rank (~4).
+What is left per weight (measured by modelpress.kernels.static: ~26 thread-instructions on sm_90, the
+issue's target is 12): per weight the fallback gather (6: offset, 64-bit address, predicate, masked load),
+the window byte extraction and word assembly (6), code and rank (4), the bf16 conversion (1); per group,
+amortised over its 8 weights, the spread-table and window loads with their addresses and the ranks
+(~6 per weight); the register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
 or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount is computed with shifts (the
@@ -205,7 +208,7 @@ if triton is not None:
         return tl.reshape(tl.permute(v, (0, 3, 2, 1)), (128, 8))                     # [u, p, q, s] = w_{4s+2q+p}
 
     @triton.jit
-    def _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi,
+    def _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw,
                    K: tl.constexpr, FLOAT: tl.constexpr, INTERP: tl.constexpr):
         """(128, 8) words of row i = 4 half + K of each thread's 8x8 tile t. pl*: the thread's 32-bit
         half of each plane, ind_w: of the indicator; pt: in-window elements of the earlier 8x8 tiles of
@@ -217,11 +220,11 @@ if triton is not None:
         z = tl.load(sp_ptr + q0) | (tl.load(sp_ptr + q1) << 1) | (tl.load(sp_ptr + q2) << 2)  # 8 codes, 3 bits each
         # the group's (up to) 8 hi bytes: three aligned 32-bit words around its first byte, funnel-shifted
         gpos = hb + (sub + grank)
-        wi = gpos >> 2
-        hw = hi_ptr.to(tl.pointer_type(tl.int32))
-        w0 = tl.load(hw + wi, mask=wi * 4 < n_hi, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w1 = tl.load(hw + wi + 1, mask=wi * 4 + 4 < n_hi, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w2 = tl.load(hw + wi + 2, mask=wi * 4 + 8 < n_hi, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        wi = (gpos >> 2).to(tl.int32)                                                # < 2**29 words
+        hw = hi_ptr.to(tl.pointer_type(tl.int32)) + wi
+        w0 = tl.load(hw, mask=wi < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w1 = tl.load(hw + 1, mask=wi + 1 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w2 = tl.load(hw + 2, mask=wi + 2 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
         sh = ((gpos & 3) * 8).to(tl.uint64)
         win = (((w0 | (w1 << 32)) >> sh) & 0xFFFFFFFF) | (((w1 | (w2 << 32)) >> sh) << 32)
         # fallback index: 1024 g - off(g) + 64 t16 + 8 i + jj - rank, g = 4 blk + r16
@@ -233,7 +236,7 @@ if triton is not None:
                       _elem(z, ind_w, win, fp, E, K, 6, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 7, FLOAT, INTERP))
 
     @triton.jit
-    def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hi, FLOAT: tl.constexpr,
+    def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
                       INTERP: tl.constexpr):
         """(64, 64) block blk (row-major) from its bit planes (_block_planes): fp32 values (FLOAT) or int32
         with the 16-bit words in the high half. Thread-like entry u = (half, t) decodes rows 4 half .. 4 half + 3 of 8x8
@@ -254,27 +257,27 @@ if triton is not None:
         sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
         hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # block's hi offset
         E = (e0 - 1) << 23
-        r0 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 0, FLOAT, INTERP)
-        r1 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 1, FLOAT, INTERP)
-        r2 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 2, FLOAT, INTERP)
-        r3 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hi, 3, FLOAT, INTERP)
+        r0 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 0, FLOAT, INTERP)
+        r1 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 1, FLOAT, INTERP)
+        r2 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 2, FLOAT, INTERP)
+        r3 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 3, FLOAT, INTERP)
         v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # (128, 8, 2, 2): [u, jj, p, q], K = 2q + p
         v = tl.reshape(v, (2, 4, 8, 2, 8, 2, 2))                                     # [half, r16, cg, r8, jj, p, q]
         return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # rows (r16, r8, half, q, p) x (cg, jj)
 
     @triton.jit
-    def decompress_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_hi, n_cb, rows, cols,
+    def decompress_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_hw, n_cb, rows, cols,
                           INTERP: tl.constexpr):
         """One 64x64 block per program, written row-major into out (rows, cols) int16."""
         blk = tl.program_id(0)
         p0, p1, p2 = _block_planes(bm_ptr, blk)
-        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hi, False, INTERP) >> 16
+        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, False, INTERP) >> 16
         row = (blk // n_cb) * 64 + tl.arange(0, 64)[:, None]
         col = (blk % n_cb) * 64 + tl.arange(0, 64)[None, :]
         tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hi, n_cb, M, K, N,
+    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hw, n_cb, M, K, N,
                      cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         """acc[m, n] = sum_k W[m, k] x[n, k] over the 64 rows of block row program_id(0) and the K blocks
@@ -291,7 +294,7 @@ if triton is not None:
         p0, p1, p2 = _block_planes(bm_ptr, blk)
         for cb in range(cb0, cb1):
             blk = pid_m * n_cb + cb
-            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hi, True, INTERP)
+            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, True, INTERP)
             # next block's bit planes one step ahead (the last step re-reads its own block: no branch)
             p0, p1, p2 = _block_planes(bm_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
             k = cb * 64 + kk
@@ -345,6 +348,9 @@ def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: 
     if tuple(bitmaps.shape) != (rp * cp // 64, 3) or tuple(sub_offsets.shape) != (B, 3) or block_offsets.numel() != B + 1:
         raise UserError(f"TCA-TBE streams do not match padded shape {padded} (bitmaps {tuple(bitmaps.shape)}, "
                         f"sub_offsets {tuple(sub_offsets.shape)}): pass the padded shape of the same encoding")
+    if hi.numel() >= 2 ** 31:
+        raise UserError(f"TCA-TBE matrix has {hi.numel()} in-window weights (>= 2**31): the kernels index them in "
+                        "32 bits; split the matrix (e.g. by rows) into several ZipLinear")
     devs = {t.device for t in (bitmaps, hi, fallback, block_offsets, sub_offsets)}
     if len(devs) != 1:
         raise UserError(f"TCA-TBE streams are on several devices {sorted(map(str, devs))}: move them together (.to(device))")
@@ -387,7 +393,7 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offse
     rp, cp = padded
     out = torch.empty(rows, cols, dtype=torch.int16, device=bitmaps.device)
     _hi, _fb = _nonempty(hi, fallback)
-    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out, e0, hi.numel(),
+    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out, e0, -(-hi.numel() // 4),
                                           cp // 64, rows, cols, INTERP=_interp(), num_warps=NUM_WARPS)
     return out.view(dtype)
 
@@ -444,7 +450,7 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
     out = torch.empty(splits, N, M, dtype=torch.float32, device=x.device) if splits > 1 else y
     _hi, _fb = _nonempty(hi, fallback)
     handle = fused_kernel[(n_stripes, splits)](
-        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0, hi.numel(),
+        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0, -(-hi.numel() // 4),
         n_cb, M, K, N, per, x.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=_interp(),
         BLOCK_N=16, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if x.is_cuda:
