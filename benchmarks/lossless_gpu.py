@@ -41,6 +41,16 @@ NS = [1, 4, 16]
 REPS = 50
 BASELINE_COMMIT = "d4acfdb"          # modelpress/kernels/zip_gemm.py before issue 19
 ROOT = Path(__file__).resolve().parent.parent
+H100_ISSUE = 132 * 4 * 32 * 1.98e9   # thread-instructions/s: SMs x schedulers x lanes x boost clock
+H100_HBM = 3.35e12                   # bytes/s
+BITS_PER_WEIGHT = 11                 # TCA-TBE on LLM weights (ZipServ; ~11.4 on Gaussian test matrices)
+
+
+def speed_vs_cublas(per_weight: float) -> float:
+    """Upper estimate of fused speed relative to a memory-bound BF16 GEMV on an H100: the fused loop can go
+    no faster than its instruction issue or its compressed bytes allow, cuBLAS no faster than 2 B/weight."""
+    t_fused = max(per_weight / H100_ISSUE, BITS_PER_WEIGHT / 8 / H100_HBM)
+    return (2 / H100_HBM) / t_fused
 
 
 # --------------------------------------------------------------------------- static (CPU)
@@ -73,14 +83,16 @@ def static(write: bool) -> int:
     for v in variants:
         f = S.measure(v)
         per = f"{f.per_weight:.1f}" if f.weights_per_iter else "-"
+        est = f"{speed_vs_cublas(f.per_weight):.2f}x" if f.weights_per_iter else "-"
         rows.append([f.name, f.regs, f.spill_bytes, f.smem, f.warps, f.warps_per_sm,
-                     f.loop_sass if f.weights_per_iter else "-", f.weights_per_iter or "-", per,
+                     f.loop_sass if f.weights_per_iter else "-", f.weights_per_iter or "-", per, est,
                      f.barriers if f.weights_per_iter else "-", f.shared_ops if f.weights_per_iter else "-",
                      f.global_loads if f.weights_per_iter else "-"])
         print(rows[-1], flush=True)
     import triton
     header = ["kernel (sm_90)", "registers", "spill bytes", "shared bytes", "warps/program", "resident warps/SM",
-              "main-loop SASS", "weights/iteration", "thread-instr/weight", "BAR in loop", "LDS/STS/LDSM in loop",
+              "main-loop SASS", "weights/iteration", "thread-instr/weight", "est. speed vs cuBLAS (H100, at best)",
+              "BAR in loop", "LDS/STS/LDSM in loop",
               "LDG in loop"]
     fused = [r for r in rows if r[0].startswith("fused")]
     worst = max(float(r[8]) for r in fused)
@@ -89,7 +101,9 @@ def static(write: bool) -> int:
             "resident warps from the sm_90 limits (64K registers, 228 KiB shared memory, 64 warps per SM). "
             "thread-instr/weight = main-loop SASS x threads per program / weights decoded per iteration "
             "(static count). An H100 issues ~33e12 thread-instructions/s and HBM delivers ~2.4e12 11-bit "
-            "weights/s: above ~13 per weight the kernel is bound by instruction issue, not by memory.\n\n"
+            "weights/s: above ~13 per weight the kernel is bound by instruction issue, not by memory. The "
+            "speed estimate is the best case of that bound against a memory-bound cuBLAS BF16 GEMV (2 bytes per "
+            "weight at 3.35 TB/s), not a measurement.\n\n"
             "Targets (issue 19): <= 12 thread-instructions per weight, no spills, >= 8 resident warps per SM: "
             f"**{'met' if ok else 'not met'}** (fused kernels: worst {worst:.1f} per weight)."
             + ("" if base is not None else f" Baseline not shown: git commit {BASELINE_COMMIT} unavailable.")
