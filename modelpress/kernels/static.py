@@ -53,12 +53,16 @@ def tool(name: str) -> str:
     return path
 
 
-def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90):
-    """Ahead-of-time compile a @triton.jit function for CUDA sm_<arch> (no GPU or driver needed)."""
+def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3, arch: int = 90,
+                 aligned: tuple[str, ...] = ()):
+    """Ahead-of-time compile a @triton.jit function for CUDA sm_<arch> (no GPU or driver needed). aligned:
+    arguments known to be multiples of 16 (pointers: 16-byte aligned), as a launch specialises them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    src = ASTSource(fn, signature, constexprs=constexprs)
+    names = list(signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps,
                                                                             "num_stages": num_stages})
 
@@ -151,18 +155,26 @@ class Variant:
     weights_per_iter: int        # weights decoded per main-loop iteration (0: no decode loop)
     num_warps: int
     num_stages: int
+    aligned: tuple[str, ...] = ()   # multiples of 16 at launch (torch pointers; M, K, strides of LLM layers)
+
+
+def _pointers(sig: dict) -> tuple[str, ...]:
+    return tuple(k for k, v in sig.items() if v.startswith("*"))
 
 
 def variants() -> list[Variant]:
-    """Every compiled form of the current kernels, as launched by zip_gemm (sm_90 figures)."""
+    """Every compiled form of the current kernels, as launched by zip_gemm on the issue's layer shapes
+    (torch pointers 16-byte aligned; M, K, x's row stride and the K-block count multiples of 16)."""
     from . import zip_gemm as ZG
     w, s = ZG.NUM_WARPS, ZG.NUM_STAGES
     split = {**_FUSED_SIG, "out_ptr": "*fp32"}
+    al = _pointers(_FUSED_SIG) + ("M", "K", "stride_xn", "n_cb")
     out = [Variant("fused (1 split, bias, bf16 out)", ZG.fused_kernel, _FUSED_SIG,
-                   {"SPLIT": False, "HAS_BIAS": True, "INTERP": False, "BLOCK_N": 16}, 4096, w, s),
+                   {"SPLIT": False, "HAS_BIAS": True, "INTERP": False, "BLOCK_N": 16}, 4096, w, s, al),
            Variant("fused (split-K partials)", ZG.fused_kernel, split,
-                   {"SPLIT": True, "HAS_BIAS": False, "INTERP": False, "BLOCK_N": 16}, 4096, w, s),
-           Variant("decompress", ZG.decompress_kernel, _DEC_SIG, {"INTERP": False}, 0, w, 3),
+                   {"SPLIT": True, "HAS_BIAS": False, "INTERP": False, "BLOCK_N": 16}, 4096, w, s, al),
+           Variant("decompress", ZG.decompress_kernel, _DEC_SIG, {"INTERP": False}, 0, w, 3,
+                   _pointers(_DEC_SIG) + ("n_cb", "cols")),
            Variant("split-K reduce (8 splits)", ZG.splitk_reduce_kernel,
                    {"ws_ptr": "*fp32", "y_ptr": "*bf16", "bias_ptr": "*bf16", "M": "i32", "N": "i32",
                     "SPLITS": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
@@ -178,9 +190,11 @@ def baseline_variant(module) -> Variant:
            "K": "i32", "N": "i32", "cb_per_split": "i32", "stride_xn": "i32", "ATOMIC": "constexpr",
            "HAS_BIAS": "constexpr", "F32_DOT": "constexpr"}
     return Variant("baseline fused (before issue 19, split-K atomics)", module.fused_kernel, sig,
-                   {"ATOMIC": True, "HAS_BIAS": False, "F32_DOT": False}, 1024, 4, 3)
+                   {"ATOMIC": True, "HAS_BIAS": False, "F32_DOT": False}, 1024, 4, 3,
+                   _pointers(sig) + ("M", "K", "stride_xn", "n_cb"))
 
 
 def measure(v: Variant, arch: int = 90) -> StaticFigures:
-    k = compile_sm90(v.fn, v.signature, v.constexprs, num_warps=v.num_warps, num_stages=v.num_stages, arch=arch)
+    k = compile_sm90(v.fn, v.signature, v.constexprs, num_warps=v.num_warps, num_stages=v.num_stages, arch=arch,
+                     aligned=v.aligned)
     return figures(v.name, k, v.weights_per_iter)

@@ -31,7 +31,7 @@ double buffer; Triton's own pipelining is off, it costs more instructions than i
 writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic), adding
 the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized so the
 programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left per weight (measured by modelpress.kernels.static: ~26 thread-instructions on sm_90, the
+What is left per weight (measured by modelpress.kernels.static: ~25 thread-instructions on sm_90, the
 issue's target is 12): per weight the fallback gather (6: offset, 64-bit address, predicate, masked load),
 the window byte extraction and word assembly (6), code and rank (4), the bf16 conversion (1); per group,
 amortised over its 8 weights, the spread-table and window loads with their addresses and the ranks
