@@ -160,7 +160,8 @@ def layers(flush: torch.Tensor) -> list[list]:
             x = (torch.randn(N, K, generator=g) * 0.5).to(torch.bfloat16).cuda()
             y = ZG.fused_linear_triton(x, *a, enc.shape, enc.padded, weight_dtype=torch.bfloat16)
             agree = _within_ulp(y, x, w)
-            t_f = bench(lambda: ZG.fused_linear_triton(x, *a, enc.shape, enc.padded, weight_dtype=torch.bfloat16), flush)
+            bf = torch.bfloat16
+            t_f = bench(lambda: ZG.fused_linear_triton(x, *a, enc.shape, enc.padded, weight_dtype=bf), flush)
             t_c = bench(lambda: x @ w.T, flush)
             t_d = bench(lambda: x @ ZG.decompress_triton(*a, enc.shape, enc.padded).T, flush)
             rows.append([f"{M}x{K}", N, f"{100 * enc.nbytes / (M * K * 2):.1f}", f"{t_f * 1e6:.1f}", f"{t_c * 1e6:.1f}",

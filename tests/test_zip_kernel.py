@@ -132,8 +132,9 @@ def test_fused_within_one_bf16_ulp_in_interpreter():
 def test_public_functions_check_their_arguments():
     w = (torch.randn(80, 136) * 0.02).bfloat16()
     e = LL.tca_tbe_encode(w)
-    a = (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi), torch.from_numpy(e.fallback.view(np.int16)),
-         torch.from_numpy(e.block_offsets), torch.from_numpy(e.sub_offsets), e.e0)
+    a = (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi),
+         torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.block_offsets),
+         torch.from_numpy(e.sub_offsets), e.e0)
     x = torch.randn(3, 136).bfloat16()
     bf = {"weight_dtype": torch.bfloat16}
     with pytest.raises(UserError, match="decodes bf16 weights"):

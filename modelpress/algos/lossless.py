@@ -316,7 +316,8 @@ def tca_tbe_decode_rows(enc: TcaTbe, rows: np.ndarray) -> Tensor:
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     n_rows, cols = enc.shape
     if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
-        raise UserError(f"row index out of range for a matrix of {n_rows} rows: got {int(rows.min())}..{int(rows.max())}")
+        raise UserError(f"row index out of range for a matrix of {n_rows} rows: got "
+                        f"{int(rows.min())}..{int(rows.max())}")
     cp = enc.padded[1]
     offs = enc.tile_offsets
     tiles_per_row = cp // 64 * 64                                # 8x8 tiles per 64-row block row

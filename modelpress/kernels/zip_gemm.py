@@ -186,10 +186,10 @@ if triton is not None:
     def _elem(z, ind_w, win, fp, E, K: tl.constexpr, J: tl.constexpr, FLOAT: tl.constexpr, INTERP: tl.constexpr):
         """Element jj = J of a group (row K of the thread's 4 rows of an 8x8 tile): FLOAT, the fp32 equal to
         the bf16 weight (fallback words converted from bf16: NaN payloads may change, for the GEMM);
-        otherwise its exact 16 bits in the high half of an int32 (for decompression). z holds the group's eight 3-bit codes (code J at bits
-        3J..3J+2), moved straight to the exponent field (bits 23-25); rank = popcount of the indicator bits
-        below J in the group's byte of ind_w; the sign/mantissa byte comes from the group's 8-byte hi
-        window, a fallback word from one predicated bf16 load (code 0)."""
+        otherwise its exact 16 bits in the high half of an int32 (for decompression). z holds the group's
+        eight 3-bit codes (code J at bits 3J..3J+2), moved straight to the exponent field (bits 23-25);
+        rank = popcount of the indicator bits below J in the group's byte of ind_w; the sign/mantissa byte
+        comes from the group's 8-byte hi window, a fallback word from one predicated load (code 0)."""
         e7 = (z << (23 - 3 * J)) & 0x3800000                                        # code << 23
         rl = _popc(ind_w & (((1 << J) - 1) << (8 * K)), INTERP)
         h = ((win >> (rl * 8).to(tl.uint64)) & 0xFF).to(tl.int32)                    # byte rl of the window
@@ -230,17 +230,17 @@ if triton is not None:
         # fallback index: 1024 g - off(g) + 64 t16 + 8 i + jj - rank, g = 4 blk + r16
         fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) - sub + 64 * (t % 16)
                                                           + 8 * (4 * half + K) - grank)
-        return _join8(_elem(z, ind_w, win, fp, E, K, 0, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 1, FLOAT, INTERP),
-                      _elem(z, ind_w, win, fp, E, K, 2, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 3, FLOAT, INTERP),
-                      _elem(z, ind_w, win, fp, E, K, 4, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 5, FLOAT, INTERP),
-                      _elem(z, ind_w, win, fp, E, K, 6, FLOAT, INTERP), _elem(z, ind_w, win, fp, E, K, 7, FLOAT, INTERP))
+        a = (z, ind_w, win, fp, E, K)
+        return _join8(_elem(*a, 0, FLOAT, INTERP), _elem(*a, 1, FLOAT, INTERP), _elem(*a, 2, FLOAT, INTERP),
+                      _elem(*a, 3, FLOAT, INTERP), _elem(*a, 4, FLOAT, INTERP), _elem(*a, 5, FLOAT, INTERP),
+                      _elem(*a, 6, FLOAT, INTERP), _elem(*a, 7, FLOAT, INTERP))
 
     @triton.jit
     def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
                       INTERP: tl.constexpr):
         """(64, 64) block blk (row-major) from its bit planes (_block_planes): fp32 values (FLOAT) or int32
-        with the 16-bit words in the high half. Thread-like entry u = (half, t) decodes rows 4 half .. 4 half + 3 of 8x8
-        tile t; sp_ptr: the spread3 table."""
+        with the 16-bit words in the high half. Entry u = (half, t) of the (128,) tensors (one per thread)
+        decodes rows 4 half .. 4 half + 3 of 8x8 tile t; sp_ptr: the spread3 table."""
         u = tl.arange(0, 128)
         t = u % 64
         half = u // 64
@@ -257,13 +257,14 @@ if triton is not None:
         sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
         hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # block's hi offset
         E = (e0 - 1) << 23
-        r0 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 0, FLOAT, INTERP)
-        r1 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 1, FLOAT, INTERP)
-        r2 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 2, FLOAT, INTERP)
-        r3 = _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw, 3, FLOAT, INTERP)
-        v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # (128, 8, 2, 2): [u, jj, p, q], K = 2q + p
+        a = (pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw)
+        r0 = _group_row(*a, 0, FLOAT, INTERP)
+        r1 = _group_row(*a, 1, FLOAT, INTERP)
+        r2 = _group_row(*a, 2, FLOAT, INTERP)
+        r3 = _group_row(*a, 3, FLOAT, INTERP)
+        v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # [u, jj, p, q], K = 2q + p
         v = tl.reshape(v, (2, 4, 8, 2, 8, 2, 2))                                     # [half, r16, cg, r8, jj, p, q]
-        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # rows (r16, r8, half, q, p) x (cg, jj)
+        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # (r16, r8, half, q, p) x (cg, jj)
 
     @triton.jit
     def decompress_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_hw, n_cb, rows, cols,
@@ -277,8 +278,8 @@ if triton is not None:
         tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hw, n_cb, M, K, N,
-                     cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
+    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hw, n_cb, M, K,
+                     N, cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         """acc[m, n] = sum_k W[m, k] x[n, k] over the 64 rows of block row program_id(0) and the K blocks
         of slice program_id(1). SPLIT: fp32 partials to out (splits, N, M), summed by splitk_reduce_kernel;
@@ -345,7 +346,8 @@ def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: 
             raise UserError(f"TCA-TBE stream {name} must be {dt}, got {t.dtype}: pass the tensors of "
                             "modules.zip._enc_tensors (bitmaps viewed as int64, fallback as int16)")
     B = rp * cp // 4096
-    if tuple(bitmaps.shape) != (rp * cp // 64, 3) or tuple(sub_offsets.shape) != (B, 3) or block_offsets.numel() != B + 1:
+    if (tuple(bitmaps.shape) != (rp * cp // 64, 3) or tuple(sub_offsets.shape) != (B, 3)
+            or block_offsets.numel() != B + 1):
         raise UserError(f"TCA-TBE streams do not match padded shape {padded} (bitmaps {tuple(bitmaps.shape)}, "
                         f"sub_offsets {tuple(sub_offsets.shape)}): pass the padded shape of the same encoding")
     if hi.numel() >= 2 ** 31:
@@ -353,7 +355,8 @@ def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: 
                         "32 bits; split the matrix (e.g. by rows) into several ZipLinear")
     devs = {t.device for t in (bitmaps, hi, fallback, block_offsets, sub_offsets)}
     if len(devs) != 1:
-        raise UserError(f"TCA-TBE streams are on several devices {sorted(map(str, devs))}: move them together (.to(device))")
+        raise UserError(f"TCA-TBE streams are on several devices {sorted(map(str, devs))}: move them together "
+                        "(.to(device))")
 
 
 _SPREAD3: dict = {}
@@ -393,7 +396,8 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offse
     rp, cp = padded
     out = torch.empty(rows, cols, dtype=torch.int16, device=bitmaps.device)
     _hi, _fb = _nonempty(hi, fallback)
-    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out, e0, -(-hi.numel() // 4),
+    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out,
+                                          e0, -(-hi.numel() // 4),
                                           cp // 64, rows, cols, INTERP=_interp(), num_warps=NUM_WARPS)
     return out.view(dtype)
 
@@ -429,10 +433,12 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
     if x.shape[1] != K:
         raise UserError(f"x has {x.shape[1]} features but the weight has in_features K = {K}: pass x of shape (N, {K})")
     if not (rp >= M and cp >= K and rp - M < 64 and cp - K < 64):
-        raise UserError(f"padded {padded} is not shape {shape} rounded up to 64: pass TcaTbe.shape and .padded together")
+        raise UserError(f"padded {padded} is not shape {shape} rounded up to 64: pass TcaTbe.shape and .padded "
+                        "together")
     check_streams(bitmaps, hi, fallback, block_offsets, sub_offsets, padded)
     if x.device != bitmaps.device:
-        raise UserError(f"x is on {x.device} but the weight streams are on {bitmaps.device}: move x to {bitmaps.device}")
+        raise UserError(f"x is on {x.device} but the weight streams are on {bitmaps.device}: move x to "
+                        f"{bitmaps.device}")
     if bias is not None and (bias.shape != (M,) or not bias.dtype.is_floating_point or bias.device != x.device):
         raise UserError(f"bias must be a float tensor of shape ({M},) on {x.device}, got {tuple(bias.shape)} "
                         f"{bias.dtype} on {bias.device}")
@@ -450,7 +456,8 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
     out = torch.empty(splits, N, M, dtype=torch.float32, device=x.device) if splits > 1 else y
     _hi, _fb = _nonempty(hi, fallback)
     handle = fused_kernel[(n_stripes, splits)](
-        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0, -(-hi.numel() // 4),
+        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0,
+        -(-hi.numel() // 4),
         n_cb, M, K, N, per, x.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=_interp(),
         BLOCK_N=16, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if x.is_cuda:

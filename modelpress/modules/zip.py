@@ -108,7 +108,8 @@ class _ZipWeight(nn.Module):
         m = self.meta
         rows, cols = m["shape"]
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
-            raise UserError(f"{type(self).__name__}: ids must lie in [0, {rows}), got {int(flat.min())}..{int(flat.max())}")
+            raise UserError(f"{type(self).__name__}: ids must lie in [0, {rows}), got "
+                            f"{int(flat.min())}..{int(flat.max())}")
         if dev.type == "cuda":
             from .. import kernels
             out = kernels.decompress_rows_torch(t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"],
