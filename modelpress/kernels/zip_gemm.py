@@ -183,23 +183,22 @@ if triton is not None:
         return tl.load(p), tl.load(p + 1), tl.load(p + 2)
 
     @triton.jit
-    def _elem(z, ind_w, win, fp, E, K: tl.constexpr, J: tl.constexpr, FLOAT: tl.constexpr, INTERP: tl.constexpr):
-        """Element jj = J of a group (row K of the thread's 4 rows of an 8x8 tile): FLOAT, the fp32 equal to
-        the bf16 weight (fallback words converted from bf16: NaN payloads may change, for the GEMM);
-        otherwise its exact 16 bits in the high half of an int32 (for decompression). z holds the group's
-        eight 3-bit codes (code J at bits 3J..3J+2), moved straight to the exponent field (bits 23-25);
-        rank = popcount of the indicator bits below J in the group's byte of ind_w; the sign/mantissa byte
-        comes from the group's 8-byte hi window, a fallback word from one predicated load (code 0)."""
+    def _elem(z, win, fp, E, J: tl.constexpr, FLOAT: tl.constexpr):
+        """Element jj = J of a group, and the group's streams advanced past it. FLOAT: the fp32 equal to the
+        bf16 weight (fallback words converted from bf16: NaN payloads may change, for the GEMM); otherwise
+        its exact 16 bits in the high half of an int32 (decompression). z: the group's eight 3-bit codes
+        (code J at bits 3J..3J+2), moved straight to the exponent field (bits 23-25); win: the group's hi
+        bytes not used yet (the next one in its low byte); fp: where its next fallback word is."""
         e7 = (z << (23 - 3 * J)) & 0x3800000                                        # code << 23
-        rl = _popc(ind_w & (((1 << J) - 1) << (8 * K)), INTERP)
-        h = ((win >> (rl * 8).to(tl.uint64)) & 0xFF).to(tl.int32)                    # byte rl of the window
-        w = ((h * 0x01010000) & -2139160576) | (e7 + E)                              # -2139160576 = 0x807F0000
+        inw = e7 != 0
+        w = (((win & 0xFF).to(tl.int32) * 0x01010000) & -2139160576) | (e7 + E)     # -2139160576 = 0x807F0000
         if FLOAT:  # no `other` on the loads: tl.where picks
-            f = tl.load(fp.to(tl.pointer_type(tl.bfloat16)) + (J - rl), mask=e7 == 0).to(tl.float32)
-            return tl.where(e7 != 0, w.to(tl.float32, bitcast=True), f)
+            f = tl.load(fp.to(tl.pointer_type(tl.bfloat16)), mask=e7 == 0).to(tl.float32)
+            out = tl.where(inw, w.to(tl.float32, bitcast=True), f)
         else:
-            f = tl.load(fp + (J - rl), mask=e7 == 0).to(tl.int32)
-            return tl.where(e7 != 0, w, f << 16)
+            f = tl.load(fp, mask=e7 == 0).to(tl.int32)
+            out = tl.where(inw, w, f << 16)
+        return out, tl.where(inw, win >> 8, win), tl.where(inw, fp, fp + 1)
 
     @triton.jit
     def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
@@ -230,10 +229,15 @@ if triton is not None:
         # fallback index: 1024 g - off(g) + 64 t16 + 8 i + jj - rank, g = 4 blk + r16
         fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) - sub + 64 * (t % 16)
                                                           + 8 * (4 * half + K) - grank)
-        a = (z, ind_w, win, fp, E, K)
-        return _join8(_elem(*a, 0, FLOAT, INTERP), _elem(*a, 1, FLOAT, INTERP), _elem(*a, 2, FLOAT, INTERP),
-                      _elem(*a, 3, FLOAT, INTERP), _elem(*a, 4, FLOAT, INTERP), _elem(*a, 5, FLOAT, INTERP),
-                      _elem(*a, 6, FLOAT, INTERP), _elem(*a, 7, FLOAT, INTERP))
+        e0_, win, fp = _elem(z, win, fp, E, 0, FLOAT)
+        e1_, win, fp = _elem(z, win, fp, E, 1, FLOAT)
+        e2_, win, fp = _elem(z, win, fp, E, 2, FLOAT)
+        e3_, win, fp = _elem(z, win, fp, E, 3, FLOAT)
+        e4_, win, fp = _elem(z, win, fp, E, 4, FLOAT)
+        e5_, win, fp = _elem(z, win, fp, E, 5, FLOAT)
+        e6_, win, fp = _elem(z, win, fp, E, 6, FLOAT)
+        e7_, win, fp = _elem(z, win, fp, E, 7, FLOAT)
+        return _join8(e0_, e1_, e2_, e3_, e4_, e5_, e6_, e7_)
 
     @triton.jit
     def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
