@@ -44,6 +44,8 @@ _PRELUDE = textwrap.dedent("""
             sp = [0x8000, 0x0001, 0x807F, 0x0040, 0x5F00, 0x0080, 0x0000]
             u[:: max(1, u.numel() // 7)][: len(sp)] = torch.tensor(np.array(sp, dtype=np.uint16).view(np.int16))[
                 : len(u[:: max(1, u.numel() // 7)])]
+        elif mode == "top":                                     # window at the top: in-window Inf and NaN
+            u[:] = (u & -0x7F81) | (torch.randint(249, 256, (u.numel(),), generator=g, dtype=torch.int16) << 7)
         elif mode == "wide":                                    # out-of-window exponents (2**-67..2**63)
             far = torch.rand(u.numel(), generator=g) < 0.3
             u[far] = (u[far] & -0x7F81) | (torch.randint(60, 190, (int(far.sum()),), generator=g,
@@ -91,11 +93,11 @@ def test_fused_within_one_bf16_ulp_in_interpreter():
     error bound) on odd shapes, N = 1..16, with and without bias, every split-K setting; NaN/Inf
     weights give NaN/Inf where the reference does; N > 16 goes through decompress + matmul."""
     out = _interpret("""
-        def check(w, N, bias, splits, seed):
+        def check(w, N, bias, splits, seed, xscale=1.0):
             g = torch.Generator().manual_seed(seed)
             e = LL.tca_tbe_encode(w)
             M, K = w.shape
-            x = torch.randn(N, K, generator=g).bfloat16()
+            x = (torch.randn(N, K, generator=g) * xscale).bfloat16()
             b = torch.randn(M, generator=g).bfloat16() if bias else None
             y = ZG.fused_linear_triton(x, *args(e), e.shape, e.padded, bias=b, splits=splits,
                                        weight_dtype=torch.bfloat16)
@@ -118,6 +120,8 @@ def test_fused_within_one_bf16_ulp_in_interpreter():
         for (r, c), mode, N, bias, splits in runs:
             w = weight(r, c, r + c, mode)
             out[f"{r}x{c}-{mode}-N{N}-b{int(bias)}-s{splits}"] = check(w, N, bias, splits, r * c + N)
+        w = weight(64, 70, 9, "top")
+        out["64x70-top-N3"] = check(w, 3, False, 1, 9, xscale=2.0 ** -100)
         w = weight(96, 130, 3, "gauss")
         e = LL.tca_tbe_encode(w)
         x = torch.randn(40, 130).bfloat16()

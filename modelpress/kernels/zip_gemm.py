@@ -192,9 +192,9 @@ if triton is not None:
         e7 = (z << (23 - 3 * J)) & 0x3800000                                        # code << 23
         inw = e7 != 0
         w = (((win & 0xFF).to(tl.int32) * 0x01010000) & -2139160576) | (e7 + E)     # -2139160576 = 0x807F0000
-        if FLOAT:  # no `other` on the loads: tl.where picks
-            f = tl.load(fp.to(tl.pointer_type(tl.bfloat16)), mask=e7 == 0).to(tl.float32)
-            out = tl.where(inw, w.to(tl.float32, bitcast=True), f)
+        if FLOAT:  # the in-window value is the masked load's `other`: the load is the select
+            out = tl.load(fp.to(tl.pointer_type(tl.bfloat16)), mask=e7 == 0,
+                          other=w.to(tl.float32, bitcast=True).to(tl.bfloat16))
         else:
             f = tl.load(fp, mask=e7 == 0).to(tl.int32)
             out = tl.where(inw, w, f << 16)
@@ -299,16 +299,16 @@ if triton is not None:
         p0, p1, p2 = _block_planes(bm_ptr, blk)
         for cb in range(cb0, cb1):
             blk = pid_m * n_cb + cb
-            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, True, INTERP)
+            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, True, INTERP)  # bf16
             # next block's bit planes one step ahead (the last step re-reads its own block: no branch)
             p0, p1, p2 = _block_planes(bm_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
             k = cb * 64 + kk
             xt = tl.load(x_ptr + nn[None, :] * stride_xn + k[:, None], mask=(k[:, None] < K) & (nn[None, :] < N),
                          other=0.0)                                                  # (64, BLOCK_N) = X^T chunk
             if INTERP:
-                acc += tl.dot(w, xt.to(tl.float32))
-            else:  # fp32 -> bf16 is exact here (NaN payloads may change, still NaN: the dot is the same)
-                acc += tl.dot(w.to(tl.bfloat16), xt)
+                acc += tl.dot(w.to(tl.float32), xt.to(tl.float32))
+            else:
+                acc += tl.dot(w, xt)
         m = pid_m * 64 + tl.arange(0, 64)
         mask = (m[:, None] < M) & (nn[None, :] < N)
         if SPLIT:
