@@ -21,21 +21,24 @@ of one output row, byte i of each 64-bit bit plane):
   group rank   = tile prefix + popcount (32-bit POPC) of the indicator bits of the earlier rows;
   codes        = the three plane bytes interleaved by a 256-entry table (code jj = bits 3jj..3jj+2),
                  shifted straight into the exponent field;
-  element rank = popcount of the group's indicator byte below jj;
-  sign+mantissa = byte `rank` of the group's 8-byte hi window (three aligned 32-bit loads per group,
-                 funnel-shifted): no per-weight load for in-window weights;
-  fallback     = one predicated 16-bit load per weight (executed, masked off, for in-window ones).
-The words are built as fp32 bit patterns (bf16 in the high half), converted to bf16 in pairs and fed to
-tl.dot (wgmma m64n16k16 on sm_90). The next block's bit planes are loaded one step ahead (register
-double buffer; Triton's own pipelining is off, it costs more instructions than it saves here). Split-K
-writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic), adding
-the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized so the
-programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left per weight (measured by modelpress.kernels.static: ~25 thread-instructions on sm_90, the
-issue's target is 12): per weight the fallback gather (6: offset, 64-bit address, predicate, masked load),
-the window byte extraction and word assembly (6), code and rank (4), the bf16 conversion (1); per group,
-amortised over its 8 weights, the spread-table and window loads with their addresses and the ranks
+  sign+mantissa = the group's 8-byte hi window (three aligned 32-bit loads per group, funnel-shifted),
+                 consumed in order: a weight in the window takes the low byte, then the window shifts
+                 by 8 (two predicated SHF); no per-weight load, no per-weight rank;
+  fallback     = one masked 16-bit load per weight through a pointer that advances past each fallback
+                 (a predicated 64-bit add); the in-window value is the load's `other`, so the masked load
+                 is also the select (executed, masked off, for in-window weights).
+The in-window words are built as fp32 bit patterns (bf16 in the high half) and converted to bf16, then
+fed to tl.dot (wgmma m64n16k16 on sm_90). The next block's bit planes are loaded one step ahead
+(register double buffer; Triton's own pipelining is off, it costs more instructions than it saves here).
+Split-K writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic),
+adding the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized
+so the programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
+What is left (measured by modelpress.kernels.static: ~22 thread-instructions per weight on sm_90, the
+issue's target is 12): per weight ~14 (code shift and test 2, word assembly 4, bf16 conversion 1,
+window advance 2, fallback pointer advance 3, masked load 1, register copies ~1); per group, amortised
+over its 8 weights, the spread-table and window loads with their 64-bit addresses, ranks and pointers
 (~6 per weight); the register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
+Below that needs what Triton does not expose: byte permutes (PRMT) and two weights per 32-bit operation.
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
 or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount is computed with shifts (the
