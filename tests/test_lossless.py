@@ -247,6 +247,14 @@ def test_zip_embedding_and_tied_linear(monkeypatch):
     assert torch.equal(model.head(x), x @ emb.weight.T)
 
 
+def test_huffman_on_cuda_says_it_decodes_on_the_cpu(monkeypatch):
+    from modelpress.modules import zip as Z
+    monkeypatch.setattr(Z, "_WARNED", set())
+    z = ZipLinear.from_linear(nn.Linear(64, 64).bfloat16(), "huffman")
+    with pytest.warns(UserWarning, match="decodes its weight on the CPU at every forward"):
+        Z._warn_cpu_decode(z)
+
+
 # ------------------------------------------------------------------------------------------ stage
 
 def tiny_llama(tied=True, dtype=torch.bfloat16):
