@@ -210,28 +210,25 @@ if triton is not None:
         return tl.reshape(tl.permute(v, (0, 3, 2, 1)), (128, 8))                     # [u, p, q, s] = w_{4s+2q+p}
 
     @triton.jit
-    def _group_row(pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw,
-                   K: tl.constexpr, FLOAT: tl.constexpr, INTERP: tl.constexpr):
-        """(128, 8) words of row i = 4 half + K of each thread's 8x8 tile t. pl*: the thread's 32-bit
-        half of each plane, ind_w: of the indicator; pt: in-window elements of the earlier 8x8 tiles of
-        its 16x64 tile; cl: of its tile's rows 0-3."""
+    def _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, K: tl.constexpr, FLOAT: tl.constexpr,
+                   INTERP: tl.constexpr):
+        """(128, 8) words of row i = 4 half + K of each thread's 8x8 tile, and the fallback pointer past the
+        row. pl*: the thread's 32-bit half of each plane, ind_w: of the indicator; hpos: index in hi of the
+        thread's first in-window weight (row 4 half); fp: the row's first fallback (the thread's four rows
+        are consecutive in storage order, so their fallbacks are too)."""
         q0 = (pl0 >> (8 * K)) & 0xFF
         q1 = (pl1 >> (8 * K)) & 0xFF
         q2 = (pl2 >> (8 * K)) & 0xFF
-        grank = pt + half * cl + _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)        # group rank in its 16x64 tile
         z = tl.load(sp_ptr + q0) | (tl.load(sp_ptr + q1) << 1) | (tl.load(sp_ptr + q2) << 2)  # 8 codes, 3 bits each
         # the group's (up to) 8 hi bytes: three aligned 32-bit words around its first byte, funnel-shifted
-        gpos = hb + (sub + grank)
-        wi = (gpos >> 2).to(tl.int32)                                                # < 2**29 words
+        gpos = hpos + _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)                    # < 2**31 (checked)
+        wi = gpos >> 2
         hw = hi_ptr.to(tl.pointer_type(tl.int32)) + wi
         w0 = tl.load(hw, mask=wi < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
         w1 = tl.load(hw + 1, mask=wi + 1 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
         w2 = tl.load(hw + 2, mask=wi + 2 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
         sh = ((gpos & 3) * 8).to(tl.uint64)
         win = (((w0 | (w1 << 32)) >> sh) & 0xFFFFFFFF) | (((w1 | (w2 << 32)) >> sh) << 32)
-        # fallback index: 1024 g - off(g) + 64 t16 + 8 i + jj - rank, g = 4 blk + r16
-        fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) - sub + 64 * (t % 16)
-                                                          + 8 * (4 * half + K) - grank)
         e0_, win, fp = _elem(z, win, fp, E, 0, FLOAT)
         e1_, win, fp = _elem(z, win, fp, E, 1, FLOAT)
         e2_, win, fp = _elem(z, win, fp, E, 2, FLOAT)
@@ -240,7 +237,7 @@ if triton is not None:
         e5_, win, fp = _elem(z, win, fp, E, 5, FLOAT)
         e6_, win, fp = _elem(z, win, fp, E, 6, FLOAT)
         e7_, win, fp = _elem(z, win, fp, E, 7, FLOAT)
-        return _join8(e0_, e1_, e2_, e3_, e4_, e5_, e6_, e7_)
+        return _join8(e0_, e1_, e2_, e3_, e4_, e5_, e6_, e7_), fp
 
     @triton.jit
     def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
@@ -262,13 +259,16 @@ if triton is not None:
         c3 = tl.reshape(c, (2, 4, 16))                                               # (half, r16, t16)
         pt = tl.reshape(tl.cumsum(c3, axis=2) - c3, (128,))                          # earlier tiles of the 16x64
         sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
-        hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # block's hi offset
+        hb = tl.load(blk_ptr + blk).to(tl.int32)                                     # block's hi offset (< 2**31)
         E = (e0 - 1) << 23
-        a = (pl0, pl1, pl2, ind_w, pt, cl, half, t, sub, hb, blk, sp_ptr, hi_ptr, fb_ptr, E, n_hw)
-        r0 = _group_row(*a, 0, FLOAT, INTERP)
-        r1 = _group_row(*a, 1, FLOAT, INTERP)
-        r2 = _group_row(*a, 2, FLOAT, INTERP)
-        r3 = _group_row(*a, 3, FLOAT, INTERP)
+        rank = sub + pt + half * cl                                                  # thread's first weight: rank
+        # its fallback index: 1024 g - off(g) + 64 t16 + 32 half - rank in its 16x64 tile, g = 4 blk + r16
+        fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) + 64 * (t % 16) + 32 * half - rank)
+        hpos = hb + rank
+        r0, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 0, FLOAT, INTERP)
+        r1, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 1, FLOAT, INTERP)
+        r2, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 2, FLOAT, INTERP)
+        r3, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 3, FLOAT, INTERP)
         v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # [u, jj, p, q], K = 2q + p
         v = tl.reshape(v, (2, 4, 8, 2, 8, 2, 2))                                     # [half, r16, cg, r8, jj, p, q]
         return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # (r16, r8, half, q, p) x (cg, jj)
