@@ -27,17 +27,17 @@ of one output row, byte i of each 64-bit bit plane):
   fallback     = one masked 16-bit load per weight through a pointer that advances past each fallback
                  (a predicated 64-bit add); the in-window value is the load's `other`, so the masked load
                  is also the select (executed, masked off, for in-window weights).
-The in-window words are built as fp32 bit patterns (bf16 in the high half) and converted to bf16, then
-fed to tl.dot (wgmma m64n16k16 on sm_90). The next block's bit planes are loaded one step ahead
+The in-window words are built in the low half of 32-bit registers and taken as bf16 bits (no conversion
+instruction), then fed to tl.dot (wgmma m64n16k16 on sm_90). The next block's bit planes are loaded one step ahead
 (register double buffer; Triton's own pipelining is off, it costs more instructions than it saves here).
 Split-K writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic),
 adding the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized
 so the programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left (measured by modelpress.kernels.static: ~22 thread-instructions per weight on sm_90, the
-issue's target is 12): per weight ~14 (code shift and test 2, word assembly 4, bf16 conversion 1,
-window advance 2, fallback pointer advance 3, masked load 1, register copies ~1); per group, amortised
-over its 8 weights, the spread-table and window loads with their 64-bit addresses, ranks and pointers
-(~6 per weight); the register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
+What is left (measured by modelpress.kernels.static: ~20 thread-instructions per weight on sm_90, the
+issue's target is 12): per weight ~13 (code shift and test 2, word assembly 4, window advance 2,
+fallback pointer advance 3, masked load 1, register copies ~1); per group, amortised over its 8
+weights, the spread-table and window loads with their 64-bit addresses and ranks (~5 per weight); the
+register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
 Below that needs what Triton does not expose: byte permutes (PRMT) and two weights per 32-bit operation.
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
@@ -187,20 +187,22 @@ if triton is not None:
 
     @triton.jit
     def _elem(z, win, fp, E, J: tl.constexpr, FLOAT: tl.constexpr):
-        """Element jj = J of a group, and the group's streams advanced past it. FLOAT: the fp32 equal to the
-        bf16 weight (fallback words converted from bf16: NaN payloads may change, for the GEMM); otherwise
-        its exact 16 bits in the high half of an int32 (decompression). z: the group's eight 3-bit codes
-        (code J at bits 3J..3J+2), moved straight to the exponent field (bits 23-25); win: the group's hi
-        bytes not used yet (the next one in its low byte); fp: where its next fallback word is."""
-        e7 = (z << (23 - 3 * J)) & 0x3800000                                        # code << 23
+        """Element jj = J of a group, and the group's streams advanced past it: FLOAT, its bf16 value;
+        otherwise its exact 16 bits in an int32 (decompression). z: the group's eight 3-bit codes (code J at
+        bits 3J..3J+2), moved straight to the exponent field (bits 7-9); E: (e0 - 1) << 7; win: the
+        group's hi bytes not used yet (the next one in its low byte); fp: where its next fallback word is."""
+        if 3 * J > 7:
+            e7 = (z >> (3 * J - 7)) & 0x380                                          # code << 7
+        else:
+            e7 = (z << (7 - 3 * J)) & 0x380
         inw = e7 != 0
-        w = (((win & 0xFF).to(tl.int32) * 0x01010000) & -2139160576) | (e7 + E)     # -2139160576 = 0x807F0000
+        w = (((win & 0xFF).to(tl.int32) * 0x0101) & 0x807F) | (e7 + E)
         if FLOAT:  # the in-window value is the masked load's `other`: the load is the select
             out = tl.load(fp.to(tl.pointer_type(tl.bfloat16)), mask=e7 == 0,
-                          other=w.to(tl.float32, bitcast=True).to(tl.bfloat16))
+                          other=w.to(tl.int16).to(tl.bfloat16, bitcast=True))
         else:
             f = tl.load(fp, mask=e7 == 0).to(tl.int32)
-            out = tl.where(inw, w, f << 16)
+            out = tl.where(inw, w, f & 0xFFFF)
         return out, tl.where(inw, win >> 8, win), tl.where(inw, fp, fp + 1)
 
     @triton.jit
@@ -242,8 +244,8 @@ if triton is not None:
     @triton.jit
     def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
                       INTERP: tl.constexpr):
-        """(64, 64) block blk (row-major) from its bit planes (_block_planes): fp32 values (FLOAT) or int32
-        with the 16-bit words in the high half. Entry u = (half, t) of the (128,) tensors (one per thread)
+        """(64, 64) block blk (row-major) from its bit planes (_block_planes): bf16 values (FLOAT) or int32
+        holding the 16-bit words. Entry u = (half, t) of the (128,) tensors (one per thread)
         decodes rows 4 half .. 4 half + 3 of 8x8 tile t; sp_ptr: the spread3 table."""
         u = tl.arange(0, 128)
         t = u % 64
@@ -260,7 +262,7 @@ if triton is not None:
         pt = tl.reshape(tl.cumsum(c3, axis=2) - c3, (128,))                          # earlier tiles of the 16x64
         sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
         hb = tl.load(blk_ptr + blk).to(tl.int32)                                     # block's hi offset (< 2**31)
-        E = (e0 - 1) << 23
+        E = (e0 - 1) << 7
         rank = sub + pt + half * cl                                                  # thread's first weight: rank
         # its fallback index: 1024 g - off(g) + 64 t16 + 32 half - rank in its 16x64 tile, g = 4 blk + r16
         fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) + 64 * (t % 16) + 32 * half - rank)
@@ -279,7 +281,7 @@ if triton is not None:
         """One 64x64 block per program, written row-major into out (rows, cols) int16."""
         blk = tl.program_id(0)
         p0, p1, p2 = _block_planes(bm_ptr, blk)
-        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, False, INTERP) >> 16
+        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, False, INTERP)
         row = (blk // n_cb) * 64 + tl.arange(0, 64)[:, None]
         col = (blk % n_cb) * 64 + tl.arange(0, 64)[None, :]
         tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
