@@ -212,4 +212,4 @@ def test_aot_compile_sm90_static_figures():
     fused = [f for n, f in figs.items() if n.startswith("fused")]
     for f in fused:
         assert f.loop_sass > 0 and f.barriers <= 4, f
-        assert f.per_weight <= 24, f"{f.name}: {f.per_weight:.1f} thread-instructions per weight (19.9 when written)"
+        assert f.per_weight <= 24, f"{f.name}: {f.per_weight:.1f} thread-instructions per weight (19.3 when written)"

@@ -22,8 +22,9 @@ of one output row, byte i of each 64-bit bit plane):
   codes        = the three plane bytes interleaved by a 256-entry table (code jj = bits 3jj..3jj+2),
                  shifted straight into the exponent field;
   sign+mantissa = the group's 8-byte hi window (three aligned 32-bit loads per group, funnel-shifted),
-                 consumed in order: a weight in the window takes the low byte, then the window shifts
-                 by 8 (two predicated SHF); no per-weight load, no per-weight rank;
+                 split in two 32-bit windows (elements 0-3, 4-7) consumed in order: a weight in the
+                 window takes the low byte, then the window shifts by 8 (one predicated SHF); no
+                 per-weight load, no per-weight rank;
   fallback     = one masked 16-bit load per weight through a pointer that advances past each fallback
                  (a predicated 64-bit add); the in-window value is the load's `other`, so the masked load
                  is also the select (executed, masked off, for in-window weights).
@@ -33,8 +34,8 @@ instruction), then fed to tl.dot (wgmma m64n16k16 on sm_90). The next block's bi
 Split-K writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic),
 adding the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized
 so the programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left (measured by modelpress.kernels.static: ~20 thread-instructions per weight on sm_90, the
-issue's target is 12): per weight ~13 (code shift and test 2, word assembly 4, window advance 2,
+What is left (measured by modelpress.kernels.static: ~19 thread-instructions per weight on sm_90, the
+issue's target is 12): per weight ~12 (code shift and test 2, word assembly 4, window advance 1,
 fallback pointer advance 3, masked load 1, register copies ~1); per group, amortised over its 8
 weights, the spread-table and window loads with their 64-bit addresses and ranks (~5 per weight); the
 register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
@@ -231,11 +232,15 @@ if triton is not None:
         w2 = tl.load(hw + 2, mask=wi + 2 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
         sh = ((gpos & 3) * 8).to(tl.uint64)
         win = (((w0 | (w1 << 32)) >> sh) & 0xFFFFFFFF) | (((w1 | (w2 << 32)) >> sh) << 32)
+        # two 32-bit windows (elements 0-3 and 4-7): each weight then advances a 32-bit register only
+        n_lo = _popc(ind_w & (0xF << (8 * K)), INTERP)
+        whi = ((win >> (n_lo * 8).to(tl.uint64)) & 0xFFFFFFFF).to(tl.uint32)
+        win = (win & 0xFFFFFFFF).to(tl.uint32)
         e0_, win, fp = _elem(z, win, fp, E, 0, FLOAT)
         e1_, win, fp = _elem(z, win, fp, E, 1, FLOAT)
         e2_, win, fp = _elem(z, win, fp, E, 2, FLOAT)
         e3_, win, fp = _elem(z, win, fp, E, 3, FLOAT)
-        e4_, win, fp = _elem(z, win, fp, E, 4, FLOAT)
+        e4_, win, fp = _elem(z, whi, fp, E, 4, FLOAT)
         e5_, win, fp = _elem(z, win, fp, E, 5, FLOAT)
         e6_, win, fp = _elem(z, win, fp, E, 6, FLOAT)
         e7_, win, fp = _elem(z, win, fp, E, 7, FLOAT)
