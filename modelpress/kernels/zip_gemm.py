@@ -29,8 +29,9 @@ of one output row, byte i of each 64-bit bit plane):
                  (a predicated 64-bit add); the in-window value is the load's `other`, so the masked load
                  is also the select (executed, masked off, for in-window weights).
 The in-window words are built in the low half of 32-bit registers and taken as bf16 bits (no conversion
-instruction), then fed to tl.dot (wgmma m64n16k16 on sm_90). The next block's bit planes are loaded one step ahead
-(register double buffer; Triton's own pipelining is off, it costs more instructions than it saves here).
+instruction), then fed to tl.dot (wgmma m64n16k16 on sm_90; Triton moves the tile into the operand
+registers through shared memory, 2 barriers per K step). The next block's bit planes are loaded one step
+ahead (register double buffer; Triton's own pipelining is off, it costs more instructions than it saves).
 Split-K writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic),
 adding the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized
 so the programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
