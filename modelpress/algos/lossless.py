@@ -1,4 +1,4 @@
-"""Lossless codecs for 16-bit float weight matrices (BF16 first; FP16 round-trips bit-exactly too).
+"""Lossless codecs for 16-bit float weight matrices: TCA-TBE for BF16, the Huffman baseline for BF16 and FP16.
 
 TCA-TBE, the Tensor-Core-Aware Triple-Bitmap Encoding of ZipServ (arXiv 2603.17435):
   * each 16-bit word u is split into the 8-bit field e = (u >> 7) & 0xFF (the BF16 exponent) and the
@@ -192,8 +192,20 @@ def _encode_rows(u: np.ndarray, e0: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return planes.view(np.uint64).reshape(T, 3), hi, fallback
 
 
+FP16_REFUSED = ("lossless.codec: tca-tbe codes the bf16 exponent field; fp16 weights would come out at ~104% of "
+                "their raw size (~70% fallbacks): use codec huffman for fp16 weights (zip --codec huffman)")
+
+
 def tca_tbe_encode(w: Tensor) -> TcaTbe:
-    """(rows, cols) bf16/fp16 -> TcaTbe. Padding elements get exponent e0 (code 1) and h = 0."""
+    """(rows, cols) bf16 -> TcaTbe. Padding elements get exponent e0 (code 1) and h = 0. fp16 is refused:
+    its 5-bit exponent straddles the 8-bit field, so the 7-exponent window covers ~30% of the weights.
+    (fp16 blobs written before this check still decode bit-exactly.)"""
+    if isinstance(w, Tensor) and w.dtype == torch.float16:
+        raise UserError(FP16_REFUSED)
+    return _tca_tbe_encode(w)
+
+
+def _tca_tbe_encode(w: Tensor) -> TcaTbe:
     u, dtype = _words(w)
     rows, cols = u.shape
     rp, cp = max(-(-rows // BLOCK), 1) * BLOCK, max(-(-cols // BLOCK), 1) * BLOCK
@@ -295,6 +307,29 @@ def tca_tbe_decode(enc: TcaTbe) -> Tensor:
                             enc.e0, cp)
         if r < rows:
             out[r: r + k] = part[: rows - r, :cols]
+    return _tensor(out, enc.dtype)
+
+
+def tca_tbe_decode_rows(enc: TcaTbe, rows: np.ndarray) -> Tensor:
+    """Rows `rows` (r,) int of the matrix, bit-exact, decoding only the 64-row block rows that hold them
+    (an embedding lookup touches a few block rows, not the table). Returns (r, cols)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    n_rows, cols = enc.shape
+    if rows.size and (rows.min() < 0 or rows.max() >= n_rows):
+        raise UserError(f"row index out of range for a matrix of {n_rows} rows: got "
+                        f"{int(rows.min())}..{int(rows.max())}")
+    cp = enc.padded[1]
+    offs = enc.tile_offsets
+    tiles_per_row = cp // 64 * 64                                # 8x8 tiles per 64-row block row
+    out = np.empty((rows.size, cols), dtype=np.uint16)
+    for rb in np.unique(rows // 64):                             # loop over the distinct block rows only
+        t0, t1 = rb * tiles_per_row, (rb + 1) * tiles_per_row
+        g0, g1 = t0 // TILES_PER_TC, t1 // TILES_PER_TC
+        h0, h1 = offs[g0], offs[g1]
+        part = _decode_rows(enc.bitmaps[t0:t1], enc.hi[h0:h1], enc.fallback[g0 * TC_TILE - h0: g1 * TC_TILE - h1],
+                            enc.e0, cp)                          # (64, cp)
+        sel = rows // 64 == rb
+        out[sel] = part[rows[sel] - rb * 64, :cols]
     return _tensor(out, enc.dtype)
 
 

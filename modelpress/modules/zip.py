@@ -3,10 +3,14 @@ DFloat11, arXiv 2504.11651). The weight lives only as codec buffers; forward dec
   CPU:  numpy decode (modelpress.algos.lossless) then F.linear / F.embedding, bit-exact;
   CUDA: TCA-TBE with N <= 16 rows of input -> fused Triton decode+GEMM (modelpress.kernels);
         otherwise tile-parallel decompression (Triton, or the torch reference without triton) + cuBLAS.
+        Huffman weights have no GPU decoder: every forward copies the streams to the CPU, decodes them
+        there and copies the weight back (a warning says so once); use TCA-TBE for GPU inference.
+ZipEmbedding (TCA-TBE) decodes only the 64-row block rows that hold the requested ids.
 A tied output projection (lm_head.weight is embed_tokens.weight) is a ZipLinear with `tied_to` set:
 it stores nothing and reads the codec buffers of the module it is tied to (bound by `retie(model)`)."""
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import numpy as np
@@ -88,7 +92,30 @@ class _ZipWeight(nn.Module):
             args = (t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"], t["sub_offsets"], m["e0"], tuple(m["shape"]),
                     tuple(m["padded"]), self.weight_dtype)
             return kernels.decompress_triton(*args) if kernels.triton_available() else kernels.decompress_torch(*args)
+        if dev.type == "cuda":
+            _warn_cpu_decode(self)
         return LL.decode(self.encoded()).to(dev)
+
+    def decoded_rows(self, ids: Tensor) -> Tensor:
+        """Rows `ids` (any shape) of the weight, bit-exact, shape (*ids.shape, cols): TCA-TBE decodes only
+        the 64-row block rows holding them (on CUDA with the torch tile reference, on CPU with numpy);
+        Huffman decodes the whole matrix (its lanes are not row-addressable)."""
+        t = self.codec_tensors()
+        dev = next(iter(t.values())).device
+        flat = ids.reshape(-1)
+        if self.codec != "tca-tbe":
+            return self.decoded_weight()[flat.to(dev)].reshape(*ids.shape, -1)
+        m = self.meta
+        rows, cols = m["shape"]
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+            raise UserError(f"{type(self).__name__}: ids must lie in [0, {rows}), got "
+                            f"{int(flat.min())}..{int(flat.max())}")
+        if dev.type == "cuda":
+            from .. import kernels
+            out = kernels.decompress_rows_torch(t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"],
+                                                t["sub_offsets"], m["e0"], tuple(m["padded"]), flat.to(dev))[:, :cols]
+            return out.view(self.weight_dtype).reshape(*ids.shape, cols)
+        return LL.tca_tbe_decode_rows(self.encoded(), flat.cpu().numpy()).reshape(*ids.shape, cols)
 
     def nbytes(self) -> int:
         """Bytes this module stores (0 for a tied alias)."""
@@ -115,6 +142,17 @@ class _ZipWeight(nn.Module):
         if _crc(t, names) != cfg.get("crc32"):
             raise UserError(f"{cls_name} {cfg.get('codec')} data fails its CRC32 check: the weights are corrupted; "
                             "re-export the model")
+
+
+_WARNED: set = set()
+
+
+def _warn_cpu_decode(m: _ZipWeight) -> None:
+    if m.codec not in _WARNED:
+        _WARNED.add(m.codec)
+        warnings.warn(f"{type(m).__name__} with codec {m.codec} on CUDA decodes its weight on the CPU at every "
+                      "forward (no GPU decoder for this codec): re-export with codec tca-tbe for GPU inference",
+                      stacklevel=3)
 
 
 def _meta(enc: LL.TcaTbe | LL.Huffman) -> dict:
@@ -164,8 +202,8 @@ class ZipLinear(_ZipWeight):
                 m = self.meta
                 y = kernels.fused_linear_triton(x.reshape(n, self.in_features), t["bitmaps"], t["hi"], t["fallback"],
                                                 t["block_offsets"], t["sub_offsets"], m["e0"], tuple(m["shape"]),
-                                                tuple(m["padded"]),
-                                                bias=self.bias)
+                                                tuple(m["padded"]), bias=self.bias,
+                                                weight_dtype=self.weight_dtype)
                 return y.reshape(*x.shape[:-1], self.out_features)
         w = self.decoded_weight()
         return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
@@ -210,7 +248,8 @@ class ZipEmbedding(_ZipWeight):
         return cls(LL.encode(w, codec), emb.padding_idx)
 
     def forward(self, ids: Tensor) -> Tensor:
-        return F.embedding(ids, self.decoded_weight(), self.padding_idx)
+        """Same values as F.embedding(ids, weight, padding_idx) (padding_idx only affects gradients)."""
+        return self.decoded_rows(ids)
 
     def to_state(self) -> tuple[dict[str, Tensor], dict]:
         return self._state({"padding_idx": self.padding_idx})

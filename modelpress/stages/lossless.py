@@ -41,6 +41,10 @@ class Lossless:
 
     def _weight(self, name: str, mod: nn.Module) -> torch.Tensor:
         w = mod.weight.detach()
+        if w.dtype == torch.float16 and self.codec == "tca-tbe":
+            if self.cast == "bf16":
+                return w.to(torch.bfloat16)
+            raise UserError(f"{name}.weight is fp16: " + LL.FP16_REFUSED + " (or `lossless.cast: bf16`, lossy)")
         if w.dtype in _HALF:
             return w
         if self.cast == "bf16" and w.is_floating_point():
