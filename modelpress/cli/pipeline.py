@@ -29,7 +29,11 @@ def add_parser(sub) -> tuple[str, ...]:
     e.add_argument("--windows", type=int, default=32)
     e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
     e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
-    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks")
+    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks. It is "
+                                        "code (`!function` tags import its Python files): needs --trust-tasks-code")
+    e.add_argument("--trust-tasks-code", action="store_true",
+                   help="allow --tasks-dir. DANGER: lm-eval imports and runs Python files named by the task YAMLs "
+                        "with your permissions; use only folders you wrote or fully trust")
     i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
     i.add_argument("dir")
     for name, fn in (("compress", cmd_compress), ("eval", cmd_eval), ("inspect", cmd_inspect)):
@@ -104,11 +108,14 @@ def cmd_compress(a) -> int:
 
 def cmd_eval(a) -> int:
     from ..api import evaluate, load
+    if a.tasks_dir and not a.trust_tasks_code:                      # before loading anything
+        from ..eval.lm_eval_bridge import TASKS_CODE_RISK
+        raise UserError(f"--tasks-dir {a.tasks_dir}: {TASKS_CODE_RISK}")
     model, tok = load(a.model)
     if a.tasks:
         from ..eval.lm_eval_bridge import print_results, run_tasks
         print_results(run_tasks(model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
-                                include_defaults=a.tasks_dir is None))
+                                include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
         return 0
     ref = load(a.reference)[0] if a.reference else None
     res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)

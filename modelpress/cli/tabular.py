@@ -22,7 +22,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tabular", help="data-free distillation of tabular models (TabKD)")
     sub = p.add_subparsers(dest="tabular_cmd", required=True)
     d = sub.add_parser("distill", help="distil a classifier into a small MLP/tree without its data")
-    d.add_argument("teacher", help="fitted classifier: .pkl/.joblib (predict_proba/predict) or .pt torch module")
+    d.add_argument("teacher", help="fitted classifier in a format that cannot run code: .onnx (skl2onnx, onnxmltools, "
+                                   "torch.onnx.export), XGBoost .json/.ubj, LightGBM .txt, a modelpress student "
+                                   ".safetensors; pickles (.pkl/.joblib/.pt module) need --trust-pickle")
+    d.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle/joblib teacher or a pickled torch module. DANGER: unpickling runs any code "
+                        "the file's author put in it, with your permissions; use only files you made or fully trust")
     d.add_argument("--spec", help="feature spec YAML/JSON (ranges, levels); inferred from split "
                                   "thresholds for tree teachers when omitted")
     d.add_argument("--budget", type=int, required=True, help="number of teacher queries")
@@ -74,7 +79,7 @@ def run(args) -> int:
         raise UserError(f"--hidden '{args.hidden}': give comma-separated integers, e.g. 64,64") from None
     cfg = DistillConfig(budget=args.budget, method=args.method, student=args.student, hidden=hidden,
                         steps=args.steps, tree_depth=args.tree_depth, max_bins=args.max_bins, seed=args.seed)
-    model = load_teacher(args.teacher)
+    model = load_teacher(args.teacher, trust_pickle=args.trust_pickle)
     teacher = Teacher(model)
     if args.spec:
         spec = load_spec(args.spec)
