@@ -123,3 +123,168 @@ def test_tasks_dir_is_code_and_needs_the_flag(tmp_path, capsys):
     m = tiny_model_dir(tmp_path / "m")
     line = _one_line_error(capsys, ["eval", str(m), "--tasks", "evil", "--tasks-dir", str(d)])
     assert "--trust-tasks-code" in line and not marker.exists()
+
+
+# -- 2. tamper-evident exports ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+    import modelpress as mp
+    from modelpress.export import save
+    from modelpress.recipe import Recipe
+
+    from .conftest import correlated_calib, tiny_llama
+    m = tiny_llama()
+    recipe = Recipe.from_dict({"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                          {"quantize": {"method": "rtn", "bits": 4, "group_size": 16}}]})
+    calib = correlated_calib()
+    mp.compress(m, recipe, calib)
+    return save(m, None, tmp_path_factory.mktemp("exp") / "e", recipe=recipe.to_dict(),
+                calibration=calib.provenance)
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _resum(d):
+    from modelpress.export.native import write_checksums
+    write_checksums(d)
+
+
+def _edit_manifest(d, fn):
+    man = json.loads((d / "modelpress.json").read_text())
+    fn(man)
+    (d / "modelpress.json").write_text(json.dumps(man))
+    _resum(d)
+
+
+def test_consistent_weight_edit_is_caught_by_tensor_hashes(export_dir, tmp_path, capsys):
+    from modelpress.export import load_compressed
+    d = _copy(export_dir, tmp_path / "e")
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (d / "model.safetensors").write_bytes(bytes(data))
+    _resum(d)                                               # checksums.json rewritten to match
+    with pytest.raises(UserError, match="does not match its sha256"):
+        load_compressed(d)
+    line = _one_line_error(capsys, ["inspect", str(d), "--verify"])
+    assert "sha256" in line
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda man: next(iter(man["modules"].values()))["config"].update(group_size=32), "scales has shape"),
+    (lambda man: next(iter(man["modules"].values()))["config"].update(bits=3), "qweight has shape"),
+    (lambda man: next(iter(man["modules"].values()))["config"].update({"in": 32}), "shape"),
+    (lambda man: man.update(dtype="torch.load"), "dtype"),
+    (lambda man: next(iter(man["modules"].values()))["config"].update(dtype="torch.load"), "dtype"),
+    (lambda man: next(iter(man["modules"].values())).update(kind="os.system"), "unknown to this modelpress"),
+])
+def test_manifest_edits_that_do_not_fit_the_tensors_are_refused(export_dir, tmp_path, edit, msg):
+    from modelpress.export import load_compressed
+    d = _copy(export_dir, tmp_path / "e")
+    _edit_manifest(d, edit)
+    with pytest.raises(UserError, match=msg):
+        load_compressed(d)
+
+
+def test_mask_size_mismatch_is_refused(export_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from modelpress.export import load_compressed
+    from modelpress.io import sha256_tensor
+    d = _copy(export_dir, tmp_path / "e")
+    t = load_file(d / "model.safetensors")
+    k = next(k for k in t if k.endswith(".keep"))
+    t[k] = t[k][:-1].clone()
+    save_file(t, d / "model.safetensors", metadata={"format": "modelpress/1"})
+    _edit_manifest(d, lambda man: man["tensor_sha256"].update({k: sha256_tensor(t[k])}))
+    with pytest.raises(UserError, match="keep has shape"):
+        load_compressed(d)
+
+
+@pytest.mark.parametrize("name", ["../../etc/hostname", "/etc/hostname", "sub/../../x", "zero"])
+def test_checksum_names_stay_inside_and_name_regular_files(export_dir, tmp_path, capsys, name):
+    import os
+    import signal
+    d = _copy(export_dir, tmp_path / "e")
+    os.symlink("/dev/zero", d / "zero")
+    sums = json.loads((d / "checksums.json").read_text())
+    sums[name] = "0" * 64
+    (d / "checksums.json").write_text(json.dumps(sums))
+    signal.alarm(60)                                        # /dev/zero used to hang forever
+    try:
+        line = _one_line_error(capsys, ["inspect", str(d)])
+    finally:
+        signal.alarm(0)
+    assert "outside the export folder" in line or "not a regular file" in line
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[1, 2]", b'{"model.safetensors": 5}'])
+def test_malformed_checksums_is_one_line(export_dir, tmp_path, capsys, content):
+    d = _copy(export_dir, tmp_path / "e")
+    (d / "checksums.json").write_bytes(content)
+    _one_line_error(capsys, ["inspect", str(d)])
+
+
+@pytest.mark.parametrize("how", ["truncate", "header"])
+def test_truncated_or_header_corrupted_safetensors(export_dir, tmp_path, capsys, how):
+    from modelpress.export import load_compressed
+    d = _copy(export_dir, tmp_path / "e")
+    data = (d / "model.safetensors").read_bytes()
+    data = data[: len(data) // 2] if how == "truncate" else data[:8] + b"{\"x\": garbage" + data[21:]
+    (d / "model.safetensors").write_bytes(data)
+    _resum(d)
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        load_compressed(d)
+
+
+def test_config_values_that_do_not_fit_are_one_line(export_dir, tmp_path):
+    from modelpress.export import load_compressed
+    d = _copy(export_dir, tmp_path / "e")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["hidden_size"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    _resum(d)
+    with pytest.raises(UserError, match="config"):
+        load_compressed(d)
+    (d / "config.json").write_bytes(b"\xff\xfe not utf-8")
+    _resum(d)
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_compressed(d)
+
+
+def test_inspect_verify_prints_the_provenance_chain(export_dir, capsys):
+    from modelpress.io import sha256_file
+    assert main(["inspect", str(export_dir), "--verify"]) == 0
+    out = capsys.readouterr().out
+    calib = json.loads((export_dir / "calibration.json").read_text())["sha256"]
+    for k, v in (("recipe", sha256_file(export_dir / "recipe.yaml")), ("calibration", calib),
+                 ("weights", sha256_file(export_dir / "model.safetensors")),
+                 ("export", sha256_file(export_dir / "checksums.json"))):
+        assert f"{k}" in out and v in out
+
+
+def _certified_recipe(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(["the quick brown fox jumps over the lazy dog"] * 300))
+    recipe = {"calibration": {"source": str(text), "samples": 8, "seqlen": 32},
+              "evaluate": {"text": str(text), "seqlen": 32, "windows": 8},
+              "certify": {"property": "agreement", "eps": 0.5, "delta": 0.05, "text": str(text),
+                          "seqlen": 32, "windows": 40},
+              "stages": [{"quantize": {"method": "gptq", "bits": 8, "group_size": 32}}]}
+    import yaml
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "r.yaml"
+
+
+def test_certificate_is_tied_to_the_exact_bytes(tmp_path, capsys):
+    m = tiny_model_dir(tmp_path / "m")
+    out = tmp_path / "out"
+    assert main(["compress", str(m), "--recipe", str(_certified_recipe(tmp_path)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("= certificate") == 3, text

@@ -36,6 +36,10 @@ def add_parser(sub) -> tuple[str, ...]:
                         "with your permissions; use only folders you wrote or fully trust")
     i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
     i.add_argument("dir")
+    i.add_argument("--verify", action="store_true",
+                   help="also rebuild the model (every tensor against its sha256 and shape, every module's config "
+                        "against its tensors) and print the provenance hash chain (recipe, calibration, weights, "
+                        "export) checked against the certificate")
     for name, fn in (("compress", cmd_compress), ("eval", cmd_eval), ("inspect", cmd_inspect)):
         sub.choices[name].set_defaults(pipeline_command=fn)
     return ("compress", "eval", "inspect")
@@ -134,12 +138,16 @@ def cmd_inspect(a) -> int:
     if not (d / "modelpress.json").exists():
         raise UserError(f"{d} is not a modelpress export (no modelpress.json): pass a folder written by `compress`")
     verify(d)
-    man = json.loads((d / "modelpress.json").read_text())
-    rep = json.loads((d / "report.json").read_text()) if (d / "report.json").exists() else {}
+    from ..export.native import read_json, read_manifest
+    man = read_manifest(d)
+    rep = read_json(d / "report.json") if (d / "report.json").exists() else {}
     print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums OK")
+    if a.verify:
+        _verify_chain(d)
     kinds: dict[str, int] = {}
     for spec in man["modules"].values():
-        kinds[spec["kind"]] = kinds.get(spec["kind"], 0) + 1
+        kind = str(spec.get("kind") if isinstance(spec, dict) else spec)[:40]
+        kinds[kind] = kinds.get(kind, 0) + 1
     print("  modules: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     if rep:
         print_report(rep)
@@ -150,3 +158,28 @@ def cmd_inspect(a) -> int:
         print("  certificate: " + certify.summary(cert))
         print("  " + cert.statement)
     return 0
+
+
+def _verify_chain(d: Path) -> None:
+    """`inspect --verify`: full reload (tensor hashes, module metadata) and the provenance hash chain,
+    each link compared with the certificate's when there is one."""
+    from ..export.native import load_compressed, provenance
+    model, _ = load_compressed(d)
+    chain = provenance(d)
+    cert = None
+    if (d / "certificate.json").exists():
+        from ..certify import certificate as certify
+        certify.verify(d)
+        cert = certify.load(d)
+        chain["compressed_model"] = certify.model_sha256(model)
+        chain["certificate"] = cert.certificate_sha256
+    print("  verified: every tensor matches its sha256 and shape, every module's config fits its tensors")
+    print("  provenance (sha256):")
+    for k, v in chain.items():
+        mark = ""
+        if cert is not None and k in ("recipe", "calibration", "compressed_model") and cert.hashes.get(k):
+            if v != cert.hashes[k]:
+                raise UserError(f"{d}: the {k} hash {str(v)[:16]}... differs from the certificate's "
+                                f"{cert.hashes[k][:16]}...: the certificate does not belong to these bytes")
+            mark = "  = certificate"
+        print(f"    {k:<17}{v or '-'}{mark}")
