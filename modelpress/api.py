@@ -16,7 +16,7 @@ from . import model as _model
 from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
-from .engine.checkpoint import Run
+from .engine.checkpoint import Run, RunLock
 from .eval import eval_windows, evaluate as _evaluate, size_report
 from .export import load_model, save
 from .recipe import Recipe
@@ -79,6 +79,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
 
 
 def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32):
+    if (seqlen is not None and seqlen < 2) or (windows is not None and windows < 1):
+        from .errors import UserError
+        raise UserError(f"evaluation needs seqlen >= 2 and windows >= 1, got seqlen {seqlen}, windows {windows}")
     return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
 
 
@@ -106,13 +109,14 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
     """
     src = model_src or recipe.model or _model.REFERENCE
+    dest = out or (recipe.export.path if recipe.export else None)
+    lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest and checkpoint else None
     model, tok = load(src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
     calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
-    dest = out or (recipe.export.path if recipe.export else None)
-    run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume)
+    run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume, lock)
            if dest and checkpoint else None)
     t0 = time.perf_counter()
     stages = compress(model, recipe, calib, run)
@@ -154,6 +158,27 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
             run.close()
     report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
     return report
+
+
+def check_before_loading(recipe: Recipe, dest, resume: bool, evaluate_models: bool) -> RunLock:
+    """Everything that can be checked from the recipe and arguments, before the model is loaded: the
+    output folder (not a foreign folder, not a live run's), the calibration and evaluation texts. Returns
+    the run lock on `<dest>.partial` (held until the run closes)."""
+    from .errors import UserError
+    from .export.native import MANIFEST
+    d = Path(dest)
+    if d.exists() and (not d.is_dir() or (not (d / MANIFEST).exists() and any(d.iterdir()))):
+        raise UserError(f"output folder {d} exists and is not a modelpress export: choose a new --out")
+    if recipe.needs_calibration:
+        sources.texts(recipe.calibration.source, "calib", recipe.calibration.field)
+    if evaluate_models:
+        sources.texts(recipe.evaluate.text, "eval")
+    lock = RunLock(f"{d}.partial", d)
+    if (Path(f"{d}.partial") / "fingerprint.json").exists() and not resume:
+        lock.release()
+        raise UserError(f"an interrupted run exists in {d}.partial: pass --resume to continue it, "
+                        "or delete that folder to start over")
+    return lock
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:

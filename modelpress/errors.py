@@ -3,3 +3,26 @@
 
 class UserError(ValueError):
     """A mistake in the user's input (file, recipe, value). The CLI prints it as one line, exit 2."""
+
+
+def excerpt(value: object, limit: int = 80) -> str:
+    """repr(value) cut to `limit` characters: errors quote user input, never all of it."""
+    text = value if isinstance(value, str) else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_text(path, what: str = "file") -> str:
+    """A user's UTF-8 text file; missing, unreadable or non-UTF-8 input is a one-line UserError."""
+    from pathlib import Path
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder: pass a file") from None
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be read ({e.strerror}): check its permissions") from None

@@ -288,3 +288,188 @@ def test_certificate_is_tied_to_the_exact_bytes(tmp_path, capsys):
     assert main(["inspect", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
     assert text.count("= certificate") == 3, text
+
+
+# -- 3. every fault is a one-line error (exit 2) -----------------------------------------------------
+
+BAD_UTF8 = b"stages:\n- quantize: {bits: 4}\n# \xff\xfe caf\xe9\n"
+
+RTN = "stages:\n- quantize: {method: rtn, bits: 4, group_size: 32}\n"
+
+
+def test_non_utf8_inputs_are_one_line(tmp_path, capsys):
+    from modelpress.tabular.student import MLPStudent, export_onnx
+    (tmp_path / "bad.yaml").write_bytes(BAD_UTF8)
+    assert "not UTF-8" in _one_line_error(capsys, ["compress", "smollm2", "--recipe", str(tmp_path / "bad.yaml"),
+                                                   "--out", str(tmp_path / "o")])
+    m = tiny_model_dir(tmp_path / "m")
+    assert "not UTF-8" in _one_line_error(capsys, ["deploy", str(m), "--device", str(tmp_path / "bad.yaml")])
+    export_onnx(MLPStudent(2, 2, (4,)).eval(), 2, tmp_path / "t.onnx")
+    spec = ["tabular", "distill", str(tmp_path / "t.onnx"), "--budget", "50", "--out", str(tmp_path / "o")]
+    assert "not UTF-8" in _one_line_error(capsys, [*spec, "--spec", str(tmp_path / "bad.yaml")])
+    (tmp_path / "s.yaml").write_text("features:\n- {name: a, range: [0, 1]}\n- {name: b, range: [0, 1]}\n")
+    (tmp_path / "e.csv").write_bytes(b"a,b\n0.1,0.\xff\n")
+    assert "not UTF-8" in _one_line_error(capsys, [*spec, "--spec", str(tmp_path / "s.yaml"),
+                                                   "--eval", str(tmp_path / "e.csv")])
+    (tmp_path / "t.txt").write_bytes(b"\xff\xfe\x00 x")
+    assert "not UTF-8" in _one_line_error(capsys, ["eval", str(m), "--text", str(tmp_path / "t.txt")])
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "./no-such-model", "--windows", "-1"], "--windows -1"),
+    (["eval", "./no-such-model", "--windows", "0"], "--windows 0"),
+    (["eval", "./no-such-model", "--seqlen", "0"], "--seqlen 0"),
+    (["deploy", "smollm2", "--bits", "-4"], "--bits -4"),
+    (["deploy", "smollm2", "--context", "0"], "--context 0"),
+])
+def test_silently_wrong_values_are_refused_before_any_work(capsys, argv, msg):
+    assert msg in _one_line_error(capsys, argv)
+
+
+def test_report_out_existing_folder(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    assert "is a folder" in _one_line_error(capsys, ["report", str(tmp_path), "--out", str(tmp_path / "r")])
+
+
+def test_yaml_alias_bomb_is_refused_with_a_short_line(tmp_path, capsys):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]")
+    lines.append("stages: [*i]")
+    bomb = "\n".join(lines) + "\n"
+    assert len(bomb) < 450
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    line = _one_line_error(capsys, ["compress", "smollm2", "--recipe", str(tmp_path / "bomb.yaml"),
+                                    "--out", str(tmp_path / "o")])
+    assert "alias" in line
+
+
+def test_error_lines_quote_a_short_excerpt(tmp_path, capsys):
+    (tmp_path / "r.yaml").write_text("stages:\n- quantize: {method: " + "x" * 100000 + "}\n")
+    line = _one_line_error(capsys, ["compress", "smollm2", "--recipe", str(tmp_path / "r.yaml"),
+                                    "--out", str(tmp_path / "o")])
+    assert "quantize.method" in line
+
+
+def _compress_argv(tmp_path, out):
+    (tmp_path / "rtn.yaml").write_text(RTN)
+    return ["compress", str(tiny_model_dir(tmp_path / "m")), "--recipe", str(tmp_path / "rtn.yaml"),
+            "--out", str(out), "--no-eval"]
+
+
+def test_disk_full_and_read_only_output_are_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import modelpress.io as mio
+    from safetensors import SafetensorError
+    argv = _compress_argv(tmp_path, tmp_path / "out")
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" }) (os error 28)")
+    monkeypatch.setattr(mio, "save_file", full)
+    assert "disk full" in _one_line_error(capsys, argv)
+    monkeypatch.undo()
+
+    def read_only(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path))
+    monkeypatch.setattr(mio.tempfile, "mkdtemp", read_only)
+    argv[argv.index("--out") + 1] = str(tmp_path / "out2")
+    assert "Permission denied" in _one_line_error(capsys, argv)
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_two_processes_fill_an_empty_cache_once(tmp_path):
+    import subprocess
+    import sys
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from modelpress.model import cached_conversion\n"
+        "out, log = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "def convert(tmp):\n"
+        "    with open(log, 'a') as f: f.write('converted\\n')\n"
+        "    time.sleep(1.5)\n"
+        "    (tmp / 'config.json').write_text('{}')\n"
+        "print(cached_conversion(out, convert))\n")
+    args = [sys.executable, "-c", script, str(tmp_path / "cache" / "ref"), str(tmp_path / "log")]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    res = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], res
+    assert (tmp_path / "log").read_text() == "converted\n"
+    assert (tmp_path / "cache" / "ref" / "config.json").exists()
+
+
+# -- 4. validate before the expensive work ---------------------------------------------------------
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--calib-samples", "0"], "calibration.samples"),
+    (["--calib-seqlen", "1"], "calibration.seqlen"),
+    (["--calib-select", "nope"], "calibration.select"),
+])
+def test_calibration_settings_checked_before_loading(tmp_path, capsys, extra, msg):
+    (tmp_path / "g.yaml").write_text("stages:\n- quantize: {method: gptq, bits: 4}\n")
+    line = _one_line_error(capsys, ["compress", str(tmp_path / "no-model"), "--recipe", str(tmp_path / "g.yaml"),
+                                    "--out", str(tmp_path / "o"), *extra])
+    assert msg in line
+
+
+def test_out_and_texts_checked_before_loading(tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "g.yaml").write_text("calibration: {source: " + str(tmp_path / "missing.txt") + "}\n"
+                                     "stages:\n- quantize: {method: gptq, bits: 4}\n")
+    base = ["compress", str(tmp_path / "no-model"), "--recipe", str(tmp_path / "g.yaml")]   # the model is never loaded
+    assert "not a modelpress export" in _one_line_error(capsys, [*base, "--out", str(foreign)])
+    assert "missing.txt does not exist" in _one_line_error(capsys, [*base, "--out", str(tmp_path / "o")])
+    assert (foreign / "notes.txt").read_text() == "mine" and not (tmp_path / "o.partial").exists()
+
+
+def test_a_live_run_is_reported_running_with_its_pid(tmp_path, capsys):
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import sys, time\nfrom modelpress.engine.checkpoint import RunLock\n"
+                               f"lock = RunLock({str(out) + '.partial'!r}, {str(out)!r})\n"
+                               "print('locked', flush=True)\ntime.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = _one_line_error(capsys, _compress_argv(tmp_path, out))
+        assert "still writing" in line and f"pid {holder.pid}" in line and "interrupted" not in line
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    (tmp_path / f".{out.name}.tmp-leftover").mkdir()            # what a kill during export leaves
+    (tmp_path / f".{out.name}.tmp-leftover" / "model.safetensors").write_bytes(b"x" * 100)
+    capsys.readouterr()
+    assert main(_compress_argv(tmp_path, out)) == 0                # the dead owner's lock is free again
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert not (tmp_path / "out.partial.lock").exists()
+
+
+def test_resume_removes_temporaries_a_kill_left(tmp_path):
+    from modelpress.engine.checkpoint import RunLock
+    out = tmp_path / "out"
+    part = tmp_path / "out.partial" / "stage0"
+    part.mkdir(parents=True)
+    (part / ".layer3.safetensors.abc123.tmp").write_bytes(b"half")
+    (part / "layer2.safetensors").write_bytes(b"kept")
+    (tmp_path / ".out.tmp-xyz").mkdir()
+    lock = RunLock(tmp_path / "out.partial", out)
+    assert not (part / ".layer3.safetensors.abc123.tmp").exists() and not (tmp_path / ".out.tmp-xyz").exists()
+    assert (part / "layer2.safetensors").read_bytes() == b"kept"
+    lock.release()
+
+
+def test_compress_help_explains_calibration_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--calib-select", "--calib-samples", "--calib-seqlen", "--calib-seed"):
+        assert flag in out
+    assert "number of calibration windows" in out and "tokens per calibration window" in out

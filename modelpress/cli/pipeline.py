@@ -13,10 +13,14 @@ def add_parser(sub) -> tuple[str, ...]:
     c.add_argument("model", help='"smollm2", an HF folder, a .gguf file or a hub id')
     c.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
     c.add_argument("--out", required=True, help="export folder")
-    c.add_argument("--calib-select")
-    c.add_argument("--calib-samples", type=int)
-    c.add_argument("--calib-seqlen", type=int)
-    c.add_argument("--calib-seed", type=int)
+    c.add_argument("--calib-select", metavar="METHOD",
+                   help="override the recipe's calibration.select: how calibration windows are chosen "
+                        "(random, or another selector of modelpress.calib.select)")
+    c.add_argument("--calib-samples", type=int, metavar="N",
+                   help="override calibration.samples: number of calibration windows (>= 1)")
+    c.add_argument("--calib-seqlen", type=int, metavar="TOKENS",
+                   help="override calibration.seqlen: tokens per calibration window (>= 2)")
+    c.add_argument("--calib-seed", type=int, metavar="SEED", help="override calibration.seed (window selection)")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--offload", action="store_true",
@@ -85,7 +89,7 @@ def cmd_compress(a) -> int:
     from ..api import run_recipe
     from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
-    if a.calib_select or a.calib_samples or a.calib_seqlen or a.calib_seed is not None:
+    if any(v is not None for v in (a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)):
         d = recipe.to_dict()
         c = d["calibration"]
         for k, v in (("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
@@ -112,6 +116,11 @@ def cmd_compress(a) -> int:
 
 def cmd_eval(a) -> int:
     from ..api import evaluate, load
+    if a.seqlen is not None and a.seqlen < 2:                       # checked before loading anything
+        raise UserError(f"--seqlen {a.seqlen} is out of range: give at least 2 tokens per window (or omit it: "
+                        "512 on CPU, 2048 on GPU)")
+    if a.windows < 1:
+        raise UserError(f"--windows {a.windows} is out of range: give at least 1 window")
     if a.tasks_dir and not a.trust_tasks_code:                      # before loading anything
         from ..eval.lm_eval_bridge import TASKS_CODE_RISK
         raise UserError(f"--tasks-dir {a.tasks_dir}: {TASKS_CODE_RISK}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.errors import UserError
+from modelpress.errors import UserError, excerpt, read_text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def _read_eval(path: str, d: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--eval file {p} not found; pass a CSV of held-out feature rows")
-    first = (p.read_text().splitlines() or [""])[0]
+    first = (read_text(p, "--eval file").splitlines() or [""])[0]
     try:
         [float(c) for c in first.split(",")]
         has_header = False
@@ -59,7 +59,7 @@ def _read_eval(path: str, d: int) -> np.ndarray:
     try:
         X = np.loadtxt(p, delimiter=",", skiprows=1 if has_header else 0, ndmin=2)
     except ValueError as e:
-        raise UserError(f"--eval file {p}: not a numeric CSV ({e}); encode categories as numbers") from None
+        raise UserError(f"--eval file {p}: not a numeric CSV ({excerpt(str(e), 120)}); encode categories as numbers") from None
     if X.shape[1] != d:
         raise UserError(f"--eval file {p} has {X.shape[1]} columns but the spec has {d} features")
     return X

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, read_text
 
 GiB = 1024 ** 3
 GB = 1e9
@@ -137,7 +137,7 @@ def load_profile(spec: str | Path) -> DeviceProfile:
         if not path.is_file():
             raise UserError(f"device profile {spec} does not exist: pass a YAML file or one of "
                             f"{', '.join(builtin_profiles())}")
-        text, source = path.read_text(), str(path)
+        text, source = read_text(path, "device profile"), str(path)
     else:
         res = resources.files(__package__) / PROFILE_DIR / f"{spec}.yaml"
         if not res.is_file():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.errors import UserError
+from modelpress.errors import UserError, read_text
 
 KINDS = ("numeric", "integer", "categorical")
 
@@ -131,7 +131,7 @@ def load_spec(path: str | Path) -> FeatureSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"spec file {path} not found; pass an existing YAML/JSON file to --spec")
-    text = path.read_text()
+    text = read_text(path, "spec file")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
