@@ -17,11 +17,17 @@ from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
 from .engine.checkpoint import Run, RunLock
-from .eval import eval_windows, evaluate as _evaluate, size_report
+from .eval import eval_windows, evaluate as _evaluate_windows, size_report
 from .export import load_model, save
+from .progress import timed
 from .recipe import Recipe
 
 log = logging.getLogger("modelpress")
+
+
+def _evaluate(model, *args, **kwargs):
+    """modelpress.eval.evaluate with progress lines (long runs talk, also in logs)."""
+    return timed("evaluation", _evaluate_windows, model, *args, **kwargs)
 
 
 def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
@@ -65,10 +71,11 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
             out.append(json.loads((run.stage_dir(k) / "stats.json").read_text()))
             continue
         t0 = time.perf_counter()
+        label = f"stage {k + 1}/{len(stages)}: {name}"
         if run is not None and "checkpoint" in inspect.signature(cfg.apply).parameters:
-            st = cfg.apply(model, calib, checkpoint=run.checkpoint(k))
+            st = timed(label, cfg.apply, model, calib, checkpoint=run.checkpoint(k))
         else:
-            st = cfg.apply(model, calib)
+            st = timed(label, cfg.apply, model, calib)
         st = {"name": name, "config": Recipe.stage_dict(name, cfg),
               "seconds": time.perf_counter() - t0, **st}
         log.info(st["summary"])
@@ -111,10 +118,10 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     src = model_src or recipe.model or _model.REFERENCE
     dest = out or (recipe.export.path if recipe.export else None)
     lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest and checkpoint else None
-    model, tok = load(src, recipe.dtype)
+    model, tok = timed(f"load {src}", load, src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
-    calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
+    calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
     run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume, lock)
            if dest and checkpoint else None)
@@ -140,18 +147,18 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
-        save(model, tok, dest, recipe=recipe.to_dict(), report=report,
-             calibration=calib.provenance if calib is not None else None)
+        timed(f"export {dest}", save, model, tok, dest, recipe=recipe.to_dict(), report=report,
+              calibration=calib.provenance if calib is not None else None)
         report["export"] = str(dest)
         if "compressed-tensors" in recipe.export.formats:
             from .export.compressed_tensors import save_compressed_tensors
-            report["export_compressed_tensors"] = str(save_compressed_tensors(model, tok, Path(dest) / "compressed-tensors"))
+            report["export_compressed_tensors"] = str(timed("compressed-tensors export", save_compressed_tensors, model, tok, Path(dest) / "compressed-tensors"))
         if "gguf" in recipe.export.formats:
             from .export.gguf import save_gguf
-            report["export_gguf"] = save_gguf(model, tok, Path(dest) / "model.gguf")["summary"]
+            report["export_gguf"] = timed("GGUF export", save_gguf, model, tok, Path(dest) / "model.gguf")["summary"]
         if recipe.certify and original is not None:
             from .certify import certificate as _certify
-            cert = _certify.certify_recipe_block(recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
+            cert = timed("certificate", _certify.certify_recipe_block, recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
             _certify.save(cert, dest)              # last write: the certificate covers every file
             report["certificate"] = cert.to_dict()
         if run is not None:

@@ -7,8 +7,7 @@ class UserError(ValueError):
 
 def excerpt(value: object, limit: int = 80) -> str:
     """repr(value) cut to `limit` characters: errors quote user input, never all of it."""
-    text = value if isinstance(value, str) else repr(value)
-    text = " ".join(text.split())
+    text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

@@ -228,4 +228,4 @@ def build(cls, d, where: str, nested: bool = True):
     try:
         return cls(**{k: _coerce(v, hints.get(k)) for k, v in d.items()})
     except TypeError as e:
-        raise UserError(f"{where}: {excerpt(str(e), 200)}") from None
+        raise UserError(f"{where}: {str(e)[:200]}") from None

@@ -473,3 +473,48 @@ def test_compress_help_explains_calibration_options(capsys):
     for flag in ("--calib-select", "--calib-samples", "--calib-seqlen", "--calib-seed"):
         assert flag in out
     assert "number of calibration windows" in out and "tokens per calibration window" in out
+
+
+# -- 5. long runs talk, also in logs ----------------------------------------------------------------
+
+def test_compress_with_stderr_to_a_file_logs_every_step(tmp_path):
+    """A tiny GPTQ run with stderr a file (not a terminal): plain progress lines for load, calibration,
+    each stage with layer i/N, evaluation and export."""
+    import os
+    import re
+    import subprocess
+    import sys
+    m = tiny_model_dir(tmp_path / "m", layers=3)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(["the quick brown fox jumps over the lazy dog"] * 300))
+    (tmp_path / "r.yaml").write_text(
+        f"calibration: {{source: {text}, samples: 4, seqlen: 32}}\n"
+        f"evaluate: {{text: {text}, seqlen: 32, windows: 4}}\n"
+        "stages:\n- quantize: {method: gptq, bits: 4, group_size: 32}\n")
+    log = tmp_path / "run.log"
+    env = {**os.environ, "MODELPRESS_PROGRESS_INTERVAL": "0"}
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, "-m", "modelpress.cli", "compress", str(m), "--recipe",
+                             str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")],
+                            stderr=f, stdout=subprocess.DEVNULL, env=env, timeout=300).returncode
+    lines = log.read_text().splitlines()
+    assert rc == 0, lines[-20:]
+    assert any(re.search(r"GPTQ .*: 3/3, elapsed \d+ s$", x) for x in lines), lines
+    assert any(re.search(r"GPTQ .*: 1/3, elapsed \d+ s, ETA", x) for x in lines), lines
+    for label in ("load ", "calibration set", "stage 1/1: quantize", "evaluation", "export "):
+        assert any(x.startswith(label) and x.endswith("...") for x in lines), (label, lines)
+        assert any(x.startswith(label) and ": done in" in x for x in lines), (label, lines)
+
+
+def test_step_reports_while_running(caplog, monkeypatch):
+    import logging
+    import time
+
+    from modelpress.progress import step
+    monkeypatch.setenv("MODELPRESS_PROGRESS_INTERVAL", "0.05")
+    with caplog.at_level(logging.INFO, logger="modelpress"):
+        with step("packing"):
+            time.sleep(0.3)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs[0] == "packing ..." and msgs[-1].startswith("packing: done in")
+    assert sum("still running" in x for x in msgs) >= 2

@@ -124,11 +124,12 @@ def cmd_eval(a) -> int:
     if a.tasks_dir and not a.trust_tasks_code:                      # before loading anything
         from ..eval.lm_eval_bridge import TASKS_CODE_RISK
         raise UserError(f"--tasks-dir {a.tasks_dir}: {TASKS_CODE_RISK}")
-    model, tok = load(a.model)
+    from ..progress import timed
+    model, tok = timed(f"load {a.model}", load, a.model)
     if a.tasks:
         from ..eval.lm_eval_bridge import print_results, run_tasks
-        print_results(run_tasks(model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
-                                include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
+        print_results(timed("lm-eval tasks", run_tasks, model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
+                            include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
         return 0
     ref = load(a.reference)[0] if a.reference else None
     res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.errors import UserError, excerpt, read_text
+from modelpress.errors import UserError, read_text
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def _read_eval(path: str, d: int) -> np.ndarray:
     try:
         X = np.loadtxt(p, delimiter=",", skiprows=1 if has_header else 0, ndmin=2)
     except ValueError as e:
-        raise UserError(f"--eval file {p}: not a numeric CSV ({excerpt(str(e), 120)}); encode categories as numbers") from None
+        raise UserError(f"--eval file {p}: not a numeric CSV ({str(e)[:120]}); encode categories as numbers") from None
     if X.shape[1] != d:
         raise UserError(f"--eval file {p} has {X.shape[1]} columns but the spec has {d} features")
     return X
