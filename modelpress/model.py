@@ -83,7 +83,6 @@ def cached_conversion(out: Path, convert) -> Path:
 def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32):
     """Load a causal LM and its tokenizer from: "smollm2" (the reference model), a local HF folder, a
     local .gguf file, or a hub id. Returns (model, tokenizer), eval mode. (Exports: modelpress.export.load_model.)"""
-    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = str(src)
     path = Path(src)
@@ -105,7 +104,8 @@ def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32)
     try:
         tok = AutoTokenizer.from_pretrained(path if path.exists() else src, **kw)
         model = AutoModelForCausalLM.from_pretrained(path if path.exists() else src, dtype=dtype, **kw)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, SafetensorError) as e:
+    except Exception as e:                 # anything in a user's folder: a one-line error, never a traceback
+        e = e.__cause__ or e               # e.g. a config validator's ValueError inside transformers' wrapper
         first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
         raise UserError(f"cannot load model {src}: {first} (modelpress supports causal LMs that "
                         "transformers' AutoModelForCausalLM loads)") from None

@@ -170,8 +170,8 @@ def test_consistent_weight_edit_is_caught_by_tensor_hashes(export_dir, tmp_path,
     _resum(d)                                               # checksums.json rewritten to match
     with pytest.raises(UserError, match="does not match its sha256"):
         load_compressed(d)
-    line = _one_line_error(capsys, ["inspect", str(d), "--verify"])
-    assert "sha256" in line
+    for argv in (["inspect", str(d)], ["inspect", str(d), "--verify"], ["eval", str(d), "--windows", "1"]):
+        assert "does not match its sha256" in _one_line_error(capsys, argv)
 
 
 @pytest.mark.parametrize("edit,msg", [
@@ -518,3 +518,19 @@ def test_step_reports_while_running(caplog, monkeypatch):
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[0] == "packing ..." and msgs[-1].startswith("packing: done in")
     assert sum("still running" in x for x in msgs) >= 2
+
+
+@pytest.mark.parametrize("fault", ["truncated", "header", "config"])
+def test_broken_hf_folder_is_one_line(tmp_path, capsys, fault):
+    m = tiny_model_dir(tmp_path / "m")
+    w = m / "model.safetensors"
+    if fault == "truncated":
+        w.write_bytes(w.read_bytes()[:1000])
+    elif fault == "header":
+        data = w.read_bytes()
+        w.write_bytes(data[:8] + b"{garbage" + data[16:])
+    else:
+        cfg = json.loads((m / "config.json").read_text())
+        cfg.update(hidden_size=60, num_attention_heads=7)
+        (m / "config.json").write_text(json.dumps(cfg))
+    assert "cannot load model" in _one_line_error(capsys, ["eval", str(m), "--windows", "1"])

@@ -148,10 +148,11 @@ def cmd_inspect(a) -> int:
     if not (d / "modelpress.json").exists():
         raise UserError(f"{d} is not a modelpress export (no modelpress.json): pass a folder written by `compress`")
     verify(d)
-    from ..export.native import read_json, read_manifest
+    from ..export.native import WEIGHTS, check_tensors, member, read_json, read_manifest, read_safetensors
     man = read_manifest(d)
+    check_tensors(read_safetensors(member(d, WEIGHTS, str(d))), man.get("tensor_sha256", {}), str(d / WEIGHTS))
     rep = read_json(d / "report.json") if (d / "report.json").exists() else {}
-    print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums OK")
+    print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums and tensor hashes OK")
     if a.verify:
         _verify_chain(d)
     kinds: dict[str, int] = {}

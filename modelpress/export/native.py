@@ -362,7 +362,7 @@ def load_compressed(folder: str | os.PathLike, check: bool = True):
     with init_empty_weights():
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, AssertionError) as e:
+        except Exception as e:                  # e.g. hidden size not a multiple of the heads
             raise UserError(f"{folder / 'config.json'}: its values do not fit together ({type(e).__name__}: "
                             f"{str(e)[:120]}): re-export the model") from None
     normalize(model)
@@ -379,7 +379,7 @@ def _config(folder: Path):
     read_json(member(folder, "config.json", str(folder)), "model config")     # one-line errors for bad JSON
     try:
         return AutoConfig.from_pretrained(folder)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+    except Exception as e:
         raise UserError(f"{folder / 'config.json'} is not a usable model config ({type(e).__name__}: "
                         f"{str(e)[:120]}): re-export the model") from None
 
