@@ -1,4 +1,5 @@
-"""User-facing errors: one line that names the field or file and the fix (safetensors style)."""
+"""User-facing errors: one line that names the field or file and the fix (safetensors style); and the
+guarded readers of user files (UTF-8 text, YAML without aliases) that raise them."""
 
 
 class UserError(ValueError):
@@ -25,3 +26,18 @@ def read_text(path, what: str = "file") -> str:
         raise UserError(f"{what} {path} is a folder: pass a file") from None
     except OSError as e:
         raise UserError(f"{what} {path} cannot be read ({e.strerror}): check its permissions") from None
+
+
+def yaml_load(text: str):
+    """yaml.safe_load without aliases (*name): a few hundred bytes of nested aliases expand into gigabytes
+    (a "billion laughs" bomb), and no modelpress input (recipe, device profile, tabular spec) needs them.
+    An alias raises yaml.composer.ComposerError ("found a YAML alias"), a yaml.YAMLError."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "found a YAML alias", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliasLoader)

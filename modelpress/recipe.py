@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError, excerpt, read_text
+from .errors import UserError, excerpt, read_text, yaml_load
 from .stages.cluster import Cluster
 from .stages.lossless import Lossless
 from .stages.lowrank import LowRank
@@ -134,7 +134,7 @@ class Recipe:
         p = resolve(path)
         text = read_text(p, "recipe")
         try:
-            data = yaml.load(text, Loader=NoAliasLoader)
+            data = yaml_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
@@ -173,16 +173,6 @@ class Recipe:
         return self.order == "auto" or any(
             getattr(cfg, "method", None) in ("gptq", "wanda", "sparsegpt") or getattr(cfg, "needs_calibration", False)
             for _, cfg in self.stages)
-
-
-class NoAliasLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses aliases (*name): a few hundred bytes of nested aliases expand into
-    gigabytes (a "billion laughs" bomb), and a recipe never needs them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            raise yaml.composer.ComposerError(None, None, "found a YAML alias", self.peek_event().start_mark)
-        return super().compose_node(parent, index)
 
 
 def resolve(path: str | os.PathLike) -> Path:

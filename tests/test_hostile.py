@@ -288,6 +288,8 @@ def test_certificate_is_tied_to_the_exact_bytes(tmp_path, capsys):
     assert main(["inspect", str(out), "--verify"]) == 0
     text = capsys.readouterr().out
     assert text.count("= certificate") == 3, text
+    (out / "certificate.json").write_bytes(b"\xff\xfe{}")
+    assert "certificate" in _one_line_error(capsys, ["inspect", str(out)])
 
 
 # -- 3. every fault is a one-line error (exit 2) -----------------------------------------------------
@@ -342,6 +344,8 @@ def test_yaml_alias_bomb_is_refused_with_a_short_line(tmp_path, capsys):
     line = _one_line_error(capsys, ["compress", "smollm2", "--recipe", str(tmp_path / "bomb.yaml"),
                                     "--out", str(tmp_path / "o")])
     assert "alias" in line
+    m = tiny_model_dir(tmp_path / "m")
+    assert "alias" in _one_line_error(capsys, ["deploy", str(m), "--device", str(tmp_path / "bomb.yaml")])
 
 
 def test_error_lines_quote_a_short_excerpt(tmp_path, capsys):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError, read_text
+from ..errors import UserError, read_text, yaml_load
 
 GiB = 1024 ** 3
 GB = 1e9
@@ -145,7 +145,7 @@ def load_profile(spec: str | Path) -> DeviceProfile:
                             "or a path to your own profile YAML")
         text, source = res.read_text(), f"{spec}.yaml"
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{source}: not valid YAML ({first})") from None

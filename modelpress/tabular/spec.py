@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.errors import UserError, read_text
+from modelpress.errors import UserError, read_text, yaml_load
 
 KINDS = ("numeric", "integer", "categorical")
 
@@ -136,8 +136,7 @@ def load_spec(path: str | Path) -> FeatureSpec:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-            data = yaml.safe_load(text)
+            data = yaml_load(text)
     except Exception as e:  # parse errors of either format
         raise UserError(f"spec file {path}: cannot parse ({type(e).__name__}); fix the syntax") from None
     return spec_from_dict(data, str(path))
