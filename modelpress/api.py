@@ -6,6 +6,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     """
     src = model_src or recipe.model or _model.REFERENCE
     dest = out or (recipe.export.path if recipe.export else None)
-    lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest and checkpoint else None
+    lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
     model, tok = timed(f"load {src}", load, src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
@@ -176,6 +177,9 @@ def check_before_loading(recipe: Recipe, dest, resume: bool, evaluate_models: bo
     d = Path(dest)
     if d.exists() and (not d.is_dir() or (not (d / MANIFEST).exists() and any(d.iterdir()))):
         raise UserError(f"output folder {d} exists and is not a modelpress export: choose a new --out")
+    parent = next(p for p in d.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output folder {d}: {parent} is not writable; choose another --out")
     if recipe.needs_calibration:
         sources.texts(recipe.calibration.source, "calib", recipe.calibration.field)
     if evaluate_models:
