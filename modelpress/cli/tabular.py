@@ -1,6 +1,6 @@
 """`modelpress tabular distill`: data-free distillation of a tabular classifier (TabKD, arXiv 2603.15481).
 
-    modelpress tabular distill TEACHER.pkl --spec SPEC.yaml --budget N --out DIR
+    modelpress tabular distill TEACHER.onnx --spec SPEC.yaml --budget N --out DIR
 
 writes DIR/student.safetensors, DIR/student.onnx (unless --no-onnx), DIR/spec.yaml (the spec
 used, inferred from tree thresholds when --spec is omitted) and DIR/report.json (queries,
