@@ -152,9 +152,10 @@ def cmd_inspect(a) -> int:
     man = read_manifest(d)
     check_tensors(read_safetensors(member(d, WEIGHTS, str(d))), man.get("tensor_sha256", {}), str(d / WEIGHTS))
     rep = read_json(d / "report.json") if (d / "report.json").exists() else {}
+    chain = _verify_chain(d) if a.verify else []       # every check before anything is printed
     print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums and tensor hashes OK")
-    if a.verify:
-        _verify_chain(d)
+    for line in chain:
+        print(line)
     kinds: dict[str, int] = {}
     for spec in man["modules"].values():
         kind = str(spec.get("kind") if isinstance(spec, dict) else spec)[:40]
@@ -171,9 +172,9 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-def _verify_chain(d: Path) -> None:
+def _verify_chain(d: Path) -> list[str]:
     """`inspect --verify`: full reload (tensor hashes, module metadata) and the provenance hash chain,
-    each link compared with the certificate's when there is one."""
+    each link compared with the certificate's when there is one. Returns the lines to print."""
     from ..export.native import load_compressed, provenance
     model, _ = load_compressed(d)
     chain = provenance(d)
@@ -184,8 +185,8 @@ def _verify_chain(d: Path) -> None:
         cert = certify.load(d)
         chain["compressed_model"] = certify.model_sha256(model)
         chain["certificate"] = cert.certificate_sha256
-    print("  verified: every tensor matches its sha256 and shape, every module's config fits its tensors")
-    print("  provenance (sha256):")
+    lines = ["  verified: every tensor matches its sha256 and shape, every module's config fits its tensors",
+             "  provenance (sha256):"]
     for k, v in chain.items():
         mark = ""
         if cert is not None and k in ("recipe", "calibration", "compressed_model") and cert.hashes.get(k):
@@ -193,4 +194,5 @@ def _verify_chain(d: Path) -> None:
                 raise UserError(f"{d}: the {k} hash {str(v)[:16]}... differs from the certificate's "
                                 f"{cert.hashes[k][:16]}...: the certificate does not belong to these bytes")
             mark = "  = certificate"
-        print(f"    {k:<17}{v or '-'}{mark}")
+        lines.append(f"    {k:<17}{v or '-'}{mark}")
+    return lines
