@@ -538,3 +538,26 @@ def test_broken_hf_folder_is_one_line(tmp_path, capsys, fault):
         cfg.update(hidden_size=60, num_attention_heads=7)
         (m / "config.json").write_text(json.dumps(cfg))
     assert "cannot load model" in _one_line_error(capsys, ["eval", str(m), "--windows", "1"])
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 300 kB tmpfs (root only; skipped where mounting is not allowed)."""
+    import subprocess
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_real_full_and_read_only_disks(tmp_path, capsys, tiny_fs):
+    import subprocess
+    argv = _compress_argv(tmp_path, tiny_fs / "out")
+    assert "No space left on device" in _one_line_error(capsys, argv)
+    assert not [p for p in tiny_fs.iterdir() if ".tmp-" in p.name]          # the half export is gone
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    argv[argv.index("--out") + 1] = str(tiny_fs / "out2")
+    assert "not writable" in _one_line_error(capsys, argv)
