@@ -561,3 +561,13 @@ def test_real_full_and_read_only_disks(tmp_path, capsys, tiny_fs):
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     argv[argv.index("--out") + 1] = str(tiny_fs / "out2")
     assert "not writable" in _one_line_error(capsys, argv)
+
+
+@pytest.mark.parametrize("name,content", [("tokenizer_config.json", b"{broken"), ("report.json", b'{"size": 5}')])
+def test_consistently_edited_side_files_are_one_line(tmp_path, capsys, name, content):
+    out = tmp_path / "out"
+    assert main([*_compress_argv(tmp_path, out)]) == 0
+    (out / name).write_bytes(content)
+    _resum(out)
+    cmd = ["inspect", str(out), "--verify"] if name.startswith("tokenizer") else ["inspect", str(out)]
+    _one_line_error(capsys, cmd)

@@ -162,7 +162,11 @@ def cmd_inspect(a) -> int:
         kinds[kind] = kinds.get(kind, 0) + 1
     print("  modules: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     if rep:
-        print_report(rep)
+        try:
+            print_report(rep)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise UserError(f"{d / 'report.json'} does not have the fields of a modelpress report: "
+                            "re-export the model") from None
     if (d / "certificate.json").exists():
         from ..certify import certificate as certify
         certify.verify(d)                          # UserError on any tampering

@@ -370,7 +370,11 @@ def load_compressed(folder: str | os.PathLike, check: bool = True):
     if check:
         check_tensors(tensors, manifest.get("tensor_sha256", {}), str(folder / WEIGHTS))
     apply_state(model, tensors, manifest["modules"], manifest.get("aliases", {}), str(folder))
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    try:
+        tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    except Exception as e:                      # corrupted tokenizer files: one line, never a traceback
+        raise UserError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: {str(e)[:120]}): "
+                        "re-export the model") from None
     return model.eval(), tok
 
 
