@@ -123,6 +123,15 @@ def test_tasks_dir_is_code_and_needs_the_flag(tmp_path, capsys):
     m = tiny_model_dir(tmp_path / "m")
     line = _one_line_error(capsys, ["eval", str(m), "--tasks", "evil", "--tasks-dir", str(d)])
     assert "--trust-tasks-code" in line and not marker.exists()
+    from modelpress.api import load
+    from modelpress.eval.lm_eval_bridge import run_tasks
+    model, tok = load(m)
+    with pytest.raises(UserError, match="--trust-tasks-code"):
+        run_tasks(model, tok, "evil", include_path=str(d), include_defaults=False)
+    assert not marker.exists()
+    with pytest.raises(Exception):          # with the flag lm-eval imports utils.py (then fails: no data)
+        run_tasks(model, tok, "evil", include_path=str(d), include_defaults=False, trust_code=True)
+    assert marker.exists()
 
 
 # -- 2. tamper-evident exports ----------------------------------------------------------------------
