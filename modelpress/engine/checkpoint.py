@@ -123,7 +123,10 @@ class RunLock:
             self.fd = None
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:                          # interpreter shutdown: the OS drops the lock anyway
+            pass
 
 
 def claim(folder: Path, fingerprint: str, resume: bool, inputs: str) -> None:
