@@ -6,6 +6,7 @@ import copy
 import inspect
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -16,12 +17,18 @@ from . import model as _model
 from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
-from .engine.checkpoint import Run
-from .eval import eval_windows, evaluate as _evaluate, size_report
+from .engine.checkpoint import Run, RunLock
+from .eval import eval_windows, evaluate as _evaluate_windows, size_report
 from .export import load_model, save
+from .progress import timed
 from .recipe import Recipe
 
 log = logging.getLogger("modelpress")
+
+
+def _evaluate(model, *args, **kwargs):
+    """modelpress.eval.evaluate with progress lines (long runs talk, also in logs)."""
+    return timed("evaluation", _evaluate_windows, model, *args, **kwargs)
 
 
 def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
@@ -65,10 +72,11 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
             out.append(json.loads((run.stage_dir(k) / "stats.json").read_text()))
             continue
         t0 = time.perf_counter()
+        label = f"stage {k + 1}/{len(stages)}: {name}"
         if run is not None and "checkpoint" in inspect.signature(cfg.apply).parameters:
-            st = cfg.apply(model, calib, checkpoint=run.checkpoint(k))
+            st = timed(label, cfg.apply, model, calib, checkpoint=run.checkpoint(k))
         else:
-            st = cfg.apply(model, calib)
+            st = timed(label, cfg.apply, model, calib)
         st = {"name": name, "config": Recipe.stage_dict(name, cfg),
               "seconds": time.perf_counter() - t0, **st}
         log.info(st["summary"])
@@ -79,6 +87,9 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
 
 
 def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32):
+    if (seqlen is not None and seqlen < 2) or (windows is not None and windows < 1):
+        from .errors import UserError
+        raise UserError(f"evaluation needs seqlen >= 2 and windows >= 1, got seqlen {seqlen}, windows {windows}")
     return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
 
 
@@ -106,13 +117,14 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
     """
     src = model_src or recipe.model or _model.REFERENCE
-    model, tok = load(src, recipe.dtype)
+    dest = out or (recipe.export.path if recipe.export else None)
+    lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
+    model, tok = timed(f"load {src}", load, src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
-    calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
+    calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
-    dest = out or (recipe.export.path if recipe.export else None)
-    run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume)
+    run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume, lock)
            if dest and checkpoint else None)
     t0 = time.perf_counter()
     stages = compress(model, recipe, calib, run)
@@ -136,24 +148,48 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
-        save(model, tok, dest, recipe=recipe.to_dict(), report=report,
-             calibration=calib.provenance if calib is not None else None)
+        timed(f"export {dest}", save, model, tok, dest, recipe=recipe.to_dict(), report=report,
+              calibration=calib.provenance if calib is not None else None)
         report["export"] = str(dest)
         if "compressed-tensors" in recipe.export.formats:
             from .export.compressed_tensors import save_compressed_tensors
-            report["export_compressed_tensors"] = str(save_compressed_tensors(model, tok, Path(dest) / "compressed-tensors"))
+            report["export_compressed_tensors"] = str(timed("compressed-tensors export", save_compressed_tensors, model, tok, Path(dest) / "compressed-tensors"))
         if "gguf" in recipe.export.formats:
             from .export.gguf import save_gguf
-            report["export_gguf"] = save_gguf(model, tok, Path(dest) / "model.gguf")["summary"]
+            report["export_gguf"] = timed("GGUF export", save_gguf, model, tok, Path(dest) / "model.gguf")["summary"]
         if recipe.certify and original is not None:
             from .certify import certificate as _certify
-            cert = _certify.certify_recipe_block(recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
+            cert = timed("certificate", _certify.certify_recipe_block, recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
             _certify.save(cert, dest)              # last write: the certificate covers every file
             report["certificate"] = cert.to_dict()
         if run is not None:
             run.close()
     report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
     return report
+
+
+def check_before_loading(recipe: Recipe, dest, resume: bool, evaluate_models: bool) -> RunLock:
+    """Everything that can be checked from the recipe and arguments, before the model is loaded: the
+    output folder (not a foreign folder, not a live run's), the calibration and evaluation texts. Returns
+    the run lock on `<dest>.partial` (held until the run closes)."""
+    from .errors import UserError
+    from .export.native import MANIFEST
+    d = Path(dest)
+    if d.exists() and (not d.is_dir() or (not (d / MANIFEST).exists() and any(d.iterdir()))):
+        raise UserError(f"output folder {d} exists and is not a modelpress export: choose a new --out")
+    parent = next(p for p in d.absolute().parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the output folder {d}: {parent} is not writable; choose another --out")
+    if recipe.needs_calibration:
+        sources.texts(recipe.calibration.source, "calib", recipe.calibration.field)
+    if evaluate_models:
+        sources.texts(recipe.evaluate.text, "eval")
+    lock = RunLock(f"{d}.partial", d)
+    if (Path(f"{d}.partial") / "fingerprint.json").exists() and not resume:
+        lock.release()
+        raise UserError(f"an interrupted run exists in {d}.partial: pass --resume to continue it, "
+                        "or delete that folder to start over")
+    return lock
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:

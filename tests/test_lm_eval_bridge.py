@@ -72,17 +72,18 @@ def test_local_task_matches_hand_computation(tmp_path):
     from modelpress.api import load
     from modelpress.eval.lm_eval_bridge import run_tasks
     model, tok = load(tiny_model_dir(tmp_path / "m"))
-    res = run_tasks(model, tok, "mp_tiny_mc", include_path=str(_task_dir(tmp_path)), include_defaults=False, offline=True)
+    res = run_tasks(model, tok, "mp_tiny_mc", include_path=str(_task_dir(tmp_path)), include_defaults=False, trust_code=True)
     assert res["mp_tiny_mc"]["acc,none"] == pytest.approx(_hand_accuracy(model, tok))
 
 
 def test_cli_missing_dataset_offline_is_one_line(tmp_path, capsys):
     m = tiny_model_dir(tmp_path / "m")
     capsys.readouterr()
-    rc = main(["eval", str(m), "--tasks", "mp_absent", "--limit", "2", "--tasks-dir", str(_task_dir(tmp_path))])
+    rc = main(["eval", str(m), "--tasks", "mp_absent", "--limit", "2", "--tasks-dir", str(_task_dir(tmp_path)),
+                         "--trust-tasks-code"])
     err = capsys.readouterr().err
     lines = [x for x in err.replace("\r", "\n").splitlines() if "%|" not in x and x.strip()]   # minus progress bars
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("modelpress: error: ") and "not available offline" in lines[0]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("modelpress: error: ") and "not available" in lines[0]
 
 
 def test_unknown_task_and_missing_package(tmp_path, monkeypatch):
@@ -90,7 +91,7 @@ def test_unknown_task_and_missing_package(tmp_path, monkeypatch):
     from modelpress.eval.lm_eval_bridge import run_tasks
     model, tok = load(tiny_model_dir(tmp_path / "m"))
     with pytest.raises(UserError, match="unknown lm-eval task"):
-        run_tasks(model, tok, "no_such_task", include_path=str(_task_dir(tmp_path)), include_defaults=False, offline=True)
+        run_tasks(model, tok, "no_such_task", include_path=str(_task_dir(tmp_path)), include_defaults=False, trust_code=True)
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(UserError, match="lm-eval is not installed"):
         run_tasks(model, tok, "hellaswag")
@@ -101,4 +102,4 @@ def test_builtin_tasks_without_hub_access(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     m = tiny_model_dir(tmp_path / "m")
     assert main(["eval", str(m), "--tasks", "hellaswag,arc_easy", "--limit", "5"]) == 2
-    assert "not available offline" in capsys.readouterr().err
+    assert "not available" in capsys.readouterr().err

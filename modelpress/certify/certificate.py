@@ -448,8 +448,10 @@ def load(export_dir: str | os.PathLike) -> Certificate:
     if not path.is_file():
         raise UserError(f"{path} does not exist: run `modelpress certify` on the export first")
     try:
-        return Certificate.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        return Certificate.from_dict(json.loads(path.read_bytes().decode("utf-8")))
+    except UserError:
+        raise
+    except (ValueError, TypeError, AttributeError) as e:            # bad JSON, not UTF-8, wrong fields
         raise UserError(f"{path} is not a valid certificate ({type(e).__name__}): re-run `modelpress certify`") from None
 
 

@@ -38,11 +38,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[a.cmd](a) or 0
     except UserError as err:
-        print(f"modelpress: error: {err}", file=sys.stderr)
+        print(f"modelpress: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:                  # read-only folder, disk full, ...: the OS's reason, one line
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"modelpress: error: cannot access{where}: {err.strerror or _one_line(err)}"
+              f"{' (disk full: free space or choose another --out)' if err.errno == 28 else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("modelpress: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: BaseException, limit: int = 1000) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 if __name__ == "__main__":

@@ -60,6 +60,25 @@ def _resolve(src: str | None) -> Path:
     return path
 
 
+def _check_numbers(args) -> None:
+    """Values that would give a silently wrong estimate (a negative width "fits") are refused at once."""
+    import math
+    for flag, v, lo, strict in (("--bits", args.bits, 0, True), ("--kv-bits", args.kv_bits, 0, True),
+                                ("--float-bits", args.float_bits, 0, False), ("--context", args.context, 1, False),
+                                ("--control-hz", args.control_hz, 0, True), ("--action-tokens", args.action_tokens, 1, False),
+                                ("--obs-tokens", args.obs_tokens, 0, False), ("--bw-efficiency", args.bw_efficiency, 0, True),
+                                ("--compute-efficiency", args.compute_efficiency, 0, True),
+                                ("--overhead-us", args.overhead_us, 0, False),
+                                ("--measure-context", args.measure_context, 1, False),
+                                ("--measure-tokens", args.measure_tokens, 1, False), ("--threads", args.threads, 1, False)):
+        if v is None:
+            continue
+        if not math.isfinite(v) or v < lo or (strict and v <= lo):
+            raise UserError(f"{flag} {v:g} is out of range: it must be {'>' if strict else '>='} {lo}")
+    if args.bits is not None and args.bits > 64:
+        raise UserError(f"--bits {args.bits:g} is out of range: give the bits per weight, at most 64")
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else (f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB")
 
@@ -80,6 +99,7 @@ def run(args) -> int:
                       f"{p.peak_int8_tops:g} TOPS", f"{p.tdp_w:g} W", f"{p.sustained_clock_ratio:g}")
         console.print(t)
         return 0
+    _check_numbers(args)
     folder = _resolve(args.dir)
     if args.measure:
         return _measure(args, folder, console)

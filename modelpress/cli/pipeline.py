@@ -13,10 +13,14 @@ def add_parser(sub) -> tuple[str, ...]:
     c.add_argument("model", help='"smollm2", an HF folder, a .gguf file or a hub id')
     c.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
     c.add_argument("--out", required=True, help="export folder")
-    c.add_argument("--calib-select")
-    c.add_argument("--calib-samples", type=int)
-    c.add_argument("--calib-seqlen", type=int)
-    c.add_argument("--calib-seed", type=int)
+    c.add_argument("--calib-select", metavar="METHOD",
+                   help="override the recipe's calibration.select: how calibration windows are chosen "
+                        "(random, or another selector of modelpress.calib.select)")
+    c.add_argument("--calib-samples", type=int, metavar="N",
+                   help="override calibration.samples: number of calibration windows (>= 1)")
+    c.add_argument("--calib-seqlen", type=int, metavar="TOKENS",
+                   help="override calibration.seqlen: tokens per calibration window (>= 2)")
+    c.add_argument("--calib-seed", type=int, metavar="SEED", help="override calibration.seed (window selection)")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--offload", action="store_true",
@@ -29,9 +33,17 @@ def add_parser(sub) -> tuple[str, ...]:
     e.add_argument("--windows", type=int, default=32)
     e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
     e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
-    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks")
+    e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks. It is "
+                                        "code (`!function` tags import its Python files): needs --trust-tasks-code")
+    e.add_argument("--trust-tasks-code", action="store_true",
+                   help="allow --tasks-dir. DANGER: lm-eval imports and runs Python files named by the task YAMLs "
+                        "with your permissions; use only folders you wrote or fully trust")
     i = sub.add_parser("inspect", help="show an export: modules, sizes, report, certificate; verify checksums")
     i.add_argument("dir")
+    i.add_argument("--verify", action="store_true",
+                   help="also rebuild the model (every tensor against its sha256 and shape, every module's config "
+                        "against its tensors) and print the provenance hash chain (recipe, calibration, weights, "
+                        "export) checked against the certificate")
     for name, fn in (("compress", cmd_compress), ("eval", cmd_eval), ("inspect", cmd_inspect)):
         sub.choices[name].set_defaults(pipeline_command=fn)
     return ("compress", "eval", "inspect")
@@ -77,7 +89,7 @@ def cmd_compress(a) -> int:
     from ..api import run_recipe
     from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
-    if a.calib_select or a.calib_samples or a.calib_seqlen or a.calib_seed is not None:
+    if any(v is not None for v in (a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)):
         d = recipe.to_dict()
         c = d["calibration"]
         for k, v in (("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
@@ -104,11 +116,20 @@ def cmd_compress(a) -> int:
 
 def cmd_eval(a) -> int:
     from ..api import evaluate, load
-    model, tok = load(a.model)
+    if a.seqlen is not None and a.seqlen < 2:                       # checked before loading anything
+        raise UserError(f"--seqlen {a.seqlen} is out of range: give at least 2 tokens per window (or omit it: "
+                        "512 on CPU, 2048 on GPU)")
+    if a.windows < 1:
+        raise UserError(f"--windows {a.windows} is out of range: give at least 1 window")
+    if a.tasks_dir and not a.trust_tasks_code:                      # before loading anything
+        from ..eval.lm_eval_bridge import TASKS_CODE_RISK
+        raise UserError(f"--tasks-dir {a.tasks_dir}: {TASKS_CODE_RISK}")
+    from ..progress import timed
+    model, tok = timed(f"load {a.model}", load, a.model)
     if a.tasks:
         from ..eval.lm_eval_bridge import print_results, run_tasks
-        print_results(run_tasks(model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
-                                include_defaults=a.tasks_dir is None))
+        print_results(timed("lm-eval tasks", run_tasks, model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
+                            include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
         return 0
     ref = load(a.reference)[0] if a.reference else None
     res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
@@ -127,15 +148,25 @@ def cmd_inspect(a) -> int:
     if not (d / "modelpress.json").exists():
         raise UserError(f"{d} is not a modelpress export (no modelpress.json): pass a folder written by `compress`")
     verify(d)
-    man = json.loads((d / "modelpress.json").read_text())
-    rep = json.loads((d / "report.json").read_text()) if (d / "report.json").exists() else {}
-    print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums OK")
+    from ..export.native import WEIGHTS, check_tensors, member, read_json, read_manifest, read_safetensors
+    man = read_manifest(d)
+    check_tensors(read_safetensors(member(d, WEIGHTS, str(d))), man.get("tensor_sha256", {}), str(d / WEIGHTS))
+    rep = read_json(d / "report.json") if (d / "report.json").exists() else {}
+    chain = _verify_chain(d) if a.verify else []       # every check before anything is printed
+    print(f"{d}: format {man['format']}, {len(man['modules'])} compressed modules, checksums and tensor hashes OK")
+    for line in chain:
+        print(line)
     kinds: dict[str, int] = {}
     for spec in man["modules"].values():
-        kinds[spec["kind"]] = kinds.get(spec["kind"], 0) + 1
+        kind = str(spec.get("kind") if isinstance(spec, dict) else spec)[:40]
+        kinds[kind] = kinds.get(kind, 0) + 1
     print("  modules: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     if rep:
-        print_report(rep)
+        try:
+            print_report(rep)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise UserError(f"{d / 'report.json'} does not have the fields of a modelpress report: "
+                            "re-export the model") from None
     if (d / "certificate.json").exists():
         from ..certify import certificate as certify
         certify.verify(d)                          # UserError on any tampering
@@ -143,3 +174,29 @@ def cmd_inspect(a) -> int:
         print("  certificate: " + certify.summary(cert))
         print("  " + cert.statement)
     return 0
+
+
+def _verify_chain(d: Path) -> list[str]:
+    """`inspect --verify`: full reload (tensor hashes, module metadata) and the provenance hash chain,
+    each link compared with the certificate's when there is one. Returns the lines to print."""
+    from ..export.native import load_compressed, provenance
+    model, _ = load_compressed(d)
+    chain = provenance(d)
+    cert = None
+    if (d / "certificate.json").exists():
+        from ..certify import certificate as certify
+        certify.verify(d)
+        cert = certify.load(d)
+        chain["compressed_model"] = certify.model_sha256(model)
+        chain["certificate"] = cert.certificate_sha256
+    lines = ["  verified: every tensor matches its sha256 and shape, every module's config fits its tensors",
+             "  provenance (sha256):"]
+    for k, v in chain.items():
+        mark = ""
+        if cert is not None and k in ("recipe", "calibration", "compressed_model") and cert.hashes.get(k):
+            if v != cert.hashes[k]:
+                raise UserError(f"{d}: the {k} hash {str(v)[:16]}... differs from the certificate's "
+                                f"{cert.hashes[k][:16]}...: the certificate does not belong to these bytes")
+            mark = "  = certificate"
+        lines.append(f"    {k:<17}{v or '-'}{mark}")
+    return lines

@@ -17,7 +17,12 @@ def add_parser(subparsers) -> tuple[str, ...]:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import UserError
     from ..report.build import build
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder: pass the HTML file to write, e.g. {Path(args.out) / 'report.html'}")
     devices = [d.strip() for a in (args.device or []) for d in a.split(",") if d.strip()] or None
     out = build(args.dirs, args.out, devices=devices, context=args.context, control_hz=args.control_hz,
                 title=args.title)

@@ -1,6 +1,6 @@
 """`modelpress tabular distill`: data-free distillation of a tabular classifier (TabKD, arXiv 2603.15481).
 
-    modelpress tabular distill TEACHER.pkl --spec SPEC.yaml --budget N --out DIR
+    modelpress tabular distill TEACHER.onnx --spec SPEC.yaml --budget N --out DIR
 
 writes DIR/student.safetensors, DIR/student.onnx (unless --no-onnx), DIR/spec.yaml (the spec
 used, inferred from tree thresholds when --spec is omitted) and DIR/report.json (queries,
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelpress.errors import UserError
+from modelpress.errors import UserError, read_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -24,7 +24,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tabular", help="data-free distillation of tabular models (TabKD)")
     sub = p.add_subparsers(dest="tabular_cmd", required=True)
     d = sub.add_parser("distill", help="distil a classifier into a small MLP/tree without its data")
-    d.add_argument("teacher", help="fitted classifier: .pkl/.joblib (predict_proba/predict) or .pt torch module")
+    d.add_argument("teacher", help="fitted classifier in a format that cannot run code: .onnx (skl2onnx, onnxmltools, "
+                                   "torch.onnx.export), XGBoost .json/.ubj, LightGBM .txt, a modelpress student "
+                                   ".safetensors; pickles (.pkl/.joblib/.pt module) need --trust-pickle")
+    d.add_argument("--trust-pickle", action="store_true",
+                   help="allow a pickle/joblib teacher or a pickled torch module. DANGER: unpickling runs any code "
+                        "the file's author put in it, with your permissions; use only files you made or fully trust")
     d.add_argument("--spec", help="feature spec YAML/JSON (ranges, levels); inferred from split "
                                   "thresholds for tree teachers when omitted")
     d.add_argument("--budget", type=int, required=True, help="number of teacher queries")
@@ -48,7 +53,7 @@ def _read_eval(path: str, d: int) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--eval file {p} not found; pass a CSV of held-out feature rows")
-    first = (p.read_text().splitlines() or [""])[0]
+    first = (read_text(p, "--eval file").splitlines() or [""])[0]
     try:
         [float(c) for c in first.split(",")]
         has_header = False
@@ -57,7 +62,7 @@ def _read_eval(path: str, d: int) -> np.ndarray:
     try:
         X = np.loadtxt(p, delimiter=",", skiprows=1 if has_header else 0, ndmin=2)
     except ValueError as e:
-        raise UserError(f"--eval file {p}: not a numeric CSV ({e}); encode categories as numbers") from None
+        raise UserError(f"--eval file {p}: not a numeric CSV ({str(e)[:120]}); encode categories as numbers") from None
     if X.shape[1] != d:
         raise UserError(f"--eval file {p} has {X.shape[1]} columns but the spec has {d} features")
     return X
@@ -77,7 +82,7 @@ def run(args) -> int:
         raise UserError(f"--hidden '{args.hidden}': give comma-separated integers, e.g. 64,64") from None
     cfg = DistillConfig(budget=args.budget, method=args.method, student=args.student, hidden=hidden,
                         steps=args.steps, tree_depth=args.tree_depth, max_bins=args.max_bins, seed=args.seed)
-    model = load_teacher(args.teacher)
+    model = load_teacher(args.teacher, trust_pickle=args.trust_pickle)
     teacher = Teacher(model)
     if args.spec:
         spec = load_spec(args.spec)

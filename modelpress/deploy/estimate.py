@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, read_text, yaml_load
 
 GiB = 1024 ** 3
 GB = 1e9
@@ -137,7 +137,7 @@ def load_profile(spec: str | Path) -> DeviceProfile:
         if not path.is_file():
             raise UserError(f"device profile {spec} does not exist: pass a YAML file or one of "
                             f"{', '.join(builtin_profiles())}")
-        text, source = path.read_text(), str(path)
+        text, source = read_text(path, "device profile"), str(path)
     else:
         res = resources.files(__package__) / PROFILE_DIR / f"{spec}.yaml"
         if not res.is_file():
@@ -145,7 +145,7 @@ def load_profile(spec: str | Path) -> DeviceProfile:
                             "or a path to your own profile YAML")
         text, source = res.read_text(), f"{spec}.yaml"
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{source}: not valid YAML ({first})") from None

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..export.native import apply_state, collect_tensors
-from ..io import atomic_save_file, atomic_write_text
+from ..io import atomic_save_file, atomic_write_text, remove_stale_temporaries
 
 
 def save_module(module: nn.Module, path: Path) -> None:
@@ -77,6 +77,58 @@ def _jsonable(d):
     return d
 
 
+class RunLock:
+    """An exclusive POSIX lock on `<folder>.lock` (which records the owner's pid) held while this process
+    writes `folder` and the export beside it. The OS drops the lock when the owner dies (kill -9 included),
+    so a folder whose lock is free belongs to an interrupted run and one whose lock is held to a live run:
+    a second run is told so at once. Temporaries a killed run left are removed on acquiring. (A POSIX
+    record lock never blocks its own process; without fcntl, e.g. on Windows, runs are not locked.)"""
+
+    def __init__(self, folder: str | Path, export: str | Path | None = None):
+        import os
+        import time
+        self.folder = Path(folder)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(f"{self.folder}.lock")
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:                        # pragma: no cover - not POSIX
+            fcntl = None
+        if fcntl is not None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                try:
+                    info = json.loads(self.path.read_text())
+                    who = f" (pid {int(info['pid'])}, started {info['started']})"
+                except (OSError, ValueError, KeyError, TypeError):
+                    who = ""
+                raise UserError(f"another modelpress run{who} is still writing {export or self.folder}: wait for "
+                                "it to finish, or stop it and pass --resume") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+            self.fd = fd
+        remove_stale_temporaries(self.folder)
+        if export is not None:
+            remove_stale_temporaries(export)
+
+    def release(self) -> None:
+        import os
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:                          # interpreter shutdown: the OS drops the lock anyway
+            pass
+
+
 def claim(folder: Path, fingerprint: str, resume: bool, inputs: str) -> None:
     """Take `folder` for a run with this fingerprint (a hash of its inputs): a run left there by an interrupted
     process is continued only with resume=True and the same inputs; a folder without a fingerprint is stale."""
@@ -97,8 +149,10 @@ def claim(folder: Path, fingerprint: str, resume: bool, inputs: str) -> None:
 class Run:
     """The checkpoint folder of one compress run."""
 
-    def __init__(self, folder: str | Path, recipe: dict, calib_sha: str | None, resume: bool):
+    def __init__(self, folder: str | Path, recipe: dict, calib_sha: str | None, resume: bool,
+                 lock: RunLock | None = None):
         self.folder = Path(folder)
+        self.lock = lock or RunLock(self.folder)
         fp = hashlib.sha256(json.dumps({"recipe": recipe, "calib": calib_sha}, sort_keys=True).encode()).hexdigest()
         claim(self.folder, fp, resume, "recipe or calibration set")
 
@@ -124,3 +178,4 @@ class Run:
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.lock.release()

@@ -321,7 +321,8 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
                                 c.seed, c.field, None)
     work = Path(f"{out}.offload")
     fp = _fingerprint(recipe, calib, model_src)
-    from .checkpoint import claim
+    from .checkpoint import RunLock, claim
+    lock = RunLock(work, out)           # a second run into the same --out is told this one is running
     claim(work, fp, resume, "recipe, model or calibration set")
     t0 = time.perf_counter()
     with large_allocations_mapped():
@@ -333,6 +334,7 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
     export_offloaded(model, store, src, out, recipe.to_dict(), report,
                      calib.provenance if calib is not None else None)
     shutil.rmtree(work, ignore_errors=True)
+    lock.release()
     report["compress_seconds"] = time.perf_counter() - t0
     for r, s in zip(report["stages"], stages):
         r["seconds"] = s["seconds"]

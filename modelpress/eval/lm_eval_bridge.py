@@ -4,47 +4,29 @@ lm-eval's HFLM wrapper around our model object (no re-loading, so a compressed m
 as it runs here). Harness: Gao et al., "A framework for few-shot language model evaluation"
 (Zenodo 10.5281/zenodo.5371628).
 
-Datasets come from the Hugging Face hub cache. When the hub cannot be reached, the run is made offline
-(cache only) so a missing dataset fails at once with a one-line UserError instead of minutes of retries."""
+Datasets come from the Hugging Face hub cache. modelpress opens no connection of its own and changes no
+setting inside `datasets` / `huggingface_hub`: for cache-only runs set the documented environment
+variables HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 before starting, or use local task folders
+(`include_path`, CLI `--tasks-dir`) whose YAMLs read local files. A task folder is code: lm-eval's
+`!function` tags import Python modules from it, so it is read only with `trust_code=True`
+(CLI `--trust-tasks-code`)."""
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 
 from torch import nn
 
 from ..errors import UserError
 
 INSTALL_HINT = "pip install 'modelpress[lm-eval]' (or pip install lm-eval)"
+TASKS_CODE_RISK = ("a task folder is code: lm-eval's `!function` tags import and run Python files from it with "
+                   "your permissions; pass --trust-tasks-code (API: trust_code=True) only for folders you wrote "
+                   "or fully trust")
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
-    """True when a TCP connection to the hub can be opened (respects HF_HUB_OFFLINE=1)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or \
-            os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def _offline(on: bool):
-    """Cache-only hub access for the duration of the block (restores the previous settings)."""
-    if not on:
-        yield
-        return
-    import datasets.config as dc
-    import huggingface_hub.constants as hc
-    old = dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE
-    dc.HF_HUB_OFFLINE = hc.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        dc.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE = old
+def _offline_env() -> bool:
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:
@@ -56,14 +38,19 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
 
 def run_tasks(model: nn.Module, tokenizer, tasks: str | list[str], limit: int | float | None = None,
               num_fewshot: int | None = None, batch_size: int = 1, include_path: str | None = None,
-              include_defaults: bool = True, offline: bool | None = None, seed: int = 0) -> dict:
+              include_defaults: bool = True, trust_code: bool = False, seed: int = 0) -> dict:
     """Run lm-eval tasks on an in-memory causal LM; returns {task: {metric: value}} (stderr keys
     dropped). `limit` caps the documents per task (int) or a fraction (float < 1); `include_path` adds
-    a folder of task YAMLs; `offline=None` goes offline when the hub is unreachable.
+    a folder of task YAMLs, which is code (see the module docstring): refused unless `trust_code=True`.
 
     >>> model, tok = modelpress.load("out/smollm2-w4")
     >>> run_tasks(model, tok, "hellaswag,arc_easy", limit=100)["arc_easy"]["acc,none"]
     """
+    if include_path is not None:
+        if not trust_code:
+            raise UserError(f"--tasks-dir {include_path}: {TASKS_CODE_RISK}")
+        if not os.path.isdir(include_path):
+            raise UserError(f"--tasks-dir {include_path} is not a folder: pass a folder of lm-eval task YAMLs")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -75,26 +62,24 @@ def run_tasks(model: nn.Module, tokenizer, tasks: str | list[str], limit: int | 
         limit = int(limit)
     if tokenizer is None:
         raise UserError("lm-eval tasks need the model's tokenizer, but the model folder has none: export it with its tokenizer")
-    if offline is None:
-        offline = not hub_reachable()
+    offline = _offline_env()
     device = str(next(model.parameters()).device)
-    with _offline(offline):
-        tm = TaskManager(include_path=include_path, include_defaults=include_defaults)
-        try:
-            loaded = tm.load(names)
-        except KeyError as e:
-            raise UserError(f"unknown lm-eval task: {str(e).strip(chr(34))} (list them with `lm-eval ls tasks`)") from None
-        except (ConnectionError, OSError, ValueError) as e:
-            where = "offline (the hub is unreachable)" if offline else "from the hub"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"the datasets for lm-eval tasks {','.join(names)} are not available {where}: {first}; "
-                            "download them once on a machine with hub access into the HF cache "
-                            "(HF_HOME / HF_DATASETS_CACHE) and copy that cache here") from None
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(loaded["tasks"].values()), limit=limit,
-                                      num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+    tm = TaskManager(include_path=include_path, include_defaults=include_defaults)
+    try:
+        loaded = tm.load(names)
+    except KeyError as e:
+        raise UserError(f"unknown lm-eval task: {str(e).strip(chr(34))} (list them with `lm-eval ls tasks`)") from None
+    except (ConnectionError, OSError, ValueError) as e:
+        where = "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set)" if offline else "from the hub"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"the datasets for lm-eval tasks {','.join(names)} are not available {where}: {first}; "
+                        "download them once on a machine with hub access into the HF cache "
+                        "(HF_HOME / HF_DATASETS_CACHE) and copy that cache here") from None
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(loaded["tasks"].values()), limit=limit,
+                                  num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                  fewshot_random_seed=seed)
     return {task: {k: v for k, v in metrics.items() if "stderr" not in k and k != "alias"}
             for task, metrics in res["results"].items()}
 

@@ -103,18 +103,199 @@ def write_checksums(folder: Path) -> None:
     atomic_write_text(folder / "checksums.json", json.dumps(sums, indent=1))
 
 
-def verify(folder: str | os.PathLike) -> None:
-    """Check every file against checksums.json; raises UserError naming the first corrupted file."""
+# ---------------------------------------------------------------------------- verification on load
+# Everything read from an export folder is untrusted: names stay inside the folder and name regular
+# files, JSON is parsed into one-line errors, dtypes come from an allow-list, every tensor is checked
+# against its sha256 and shape in the manifest, and every module's config against its tensors.
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16, "float64": torch.float64}
+REQUIRED = (MANIFEST, WEIGHTS, "config.json")
+MAX_JSON_BYTES = 64 << 20
+
+
+def parse_dtype(value, where: str) -> torch.dtype:
+    """'float32' / 'torch.float32' -> torch.float32, only from DTYPES (never getattr(torch, ...))."""
+    name = value.removeprefix("torch.") if isinstance(value, str) else None
+    if name not in DTYPES:
+        raise UserError(f"{where}: dtype {str(value)[:40]!r} is not one of {', '.join(DTYPES)}: the export is "
+                        "corrupted or was not written by modelpress; re-export it")
+    return DTYPES[name]
+
+
+def member(folder: Path, name, where: str) -> Path:
+    """folder/name after checking that `name` is a relative path that stays inside `folder` and names a
+    regular file (no '..', no absolute path, no symlink, no device or fifo)."""
+    import stat
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise UserError(f"{where} names an invalid file {str(name)[:60]!r}: the export is corrupted; re-export it")
+    rel = Path(name)
+    if rel.is_absolute() or any(part in ("..", "") for part in name.split("/")):
+        raise UserError(f"{where} names {name[:60]!r}, which is outside the export folder: refusing to read it")
+    f = folder / rel
+    try:
+        st = os.lstat(f)
+    except FileNotFoundError:
+        raise UserError(f"{f} is missing from the export: re-export the model") from None
+    except OSError as e:
+        raise UserError(f"{f} cannot be read ({e.strerror}): check the export folder") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{f} is not a regular file (a symlink, device or folder): refusing to read it; re-export the model")
+    if not str(f.resolve()).startswith(str(folder.resolve()) + os.sep):
+        raise UserError(f"{where} names {name[:60]!r}, which is outside the export folder: refusing to read it")
+    return f
+
+
+def read_json(path: Path, what: str = "file"):
+    """Parse a JSON file of the export; any fault is a one-line UserError."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UserError(f"{path} is {path.stat().st_size} bytes, too large for an export {what}: it is corrupted")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: the export is incomplete; re-export the model") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: the export is corrupted; re-export the model") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}): the export is corrupted; "
+                        "re-export the model") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror}): check the export folder") from None
+
+
+def verify(folder: str | os.PathLike) -> dict[str, str]:
+    """Check every file named in checksums.json (inside the folder, regular files only) against its
+    sha256; the manifest, weights and config must be covered. Returns {name: sha256}; raises UserError
+    naming the first corrupted file."""
     folder = Path(folder)
     path = folder / "checksums.json"
     if not path.exists():
         raise UserError(f"{folder} has no checksums.json: it is not a complete modelpress export; re-export it")
-    for name, digest in json.loads(path.read_text()).items():
-        f = folder / name
-        if not f.exists():
-            raise UserError(f"{f} is missing from the export: re-export the model")
-        if sha256_file(f) != digest:
+    sums = read_json(member(folder, "checksums.json", str(folder)), "checksum list")
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and len(v) == 64 for v in sums.values()):
+        raise UserError(f"{path} must map file names to sha256 hex digests: the export is corrupted; re-export it")
+    uncovered = [n for n in REQUIRED if n not in sums]
+    if uncovered:
+        raise UserError(f"{path} does not cover {uncovered[0]}: the export is incomplete or was edited; re-export it")
+    for name, digest in sums.items():
+        f = member(folder, name, str(path))
+        if sha256_file(f) != digest.lower():
             raise UserError(f"{f} is corrupted (sha256 mismatch with checksums.json): re-export the model")
+    return sums
+
+
+def read_manifest(folder: Path) -> dict:
+    man = read_json(member(folder, MANIFEST, str(folder)), "manifest")
+    if not isinstance(man, dict):
+        raise UserError(f"{folder / MANIFEST} is not a JSON object: the export is corrupted; re-export it")
+    if man.get("format") != FORMAT:
+        raise UserError(f"{folder} has export format {str(man.get('format'))[:40]!r}; this modelpress reads {FORMAT}")
+    for key, kind in (("modules", dict), ("aliases", dict), ("tensor_sha256", dict)):
+        if not isinstance(man.get(key, {}), kind):
+            raise UserError(f"{folder / MANIFEST}: {key!r} must be a JSON object: the export is corrupted; re-export it")
+    parse_dtype(man.get("dtype"), str(folder / MANIFEST))
+    return man
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], recorded: dict, where: str) -> None:
+    """Every tensor equals its sha256 (dtype, shape and bytes) in the manifest, and the sets agree."""
+    if set(tensors) != set(recorded):
+        extra = sorted(set(tensors) - set(recorded))
+        missing = sorted(set(recorded) - set(tensors))
+        raise UserError(f"{where}: tensors {(extra or missing)[:2]} are {'not recorded in' if extra else 'missing from'} "
+                        "the manifest: the export was edited; re-export it")
+    for k, v in tensors.items():
+        if sha256_tensor(v) != recorded[k]:
+            raise UserError(f"{where}: tensor {k[:120]} does not match its sha256 in {MANIFEST} (tampered or "
+                            "corrupted): re-export the model")
+
+
+def _int(cfg: dict, key: str, where: str, lo: int = 1, hi: int = 1 << 31) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise UserError(f"{where}: config {key}={str(v)[:30]} is not an integer in [{lo}, {hi}]: the export is "
+                        "corrupted; re-export it")
+    return v
+
+
+def check_module_state(name: str, kind: str, t: dict[str, torch.Tensor], cfg, where: str) -> None:
+    """A compressed module's config fits its tensors: shapes, scale groups vs group size, packed code width
+    vs bits, mask size, codebook size. Raises UserError naming the module and the mismatch."""
+    import math
+    w = f"{where}: module {name[:80]} ({kind})"
+    if not isinstance(cfg, dict):
+        raise UserError(f"{w}: config is not a JSON object: the export is corrupted; re-export it")
+    if "dtype" in cfg:
+        parse_dtype(cfg["dtype"], w)
+
+    def shape(key, want):
+        got = tuple(t[key].shape) if key in t else None
+        if got != tuple(want):
+            raise UserError(f"{w}: tensor {key} has shape {got}, but its config implies {tuple(want)}: the export "
+                            "is inconsistent (edited?); re-export it")
+
+    def packed(n, bits):
+        return (math.ceil(n * bits / 8),)
+
+    if kind in ("ZipLinear", "ZipEmbedding"):
+        return                                     # checked by the module itself (CRC32 of the coded streams)
+    rows, cols = _int(cfg, "out", w), _int(cfg, "in", w)
+    if "bias" in t:
+        shape("bias", (rows,))
+    n_keep = rows * cols
+    if "keep" in t:
+        shape("keep", packed(rows * cols, 1))
+        from ..modules import unpack_mask
+        n_keep = int(unpack_mask(t["keep"], (rows, cols)).sum())
+    if kind == "QuantLinear":
+        bits = _int(cfg, "bits", w, 1, 8)
+        gs = cfg.get("group_size")
+        if gs is not None:
+            gs = _int(cfg, "group_size", w)
+        if not isinstance(cfg.get("sym"), bool):
+            raise UserError(f"{w}: config sym must be true or false: the export is corrupted; re-export it")
+        groups = -(-cols // gs) if gs else 1
+        shape("scales", (rows, groups))
+        shape("qweight", packed(n_keep, bits))
+        if not cfg["sym"]:
+            shape("zeros", packed(rows * groups, bits))
+    elif kind == "SparseLinear":
+        if "keep" not in t:
+            raise UserError(f"{w}: tensor keep (the mask) is missing: the export is incomplete; re-export it")
+        shape("values", (n_keep,))
+    elif kind == "ClusteredLinear":
+        k = _int(cfg, "k", w, 1, 256)
+        gr = cfg.get("group_rows")
+        if gr is not None:
+            gr = _int(cfg, "group_rows", w)
+        from ..modules.cluster import index_bits
+        shape("codebook", (rows // (gr or rows), k))
+        shape("indices", packed(rows * cols, index_bits(k)))
+    elif kind == "LowRankLinear":
+        r = _int(cfg, "rank", w)
+        shape("A", (rows, r))
+        shape("B", (r, cols))
+
+
+def provenance(folder: str | os.PathLike) -> dict[str, str | None]:
+    """The export's hash chain, each link a sha256: recipe (recipe.yaml, equal to a certificate's recipe
+    hash), calibration (the calibration token windows, from calibration.json), tensors (the manifest's
+    per-tensor hashes, each checked on load), weights (model.safetensors), manifest (modelpress.json) and
+    export (checksums.json, which covers every file above). Call after verify()."""
+    import hashlib
+    folder = Path(folder)
+    man = read_manifest(folder)
+    calib = read_json(member(folder, "calibration.json", str(folder))) if (folder / "calibration.json").exists() else {}
+    recipe = folder / "recipe.yaml"
+    tensors = hashlib.sha256(json.dumps(man.get("tensor_sha256", {}), sort_keys=True).encode()).hexdigest()
+    return {"recipe": sha256_file(member(folder, "recipe.yaml", str(folder))) if recipe.exists() else None,
+            "calibration": calib.get("sha256") if isinstance(calib, dict) else None,
+            "tensors": tensors,
+            "weights": sha256_file(member(folder, WEIGHTS, str(folder))),
+            "manifest": sha256_file(member(folder, MANIFEST, str(folder))),
+            "export": sha256_file(member(folder, "checksums.json", str(folder)))}
 
 
 def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], modules: dict, aliases: dict,
@@ -124,15 +305,29 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], modules: dict
     from ..modules import MODULE_TYPES
     tensors = dict(tensors)
     for name, spec in modules.items():
-        kind = spec["kind"]
+        kind = spec.get("kind") if isinstance(spec, dict) else None
         if kind not in MODULE_TYPES:
-            raise UserError(f"{where} uses module kind {kind!r} unknown to this modelpress: upgrade modelpress")
+            raise UserError(f"{where} uses module kind {str(kind)[:40]!r} unknown to this modelpress: upgrade modelpress")
         pre = name + "."
         sub = {k[len(pre):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(pre)]}
-        set_module(root, name, MODULE_TYPES[kind].from_state(sub, spec["config"]))
+        check_module_state(name, kind, sub, spec.get("config"), where)
+        try:
+            set_module(root, name, MODULE_TYPES[kind].from_state(sub, spec["config"]))
+        except UserError:
+            raise
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise UserError(f"{where}: module {name[:80]} ({kind}) cannot be rebuilt from its stored state "
+                            f"({type(e).__name__}: {str(e)[:120]}): the export is inconsistent; re-export it") from None
     for alias, src in aliases.items():
+        if src not in tensors:
+            raise UserError(f"{where}: alias {str(alias)[:80]} points to {str(src)[:80]}, which is not stored: "
+                            "re-export the model")
         tensors[alias] = tensors[src]
-    missing, unexpected = root.load_state_dict(tensors, strict=False, assign=True)
+    try:
+        missing, unexpected = root.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:                       # e.g. a tensor whose shape does not fit the config
+        first = (str(e).strip().splitlines() or [""])[-1].strip()[:160]
+        raise UserError(f"{where} does not fit the model config ({first}): re-export the model") from None
     comp = tuple(n + "." for n in modules)
     missing = [k for k in missing if not k.startswith(comp)]
     if missing or unexpected:
@@ -156,19 +351,48 @@ def load_model(src: str | os.PathLike = REFERENCE, dtype: torch.dtype | str = to
 def load_compressed(folder: str | os.PathLike, check: bool = True):
     """Rebuild (model, tokenizer) from a native export; logits equal the in-memory compressed model's."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
     if check:
         verify(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{folder} has export format {manifest.get('format')!r}; this modelpress reads {FORMAT}")
-    dtype = getattr(torch, manifest["dtype"].replace("torch.", ""))
-    config = AutoConfig.from_pretrained(folder)
+    manifest = read_manifest(folder)
+    dtype = parse_dtype(manifest["dtype"], str(folder / MANIFEST))
+    config = _config(folder)
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except Exception as e:                  # e.g. hidden size not a multiple of the heads
+            raise UserError(f"{folder / 'config.json'}: its values do not fit together ({type(e).__name__}: "
+                            f"{str(e)[:120]}): re-export the model") from None
     normalize(model)
-    apply_state(model, load_file(folder / WEIGHTS), manifest["modules"], manifest.get("aliases", {}), str(folder))
-    tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    tensors = read_safetensors(member(folder, WEIGHTS, str(folder)))
+    if check:
+        check_tensors(tensors, manifest.get("tensor_sha256", {}), str(folder / WEIGHTS))
+    apply_state(model, tensors, manifest["modules"], manifest.get("aliases", {}), str(folder))
+    try:
+        tok = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    except Exception as e:                      # corrupted tokenizer files: one line, never a traceback
+        raise UserError(f"{folder}: the tokenizer files cannot be read ({type(e).__name__}: {str(e)[:120]}): "
+                        "re-export the model") from None
     return model.eval(), tok
+
+
+def _config(folder: Path):
+    from transformers import AutoConfig
+    read_json(member(folder, "config.json", str(folder)), "model config")     # one-line errors for bad JSON
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise UserError(f"{folder / 'config.json'} is not a usable model config ({type(e).__name__}: "
+                        f"{str(e)[:120]}): re-export the model") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """safetensors.load_file with truncated / header-corrupted files as one-line errors."""
+    try:
+        return load_file(path)
+    except Exception as e:                       # SafetensorError, OSError, ValueError from the parser
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable safetensors file ({first}): it is truncated or corrupted; "
+                        "re-export the model") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import UserError
+from ..errors import UserError, read_text
 
 DEFAULT_DEVICES = ("jetson-orin-nano", "jetson-agx-orin", "rtx-4090", "h100")
 PARTS = (("embedding", re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|embed_in|embed_positions)\.")),
@@ -38,7 +38,7 @@ def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "export file"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}): re-export or fix the file") from None
     if not isinstance(data, dict):

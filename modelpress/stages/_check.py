@@ -1,39 +1,39 @@
 """Shared helpers for stage configs: validation (each raises UserError naming `<stage>.<field>`) and tied-weight detection."""
 from __future__ import annotations
 
-from ..errors import UserError
+from ..errors import UserError, excerpt
 
 
 def choice(stage: str, field: str, value, allowed) -> None:
     if value not in allowed:
-        raise UserError(f"{stage}.{field} must be one of {list(allowed)}, got {value!r}")
+        raise UserError(f"{stage}.{field} must be one of {list(allowed)}, got {excerpt(value)}")
 
 
 def flag(stage: str, field: str, value) -> None:
     if not isinstance(value, bool):
-        raise UserError(f"{stage}.{field} must be true or false, got {value!r}")
+        raise UserError(f"{stage}.{field} must be true or false, got {excerpt(value)}")
 
 
 def int_range(stage: str, field: str, value, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UserError(f"{stage}.{field} must be an integer in [{lo}, {hi}], got {value!r}")
+        raise UserError(f"{stage}.{field} must be an integer in [{lo}, {hi}], got {excerpt(value)}")
 
 
 def float_range(stage: str, field: str, value, lo: float, hi: float, hi_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value and (value < hi if hi_open else value <= hi)
     if not ok:
-        raise UserError(f"{stage}.{field} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+        raise UserError(f"{stage}.{field} must be a number in [{lo}, {hi}{')' if hi_open else ']'}, got {excerpt(value)}")
 
 
 def group_size(stage: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
         raise UserError(f"{stage}.group_size must be a positive integer (e.g. 32, 64, 128) or null for "
-                        f"per-channel, got {value!r}")
+                        f"per-channel, got {excerpt(value)}")
 
 
 def patterns(stage: str, field: str, value) -> None:
     if not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
-        raise UserError(f"{stage}.{field} must be a list of regular expressions, got {value!r}")
+        raise UserError(f"{stage}.{field} must be a list of regular expressions, got {excerpt(value)}")
 
 
 def sparsity_pattern(stage: str, sparsity, pattern) -> tuple[int, int] | None:

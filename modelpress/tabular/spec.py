@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelpress.errors import UserError
+from modelpress.errors import UserError, read_text, yaml_load
 
 KINDS = ("numeric", "integer", "categorical")
 
@@ -131,13 +131,12 @@ def load_spec(path: str | Path) -> FeatureSpec:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"spec file {path} not found; pass an existing YAML/JSON file to --spec")
-    text = path.read_text()
+    text = read_text(path, "spec file")
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-            data = yaml.safe_load(text)
+            data = yaml_load(text)
     except Exception as e:  # parse errors of either format
         raise UserError(f"spec file {path}: cannot parse ({type(e).__name__}); fix the syntax") from None
     return spec_from_dict(data, str(path))
