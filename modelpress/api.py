@@ -2,7 +2,6 @@
 load -> calibration_set -> compress -> evaluate -> (certify) -> export."""
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import logging
@@ -17,7 +16,9 @@ from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
 from .engine.checkpoint import Run
+from .errors import UserError
 from .eval import eval_windows, evaluate as _evaluate, size_report
+from .eval.perplexity import ReferenceScores, reference_scores
 from .export import load_model, save
 from .recipe import Recipe
 
@@ -82,9 +83,10 @@ def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, w
     return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
 
 
-def evaluate(model: nn.Module, tokenizer, reference: nn.Module | None = None, text: str = "wiki-eval",
-             seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
-    """Perplexity (and agreement/KL against `reference`) with the frozen protocol, plus size accounting.
+def evaluate(model: nn.Module, tokenizer, reference: nn.Module | ReferenceScores | None = None,
+             text: str = "wiki-eval", seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
+    """Perplexity (and agreement/KL against `reference`: a model, or its ReferenceScores on the same windows)
+    with the frozen protocol, plus size accounting.
 
     >>> modelpress.evaluate(compressed, tok, reference=original)["agreement"]
     """
@@ -100,14 +102,21 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
     export. Returns the report (also written to the export as report.json). With an output folder,
     progress is checkpointed in `<out>.partial/` (removed on success); `resume=True` continues an
-    interrupted run from its last finished decoder layer.
+    interrupted run from its last finished decoder layer. No copy of the original is kept: it is scored on the
+    evaluation windows before compression (modelpress.eval.perplexity.ReferenceScores), and reloaded from
+    `model_src` only for a `certify:` block (report["_original"] is None).
 
     >>> rep = modelpress.run_recipe(Recipe.from_yaml("w4a16-gptq-g128"), "smollm2", "out/smollm2-w4")
     >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
     """
     src = model_src or recipe.model or _model.REFERENCE
     model, tok = load(src, recipe.dtype)
-    original = copy.deepcopy(model) if evaluate_models else None
+    ref = None
+    if evaluate_models:                  # the original is scored before compressing in place; no copy is kept
+        e = recipe.evaluate
+        w = windows_for(tok, e.text, e.seqlen, e.windows)
+        ref = reference_scores(model, w, e.batch_size)
+        orig_bytes = size_report(model)["compressed_bytes"]
     c = recipe.calibration
     calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
@@ -123,16 +132,15 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
               "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
               "layers": _layer_table(stages, size)}
     if evaluate_models:
-        e = recipe.evaluate
-        w = windows_for(tok, e.text, e.seqlen, e.windows)
-        orig = _evaluate(original, w, None, e.batch_size)
-        comp = _evaluate(model, w, original if e.agreement else None, e.batch_size)
+        if e.agreement:
+            _original_head(ref, model, src, recipe.dtype)
+        comp = _evaluate(model, w, ref if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
-        orig_size = size_report(original)
         report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
-                          "original": {**orig, "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
-                                       "bytes": orig_size["compressed_bytes"]},
+                          "original": {**ref.evaluation(), "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
+                                       "bytes": orig_bytes},
                           "compressed": comp}
+        del ref
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
@@ -145,15 +153,29 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         if "gguf" in recipe.export.formats:
             from .export.gguf import save_gguf
             report["export_gguf"] = save_gguf(model, tok, Path(dest) / "model.gguf")["summary"]
-        if recipe.certify and original is not None:
+        if recipe.certify and evaluate_models:
             from .certify import certificate as _certify
+            original = load(src, recipe.dtype)[0]         # reloaded from its source, only for the certificate
             cert = _certify.certify_recipe_block(recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
+            del original
             _certify.save(cert, dest)              # last write: the certificate covers every file
             report["certificate"] = cert.to_dict()
         if run is not None:
             run.close()
-    report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
+    report["_model"], report["_original"], report["_tokenizer"] = model, None, tok
     return report
+
+
+def _original_head(ref: ReferenceScores, model: nn.Module, src, dtype) -> None:
+    """Make sure `ref` can score against `model`: when compression changed the output layer (in place or
+    tied to a compressed embedding), the original's output layer is reloaded from the source."""
+    if ref.hidden is None:
+        return
+    try:
+        ref.head_for(model)
+    except UserError:
+        ref.head = load(src, dtype)[0].get_output_embeddings()
+        ref.head_for(model)
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:
