@@ -133,7 +133,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
               "layers": _layer_table(stages, size)}
     if evaluate_models:
         if e.agreement:
-            _original_head(ref, model, src, recipe.dtype)
+            restore_reference_head(ref, model, src, recipe.dtype)
         comp = _evaluate(model, w, ref if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
         report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
@@ -166,7 +166,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     return report
 
 
-def _original_head(ref: ReferenceScores, model: nn.Module, src, dtype) -> None:
+def restore_reference_head(ref: ReferenceScores, model: nn.Module, src, dtype) -> None:
     """Make sure `ref` can score against `model`: when compression changed the output layer (in place or
     tied to a compressed embedding), the original's output layer is reloaded from the source."""
     if ref.hidden is None:

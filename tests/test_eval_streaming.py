@@ -191,9 +191,9 @@ def test_run_recipe_keeps_no_copy_and_gives_the_old_figures(one_thread, tmp_path
     assert rep["eval"]["original"]["perplexity"] == pytest.approx(whole_tensor_evaluate(original, w)["perplexity"], rel=REL)
 
 
-def test_original_head_reloaded_when_changed_in_place(one_thread, tmp_path):
+def testrestore_reference_head_reloaded_when_changed_in_place(one_thread, tmp_path):
     import modelpress as mp
-    from modelpress.api import _original_head
+    from modelpress.api import restore_reference_head
     from .conftest import tiny_model_dir
     model_dir = tiny_model_dir(tmp_path / "model")
     model, tok = mp.load(model_dir)
@@ -201,7 +201,29 @@ def test_original_head_reloaded_when_changed_in_place(one_thread, tmp_path):
     scores = reference_scores(model, w, 2)
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)                     # "compressed" in place: the kept head is stale
-    _original_head(scores, model, str(model_dir), "float32")
+    restore_reference_head(scores, model, str(model_dir), "float32")
     assert scores.head is not model.lm_head
     original, _ = mp.load(model_dir)
     assert_same(evaluate(model, w, scores), whole_tensor_evaluate(model, w, original))
+
+
+def test_cli_eval_with_reference_scores_it_first(one_thread, tmp_path, capsys, monkeypatch):
+    """`eval --reference`: the reference is scored and dropped before the model loads; same figures."""
+    import modelpress as mp
+    import modelpress.api as api
+    from modelpress.cli import main
+    from .conftest import tiny_model_dir
+    model_dir = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(TEXT)
+    recipe = mp.Recipe.from_dict({"stages": [{"quantize": {"method": "rtn", "bits": 3, "group_size": 32}}]})
+    rep = mp.run_recipe(recipe, str(model_dir), tmp_path / "out", evaluate_models=False)
+    loads = []
+    real = api.load
+    monkeypatch.setattr(api, "load", lambda src, *a, **k: loads.append(str(src)) or real(src, *a, **k))
+    assert main(["eval", str(tmp_path / "out"), "--reference", str(model_dir), "--text", str(tmp_path / "text.txt"),
+                 "--seqlen", "32", "--windows", "4"]) == 0
+    out = capsys.readouterr().out
+    assert loads == [str(model_dir), str(tmp_path / "out")]      # reference first, the model after it
+    original, tok = mp.load(model_dir)
+    want = whole_tensor_evaluate(rep["_model"], api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
+    assert f"{want['kl']:.4g}" in out and f"{want['agreement']:.4g}" in out and f"{want['perplexity']:.4g}" in out

@@ -104,13 +104,17 @@ def cmd_compress(a) -> int:
 
 def cmd_eval(a) -> int:
     from ..api import evaluate, load
-    model, tok = load(a.model)
     if a.tasks:
+        model, tok = load(a.model)
         from ..eval.lm_eval_bridge import print_results, run_tasks
         print_results(run_tasks(model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
                                 include_defaults=a.tasks_dir is None))
         return 0
-    ref = load(a.reference)[0] if a.reference else None
+    ref = _reference_scores(a) if a.reference else None     # scored first: the two models are never both loaded
+    model, tok = load(a.model)
+    if ref is not None:
+        from ..api import restore_reference_head
+        restore_reference_head(ref, model, a.reference, "float32")
     res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
     rows = [("perplexity", res["perplexity"])]
     if ref is not None:
@@ -119,6 +123,20 @@ def cmd_eval(a) -> int:
     rows += [("bits / weight", res["size"]["bits_per_weight"]), ("size (MB)", res["size"]["compressed_bytes"] / 1e6)]
     _table(rows, ("metric", "value"))
     return 0
+
+
+def _reference_scores(a):
+    """The reference model scored on the evaluation windows, then dropped (only its hidden states and its
+    output layer's hash are kept; see modelpress.eval.perplexity.ReferenceScores)."""
+    import gc
+    from ..api import load, windows_for
+    from ..eval.perplexity import reference_scores
+    ref, tok = load(a.reference)
+    scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows), 2)
+    scores.release_head()
+    del ref
+    gc.collect()
+    return scores
 
 
 def cmd_inspect(a) -> int:
