@@ -111,11 +111,11 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     """
     src = model_src or recipe.model or _model.REFERENCE
     model, tok = load(src, recipe.dtype)
-    ref = None
+    refs: dict[str, ReferenceScores] = {}
     if evaluate_models:                  # the original is scored before compressing in place; no copy is kept
         e = recipe.evaluate
-        w = windows_for(tok, e.text, e.seqlen, e.windows)
-        ref = reference_scores(model, w, e.batch_size)
+        for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
+            refs[text] = reference_scores(model, windows_for(tok, text, e.seqlen, e.windows), e.batch_size)
         orig_bytes = size_report(model)["compressed_bytes"]
     c = recipe.calibration
     calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
@@ -132,15 +132,19 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
               "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
               "layers": _layer_table(stages, size)}
     if evaluate_models:
-        if e.agreement:
-            restore_reference_head(ref, model, src, recipe.dtype)
-        comp = _evaluate(model, w, ref if e.agreement else None, e.batch_size)
-        comp.pop("per_token", None)
-        report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
-                          "original": {**ref.evaluation(), "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
-                                       "bytes": orig_bytes},
-                          "compressed": comp}
-        del ref
+        head = None
+        for i, (text, ref) in enumerate(refs.items()):
+            if e.agreement:
+                head = restore_reference_head(ref, model, src, recipe.dtype, head)
+            comp = _evaluate(model, ref.windows, ref if e.agreement else None, e.batch_size)
+            comp.pop("per_token", None)
+            entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0 if "16" in recipe.dtype
+                                                else 32.0, "bytes": orig_bytes}, "compressed": comp}
+            if i == 0:
+                report["eval"] = {"protocol": "modelpress-eval/1", **entry}
+            else:
+                report["eval"]["off_domain"] = entry
+        del refs
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
@@ -166,16 +170,17 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     return report
 
 
-def restore_reference_head(ref: ReferenceScores, model: nn.Module, src, dtype) -> None:
+def restore_reference_head(ref: ReferenceScores, model: nn.Module, src, dtype, known: nn.Module | None = None):
     """Make sure `ref` can score against `model`: when compression changed the output layer (in place or
-    tied to a compressed embedding), the original's output layer is reloaded from the source."""
+    tied to a compressed embedding), the original's output layer (`known`, or reloaded from the source) is
+    put back into `ref`. Returns the output layer `ref` will use."""
     if ref.hidden is None:
-        return
+        return known
     try:
-        ref.head_for(model)
+        return ref.head_for(model)
     except UserError:
-        ref.head = load(src, dtype)[0].get_output_embeddings()
-        ref.head_for(model)
+        ref.head = known if known is not None else load(src, dtype)[0].get_output_embeddings()
+        return ref.head_for(model)
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:

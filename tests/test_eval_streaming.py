@@ -191,7 +191,7 @@ def test_run_recipe_keeps_no_copy_and_gives_the_old_figures(one_thread, tmp_path
     assert rep["eval"]["original"]["perplexity"] == pytest.approx(whole_tensor_evaluate(original, w)["perplexity"], rel=REL)
 
 
-def testrestore_reference_head_reloaded_when_changed_in_place(one_thread, tmp_path):
+def test_restore_reference_head_reloads_when_changed_in_place(one_thread, tmp_path):
     import modelpress as mp
     from modelpress.api import restore_reference_head
     from .conftest import tiny_model_dir

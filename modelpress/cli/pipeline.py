@@ -56,16 +56,36 @@ def print_report(rep: dict) -> None:
         print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
     if "eval" not in rep:
         return
-    o, c = rep["eval"]["original"], rep["eval"]["compressed"]
-    _table([("size (MB)", o["bytes"] / 1e6, s["compressed_bytes"] / 1e6),
+    ev = rep["eval"]
+    o, c = ev["original"], ev["compressed"]
+    src = ((rep.get("recipe") or {}).get("calibration") or {}).get("source")
+    name = f"{ev.get('text', 'wiki-eval')}{_domain(ev.get('text'), src)}"
+    rows = [("size (MB)", o["bytes"] / 1e6, s["compressed_bytes"] / 1e6),
             ("bits / weight (compressed linears)", o["bits_per_weight"], s["bits_per_weight"]),
             ("sparsity (compressed linears)", 0.0, _mean(rep["layers"], "sparsity")),
-            ("perplexity", o["perplexity"], c["perplexity"]),
-            ("top-1 agreement with original", 1.0, c.get("agreement", float("nan"))),
-            ("mean KL(original || compressed)", 0.0, c.get("kl", float("nan")))],
-           ("metric", "original", "compressed"))
-    print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions), "
-          f"protocol {rep['eval']['protocol']}")
+            (f"perplexity, {name}", o["perplexity"], c["perplexity"])]
+    off = ev.get("off_domain")
+    if off:
+        rows.append((f"perplexity, {off['text']}{_domain(off['text'], src)}", off["original"]["perplexity"],
+                     off["compressed"]["perplexity"]))
+    rows += [(f"top-1 agreement with original, {ev.get('text', 'wiki-eval')}", 1.0, c.get("agreement", float("nan"))),
+             (f"mean KL(original || compressed), {ev.get('text', 'wiki-eval')}", 0.0, c.get("kl", float("nan")))]
+    if off:
+        rows.append((f"mean KL(original || compressed), {off['text']}", 0.0, off["compressed"].get("kl", float("nan"))))
+    _table(rows, ("metric", "original", "compressed"))
+    print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions) per text, "
+          f"protocol {ev['protocol']}")
+
+
+def _domain(text: str | None, calib_source: str | None) -> str:
+    """" (in-domain)" / " (off-domain)": whether an evaluation text is from the calibration source's corpus."""
+    if not text or not calib_source:
+        return ""
+    def corpus(x) -> str:                      # "wiki-eval" -> "wiki"; a file path stays itself
+        head = str(x).split("-")[0]
+        return head if head in ("wiki", "novels") else str(x)
+    same = corpus(text) == corpus(calib_source)
+    return " (in-domain)" if same else " (off-domain)"
 
 
 def _mean(layers: dict, key: str) -> float:
