@@ -1,9 +1,10 @@
 """Peak memory of the default pipeline and of `eval`, before and after streaming evaluation (issues 22, 23, 25).
 
 Each measurement is one `python -m modelpress.cli ...` process, started with the working directory at a
-source tree (so that tree's modelpress is imported); its peak RSS is read with os.wait4 (the child's own
-ru_maxrss). "before" runs the pre-change code from another checkout (`--before`, default /work/main, the
-branch point), "after" this checkout. Both get the same environment (OMP_NUM_THREADS). Cases:
+source tree (so that tree's modelpress is imported); its peak RSS is read with /usr/bin/time -v (the child's
+own high-water mark). "before" runs the pre-change code from another checkout (`--before DIR`, default
+/work/main; the table was made with DIR = `git archive 0941081 | tar -x -C DIR`, the branch point), "after"
+this checkout. Both get the same environment (OMP_NUM_THREADS). Cases:
 
 - pipeline: `compress smollm2 --recipe w4a16-gptq-g128` (the shipped default: 128 x 512 calibration tokens,
   evaluation on 32 windows x 512), figures read from the export's report.json (identical results checked).
@@ -13,7 +14,7 @@ branch point), "after" this checkout. Both get the same environment (OMP_NUM_THR
   `eval COPY` on 4 windows x 512.
 - eval-smollm2: `eval EXPORT --reference smollm2` on 32 windows x 512 (EXPORT from the pipeline case).
 
-    .venv/bin/python benchmarks/pipeline_memory.py                       # all cases, before and after (~20 min)
+    .venv/bin/python benchmarks/pipeline_memory.py --before DIR          # all cases, before and after (~30 min)
     .venv/bin/python benchmarks/pipeline_memory.py --cases eval-262k     # one case
 """
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--before", default="/work/main", help="checkout with the pre-change code")
+    ap.add_argument("--before-label", help="what --before holds, for the table (default: its git HEAD)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-md", action="store_true")
     ap.add_argument("--cache", default="/tmp/modelpress-pipeline-memory.json",
@@ -182,8 +184,11 @@ def report(res: dict, fp32_smol, fp32_big, a) -> str:
             "eval-smollm2": "eval OUT --reference smollm2 --windows 32 --seqlen 512",
             "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
             "eval-262k": "eval COPY --windows 4 --seqlen 512"}
+    label = a.before_label or subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"],
+                                             capture_output=True, text=True).stdout.strip() or a.before
     lines = [f"Peak RSS (`/usr/bin/time -v`: the one `python -m modelpress.cli` process' own high-water mark) before (the pre-change "
-             f"code, run from `{a.before}`: the branch point) and after (this branch), OMP_NUM_THREADS={a.threads}. "
+             f"code: {label}) and after (this branch: streaming evaluation, no copy of the original, engine outputs in "
+             f"place and the multi-pass path beyond the sweep budget), OMP_NUM_THREADS={a.threads}. "
              f"fp32 weight bytes: SmolLM2 {fp32_smol or float('nan'):.0f} MB, synthetic 262k-vocabulary Llama "
              f"{fp32_big or float('nan'):.0f} MB (hidden 640, 2 layers, tied). Targets: pipeline <= 1.6x fp32 "
              "weights; eval <= fp32 weights + 500 MB. Figures: perplexity / agreement / KL from report.json "
