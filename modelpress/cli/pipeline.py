@@ -2,7 +2,6 @@
 compress -> evaluate -> export, and looking at what was exported)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
@@ -68,16 +67,36 @@ def print_report(rep: dict) -> None:
         print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
     if "eval" not in rep:
         return
-    o, c = rep["eval"]["original"], rep["eval"]["compressed"]
-    _table([("size (MB)", o["bytes"] / 1e6, s["compressed_bytes"] / 1e6),
+    ev = rep["eval"]
+    o, c = ev["original"], ev["compressed"]
+    src = ((rep.get("recipe") or {}).get("calibration") or {}).get("source")
+    name = f"{ev.get('text', 'wiki-eval')}{_domain(ev.get('text'), src)}"
+    rows = [("size (MB)", o["bytes"] / 1e6, s["compressed_bytes"] / 1e6),
             ("bits / weight (compressed linears)", o["bits_per_weight"], s["bits_per_weight"]),
             ("sparsity (compressed linears)", 0.0, _mean(rep["layers"], "sparsity")),
-            ("perplexity", o["perplexity"], c["perplexity"]),
-            ("top-1 agreement with original", 1.0, c.get("agreement", float("nan"))),
-            ("mean KL(original || compressed)", 0.0, c.get("kl", float("nan")))],
-           ("metric", "original", "compressed"))
-    print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions), "
-          f"protocol {rep['eval']['protocol']}")
+            (f"perplexity, {name}", o["perplexity"], c["perplexity"])]
+    off = ev.get("off_domain")
+    if off:
+        rows.append((f"perplexity, {off['text']}{_domain(off['text'], src)}", off["original"]["perplexity"],
+                     off["compressed"]["perplexity"]))
+    rows += [(f"top-1 agreement with original, {ev.get('text', 'wiki-eval')}", 1.0, c.get("agreement", float("nan"))),
+             (f"mean KL(original || compressed), {ev.get('text', 'wiki-eval')}", 0.0, c.get("kl", float("nan")))]
+    if off:
+        rows.append((f"mean KL(original || compressed), {off['text']}", 0.0, off["compressed"].get("kl", float("nan"))))
+    _table(rows, ("metric", "original", "compressed"))
+    print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions) per text, "
+          f"protocol {ev['protocol']}")
+
+
+def _domain(text: str | None, calib_source: str | None) -> str:
+    """" (in-domain)" / " (off-domain)": whether an evaluation text is from the calibration source's corpus."""
+    if not text or not calib_source:
+        return ""
+    def corpus(x) -> str:                      # "wiki-eval" -> "wiki"; a file path stays itself
+        head = str(x).split("-")[0]
+        return head if head in ("wiki", "novels") else str(x)
+    same = corpus(text) == corpus(calib_source)
+    return " (in-domain)" if same else " (off-domain)"
 
 
 def _mean(layers: dict, key: str) -> float:
@@ -125,13 +144,17 @@ def cmd_eval(a) -> int:
         from ..eval.lm_eval_bridge import TASKS_CODE_RISK
         raise UserError(f"--tasks-dir {a.tasks_dir}: {TASKS_CODE_RISK}")
     from ..progress import timed
-    model, tok = timed(f"load {a.model}", load, a.model)
     if a.tasks:
+        model, tok = timed(f"load {a.model}", load, a.model)
         from ..eval.lm_eval_bridge import print_results, run_tasks
         print_results(timed("lm-eval tasks", run_tasks, model, tok, a.tasks, a.limit, include_path=a.tasks_dir,
                             include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
         return 0
-    ref = load(a.reference)[0] if a.reference else None
+    ref = _reference_scores(a) if a.reference else None     # scored first: the two models are never both loaded
+    model, tok = timed(f"load {a.model}", load, a.model)
+    if ref is not None:
+        from ..api import restore_reference_head
+        restore_reference_head(ref, model, a.reference, "float32")
     res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
     rows = [("perplexity", res["perplexity"])]
     if ref is not None:
@@ -140,6 +163,20 @@ def cmd_eval(a) -> int:
     rows += [("bits / weight", res["size"]["bits_per_weight"]), ("size (MB)", res["size"]["compressed_bytes"] / 1e6)]
     _table(rows, ("metric", "value"))
     return 0
+
+
+def _reference_scores(a):
+    """The reference model scored on the evaluation windows, then dropped (only its hidden states and its
+    output layer's hash are kept; see modelpress.eval.perplexity.ReferenceScores)."""
+    import gc
+    from ..api import load, windows_for
+    from ..eval.perplexity import reference_scores
+    ref, tok = load(a.reference)
+    scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows), 2)
+    scores.release_head()
+    del ref
+    gc.collect()
+    return scores
 
 
 def cmd_inspect(a) -> int:

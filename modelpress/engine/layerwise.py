@@ -407,7 +407,11 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
         yield step
         if step.out is None:                     # (after a sweep the outputs exist: the trim below suffices)
             trim_heap()
-        inputs = step.out if step.out is not None else step.outputs()
+            with torch.no_grad():                # in place, batch by batch: one copy of the activations, not two
+                for b, kw in enumerate(kwargs):
+                    inputs[b] = step.forward(inputs[b], kw)
+        else:
+            inputs = step.out
         step.inputs, step.out = [], None
         layer.to(home)
         trim_heap()
@@ -415,16 +419,33 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
             checkpoint.save(i, layer, inputs, step.extra.get("stats", {}))
 
 
+SWEEP_BUDGET = 1 << 30   # bytes of activations Step.sweep may park at once (see run and sweep_bytes)
+
+
+def sweep_bytes(step: Step, linears: dict[str, nn.Module]) -> int:
+    """Estimated activations Step.sweep holds at its deepest gate: every batch parked at once, each with its
+    layer input, the residual, the normed input and the widest linear's input and its factors, about
+    (4 + 3 x widest input / hidden) layer inputs' worth (measured 12-13x on SmolLM2-shaped layers, against
+    3-4x for the multi-pass path; BENCHMARKS.md "pipeline memory")."""
+    inp = sum(x.numel() * x.element_size() for x in step.inputs)
+    hidden = step.inputs[0].shape[-1] if step.inputs else 1
+    widest = max((m.in_features for m in linears.values() if hasattr(m, "in_features")), default=hidden)
+    return int(inp * (4 + 3 * widest / hidden))
+
+
 def run(model: nn.Module, calib: CalibrationSet, target: Target,
         fn: Callable[[dict[str, nn.Module], dict[str, Tensor]], dict],
         collect: str = "hessian", batch_size: int = 8, progress: str | None = None, checkpoint=None,
-        sequential: bool = False, amp: torch.dtype | None = None) -> dict:
+        sequential: bool = False, amp: torch.dtype | None = None, sweep_budget: int | None = None) -> dict:
     """For each decoder layer: stats = collect(targeted linears); fn(linears, stats) -> per-linear dict.
     sequential ("true sequential", GPTQ repo): within a layer, the linears are compressed one input group at a
     time in forward order (q/k/v, then o_proj, gate/up, down_proj), each group's statistics taken with the
     groups before it already compressed. The first layer with a given set of linears finds its groups with one
     partial pass per group; later layers with the same linears run Step.sweep: one forward pass per layer in all,
-    against two (statistics, then outputs) without `sequential`. amp (see autocast_dtype): run the forward passes
+    against two (statistics, then outputs) without `sequential`, as long as the activations the sweep parks
+    (sweep_bytes) fit in `sweep_budget` bytes (None: SWEEP_BUDGET); beyond it (e.g. the shipped 128 x 512 calibration on SmolLM2),
+    every layer takes the multi-pass path, which holds one copy of the activations plus one batch's (the very
+    same numbers, more forward passes). amp (see autocast_dtype): run the forward passes
     under torch.autocast to this dtype (bfloat16: about 1.8x faster layer forwards on CPUs with AVX512-BF16 or AMX);
     the weights, the statistics and the solves stay float32.
     Returns the merged per-linear results (those of layers restored from a checkpoint included)."""
@@ -435,6 +456,7 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     if not touched:
         return out
     sequential = sequential and collect != "none"
+    budget = SWEEP_BUDGET if sweep_budget is None else sweep_budget
     known: dict[tuple[str, ...], list[list[str]]] = {}   # a layer's linears (relative names) -> its input groups
     with bar(progress, total=touched[-1] + 1) as advance:
         advance(checkpoint.done if checkpoint is not None else 0)
@@ -442,7 +464,7 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
             rest = step.linears(target)
             cut = len(step.prefix) + 1
             key = tuple(n[cut:] for n in rest)
-            if sequential and key in known:
+            if sequential and key in known and sweep_bytes(step, rest) <= budget:
                 res = step.sweep(rest, [[f"{step.prefix}.{r}" for r in g] for g in known[key]], collect, fn)
             else:
                 res, groups = step.grouped(rest, collect, fn, sequential)

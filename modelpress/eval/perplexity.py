@@ -1,7 +1,9 @@
 """Perplexity and agreement with a frozen, documented protocol."""
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,28 +45,237 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# ------------------------------------------------------------------------------------- streaming scoring
+#
+# The scores are computed row by row: a row is one predicting position, with the full vocabulary. A batch of
+# windows runs through the model up to the output layer (its input, the final hidden states (b, T, hidden), is
+# captured and the forward stops there); the output layer is then applied to `rows` positions at a time, so at
+# most (rows, vocab) logits per model exist at once, whatever the number of windows or the vocabulary size.
+# Every per-row figure (log-softmax, target NLL, argmax, KL, max |diff|) is computed by the very same operations
+# on the very same full-vocabulary row as the whole-tensor computation, so the figures are identical to it (up to
+# the output layer's matmul: rows are taken in multiples of 16, for which CPU GEMMs give each row bitwise the
+# whole-batch result). Chunking over the vocabulary instead (online log-sum-exp) would change the order of
+# the KL sum and lose that identity (KL is a small difference of large terms: fp32 reordering alone moves it
+# by ~1e-5 relative).
+
+CHUNK_ELEMENTS = 1 << 22        # logits per chunk (rows x vocab): 16 MB of float32 per model
+
+
+class _Stop(Exception):
+    pass
+
+
+def _post(model: nn.Module):
+    """What the model does to the output layer's result before returning logits (final soft-capping in
+    Gemma-2/3 style configs); identity elsewhere."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        return lambda z: torch.tanh(z / cap) * cap
+    return lambda z: z
+
+
+def _head_hidden(model: nn.Module, ids: Tensor) -> Tensor:
+    """The input of the model's output layer (get_output_embeddings()) for `ids` (b, T): (b, T, hidden);
+    the forward stops there (the full logits are never computed)."""
+    head = model.get_output_embeddings()
+    got: list[Tensor] = []
+
+    def hook(_m, args):
+        got.append(args[0])
+        raise _Stop
+
+    h = head.register_forward_pre_hook(hook)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise RuntimeError(f"{type(model).__name__} never called its output layer")
+    return got[0]
+
+
+def _streamable(model: nn.Module, ids: Tensor) -> bool:
+    """Whether logits = post(head(final hidden)) for this model, checked on a short prefix of `ids` against
+    the model's own logits (a model that does more after its output layer falls back to full logits)."""
+    if getattr(model, "get_output_embeddings", None) is None or model.get_output_embeddings() is None:
+        return False
+    p = ids[:1, : min(8, ids.shape[1])].to(_device(model))
+    try:
+        h = _head_hidden(model, p)
+    except RuntimeError:
+        return False
+    want = model(input_ids=p, use_cache=False).logits.float()
+    got = _post(model)(model.get_output_embeddings()(h)).float()
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def head_sha256(head: nn.Module) -> str:
+    """Hash of an output layer (its type and every tensor's bytes, without copying them)."""
+    h = hashlib.sha256(f"{type(head).__module__}.{type(head).__qualname__}".encode())
+    for k, v in sorted(head.state_dict().items()):
+        t = v.detach().contiguous().cpu()
+        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+class _Rows:
+    """Full-vocabulary logit rows (float32, CPU) for the predicting positions of one batch (b, T - 1)."""
+
+    def __init__(self, hidden: Tensor | None = None, head: nn.Module | None = None, post=None,
+                 logits: Tensor | None = None):
+        self.hidden = None if hidden is None else hidden.reshape(-1, hidden.shape[-1])   # (b*(T-1), hidden)
+        self.head, self.post = head, post
+        self.logits = None if logits is None else logits.reshape(-1, logits.shape[-1])   # (b*(T-1), vocab)
+
+    def vocab(self) -> int:
+        if self.logits is not None:
+            return self.logits.shape[-1]
+        return int(self.post(self.head(self.hidden[:1].to(_device(self.head)))).shape[-1])
+
+    def __call__(self, a: int, b: int) -> Tensor:
+        if self.logits is not None:
+            return self.logits[a:b].float().cpu()
+        return self.post(self.head(self.hidden[a:b].to(_device(self.head)))).float().cpu()
+
+
+def _model_rows(model: nn.Module, ids: Tensor, streaming: bool) -> _Rows:
+    dev_ids = ids.to(_device(model))
+    if streaming:
+        return _Rows(_head_hidden(model, dev_ids)[:, :-1], model.get_output_embeddings(), _post(model))
+    return _Rows(logits=model(input_ids=dev_ids, use_cache=False).logits[:, :-1])
+
+
+@dataclass
+class ReferenceScores:
+    """The reference model's side of `evaluate` on fixed windows, computed once (`reference_scores`), so the
+    reference model itself need not stay in memory: its final hidden states per batch (the output layer's input
+    at the predicting positions, (b, seqlen - 1, hidden) each: small), its per-token NLL (n, seqlen - 1), and
+    its output layer (`head`), or only that layer's hash once released: the compared model's own output layer
+    is then used, which evaluate() allows only when its hash is the same (unchanged by compression)."""
+    windows: Tensor
+    batch_size: int
+    hidden: list[Tensor] | None     # None: the reference had no separable output layer (logits kept instead)
+    logits: list[Tensor] | None
+    nll: Tensor
+    head: nn.Module | None
+    head_sha256: str | None
+    post: object = None
+
+    def release_head(self) -> None:
+        self.head = None
+
+    def head_for(self, model: nn.Module) -> nn.Module:
+        """The output layer to apply to the stored hidden states when scoring against `model`: the kept one,
+        or `model`'s own, whichever still hashes as the reference's did (compression may have changed the
+        kept one in place); UserError when neither does."""
+        for cand in (self.head, model.get_output_embeddings()):
+            if cand is not None and head_sha256(cand) == self.head_sha256:
+                return cand
+        raise UserError("the reference's output layer changed or was released and the compared model's output "
+                        "layer differs from it: set ReferenceScores.head to the original output layer")
+
+    def evaluation(self) -> dict:
+        """The reference model's own evaluate() result (perplexity, tokens, windows, seqlen)."""
+        return _summary(self.nll, self.windows)
+
+
+def _summary(nll: Tensor, windows: Tensor) -> dict:
+    return {"perplexity": math.exp(float(nll.double().mean())), "tokens": nll.numel(),
+            "windows": windows.shape[0], "seqlen": windows.shape[1]}
+
+
+def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:
+    """Rows per chunk: a multiple of 16 (CPU GEMM kernels block rows by 8/16: with whole blocks, each row's
+    logits are bitwise those of the whole-batch matmul), at least 16."""
+    return max(16, chunk_elements // max(vocab, 1) // 16 * 16)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: Tensor, reference: nn.Module | None = None,
-             batch_size: int = 2) -> dict:
-    """Perplexity of `model` on `windows`; with `reference`, also agreement, KL and max |logit diff|,
-    plus per-token arrays under "per_token" (agree, kl, linf, nll: (n, seqlen - 1))."""
-    nll, agree, kl, linf, ref_nll = [], [], [], [], []
+def reference_scores(reference: nn.Module, windows: Tensor, batch_size: int = 2,
+                     chunk_elements: int = CHUNK_ELEMENTS) -> ReferenceScores:
+    """Score `reference` on `windows` once and keep only what `evaluate` needs from it (see ReferenceScores).
+    The output layer is kept (by reference, not copied); call release_head() to drop it when the compared
+    model's output layer will be the same."""
+    streaming = windows.numel() > 0 and _streamable(reference, windows)
+    hidden, logits, nll = [], [], []
     for b in range(0, windows.shape[0], batch_size):
         ids = windows[b:b + batch_size]
-        logits = model(input_ids=ids.to(_device(model)), use_cache=False).logits[:, :-1].float().cpu()
-        tgt = ids[:, 1:]
-        lp = F.log_softmax(logits, -1)
-        nll.append(-lp.gather(-1, tgt[..., None])[..., 0])
-        if reference is not None:
-            rlogits = reference(input_ids=ids.to(_device(reference)), use_cache=False).logits[:, :-1].float().cpu()
-            rlp = F.log_softmax(rlogits, -1)
-            ref_nll.append(-rlp.gather(-1, tgt[..., None])[..., 0])
-            agree.append(logits.argmax(-1) == rlogits.argmax(-1))
-            kl.append((rlp.exp() * (rlp - lp)).sum(-1).clamp(min=0))
-            linf.append((logits - rlogits).abs().amax(-1))
+        rows = _model_rows(reference, ids, streaming)
+        tgt = ids[:, 1:].reshape(-1)
+        step = _rows_per_chunk(rows.vocab(), chunk_elements)
+        out = torch.empty(tgt.numel())
+        for a in range(0, tgt.numel(), step):
+            lp = F.log_softmax(rows(a, a + step), -1)
+            out[a:a + step] = -lp.gather(-1, tgt[a:a + step, None])[:, 0]
+        nll.append(out.reshape(ids.shape[0], -1))
+        if streaming:
+            hidden.append(rows.hidden.detach().cpu().reshape(ids.shape[0], ids.shape[1] - 1, -1))
+        else:
+            logits.append(rows.logits.detach().float().cpu().reshape(ids.shape[0], ids.shape[1] - 1, -1))
+    head = reference.get_output_embeddings() if streaming else None
+    return ReferenceScores(windows, batch_size, hidden if streaming else None, None if streaming else logits,
+                           torch.cat(nll), head, head_sha256(head) if head is not None else None,
+                           _post(reference) if streaming else None)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: Tensor, reference: nn.Module | ReferenceScores | None = None,
+             batch_size: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> dict:
+    """Perplexity of `model` on `windows`; with `reference` (a model, or its ReferenceScores on these windows),
+    also agreement, KL and max |logit diff|, plus per-token arrays under "per_token" (agree, kl, linf, nll:
+    (n, seqlen - 1)). Streams: at most `chunk_elements` logits per model exist at a time (see above)."""
+    if isinstance(reference, ReferenceScores):
+        if not torch.equal(reference.windows, windows) or reference.batch_size != batch_size:
+            raise UserError("reference scores were computed on other windows or another batch size: "
+                            "compute them with reference_scores(reference, windows, batch_size)")
+    streaming = windows.numel() > 0 and _streamable(model, windows)
+    ref_stream = (isinstance(reference, nn.Module) and windows.numel() > 0 and _streamable(reference, windows))
+    ref_head = reference.head_for(model) if isinstance(reference, ReferenceScores) and reference.hidden else None
+    nll, agree, kl, linf, ref_nll = [], [], [], [], []
+    for i, b in enumerate(range(0, windows.shape[0], batch_size)):
+        ids = windows[b:b + batch_size]
+        shape = (ids.shape[0], ids.shape[1] - 1)
+        tgt = ids[:, 1:].reshape(-1)
+        rows = _model_rows(model, ids, streaming)
+        if reference is None:
+            rrows = None
+        elif isinstance(reference, ReferenceScores):
+            rrows = (_Rows(reference.hidden[i], ref_head, reference.post) if reference.hidden is not None
+                     else _Rows(logits=reference.logits[i]))
+        else:
+            rrows = _model_rows(reference, ids, ref_stream)
+        step = _rows_per_chunk(rows.vocab(), chunk_elements)
+        n = tgt.numel()
+        o_nll = torch.empty(n)
+        if rrows is not None:
+            o_rnll, o_agree, o_kl, o_linf = torch.empty(n), torch.empty(n, dtype=torch.bool), torch.empty(n), torch.empty(n)
+        for a in range(0, n, step):
+            t = tgt[a:a + step, None]
+            logits = rows(a, a + step)                                        # (rows, vocab)
+            lp = F.log_softmax(logits, -1)
+            o_nll[a:a + step] = -lp.gather(-1, t)[:, 0]
+            if rrows is not None:
+                rlogits = rrows(a, a + step)
+                rlp = F.log_softmax(rlogits, -1)
+                o_rnll[a:a + step] = -rlp.gather(-1, t)[:, 0]
+                o_agree[a:a + step] = logits.argmax(-1) == rlogits.argmax(-1)
+                o_kl[a:a + step] = (rlp.exp() * (rlp - lp)).sum(-1).clamp(min=0)
+                o_linf[a:a + step] = (logits - rlogits).abs().amax(-1)
+            del logits, lp
+        nll.append(o_nll.reshape(shape))
+        if rrows is not None:
+            ref_nll.append(o_rnll.reshape(shape))
+            agree.append(o_agree.reshape(shape))
+            kl.append(o_kl.reshape(shape))
+            linf.append(o_linf.reshape(shape))
     nll_t = torch.cat(nll)
-    out = {"perplexity": math.exp(float(nll_t.double().mean())), "tokens": nll_t.numel(),
-           "windows": windows.shape[0], "seqlen": windows.shape[1]}
+    out = _summary(nll_t, windows)
     if reference is not None:
         a, k, li, rn = torch.cat(agree), torch.cat(kl), torch.cat(linf), torch.cat(ref_nll)
         out.update(reference_perplexity=math.exp(float(rn.double().mean())), agreement=float(a.float().mean()),

@@ -1,0 +1,207 @@
+"""Peak memory of the default pipeline and of `eval`, before and after streaming evaluation (issues 22, 23, 25).
+
+Each measurement is one `python -m modelpress.cli ...` process, started with the working directory at a
+source tree (so that tree's modelpress is imported); its peak RSS is read with /usr/bin/time -v (the child's
+own high-water mark). "before" runs the pre-change code from another checkout (`--before DIR`, default
+/work/main; the table was made with DIR = `git archive 0941081 | tar -x -C DIR`, the branch point), "after"
+this checkout. Both get the same environment (OMP_NUM_THREADS). Cases:
+
+- pipeline: `compress smollm2 --recipe w4a16-gptq-g128` (the shipped default: 128 x 512 calibration tokens,
+  evaluation on 32 windows x 512), figures read from the export's report.json (identical results checked).
+- eval-262k: a synthetic Llama with a 262,144-token tied vocabulary (hidden 640, 2 layers, about 180 M
+  parameters, so the fp32 weights are dominated by the embedding as in the 270M model of issue 25) and a
+  perturbed copy of it as "compressed", both with SmolLM2's tokenizer; `eval COPY --reference ORIG` and
+  `eval COPY` on 4 windows x 512.
+- eval-smollm2: `eval EXPORT --reference smollm2` on 32 windows x 512 (EXPORT from the pipeline case).
+
+    .venv/bin/python benchmarks/pipeline_memory.py --before DIR          # all cases, before and after (~30 min)
+    .venv/bin/python benchmarks/pipeline_memory.py --cases eval-262k     # one case
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CASES = ("pipeline", "eval-262k", "eval-smollm2")
+ROWS = ("perplexity", "reference perplexity", "top-1 agreement", "mean KL")
+
+
+def run(tree: Path, args: list[str], env: dict, code: str | None = None) -> dict:
+    """Run `python -m modelpress.cli ARGS` (or `python -c CODE`) in `tree` under /usr/bin/time -v: peak RSS (MB,
+    the child's own high-water mark), wall seconds, stdout."""
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-c", code] if code else [sys.executable, "-m", "modelpress.cli", *args]
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        p = subprocess.run(["/usr/bin/time", "-v", "-o", tf.name, *cmd], cwd=tree, env=env,
+                           capture_output=True, text=True)
+        timing = Path(tf.name).read_text()
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd} failed in {tree}:\n{p.stderr[-3000:]}")
+    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", timing).group(1))
+    return {"rss_mb": kb * 1024 / 1e6, "wall": time.perf_counter() - t0, "stdout": p.stdout, "figures": {}}
+
+
+FLOOR = ("import modelpress.cli, modelpress.api, torch, transformers\n"
+         "from modelpress.api import load\n"
+         "m, _ = load({src!r})\n"
+         "print(sum(float(p.detach().double().sum()) for p in m.parameters()))   # every weight page touched\n")
+
+
+def table_values(stdout: str) -> dict:
+    """The figures of `eval`'s printed table (rich box rows `│ name │ value │`)."""
+    vals = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
+        if len(cells) == 2 and cells[0] in ROWS:
+            vals[cells[0]] = cells[1]
+    return vals
+
+
+def big_vocab_models(d: Path) -> tuple[Path, Path, int]:
+    """ORIG and a perturbed COPY (every decoder weight x (1 + 30% noise)): 262k tied vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from modelpress.model import smollm2_dir
+    tok = AutoTokenizer.from_pretrained(smollm2_dir())
+    cfg = LlamaConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=2,
+                      num_attention_heads=10, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        m.model.embed_tokens.weight.normal_(0, 0.1)       # logits with a spread of a few units
+    nbytes = sum(p.numel() * 4 for p in m.parameters())
+    orig, copy = d / "big-orig", d / "big-copy"
+    m.save_pretrained(orig)
+    tok.save_pretrained(orig)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "layers" in name:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    m.save_pretrained(copy)
+    tok.save_pretrained(copy)
+    return orig, copy, nbytes
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--before", default="/work/main", help="checkout with the pre-change code")
+    ap.add_argument("--before-label", help="what --before holds, for the table (default: its git HEAD)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-md", action="store_true")
+    ap.add_argument("--cache", default="/tmp/modelpress-pipeline-memory.json",
+                    help="finished measurements (a later run continues from them)")
+    a = ap.parse_args(argv)
+    cases = a.cases.split(",")
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1"}
+    trees = {"before": Path(a.before), "after": ROOT}
+    cache_path = Path(a.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    res: dict = {tuple(k.split("|")): v for k, v in cache.items() if not k.startswith("_")}
+    sizes = cache.setdefault("_fp32_mb", {})
+    argv_s = " ".join(sys.argv[1:])
+    cmd = "python benchmarks/pipeline_memory.py" + (f" {argv_s}" if argv_s else "")
+
+    def done(case, tag, r):
+        r.pop("stdout", None)
+        res[case, tag] = r
+        cache[f"{case}|{tag}"] = r
+        cache_path.write_text(json.dumps(cache, indent=1))
+        print(f"{case} {tag}: {r['rss_mb']:.0f} MB, {r['wall']:.0f} s, {r['figures']}", flush=True)
+        if not a.no_md:
+            from benchmarks._md import write_section
+            write_section("pipeline memory", cmd, report(res, sizes.get("smollm2"), sizes.get("262k"), a))
+
+    work = Path(tempfile.mkdtemp(prefix="mp-mem-"))
+    try:
+        if "pipeline" in cases or "eval-smollm2" in cases:
+            if ("floor: load smollm2", "after") not in res:
+                done("floor: load smollm2", "after", run(ROOT, [], env, FLOOR.format(src="smollm2")))
+            for tag, tree in trees.items():
+                out = work / f"w4-{tag}"
+                if ("pipeline", tag) in res and not (tag == "after" and "eval-smollm2" in cases):
+                    continue
+                r = run(tree, ["compress", "smollm2", "--recipe", "w4a16-gptq-g128", "--out", str(out)], env)
+                rep = json.loads((out / "report.json").read_text())
+                sizes["smollm2"] = rep["size"]["params"] * 4 / 1e6
+                ev = rep["eval"]
+                r["figures"] = {"original perplexity": ev["original"]["perplexity"],
+                                "perplexity": ev["compressed"]["perplexity"],
+                                "top-1 agreement": ev["compressed"]["agreement"], "mean KL": ev["compressed"]["kl"]}
+                done("pipeline", tag, r)
+            if "eval-smollm2" in cases:
+                for tag, tree in trees.items():
+                    r = run(tree, ["eval", str(work / "w4-after"), "--reference", "smollm2", "--windows", "32",
+                                   "--seqlen", "512"], env)
+                    r["figures"] = table_values(r["stdout"])
+                    done("eval-smollm2", tag, r)
+        if "eval-262k" in cases:
+            orig, copy, nb = big_vocab_models(work)
+            sizes["262k"] = nb / 1e6
+            done("floor: load 262k model", "after", run(ROOT, [], env, FLOOR.format(src=str(copy))))
+            for tag, tree in trees.items():
+                for ref in (True, False):
+                    args = ["eval", str(copy), "--windows", "4", "--seqlen", "512"]
+                    args += ["--reference", str(orig)] if ref else []
+                    r = run(tree, args, env)
+                    r["figures"] = table_values(r["stdout"])
+                    done("eval-262k" + (" --reference" if ref else ""), tag, r)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)])
+    print(report(res, sizes.get("smollm2"), sizes.get("262k"), a))
+
+
+def report(res: dict, fp32_smol, fp32_big, a) -> str:
+    from benchmarks._md import table
+    rows = []
+    for case in ("floor: load smollm2", "pipeline", "eval-smollm2", "floor: load 262k model", "eval-262k --reference",
+                 "eval-262k"):
+        if (case, "after") not in res:
+            continue
+        fp32 = fp32_big if case.startswith("eval-262k") else fp32_smol
+        b, f = res.get((case, "before")), res[case, "after"]
+        same = ("n/a" if case.startswith("floor") or b is None else
+                "yes" if b is not None and b["figures"] == f["figures"] else "NO")
+        for tag, r in (("before", b), ("after", f)):
+            if r is None:
+                continue
+            figs = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["figures"].items())
+            rows.append([case, tag, f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / fp32:.2f}x",
+                         f"{r['rss_mb'] - fp32:+.0f}", f"{r['wall']:.0f}", figs, same if tag == "after" else ""])
+    cmds = {"pipeline": "compress smollm2 --recipe w4a16-gptq-g128 --out OUT",
+            "eval-smollm2": "eval OUT --reference smollm2 --windows 32 --seqlen 512",
+            "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
+            "eval-262k": "eval COPY --windows 4 --seqlen 512"}
+    label = a.before_label or subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"],
+                                             capture_output=True, text=True).stdout.strip() or a.before
+    lines = [f"Peak RSS (`/usr/bin/time -v`: the one `python -m modelpress.cli` process' own high-water mark) before (the pre-change "
+             f"code: {label}) and after (this branch: streaming evaluation, no copy of the original, engine outputs in "
+             f"place and the multi-pass path beyond the sweep budget), OMP_NUM_THREADS={a.threads}. "
+             f"fp32 weight bytes: SmolLM2 {fp32_smol or float('nan'):.0f} MB, synthetic 262k-vocabulary Llama "
+             f"{fp32_big or float('nan'):.0f} MB (hidden 640, 2 layers, tied). Targets: pipeline <= 1.6x fp32 "
+             "weights; eval <= fp32 weights + 500 MB. Figures: perplexity / agreement / KL from report.json "
+             "(pipeline, full precision) or as `eval` prints them (4 significant digits); `same` = identical "
+             "before and after. *floor* rows: the same interpreter importing modelpress/torch/transformers, loading "
+             "the model with `modelpress.api.load` and reading every weight (what any command on that model costs "
+             "before it computes anything).", "",
+             table(["case", "code", "peak RSS MB", "x fp32 weights", "MB over fp32 weights", "wall s", "figures",
+                    "same"], rows), "",
+             "Commands (`python -m modelpress.cli ...`): " + "; ".join(f"{k}: `{v}`" for k, v in cmds.items()
+                                                               if any(c == k for c, _ in res)) + "."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The second text domain (bundled public-domain novels) and the two-domain default evaluation."""
+from __future__ import annotations
+
+import pytest
+
+import modelpress as mp
+from modelpress.calib import sources
+from modelpress.cli.pipeline import _domain, print_report
+
+from .conftest import tiny_model_dir
+
+
+def test_novels_split_is_frozen_and_author_disjoint():
+    ev, cal = sources.texts("novels-eval", "eval"), sources.texts("novels", "calib")
+    assert ev[0].startswith("It is a truth universally acknowledged")           # Pride and Prejudice
+    assert cal[0].startswith("The Nellie, a cruising yawl")                      # Heart of Darkness first
+    assert len(ev) == 1922 and len(cal) == 992 and not set(ev) & set(cal)
+    assert all(len(p) > 40 and "\n" not in p and "\ufeff" not in p for p in ev + cal)
+    assert sources.texts("novels", "eval") == ev and sources.texts("novels-calib") == cal
+    assert sources.source_sha256("novels-eval") != sources.source_sha256("novels-calib")
+    with pytest.raises(mp.UserError, match="split"):
+        sources.novels_texts("test")
+
+
+def test_novels_refuses_a_changed_file(tmp_path, monkeypatch):
+    (tmp_path / "Austen, Jane - Pride and Prejudice.txt").write_text("not the book\n\nat all, really not the book")
+    monkeypatch.setattr(sources, "novels_dir", lambda: tmp_path)
+    with pytest.raises(mp.UserError, match="pinned text"):
+        sources.texts("novels-eval")
+
+
+def test_domain_labels():
+    assert _domain("wiki-eval", "wiki") == " (in-domain)"
+    assert _domain("novels-eval", "wiki") == " (off-domain)"
+    assert _domain("novels-eval", "novels") == " (in-domain)"
+    assert _domain("/a/b-c.txt", "/a/b-c.txt") == " (in-domain)" and _domain("/a/b-c.txt", "wiki") == " (off-domain)"
+    assert _domain("wiki-eval", None) == ""
+
+
+def test_default_evaluation_reports_both_domains(one_thread, tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "t.txt").write_text("\n\n".join(["the quick brown fox jumps over the lazy dog"] * 200))
+    base = {"calibration": {"source": str(tmp_path / "t.txt"), "samples": 4, "seqlen": 32},
+            "evaluate": {"seqlen": 32, "windows": 3},
+            "stages": [{"quantize": {"method": "rtn", "bits": 3, "group_size": 32}}]}
+    rep = mp.run_recipe(mp.Recipe.from_dict(base), str(model_dir), tmp_path / "two")
+    ev = rep["eval"]
+    assert ev["text"] == "wiki-eval" and ev["off_domain"]["text"] == "novels-eval"
+    off = ev["off_domain"]
+    assert off["compressed"]["tokens"] == 3 * 31 and off["compressed"]["kl"] > 0
+    assert off["original"]["perplexity"] != ev["original"]["perplexity"]
+    # the single-domain numbers of before are reproducible: `off_domain: null`
+    one = {**base, "evaluate": {**base["evaluate"], "off_domain": None}}
+    rep1 = mp.run_recipe(mp.Recipe.from_dict(one), str(model_dir), tmp_path / "one")
+    assert "off_domain" not in rep1["eval"]
+    for k in ("perplexity", "agreement", "kl"):
+        assert rep1["eval"]["compressed"][k] == ev["compressed"][k]
+    # and off-domain alone equals the same text evaluated as the main one
+    nov = {**base, "evaluate": {**base["evaluate"], "text": "novels-eval", "off_domain": None}}
+    rep2 = mp.run_recipe(mp.Recipe.from_dict(nov), str(model_dir), tmp_path / "nov")
+    assert rep2["eval"]["compressed"]["kl"] == off["compressed"]["kl"]
+    capsys.readouterr()
+    print_report(rep)
+    out = capsys.readouterr().out
+    assert "perplexity, wiki-eval (off-domain)" in out and "perplexity, novels-eval (off-domain)" in out
