@@ -73,10 +73,11 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
             out.append(json.loads((run.stage_dir(k) / "stats.json").read_text()))
             continue
         t0 = time.perf_counter()
+        label = f"stage {k + 1}/{len(stages)}: {name}"
         if run is not None and "checkpoint" in inspect.signature(cfg.apply).parameters:
-            st = cfg.apply(model, calib, checkpoint=run.checkpoint(k))
+            st = timed(label, cfg.apply, model, calib, checkpoint=run.checkpoint(k))
         else:
-            st = cfg.apply(model, calib)
+            st = timed(label, cfg.apply, model, calib)
         st = {"name": name, "config": Recipe.stage_dict(name, cfg),
               "seconds": time.perf_counter() - t0, **st}
         log.info(st["summary"])
