@@ -15,6 +15,7 @@ from torch import nn
 from . import model as _model
 from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
+from .calib.protocol import describe as describe_protocol
 from .calib import sources
 from .engine.checkpoint import Run
 from .eval import eval_windows, evaluate as _evaluate, size_report
@@ -37,12 +38,12 @@ def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
 
 
 def calibration_set(tokenizer, source="wiki", select="random", samples=128, seqlen=512, seed=0,
-                    field="text", model=None) -> CalibrationSet:
+                    field="text", model=None, protocol: str = "modelpress-eval/2") -> CalibrationSet:
     """Token windows for calibration with provenance.
 
     >>> calib = modelpress.calibration_set(tok, "wiki", samples=32, seqlen=256)
     """
-    return _calibration_set(tokenizer, source, select, samples, seqlen, seed, field, model)
+    return _calibration_set(tokenizer, source, select, samples, seqlen, seed, field, model, protocol)
 
 
 def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = None, run: Run | None = None) -> list[dict]:
@@ -78,17 +79,19 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
     return out
 
 
-def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32):
-    return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
+def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32,
+                protocol: str = "modelpress-eval/2"):
+    return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows, protocol)
 
 
 def evaluate(model: nn.Module, tokenizer, reference: nn.Module | None = None, text: str = "wiki-eval",
-             seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
+             seqlen: int | None = None, windows: int = 32, batch_size: int = 2,
+             protocol: str = "modelpress-eval/2") -> dict:
     """Perplexity (and agreement/KL against `reference`) with the frozen protocol, plus size accounting.
 
     >>> modelpress.evaluate(compressed, tok, reference=original)["agreement"]
     """
-    w = windows_for(tokenizer, text, seqlen, windows)
+    w = windows_for(tokenizer, text, seqlen, windows, protocol)
     res = _evaluate(model, w, reference, batch_size)
     res.pop("per_token", None)
     res["size"] = {k: v for k, v in size_report(model).items() if k != "layers"}
@@ -109,7 +112,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     model, tok = load(src, recipe.dtype)
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
-    calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
+    calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model, c.protocol)
              if recipe.needs_calibration else None)
     dest = out or (recipe.export.path if recipe.export else None)
     run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume)
@@ -124,12 +127,12 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
               "layers": _layer_table(stages, size)}
     if evaluate_models:
         e = recipe.evaluate
-        w = windows_for(tok, e.text, e.seqlen, e.windows)
+        w = windows_for(tok, e.text, e.seqlen, e.windows, e.protocol)
         orig = _evaluate(original, w, None, e.batch_size)
         comp = _evaluate(model, w, original if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
         orig_size = size_report(original)
-        report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
+        report["eval"] = {**describe_protocol(tok, e.protocol), "text": e.text,
                           "original": {**orig, "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
                                        "bytes": orig_size["compressed_bytes"]},
                           "compressed": comp}

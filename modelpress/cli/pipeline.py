@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
+PROTOCOL_CHOICES = ("modelpress-eval/2", "modelpress-eval/1")
+
 
 def add_parser(sub) -> tuple[str, ...]:
     c = sub.add_parser("compress", help="compress MODEL with a recipe, evaluate it and export it")
@@ -18,6 +20,9 @@ def add_parser(sub) -> tuple[str, ...]:
     c.add_argument("--calib-seqlen", type=int)
     c.add_argument("--calib-seed", type=int)
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--protocol", choices=PROTOCOL_CHOICES,
+                   help="calibration and evaluation windows (default modelpress-eval/2: start with the tokenizer's "
+                        "BOS where it adds one; modelpress-eval/1: never, as the earlier figures)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--offload", action="store_true",
                    help="models larger than memory: one decoder layer at a time from the safetensors shards")
@@ -27,6 +32,8 @@ def add_parser(sub) -> tuple[str, ...]:
     e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
     e.add_argument("--seqlen", type=int, help="window length (default 512 on CPU, 2048 on GPU)")
     e.add_argument("--windows", type=int, default=32)
+    e.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="modelpress-eval/2",
+                   help="evaluation windows: modelpress-eval/2 (BOS where the tokenizer adds one) or /1 (never)")
     e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
     e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
     e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks")
@@ -65,7 +72,8 @@ def print_report(rep: dict) -> None:
             ("mean KL(original || compressed)", 0.0, c.get("kl", float("nan")))],
            ("metric", "original", "compressed"))
     print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions), "
-          f"protocol {rep['eval']['protocol']}")
+          f"protocol {rep['eval']['protocol']}"
+          + (f" (windows start with BOS {rep['eval']['bos_token']!r})" if rep["eval"].get("bos") else ""))
 
 
 def _mean(layers: dict, key: str) -> float:
@@ -77,13 +85,15 @@ def cmd_compress(a) -> int:
     from ..api import run_recipe
     from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
-    if a.calib_select or a.calib_samples or a.calib_seqlen or a.calib_seed is not None:
+    if a.calib_select or a.calib_samples or a.calib_seqlen or a.calib_seed is not None or a.protocol:
         d = recipe.to_dict()
         c = d["calibration"]
         for k, v in (("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
-                     ("seed", a.calib_seed)):
+                     ("seed", a.calib_seed), ("protocol", a.protocol)):
             if v is not None:
                 c[k] = v
+        if a.protocol:
+            d["evaluate"]["protocol"] = a.protocol
         recipe = Recipe.from_dict(d, str(a.recipe))
     if a.offload:
         from ..engine.offload import run_recipe_offloaded
@@ -111,7 +121,7 @@ def cmd_eval(a) -> int:
                                 include_defaults=a.tasks_dir is None))
         return 0
     ref = load(a.reference)[0] if a.reference else None
-    res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
+    res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows, protocol=a.protocol)
     rows = [("perplexity", res["perplexity"])]
     if ref is not None:
         rows += [("reference perplexity", res["reference_perplexity"]), ("top-1 agreement", res["agreement"]),

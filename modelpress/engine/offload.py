@@ -308,8 +308,8 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
     uninterrupted run (the wall-clock times are therefore only in the returned report, not in
     report.json). Returns the report."""
     from ..calib import calibration_set
-    from ..model import REFERENCE, smollm2_dir
-    src = Path(smollm2_dir() if str(model_src) == REFERENCE else model_src)
+    from ..model import REFERENCES, reference_dir
+    src = Path(reference_dir(str(model_src)) if str(model_src) in REFERENCES else model_src)
     if not (src / "config.json").exists():
         raise UserError(f"--offload needs a local HF folder with config.json and safetensors shards, got {model_src}")
     check_recipe(recipe)
@@ -318,7 +318,7 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
         from transformers import AutoTokenizer
         c = recipe.calibration
         calib = calibration_set(AutoTokenizer.from_pretrained(src), c.source, c.select, c.samples, c.seqlen,
-                                c.seed, c.field, None)
+                                c.seed, c.field, None, c.protocol)
     work = Path(f"{out}.offload")
     fp = _fingerprint(recipe, calib, model_src)
     from .checkpoint import claim
