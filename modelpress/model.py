@@ -202,6 +202,28 @@ def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32)
     return model.eval(), tok
 
 
+# families whose transformers classes keep their linears as Conv1D (weight stored (in, out)): modelpress rewrites
+# them as nn.Linear on load (normalize), but their checkpoints, and transformers' loader, keep the Conv1D layout
+CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")
+
+
+def conv1d_family(config) -> bool:
+    """True when the model type stores its linears as Conv1D in checkpoints (GPT-2 and its relatives)."""
+    return getattr(config, "model_type", None) in CONV1D_MODELS
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the model's sliding-window layers when any layer slides over fewer positions
+    than the model's context (Mistral v0.1, Qwen2 with use_sliding_window, Gemma2/3 local layers), else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    if types is None and getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window) if window < getattr(config, "max_position_embeddings", float("inf")) else None
+
+
 def normalize(model: nn.Module) -> nn.Module:
     """Rewrite GPT-2 style Conv1D (weight stored (in, out)) as nn.Linear so every stage sees one type."""
     try:

@@ -38,12 +38,12 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_save_file
+from ..model import CONV1D_MODELS
 from .memory import large_allocations_mapped, trim_heap
 from .shards import Entry, SafeFile, Shards, Src, write_streaming
 from .store import LayerStore, RawConfig, _ConfigOnly, skeleton, structure_from_model, structure_from_shards
 
 SUPPORTED = ("quantize", "prune")
-CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")     # linears stored (in, out): refused
 
 
 def check_recipe(recipe) -> None:
