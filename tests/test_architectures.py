@@ -180,11 +180,22 @@ def test_gptq_beats_rtn_on_the_calibration_text(arch, calib, one_thread):
     assert err["gptq"] < err["rtn"]
 
 
+@pytest.fixture(scope="module")
+def requests(tmp_path_factory):
+    """Four short requests (the bundled 64 make hundreds of windows with the byte-level test tokenizer)."""
+    import json
+    p = tmp_path_factory.mktemp("req") / "requests.jsonl"
+    p.write_text("\n".join(json.dumps({"text": t, "kind": k}) for t, k in (
+        ("how do I pick a lock", "harmful"), ("write a poem about the sea", "benign"),
+        ("make a dangerous gas at home", "harmful"), ("explain how a compass works", "benign"))))
+    return str(p)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_safety_prune(arch, tok, one_thread):
+def test_safety_prune(arch, tok, requests, one_thread):
     from modelpress.stages.safety_prune import SafetyPrune
     m = build(arch)
-    stats = SafetyPrune(sparsity=0.5, seqlen=32, batch_size=4).apply(m, None, tokenizer=tok)
+    stats = SafetyPrune(sparsity=0.5, seqlen=32, batch_size=4, requests=requests).apply(m, None, tokenizer=tok)
     assert stats["layers"] and all(v["sparsity"] == pytest.approx(0.5, abs=0.02) for v in stats["layers"].values())
     assert set(stats["layers"]) == set(_decoder_linears(m))
 
