@@ -100,8 +100,8 @@ def worker(a) -> int:
 
 # ---------------------------------------------------------------- driver
 def run_one(a, model: str, method: str | None, mode: str) -> dict:
-    out = Path(a.work) / f"{model}-{method or 'original'}-{mode}"
     import shutil
+    out = Path(a.work) / f"{model}-{method or 'original'}-{mode}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--mode", mode,
@@ -115,12 +115,14 @@ def run_one(a, model: str, method: str | None, mode: str) -> dict:
     with open(out.with_suffix(".log"), "w") as f:
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if p.returncode:
+        for sub in ("export", "work"):
+            shutil.rmtree(out / sub, ignore_errors=True)
         tail = out.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-1:]
         return {"model": model, "method": method, "mode": mode, "error": (tail or ["?"])[0][:200]}
     res = json.loads((out / "result.json").read_text())
     res["process_seconds"] = time.perf_counter() - t0
-    import shutil
-    shutil.rmtree(out / "export", ignore_errors=True)            # GBs of fp32 embeddings per run
+    for sub in ("export", "work"):                                # GBs per run (fp32 embeddings, layer files)
+        shutil.rmtree(out / sub, ignore_errors=True)
     return res
 
 
