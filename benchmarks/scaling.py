@@ -6,7 +6,7 @@ safetensors shards (`engine.offload.compress_offloaded`, the `compress --offload
 and CPU time of the compression call alone, the process' peak RSS (VmHWM) right after it, the perplexity of the
 result on wiki-eval (protocol modelpress-eval/2), and a sha256 of the compressed linears' dequantized weights
 (offload and in-memory runs must give the same model). The uncompressed perplexity comes from one more worker.
-Each model section of the table is written as soon as it is measured (a partial run keeps what it measured).
+The section is rewritten after every run (an interrupted run keeps what it measured).
 
     .venv/bin/python benchmarks/scaling.py --samples 16 --seqlen 512 --windows 4 --eval-seqlen 512 --threads 2
 
@@ -163,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(r)
                 print("    " + json.dumps({k: v for k, v in r.items() if k not in ("summary",)}), flush=True)
                 rows_path.write_text(json.dumps(rows, indent=1))
-            if not a.no_write:
-                left = models[models.index(model) + 1:]
-                _write(argv, report(a, rows) + (f"\n\n*Partial run: {', '.join(left)} still to come.*" if left else ""))
+                if not a.no_write:                   # a partial section survives an interrupted run
+                    _write(argv, report(a, rows) + "\n\n*Partial run: the rows above are all that was measured.*")
     body = report(a, rows)
     print(body)
     if not a.no_write:
