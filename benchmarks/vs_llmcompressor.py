@@ -1,4 +1,5 @@
-"""modelpress vs llm-compressor (PyPI llmcompressor 0.14.x) on SmolLM2-135M-Instruct, in one run.
+"""modelpress vs llm-compressor (PyPI llmcompressor 0.14.x) on SmolLM2-135M-Instruct (or another reference
+model: --model qwen2.5-coder-0.5b), in one run.
 
 For every setting, OUR compression and THEIRS each run in a fresh subprocess, one after the other
 (never at the same time), with the same torch thread count, the same model folder and the same
@@ -12,6 +13,9 @@ the no-calibration baseline. llm-compressor lives in its own venv .venv-llmc
 
     .venv/bin/python benchmarks/vs_llmcompressor.py                    # defaults: 64x512 calib, 16x512 eval
     .venv/bin/python benchmarks/vs_llmcompressor.py --settings gptq-w4g64,wanda50 --samples 16 --no-write
+    .venv/bin/python benchmarks/vs_llmcompressor.py --model qwen2.5-coder-0.5b --settings gptq-w4g128 --samples 16
+
+A model other than SmolLM2 gets its own BENCHMARKS.md section ("vs llm-compressor: <model>") and work folder.
 """
 from __future__ import annotations
 
@@ -196,7 +200,8 @@ def _CachedLogits(model):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=4, metavar=("MODEL", "IDS", "STAGE_JSON", "OUT"), help=argparse.SUPPRESS)
-    ap.add_argument("--model", default=None, help="plain HF model folder (default: the cached SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default="smollm2",
+                    help="a reference model name (smollm2, qwen2.5-coder-0.5b, ...) or a plain HF model folder")
     ap.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples")
     ap.add_argument("--seqlen", type=int, default=512, help="calibration sample length (tokens)")
@@ -211,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run ours with calib_dtype: float32 (calibration forward passes in plain float32)")
     ap.add_argument("--refit", action="store_true",
                     help="also run ours with refit_scales: true for GPTQ (least-squares scales for the final codes)")
-    ap.add_argument("--work", default="/tmp/modelpress-vs-llmc", help="scratch folder for models and logs")
+    ap.add_argument("--work", default=None,
+                    help="scratch folder for models and logs (default /tmp/modelpress-vs-llmc[-MODEL])")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the section from WORK/rows.json of an earlier run with the same flags")
@@ -223,14 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     from modelpress.api import calibration_set, windows_for
     from modelpress.eval import evaluate
-    from modelpress.model import load, smollm2_dir
+    from modelpress.model import REFERENCES, load, reference_dir
     from modelpress.recipe import Recipe
 
     names = [s.strip() for s in a.settings.split(",") if s.strip()]
     bad = [s for s in names if s not in SETTINGS]
     if bad:
         raise SystemExit(f"--settings: unknown {bad[0]!r}; choose from {', '.join(SETTINGS)}")
-    model_dir = Path(a.model) if a.model else smollm2_dir()
+    model_dir = reference_dir(a.model) if a.model in REFERENCES else Path(a.model)
+    a.label = (REFERENCES[a.model].title.split(" (")[0] if a.model in REFERENCES else model_dir.name)
+    a.work = a.work or "/tmp/modelpress-vs-llmc" + ("" if a.model == "smollm2" else f"-{Path(a.model).name}")
+    from transformers import AutoConfig
+    cfg = AutoConfig.from_pretrained(model_dir)
+    a.hidden, a.tied = cfg.hidden_size, bool(getattr(cfg, "tie_word_embeddings", False))
     work = Path(a.work)
     if a.report_only:
         from transformers import AutoTokenizer
@@ -317,8 +328,9 @@ def _write(a, argv, body: str) -> None:
     sys.path.insert(0, str(ROOT))
     from benchmarks._md import write_section
     cmd = ".venv/bin/python benchmarks/vs_llmcompressor.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_section("vs llm-compressor", cmd.strip(), body)
-    print("wrote BENCHMARKS.md section 'vs llm-compressor'", flush=True)
+    name = "vs llm-compressor" + ("" if a.model == "smollm2" else f": {a.label}")
+    write_section(name, cmd.strip(), body)
+    print(f"wrote BENCHMARKS.md section '{name}'", flush=True)
 
 
 def _f(x, fmt="{:.3f}"):
@@ -384,9 +396,16 @@ def report(a, calib, windows, base, rows) -> str:
            "ppl ours/theirs", "wall ours/theirs", "RSS ours/theirs"]
     llmc = next((r for r in rows if r["tool"] == "llm-compressor" and "version" in r), {})
     emb = ", ".join(f"{r['setting']} {r['embedding_unchanged']}" for r in rows if "embedding_unchanged" in r) or "n/a"
+    h = a.hidden
+    w4g128 = (f"| GPTQ w4 g128 | last group of a {h}-wide row is partial ({h // 128} x 128 + {h % 128}) | fails: hidden size "
+              f"{h} is not a multiple of 128 (see the table) |" if h % 128 else
+              f"| GPTQ w4 g128 | {h} = {h // 128} x 128: whole groups | works: hidden size {h} is a multiple of 128 |")
+    bos = calib.provenance.get("bos")
+    protocol = (f"{calib.provenance['protocol']}, windows start with BOS {calib.provenance.get('bos_token')!r}" if bos
+                else "modelpress-eval/1")      # (= modelpress-eval/2 for a tokenizer that adds no BOS)
     notes = f"""
-Uncompressed SmolLM2-135M-Instruct: perplexity **{p0:.3f}** on {windows.shape[0]} windows x {windows.shape[1]} tokens
-(modelpress-eval/1: `windows_for(tok, "wiki-eval", {windows.shape[1]}, {windows.shape[0]})`, `evaluate(model, windows,
+Uncompressed {a.label}: perplexity **{p0:.3f}** on {windows.shape[0]} windows x {windows.shape[1]} tokens
+({protocol}: `windows_for(tok, "wiki-eval", {windows.shape[1]}, {windows.shape[0]})`, `evaluate(model, windows,
 reference=original)`). Calibration: {calib.input_ids.shape[0]} samples x {calib.input_ids.shape[1]} tokens from
 `calibration_set(tok, "wiki", "random", seed=0)` (sha256 `{calib.provenance['sha256'][:16]}`), the very same ids
 handed to both tools. llm-compressor {llmc.get('version', '?')} (torch {llmc.get('torch', '?')}) in `.venv-llmc`.
@@ -404,13 +423,13 @@ Settings, made apples to apples (everything else is each tool's default):
 
 | knob | modelpress | llm-compressor |
 |---|---|---|
-| targets | every `nn.Linear` in the decoder layers, `lm_head` excluded (tied to the embeddings) | `targets=["Linear"]`; GPTQ `ignore=["lm_head"]`; Wanda/SparseGPT `ignore=["re:.*lm_head"]`: their sparsity modifiers name the module `lm_head.`, so the plain name does not match and the tied lm_head/embedding gets pruned (checked: embedding unchanged = {emb}) |
+| targets | every `nn.Linear` in the decoder layers, `lm_head` excluded ({'tied to the embeddings' if a.tied else 'its own matrix, not tied'}) | `targets=["Linear"]`; GPTQ `ignore=["lm_head"]`; Wanda/SparseGPT `ignore=["re:.*lm_head"]`: their sparsity modifiers name the module `lm_head.`, so the plain name does not match and the {'tied ' if a.tied else ''}lm_head{'/embedding' if a.tied else ''} gets pruned (checked: embedding unchanged = {emb}) |
 | pipeline | `modelpress.engine.layerwise`: layer by layer, outputs computed with the compressed layer (error propagates), batch 8. `sequential: true` (the default of quantize and prune, the GPTQ repo's \"true sequential\"): within a layer q/k/v, then o_proj, gate/up, down_proj, each group's statistics taken after the groups before it were compressed, all in one forward pass per layer (each batch parks at the first linear of a group until the group is compressed; the first layer finds the groups with one partial pass per group). Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one stacked GPTQ problem (identical codes); Hessians are upper-triangle strips of GEMMs (5/8 to 3/4 of the flops); the per-column ops of the GPTQ/SparseGPT loops run through numpy views on one thread | `pipeline="sequential"` (decoder-layer subgraphs, `propagate_error=True`), `batch_size={a.batch_size}`, `shuffle_calibration_samples=False`, no offloading (CPU only) |
 | GPTQ damping | `damp: 0.01` x mean diag H | `dampening_frac=0.01` x mean diag H |
 | GPTQ block | `block_size: 128` | `block_size=128` |
 | GPTQ observer | `minmax`, fp16-rounded scales (the *mse observer* setting: `observer: mse`, a per-group clipping search of abs(err)^2.4; the *hessian observer* settings: `observer: hessian`, the same search of the squared error weighted by each input's diag H, as in the shipped GPTQ recipes) | `memoryless_minmax` (their weight default), fp32 scales; `mse`; `imatrix_mse` (a clipping search weighted by E[x^2] per input, their counterpart of ours) |
 | GPTQ act-order | each *ours* row says which ran: `act_order: false` = group parameters from the updated weights (GPTQ paper); `true` = columns by decreasing diag H, static groups from the original weights (modelpress' default since commit ee6297e){'; *ours act_order* forces true' if a.matched else ''} | default `actorder="static"` (= our `act_order: true`) |
-| GPTQ w4 g128 | last group of a 576-wide row is partial (4 x 128 + 64) | fails: hidden size 576 is not a multiple of 128 (see the table) |
+{w4g128}
 | Wanda | score abs(W) x norm(X_j), per output row, `sparsity: 0.5` | `WandaPruningModifier(sparsity=0.5, mask_structure="0:0")` |
 | SparseGPT | `sparsity: 0.5`, block 128, damp 0.01, mask per block by w^2/[H^-1]_jj^2 | `SparseGPTModifier(sparsity=0.5, mask_structure="0:0", block_size=128, dampening_frac=0.01)` |
 | weights evaluated | dequantized / masked dense weights patched into the original model | their model saved dense (`save_compressed=False`, quantization parameters dropped), loaded as a plain HF model |

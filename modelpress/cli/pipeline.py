@@ -6,6 +6,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
+PROTOCOL_CHOICES = ("modelpress-eval/2", "modelpress-eval/1")
+
 
 def add_parser(sub) -> tuple[str, ...]:
     c = sub.add_parser("compress", help="compress MODEL with a recipe, evaluate it and export it")
@@ -21,6 +23,9 @@ def add_parser(sub) -> tuple[str, ...]:
                    help="override calibration.seqlen: tokens per calibration window (>= 2)")
     c.add_argument("--calib-seed", type=int, metavar="SEED", help="override calibration.seed (window selection)")
     c.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    c.add_argument("--protocol", choices=PROTOCOL_CHOICES,
+                   help="calibration and evaluation windows (default modelpress-eval/2: start with the tokenizer's "
+                        "BOS where it adds one; modelpress-eval/1: never, as the earlier figures)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     c.add_argument("--offload", action="store_true",
                    help="models larger than memory: one decoder layer at a time from the safetensors shards")
@@ -30,6 +35,8 @@ def add_parser(sub) -> tuple[str, ...]:
     e.add_argument("--text", default="wiki-eval", help="wiki-eval or a .txt/.jsonl file")
     e.add_argument("--seqlen", type=int, help="window length (default 512 on CPU, 2048 on GPU)")
     e.add_argument("--windows", type=int, default=32)
+    e.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="modelpress-eval/2",
+                   help="evaluation windows: modelpress-eval/2 (BOS where the tokenizer adds one) or /1 (never)")
     e.add_argument("--tasks", help="lm-eval tasks instead of perplexity, e.g. hellaswag,arc_easy (needs lm-eval)")
     e.add_argument("--limit", type=float, help="lm-eval: documents per task (N) or fraction (< 1)")
     e.add_argument("--tasks-dir", help="lm-eval: folder of task YAMLs to run instead of the built-in tasks. It is "
@@ -85,7 +92,7 @@ def print_report(rep: dict) -> None:
         rows.append((f"mean KL(original || compressed), {off['text']}", 0.0, off["compressed"].get("kl", float("nan"))))
     _table(rows, ("metric", "original", "compressed"))
     print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions) per text, "
-          f"protocol {ev['protocol']}")
+          f"protocol {ev['protocol']}" + (f" (windows start with BOS {ev['bos_token']!r})" if ev.get("bos") else ""))
 
 
 def _domain(text: str | None, calib_source: str | None) -> str:
@@ -108,13 +115,15 @@ def cmd_compress(a) -> int:
     from ..api import run_recipe
     from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
-    if any(v is not None for v in (a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)):
+    if any(v is not None for v in (a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)) or a.protocol:
         d = recipe.to_dict()
         c = d["calibration"]
         for k, v in (("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
-                     ("seed", a.calib_seed)):
+                     ("seed", a.calib_seed), ("protocol", a.protocol)):
             if v is not None:
                 c[k] = v
+        if a.protocol:
+            d["evaluate"]["protocol"] = a.protocol
         recipe = Recipe.from_dict(d, str(a.recipe))
     if a.offload:
         from ..engine.offload import run_recipe_offloaded
@@ -155,7 +164,7 @@ def cmd_eval(a) -> int:
     if ref is not None:
         from ..api import restore_reference_head
         restore_reference_head(ref, model, a.reference, "float32")
-    res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows)
+    res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows, protocol=a.protocol)
     rows = [("perplexity", res["perplexity"])]
     if ref is not None:
         rows += [("reference perplexity", res["reference_perplexity"]), ("top-1 agreement", res["agreement"]),
@@ -172,7 +181,7 @@ def _reference_scores(a):
     from ..api import load, windows_for
     from ..eval.perplexity import reference_scores
     ref, tok = load(a.reference)
-    scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows), 2)
+    scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows, a.protocol), 2)
     scores.release_head()
     del ref
     gc.collect()

@@ -55,22 +55,55 @@ def _to(x, dev):
     return x
 
 
+class _Probe(nn.Module):
+    """Stands in for one decoder layer while the inputs are captured: records the keyword arguments the model
+    passes to that layer and returns the hidden states unchanged (no layer computes; the last one stops the
+    forward). Attribute reads fall through to the real layer (some models read e.g. `attention_type`)."""
+
+    def __init__(self, inner: nn.Module, record: Callable, last: bool):
+        super().__init__()
+        self.held, self.record, self.last = (inner,), record, last   # a tuple: not registered as a submodule
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["held"][0], name)
+
+    def forward(self, *args, **kw):
+        hs = args[0] if args else kw.pop("hidden_states")
+        self.record(hs, kw)
+        if self.last:
+            raise _Stop
+        return hs
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, calib: CalibrationSet, batch_size: int, device: torch.device):
-    """Inputs and keyword arguments of decoder layer 0, one entry per batch of calibration samples."""
+    """Inputs of decoder layer 0, one entry per batch of calibration samples, and the keyword arguments the
+    model passes to EVERY layer: kwargs[i][b] for layer i, batch b. Layers may differ in those (Gemma 2/3, and
+    Qwen2/Mistral configs with `layer_types`, give sliding-window layers their own attention mask and rotary
+    tables); identical objects are kept once. Each layer is replaced by a _Probe for the pass, so nothing
+    but the embeddings (and the model's mask / rotary set-up) computes."""
     _, layers = decoder_layers(model)
-    inputs, kwargs = [], []
+    inputs: list[Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in layers]
 
-    def hook(_mod, args, kw):
-        hs = args[0] if args else kw.pop("hidden_states")
-        inputs.append(hs.detach().to(device))
-        kwargs.append({k: _to(v, device) for k, v in kw.items() if k not in ("past_key_values", "past_key_value")})
-        raise _Stop
+    def make(i: int, memo: dict):
+        def record(hs: Tensor, kw: dict) -> None:
+            if i == 0:
+                inputs.append(hs.detach().to(device))
+            kwargs[i].append({k: _to_memo(v, device, memo) for k, v in kw.items()
+                              if k not in ("past_key_values", "past_key_value")})
+        return record
 
-    h = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    real = list(layers)
     mdev = next(model.parameters()).device
     try:
         for b in range(0, len(calib), batch_size):
+            memo: dict[int, object] = {}       # id(original) -> moved copy: one copy of what layers share
+            for i, layer in enumerate(real):
+                layers[i] = _Probe(layer, make(i, memo), last=i == len(real) - 1)
             ids = calib.input_ids[b:b + batch_size].to(mdev)
             mask = calib.attention_mask[b:b + batch_size].to(mdev)
             try:
@@ -78,8 +111,19 @@ def capture_inputs(model: nn.Module, calib: CalibrationSet, batch_size: int, dev
             except _Stop:
                 pass
     finally:
-        h.remove()
+        for i, layer in enumerate(real):
+            layers[i] = layer
     return inputs, kwargs
+
+
+def _to_memo(x, dev, memo: dict):
+    """_to, moving each distinct object once (layers handed the same mask share one copy)."""
+    if isinstance(x, (Tensor, tuple, dict)):
+        key = id(x)
+        if key not in memo:
+            memo[key] = (x, _to(x, dev))         # the original kept alive so its id stays unique
+        return memo[key][1]
+    return x
 
 
 def _out(o):
@@ -403,7 +447,7 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
             checkpoint.load_layer(i, layer)      # offload (modelpress.engine.offload): materialize the layer from disk
         home = next(layer.parameters()).device
         layer.to(device)
-        step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs, device, amp=amp)
+        step = Step(i, f"{prefix}.{i}", layer, inputs, kwargs[i], device, amp=amp)
         yield step
         if step.out is None:                     # (after a sweep the outputs exist: the trim below suffices)
             trim_heap()

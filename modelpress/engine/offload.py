@@ -38,12 +38,12 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_save_file
+from ..model import CONV1D_MODELS
 from .memory import large_allocations_mapped, trim_heap
 from .shards import Entry, SafeFile, Shards, Src, write_streaming
 from .store import LayerStore, RawConfig, _ConfigOnly, skeleton, structure_from_model, structure_from_shards
 
 SUPPORTED = ("quantize", "prune")
-CONV1D_MODELS = ("gpt2", "imagegpt", "decision_transformer")     # linears stored (in, out): refused
 
 
 def check_recipe(recipe) -> None:
@@ -308,8 +308,8 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
     uninterrupted run (the wall-clock times are therefore only in the returned report, not in
     report.json). Returns the report."""
     from ..calib import calibration_set
-    from ..model import REFERENCE, smollm2_dir
-    src = Path(smollm2_dir() if str(model_src) == REFERENCE else model_src)
+    from ..model import REFERENCES, reference_dir
+    src = Path(reference_dir(str(model_src)) if str(model_src) in REFERENCES else model_src)
     if not (src / "config.json").exists():
         raise UserError(f"--offload needs a local HF folder with config.json and safetensors shards, got {model_src}")
     check_recipe(recipe)
@@ -318,7 +318,7 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
         from transformers import AutoTokenizer
         c = recipe.calibration
         calib = calibration_set(AutoTokenizer.from_pretrained(src), c.source, c.select, c.samples, c.seqlen,
-                                c.seed, c.field, None)
+                                c.seed, c.field, None, c.protocol)
     work = Path(f"{out}.offload")
     fp = _fingerprint(recipe, calib, model_src)
     from .checkpoint import RunLock, claim

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..calib import protocol as _protocol
 from ..errors import UserError
 
 PROTOCOL = ("modelpress-eval/1: texts joined by blank lines, tokenized once without special tokens, cut "
@@ -16,6 +17,11 @@ PROTOCOL = ("modelpress-eval/1: texts joined by blank lines, tokenized once with
             "each window scored independently (no carried context); NLL over positions 2..seqlen; "
             "perplexity = exp(total NLL / predicted tokens). Agreement = fraction of predicted positions "
             "where argmax logits match the reference model; KL = mean KL(reference || model) per position.")
+PROTOCOLS = {_protocol.V1: PROTOCOL,
+             _protocol.V2: ("modelpress-eval/2 (default): as modelpress-eval/1, except where the tokenizer adds a "
+                            "BOS token by default (tokenizer('a') with special tokens starts with one token more; "
+                            "modelpress.calib.protocol): then every window is that BOS followed by `seqlen` - 1 text "
+                            "tokens, and the BOS is never a prediction target. Calibration windows likewise.")}
 
 
 def default_seqlen() -> int:
@@ -23,11 +29,17 @@ def default_seqlen() -> int:
     return 2048 if torch.cuda.is_available() else 512
 
 
-def eval_windows(tokenizer, texts: list[str], seqlen: int | None = None, windows: int | None = 32) -> Tensor:
-    """Non-overlapping token windows (n, seqlen) of the joined texts (seqlen None: default_seqlen())."""
+def eval_windows(tokenizer, texts: list[str], seqlen: int | None = None, windows: int | None = 32,
+                 protocol: str = _protocol.DEFAULT) -> Tensor:
+    """Non-overlapping token windows (n, seqlen) of the joined texts (seqlen None: default_seqlen()). Under
+    modelpress-eval/2 (the default) each window is the tokenizer's default BOS (if it adds one) followed by
+    seqlen - 1 text tokens; the BOS is never a prediction target (next-token scoring starts at position 2)."""
     seqlen = seqlen or default_seqlen()
     if seqlen < 2:
         raise UserError(f"evaluate.seqlen must be >= 2, got {seqlen}")
+    _protocol.check(protocol, "evaluate.protocol")
+    bos = _protocol.window_bos(tokenizer, protocol)
+    full, seqlen = seqlen, _protocol.body_len(seqlen, bos)
     ids: list[int] = []
     limit = None if windows is None else windows * seqlen
     for t in texts:
@@ -36,9 +48,9 @@ def eval_windows(tokenizer, texts: list[str], seqlen: int | None = None, windows
             break
     n = len(ids) // seqlen if windows is None else min(windows, len(ids) // seqlen)
     if n == 0:
-        raise UserError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}: "
+        raise UserError(f"evaluation text has {len(ids)} tokens, fewer than one window of {full}: "
                         "give more text or lower --seqlen")
-    return torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen)
+    return _protocol.prepend(torch.tensor(ids[: n * seqlen], dtype=torch.long).reshape(n, seqlen), bos)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -48,6 +48,10 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike)
     from compressed_tensors.config import SparsityCompressionConfig
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
+    from ..model import conv1d_family
+    if conv1d_family(model.config):
+        raise UserError(f"compressed-tensors cannot store {model.config.model_type}: transformers keeps its linears as "
+                        "Conv1D modules, which compressed-tensors does not target: export in the native format")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
         raise UserError(f"output folder {out} exists and is not a model folder: choose a new path")

@@ -186,6 +186,11 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, requantize: 
     if mt not in ARCHS:
         raise UserError(f"GGUF export supports {', '.join(sorted(ARCHS))} models, not {mt!r}: "
                         "export in the native or compressed-tensors format")
+    from ..model import sliding_window
+    if sliding_window(cfg):
+        raise UserError(f"GGUF export does not write sliding-window attention ({mt} attends over {sliding_window(cfg)} "
+                        "positions in some layers; llama.cpp would attend over all): export in the native or "
+                        "compressed-tensors format")
     if requantize is not None and requantize not in REQUANTIZE_TYPES:
         raise UserError(f"gguf requantize must be one of {', '.join(REQUANTIZE_TYPES)} or None, got {requantize!r}")
     dtype = next(model.parameters()).dtype

@@ -172,7 +172,7 @@ class SafetyPrune:
         n_with, n_without = with_safety.input_ids.numel(), without.input_ids.numel()
         layers: dict[str, dict] = {}
         for step in layerwise.steps(model, with_safety, self.batch_size, device):
-            plain = layerwise.Step(step.index, step.prefix, step.layer, plain_in, plain_kw, step.device)
+            plain = layerwise.Step(step.index, step.prefix, step.layer, plain_in, plain_kw[step.index], step.device)
             linears = step.linears(self.target)
             if linears:
                 s_with = step.collect(linears, "input_sq_norm")
