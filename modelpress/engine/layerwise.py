@@ -452,7 +452,7 @@ def steps(model: nn.Module, calib: CalibrationSet, batch_size: int = 8,
         if step.out is None:                     # (after a sweep the outputs exist: the trim below suffices)
             trim_heap()
             with torch.no_grad():                # in place, batch by batch: one copy of the activations, not two
-                for b, kw in enumerate(kwargs):
+                for b, kw in enumerate(kwargs[i]):
                     inputs[b] = step.forward(inputs[b], kw)
         else:
             inputs = step.out
