@@ -18,7 +18,9 @@ from .calib import calibration_set as _calibration_set
 from .calib import sources
 from .engine.checkpoint import Run
 from .eval import eval_windows, evaluate as _evaluate, size_report
+from .errors import UserError
 from .export import load_model, save
+from .export.native import storage_dtype as _storage_dtype, to_storage as _to_storage
 from .recipe import Recipe
 
 log = logging.getLogger("modelpress")
@@ -107,17 +109,20 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     """
     src = model_src or recipe.model or _model.REFERENCE
     model, tok = load(src, recipe.dtype)
+    dest = out or (recipe.export.path if recipe.export else None)
+    export_notes = _export_preflight(model, recipe) if dest else []     # before any compression starts
     original = copy.deepcopy(model) if evaluate_models else None
     c = recipe.calibration
     calib = (calibration_set(tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field, model)
              if recipe.needs_calibration else None)
-    dest = out or (recipe.export.path if recipe.export else None)
     run = (Run(f"{dest}.partial", recipe.to_dict(), calib.sha256() if calib is not None else None, resume)
            if dest and checkpoint else None)
     t0 = time.perf_counter()
     stages = compress(model, recipe, calib, run)
     elapsed = time.perf_counter() - t0
-    size = size_report(model)
+    storage = _storage_dtype(model, recipe.export.dtype)
+    _to_storage(model, storage)        # evaluate exactly what the export stores (16-bit unquantized tensors)
+    size = size_report(model, storage)
     report = {"model": str(src), "recipe": recipe.to_dict(), "size": {k: v for k, v in size.items() if k != "layers"},
               "compress_seconds": elapsed,
               "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
@@ -128,23 +133,19 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         orig = _evaluate(original, w, None, e.batch_size)
         comp = _evaluate(model, w, original if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
-        orig_size = size_report(original)
         report["eval"] = {"protocol": "modelpress-eval/1", "text": e.text,
-                          "original": {**orig, "bits_per_weight": 16.0 if "16" in recipe.dtype else 32.0,
-                                       "bytes": orig_size["compressed_bytes"]},
+                          "original": {**orig, "bits_per_weight": 16.0, "bytes": size["original_bytes"]},
                           "compressed": comp}
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
+        report["exports"] = {"native": {"path": str(dest)}}
+        if export_notes:
+            report["export_notes"] = export_notes
         save(model, tok, dest, recipe=recipe.to_dict(), report=report,
-             calibration=calib.provenance if calib is not None else None)
+             calibration=calib.provenance if calib is not None else None, dtype=storage)
         report["export"] = str(dest)
-        if "compressed-tensors" in recipe.export.formats:
-            from .export.compressed_tensors import save_compressed_tensors
-            report["export_compressed_tensors"] = str(save_compressed_tensors(model, tok, Path(dest) / "compressed-tensors"))
-        if "gguf" in recipe.export.formats:
-            from .export.gguf import save_gguf
-            report["export_gguf"] = save_gguf(model, tok, Path(dest) / "model.gguf")["summary"]
+        _other_formats(model, tok, recipe, Path(dest), storage, report)
         if recipe.certify and original is not None:
             from .certify import certificate as _certify
             cert = _certify.certify_recipe_block(recipe.certify, original, model, tok, recipe=recipe, calibration=calib)
@@ -154,6 +155,40 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
             run.close()
     report["_model"], report["_original"], report["_tokenizer"] = model, original, tok
     return report
+
+
+def _export_preflight(model: nn.Module, recipe: Recipe) -> list[str]:
+    """Every export format's constraints, checked from the recipe and the model's shapes before compressing."""
+    notes = []
+    if "compressed-tensors" in recipe.export.formats:
+        from .export.compressed_tensors import preflight
+        notes += preflight(model, recipe.stages)
+    for n in notes:
+        log.warning(n)
+    return notes
+
+
+def _other_formats(model: nn.Module, tok, recipe: Recipe, dest: Path, storage: torch.dtype, report: dict) -> None:
+    """Write the formats besides native into the export folder. A format that fails is reported in
+    report["exports"][fmt]["error"] (the native export, the before/after table and the other formats stand)."""
+    from .export.native import update_report
+    for fmt in recipe.export.formats:
+        if fmt == "native":
+            continue
+        try:
+            if fmt == "compressed-tensors":
+                from .export.compressed_tensors import save_compressed_tensors
+                path = save_compressed_tensors(model, tok, dest / "compressed-tensors", dtype=storage)
+                report["exports"][fmt] = {"path": str(path)}
+                report["export_compressed_tensors"] = str(path)
+            elif fmt == "gguf":
+                from .export.gguf import save_gguf
+                report["export_gguf"] = save_gguf(model, tok, dest / "model.gguf")["summary"]
+                report["exports"][fmt] = {"path": str(dest / "model.gguf")}
+        except Exception as e:                 # noqa: BLE001 - reported, and `compress` exits non-zero
+            log.error("export format %s failed: %s", fmt, e)
+            report["exports"][fmt] = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)}
+    update_report(dest, report)
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:
