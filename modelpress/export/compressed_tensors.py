@@ -14,7 +14,9 @@ before any compression starts):
   * group size that does not divide a module's input size (SmolLM2: 576 inputs, group 128). Our quantizer
     gives such a module a ragged last group; compressed-tensors and vLLM need equal groups. The module is
     written with the largest group among 128/64/32 that divides both its input size and the group size (64
-    for 576 with g128), each of our scales written once per sub-group, in its own config group. The weights
+    for 576 with g128), each of our scales written once per sub-group, in its own config group (asymmetric
+    schemes: every module of the scheme takes the smallest such group, one config group, because
+    transformers' dequantize path applies the first config group to all dense layers). The weights
     are bit-identical (the same codes and scales), so perplexity is unchanged; the cost is the repeated
     scales (+16/g' - 16/g bits per weight on those modules, printed). No such group: refused before compression.
   * clustered, low-rank and losslessly coded layers: compressed-tensors has no form for them: refused before
@@ -58,6 +60,20 @@ def ct_group(in_features: int, group_size: int | None) -> int | None:
                     "group_size that divides the input sizes (e.g. 32 or 64) or export in the native format only")
 
 
+def plan_groups(items: list[tuple[str, int, int | None, int, bool]]) -> dict[str, int | None]:
+    """{module: the group size it is written with} for (name, in_features, group_size, bits, sym) items.
+    Symmetric modules: ct_group each (a fallback module lands in its own config group). Asymmetric ones: one
+    group per (bits, group_size), the smallest of their ct_groups (it divides all of them, so the weights stay
+    exact), because transformers' dequantize path, the only one that loads packed asymmetric zero points,
+    applies the first config group's scheme to every dense layer."""
+    own = {n: ct_group(cols, g) for n, cols, g, _, _ in items}
+    common: dict[tuple, int] = {}
+    for n, _, g, bits, sym in items:
+        if not sym and own[n] is not None:
+            common[(bits, g)] = min(common.get((bits, g), own[n]), own[n])
+    return {n: common.get((bits, g), own[n]) if not sym else own[n] for n, _, g, bits, sym in items}
+
+
 def _extra_bits(in_features: int, g: int, g_ct: int, sym: bool, bits: int) -> float:
     """Bits per weight added by writing a ragged-g module with groups of g_ct (repeated fp16 scales, zeros)."""
     per_group = 16 + (0 if sym else bits)
@@ -82,24 +98,28 @@ def preflight(model: nn.Module, stages) -> list[str]:
         if not bits <= set(VLLM_BITS):
             notes.append(f"compressed-tensors: {'mixed ' if len(bits) > 1 else ''}{'/'.join(map(str, sorted(bits)))}"
                          "-bit weights load in transformers; vLLM serves 4 and 8 bits only")
+        lins = cfg.target.select(model)
+        plan = plan_groups([(n, lin.in_features, cfg.group_size, cfg.bits, cfg.sym)      # UserError here
+                            for n, lin in lins.items()])
         moved: dict[tuple[int, int], list[int]] = {}
-        for lname, lin in cfg.target.select(model).items():
-            g = ct_group(lin.in_features, cfg.group_size)     # UserError before compression
-            if g != cfg.group_size:
-                moved.setdefault((lin.in_features, g), []).append(lin.weight.numel())
+        for lname, lin in lins.items():
+            if plan[lname] != cfg.group_size:
+                moved.setdefault((lin.in_features, plan[lname]), []).append(lin.weight.numel())
         for (cols, g), sizes in moved.items():
             extra = _extra_bits(cols, cfg.group_size, g, cfg.sym, cfg.bits)
+            why = (f"group_size {cfg.group_size} leaves a ragged last group" if cols % cfg.group_size
+                   else "asymmetric: one group size per scheme")
             notes.append(f"compressed-tensors: {len(sizes)} modules with {cols} inputs are written with group {g} "
-                         f"(group_size {cfg.group_size} leaves a ragged last group): identical weights and "
+                         f"({why}): identical weights and "
                          f"perplexity, +{extra:.3f} bits / weight on them (+{extra * sum(sizes) / 8e6:.2f} MB)")
     return notes
 
 
-def _module_tensors(m: QuantLinear, name: str, storage: torch.dtype) -> tuple[dict[str, torch.Tensor], object]:
-    """compressed-tensors' own packing of one QuantLinear -> ({name.key: tensor}, QuantizationArgs)."""
+def _module_tensors(m: QuantLinear, name: str, storage: torch.dtype, g: int | None
+                    ) -> tuple[dict[str, torch.Tensor], object]:
+    """compressed-tensors' own packing of one QuantLinear written with group g -> ({name.key: tensor}, args)."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    g = ct_group(m.in_features, m.group_size)
     args = QuantizationArgs(num_bits=m.bits, type="int", symmetric=m.sym, group_size=g,
                             strategy="group" if g else "channel")
     rep = (m.group_size // g) if g else 1                  # each of our groups = rep compressed-tensors groups
@@ -134,12 +154,14 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
     tensors: dict[str, torch.Tensor] = {}
     sparse_names, zeros, total = [], 0, 0
     skip: list[str] = []
+    plan = plan_groups([(n, m.in_features, m.group_size, m.bits, m.sym) for n, m in model.named_modules()
+                        if isinstance(m, QuantLinear)])
     for name, m in model.named_modules():
         if type(m).__name__ in UNSUPPORTED:
             raise UserError(f"{name} is a {type(m).__name__}, which compressed-tensors cannot store: "
                             "export it in the native format (formats: [native])")
         if isinstance(m, QuantLinear):
-            t, args = _module_tensors(m, name, storage)
+            t, args = _module_tensors(m, name, storage, plan[name])
             tensors.update(t)
             key = json.dumps(args.model_dump(mode="json"), sort_keys=True)
             groups.setdefault(key, (args, []))[1].append(name)
