@@ -163,6 +163,10 @@ def _export_preflight(model: nn.Module, recipe: Recipe) -> list[str]:
     if "compressed-tensors" in recipe.export.formats:
         from .export.compressed_tensors import preflight
         notes += preflight(model, recipe.stages)
+    if "gguf" in recipe.export.formats:
+        from .export import gguf
+        if hasattr(gguf, "preflight"):                 # the GGUF writer's own checks, where it has them
+            notes += gguf.preflight(model, recipe.stages)
     for n in notes:
         log.warning(n)
     return notes
