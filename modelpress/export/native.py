@@ -84,10 +84,6 @@ def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     return torch.float16 if str(src).replace("torch.", "") == "float16" else torch.bfloat16
 
 
-def _is_16bit(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16)
-
-
 def storage_names(tensors: dict[str, torch.Tensor], comp: dict[str, nn.Module], storage: torch.dtype) -> list[str]:
     """Names of the stored tensors cast to `storage`: floating tensors wider than it that are plain (outside
     compressed modules) or listed in a compressed module's `storage_keys` (its biases, SparseLinear values).
