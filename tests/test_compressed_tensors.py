@@ -174,3 +174,14 @@ def test_unsupported_layers_refused(tmp_path):
         preflight(m, mp.Recipe.from_dict({"stages": [{"cluster": {}}]}).stages)
     assert any("vLLM serves 4 and 8 bits only" in n for n in
                preflight(m, mp.Recipe.from_dict({"stages": [{"quantize": {"bits": 3, "group_size": 32}}]}).stages))
+
+
+def test_sparse24_compressed_form_is_not_offered_by_the_installed_library():
+    """Why 2:4 layers are written dense with sparsity_config: compressed-tensors registers no compressor for
+    the sparse-24-bitmask (or marlin-24) form any more. If a future version offers one again, this fails:
+    write that form then (save_compressed_tensors) and check transformers loads it."""
+    from compressed_tensors.compressors import BaseCompressor
+    for fmt in ("sparse-24-bitmask", "marlin-24"):
+        with pytest.raises(KeyError):
+            BaseCompressor.get_value_from_registry(fmt)
+    assert BaseCompressor.get_value_from_registry("pack-quantized").__name__ == "PackedQuantizationCompressor"
