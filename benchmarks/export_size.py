@@ -138,9 +138,7 @@ def main() -> None:
             f"Run time {r['seconds']:.0f} s.")
         print(body)
         if not a.no_write:
-            opts = "".join(f" --{k} {v}" for k, v, d in (("method", a.method, "gptq"), ("windows", a.windows, 8),
-                                                         ("samples", a.samples, 16)) if v != d)
-            cmd = "python benchmarks/export_size.py" + (f" --model {src}" if src != "smollm2" else "") + opts
+            cmd = " ".join(["python benchmarks/export_size.py", *sys.argv[1:]])        # exactly as run
             write_section(f"Export size: {r['name']} (issue 25)", cmd, body)
 
 if __name__ == "__main__":
