@@ -23,6 +23,7 @@ from .eval import eval_windows, evaluate as _evaluate_windows, size_report
 from .eval.perplexity import ReferenceScores, reference_scores
 from .export import load_model, save
 from .progress import timed
+from .export.native import storage_dtype as _storage_dtype, to_storage as _to_storage
 from .recipe import Recipe
 
 log = logging.getLogger("modelpress")
@@ -126,13 +127,13 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     dest = out or (recipe.export.path if recipe.export else None)
     lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
     model, tok = timed(f"load {src}", load, src, recipe.dtype)
+    export_notes = _export_preflight(model, recipe) if dest else []     # before any compression starts
     refs: dict[str, ReferenceScores] = {}
     if evaluate_models:                  # the original is scored before compressing in place; no copy is kept
         e = recipe.evaluate
         for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
             refs[text] = timed(f"scoring the original on {text}", reference_scores, model,
                                windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size)
-        orig_bytes = size_report(model)["compressed_bytes"]
     c = recipe.calibration
     calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
                    model, c.protocol) if recipe.needs_calibration else None)
@@ -141,7 +142,9 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     t0 = time.perf_counter()
     stages = compress(model, recipe, calib, run)
     elapsed = time.perf_counter() - t0
-    size = size_report(model)
+    storage = _storage_dtype(model, recipe.export.dtype)
+    _to_storage(model, storage)        # evaluate exactly what the export stores (16-bit unquantized tensors)
+    size = size_report(model, storage)
     report = {"model": str(src), "recipe": recipe.to_dict(), "size": {k: v for k, v in size.items() if k != "layers"},
               "compress_seconds": elapsed,
               "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
@@ -153,8 +156,8 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
                 head = restore_reference_head(ref, model, src, recipe.dtype, head)
             comp = _evaluate(model, ref.windows, ref if e.agreement else None, e.batch_size)
             comp.pop("per_token", None)
-            entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0 if "16" in recipe.dtype
-                                                else 32.0, "bytes": orig_bytes}, "compressed": comp}
+            entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0,
+                                                "bytes": size["original_bytes"]}, "compressed": comp}
             if i == 0:
                 report["eval"] = {**describe_protocol(tok, e.protocol), **entry}
             else:
@@ -163,15 +166,13 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     if calib is not None:
         report["calibration"] = calib.provenance
     if dest:
+        report["exports"] = {"native": {"path": str(dest)}}
+        if export_notes:
+            report["export_notes"] = export_notes
         timed(f"export {dest}", save, model, tok, dest, recipe=recipe.to_dict(), report=report,
-              calibration=calib.provenance if calib is not None else None)
+              calibration=calib.provenance if calib is not None else None, dtype=storage)
         report["export"] = str(dest)
-        if "compressed-tensors" in recipe.export.formats:
-            from .export.compressed_tensors import save_compressed_tensors
-            report["export_compressed_tensors"] = str(timed("compressed-tensors export", save_compressed_tensors, model, tok, Path(dest) / "compressed-tensors"))
-        if "gguf" in recipe.export.formats:
-            from .export.gguf import save_gguf
-            report["export_gguf"] = timed("GGUF export", save_gguf, model, tok, Path(dest) / "model.gguf")["summary"]
+        _other_formats(model, tok, recipe, Path(dest), storage, report)
         if recipe.certify and evaluate_models:
             from .certify import certificate as _certify
             original = load(src, recipe.dtype)[0]         # reloaded from its source, only for the certificate
@@ -222,6 +223,45 @@ def restore_reference_head(ref: ReferenceScores, model: nn.Module, src, dtype, k
     except UserError:
         ref.head = known if known is not None else load(src, dtype)[0].get_output_embeddings()
         return ref.head_for(model)
+
+
+def _export_preflight(model: nn.Module, recipe: Recipe) -> list[str]:
+    """Every export format's constraints, checked from the recipe and the model's shapes before compressing."""
+    notes = []
+    if "compressed-tensors" in recipe.export.formats:
+        from .export.compressed_tensors import preflight
+        notes += preflight(model, recipe.stages)
+    if "gguf" in recipe.export.formats:
+        from .export import gguf
+        if hasattr(gguf, "preflight"):                 # the GGUF writer's own checks, where it has them
+            notes += gguf.preflight(model, recipe.stages)
+    for n in notes:
+        log.warning(n)
+    return notes
+
+
+def _other_formats(model: nn.Module, tok, recipe: Recipe, dest: Path, storage: torch.dtype, report: dict) -> None:
+    """Write the formats besides native into the export folder. A format that fails is reported in
+    report["exports"][fmt]["error"] (the native export, the before/after table and the other formats stand)."""
+    from .export.native import update_report
+    for fmt in recipe.export.formats:
+        if fmt == "native":
+            continue
+        try:
+            if fmt == "compressed-tensors":
+                from .export.compressed_tensors import save_compressed_tensors
+                path = timed("compressed-tensors export", save_compressed_tensors, model, tok,
+                             dest / "compressed-tensors", dtype=storage)
+                report["exports"][fmt] = {"path": str(path)}
+                report["export_compressed_tensors"] = str(path)
+            elif fmt == "gguf":
+                from .export.gguf import save_gguf
+                report["export_gguf"] = timed("GGUF export", save_gguf, model, tok, dest / "model.gguf")["summary"]
+                report["exports"][fmt] = {"path": str(dest / "model.gguf")}
+        except Exception as e:                 # noqa: BLE001 - reported, and `compress` exits non-zero
+            log.error("export format %s failed: %s", fmt, e)
+            report["exports"][fmt] = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)}
+    update_report(dest, report)
 
 
 def _layer_table(stages: list[dict], size: dict) -> dict:

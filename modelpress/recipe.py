@@ -17,10 +17,12 @@ from .stages.lossless import Lossless
 from .stages.lowrank import LowRank
 from .stages.prune import Prune
 from .stages.quantize import Quantize
+from .stages.quantize_embedding import QuantizeEmbedding
 from .stages.safety_prune import SafetyPrune
 
 STAGES: dict[str, type] = {
     "quantize": Quantize,
+    "quantize_embedding": QuantizeEmbedding,
     "prune": Prune,
     "cluster": Cluster,
     "lowrank": LowRank,
@@ -89,11 +91,14 @@ class Evaluate:
 class Export:
     path: str | None = None
     formats: tuple[str, ...] = ("native",)    # native | compressed-tensors (into <path>/compressed-tensors) | gguf (<path>/model.gguf)
+    dtype: str = "auto"                       # unquantized floating tensors: auto (16-bit: bf16 or the source's fp16) | bfloat16 | float16 | float32
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in EXPORT_FORMATS]
         if bad:
             raise UserError(f"export.formats: unknown format {bad[0]!r}; use {', '.join(EXPORT_FORMATS)}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise UserError(f"export.dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

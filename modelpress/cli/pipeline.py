@@ -69,30 +69,40 @@ def _table(rows: list[tuple], header: tuple) -> None:
 
 
 def print_report(rep: dict) -> None:
+    """The stages, the size headline (whole artifact vs the 16-bit original and the fp32 source: the same
+    line in `compress`, `inspect` and the HTML report), the before/after table and the exports."""
+    from ..eval.size import artifact_bytes, has_masks, headline
     s = rep["size"]
     for st in rep["stages"]:
         print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
-    if "eval" not in rep:
-        return
-    ev = rep["eval"]
-    o, c = ev["original"], ev["compressed"]
-    src = ((rep.get("recipe") or {}).get("calibration") or {}).get("source")
-    name = f"{ev.get('text', 'wiki-eval')}{_domain(ev.get('text'), src)}"
-    rows = [("size (MB)", o["bytes"] / 1e6, s["compressed_bytes"] / 1e6),
-            ("bits / weight (compressed linears)", o["bits_per_weight"], s["bits_per_weight"]),
-            ("sparsity (compressed linears)", 0.0, _mean(rep["layers"], "sparsity")),
-            (f"perplexity, {name}", o["perplexity"], c["perplexity"])]
-    off = ev.get("off_domain")
-    if off:
-        rows.append((f"perplexity, {off['text']}{_domain(off['text'], src)}", off["original"]["perplexity"],
-                     off["compressed"]["perplexity"]))
-    rows += [(f"top-1 agreement with original, {ev.get('text', 'wiki-eval')}", 1.0, c.get("agreement", float("nan"))),
-             (f"mean KL(original || compressed), {ev.get('text', 'wiki-eval')}", 0.0, c.get("kl", float("nan")))]
-    if off:
-        rows.append((f"mean KL(original || compressed), {off['text']}", 0.0, off["compressed"].get("kl", float("nan"))))
-    _table(rows, ("metric", "original", "compressed"))
-    print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions) per text, "
-          f"protocol {ev['protocol']}" + (f" (windows start with BOS {ev['bos_token']!r})" if ev.get("bos") else ""))
+    print("size: " + headline(s))
+    for note in rep.get("export_notes", []):
+        print("  " + note)
+    if "eval" in rep:
+        ev = rep["eval"]
+        o, c = ev["original"], ev["compressed"]
+        src = ((rep.get("recipe") or {}).get("calibration") or {}).get("source")
+        name = f"{ev.get('text', 'wiki-eval')}{_domain(ev.get('text'), src)}"
+        rows = [("size (MB; original at 16 bits)", s["original_bytes"] / 1e6, (artifact_bytes(s) or 0) / 1e6),
+                ("bits / parameter (whole artifact)", 16.0, 8 * (artifact_bytes(s) or 0) / s["params"]),
+                ("bits / weight (compressed modules)", 16.0, s["bits_per_weight"])]
+        if has_masks(rep.get("layers") or {}):
+            rows.append(("sparsity (pruned modules, mask)", 0.0, _mean(rep["layers"], "sparsity")))
+        rows.append((f"perplexity, {name}", o["perplexity"], c["perplexity"]))
+        off = ev.get("off_domain")
+        if off:
+            rows.append((f"perplexity, {off['text']}{_domain(off['text'], src)}", off["original"]["perplexity"],
+                         off["compressed"]["perplexity"]))
+        rows += [(f"top-1 agreement with original, {ev.get('text', 'wiki-eval')}", 1.0, c.get("agreement", float("nan"))),
+                 (f"mean KL(original || compressed), {ev.get('text', 'wiki-eval')}", 0.0, c.get("kl", float("nan")))]
+        if off:
+            rows.append((f"mean KL(original || compressed), {off['text']}", 0.0,
+                         off["compressed"].get("kl", float("nan"))))
+        _table(rows, ("metric", "original", "compressed"))
+        print(f"evaluated on {c['windows']} windows x {c['seqlen']} tokens ({c['tokens']} predictions) per text, "
+              f"protocol {ev['protocol']}" + (f" (windows start with BOS {ev['bos_token']!r})" if ev.get("bos") else ""))
+    for fmt, e in (rep.get("exports") or {}).items():
+        print(f"  export {fmt}: " + (e["path"] if "path" in e else f"FAILED ({e.get('error', '?')})"))
 
 
 def _domain(text: str | None, calib_source: str | None) -> str:
@@ -109,6 +119,10 @@ def _domain(text: str | None, calib_source: str | None) -> str:
 def _mean(layers: dict, key: str) -> float:
     v = [r[key] for r in layers.values() if key in r]
     return sum(v) / len(v) if v else 0.0
+
+
+def failed_exports(rep: dict) -> list[str]:
+    return [f for f, e in (rep.get("exports") or {}).items() if "error" in e]
 
 
 def cmd_compress(a) -> int:
@@ -135,11 +149,12 @@ def cmd_compress(a) -> int:
     rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume)
     print_report(rep)
     print(f"wrote {a.out}")
+    failed = failed_exports(rep)
     cert = rep.get("certificate")
     if cert is not None:
         print(f"certificate: {cert['statement']} -> {'PASS' if cert['passed'] else 'FAIL'}")
-        return 0 if cert["passed"] else 1
-    return 0
+        return 0 if cert["passed"] and not failed else 1
+    return 1 if failed else 0
 
 
 def cmd_eval(a) -> int:
@@ -169,7 +184,9 @@ def cmd_eval(a) -> int:
     if ref is not None:
         rows += [("reference perplexity", res["reference_perplexity"]), ("top-1 agreement", res["agreement"]),
                  ("mean KL", res["kl"])]
-    rows += [("bits / weight", res["size"]["bits_per_weight"]), ("size (MB)", res["size"]["compressed_bytes"] / 1e6)]
+    rows += [("bits / weight (compressed modules)", res["size"]["bits_per_weight"]),
+             ("size (MB, as exported)", res["size"]["compressed_bytes"] / 1e6),
+             ("x the 16-bit original", res["size"]["vs_16bit"]), ("x the fp32 source", res["size"]["vs_fp32"])]
     _table(rows, ("metric", "value"))
     return 0
 
@@ -208,6 +225,8 @@ def cmd_inspect(a) -> int:
         kinds[kind] = kinds.get(kind, 0) + 1
     print("  modules: " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())))
     if rep:
+        if isinstance(rep.get("size"), dict) and (d / "model.safetensors").is_file():
+            rep["size"]["file_bytes"] = (d / "model.safetensors").stat().st_size    # the file as it is now
         try:
             print_report(rep)
         except (KeyError, TypeError, ValueError, AttributeError, IndexError):

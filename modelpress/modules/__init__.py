@@ -2,11 +2,12 @@
 manifest to the class whose `from_state(tensors, config)` rebuilds it."""
 from .cluster import ClusteredLinear
 from .lowrank import LowRankLinear
-from .quant import QuantLinear, SparseLinear, pack_mask, unpack_mask
+from .quant import QuantEmbedding, QuantLinear, SparseLinear, pack_mask, unpack_mask
 from .zip import ZipEmbedding, ZipLinear, retie
 
 MODULE_TYPES: dict[str, type] = {
     "QuantLinear": QuantLinear,
+    "QuantEmbedding": QuantEmbedding,
     "SparseLinear": SparseLinear,
     "ClusteredLinear": ClusteredLinear,
     "LowRankLinear": LowRankLinear,
@@ -14,5 +15,5 @@ MODULE_TYPES: dict[str, type] = {
     "ZipEmbedding": ZipEmbedding,
 }
 
-__all__ = ["MODULE_TYPES", "QuantLinear", "SparseLinear", "ClusteredLinear", "LowRankLinear", "ZipLinear",
+__all__ = ["MODULE_TYPES", "QuantEmbedding", "QuantLinear", "SparseLinear", "ClusteredLinear", "LowRankLinear", "ZipLinear",
            "ZipEmbedding", "pack_mask", "unpack_mask", "retie"]

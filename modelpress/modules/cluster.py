@@ -22,6 +22,7 @@ def index_bits(k: int) -> int:
 
 class ClusteredLinear(nn.Linear):
     kind = "ClusteredLinear"
+    storage_keys = ("bias",)
 
     @classmethod
     def build(cls, lin: nn.Linear, codebook: Tensor, idx: Tensor, group_rows: int | None) -> "ClusteredLinear":

@@ -15,6 +15,7 @@ from .quant import _shell
 
 class LowRankLinear(nn.Linear):
     kind = "LowRankLinear"
+    storage_keys = ("bias",)      # stored in the export's storage dtype (A, B keep the compute dtype)
 
     @classmethod
     def build(cls, lin: nn.Linear, A: Tensor, B: Tensor) -> "LowRankLinear":

@@ -60,6 +60,7 @@ class _Packed:
 
 class SparseLinear(_Packed, nn.Linear):
     kind = "SparseLinear"
+    storage_keys = ("values", "bias")      # stored in the export's storage dtype (16-bit by default)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, keep: Tensor, in_place: bool = False,
@@ -93,6 +94,7 @@ class SparseLinear(_Packed, nn.Linear):
 
 class QuantLinear(_Packed, nn.Linear):
     kind = "QuantLinear"
+    storage_keys = ("bias",)
 
     @classmethod
     def build(cls, lin: nn.Linear, q: Tensor, scale: Tensor, zero: Tensor, bits: int,
@@ -175,3 +177,60 @@ class QuantLinear(_Packed, nn.Linear):
         lin.bias = nn.Parameter(t["bias"]) if "bias" in t else None
         lin.weight = nn.Parameter(torch.empty(0, dtype=dtype))
         return cls.build(lin, q, t["scales"].float(), zero, bits, gs, cfg["sym"], keep)
+
+
+class QuantEmbedding(nn.Embedding):
+    """nn.Embedding whose table (num_embeddings, dim) is stored as b-bit codes with fp16 scales, one scale per
+    row (group_size None: llama.cpp's Q8_0-style token embeddings at 8 bits) or per group of columns (4/6-bit
+    grouped, as llama.cpp's Q4_K/Q6_K token embeddings), b-bit zero points when asymmetric. The dense
+    `weight` is s (q - z), so forward is an ordinary F.embedding and a tied output projection (lm_head.weight
+    is this weight) computes with exactly the same values, before and after reload."""
+    kind = "QuantEmbedding"
+    storage_keys = ()
+
+    @classmethod
+    def build(cls, emb: nn.Embedding, q: Tensor, scale: Tensor, zero: Tensor, bits: int,
+              group_size: int | None, sym: bool) -> "QuantEmbedding":
+        """q (num, dim) codes, scale/zero (num, n_groups). The dequantized table is written into emb.weight's
+        own storage, so everything that shares that parameter (a tied lm_head) reads it."""
+        num, dim = emb.weight.shape
+        m = cls.__new__(cls)
+        nn.Embedding.__init__(m, num, dim, padding_idx=emb.padding_idx, device="meta", dtype=emb.weight.dtype)
+        m.bits, m.group_size, m.sym = bits, group_size, sym
+        dev = emb.weight.device if emb.weight.device != torch.device("meta") else q.device
+        m.register_buffer("qpacked", quant.pack(q, bits).to(dev), persistent=False)
+        m.register_buffer("scale", scale.half().to(dev), persistent=False)
+        m.register_buffer("zero", zero.to(torch.uint8).to(dev), persistent=False)
+        w = quant.dequantize_groups(q.to(dev), m.scale.float(), m.zero.float(), group_size)     # (num, dim) fp32
+        m.weight = _dense(emb, w, in_place=True)
+        return m
+
+    @property
+    def q(self) -> Tensor:
+        n, d = self.weight.shape
+        return quant.unpack(self.qpacked, self.bits, n * d).reshape(n, d).to(self.qpacked.device)
+
+    def to_state(self) -> tuple[dict[str, Tensor], dict]:
+        t = {"qweight": self.qpacked.contiguous(), "scales": self.scale.contiguous()}
+        if not self.sym:
+            t["zeros"] = quant.pack(self.zero, self.bits)
+        n, d = self.weight.shape
+        cfg = {"in": d, "out": n, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
+               "padding_idx": self.padding_idx, "dtype": str(self.weight.dtype)}
+        return t, cfg
+
+    @classmethod
+    def from_state(cls, t: dict[str, Tensor], cfg: dict) -> "QuantEmbedding":
+        n, d, bits, gs = cfg["out"], cfg["in"], cfg["bits"], cfg["group_size"]
+        q = quant.unpack(t["qweight"], bits, n * d).reshape(n, d)
+        ng = quant.n_groups(d, gs)
+        zero = (torch.full((n, ng), 1 << (bits - 1), dtype=torch.uint8) if cfg["sym"]
+                else quant.unpack(t["zeros"], bits, n * ng).reshape(n, ng))
+        dtype = getattr(torch, cfg["dtype"].replace("torch.", ""))
+        emb = nn.Embedding(n, d, padding_idx=cfg.get("padding_idx"), device="meta", dtype=dtype)
+        emb.weight = nn.Parameter(torch.empty(n, d, dtype=dtype), requires_grad=False)
+        return cls.build(emb, q, t["scales"].float(), zero, bits, gs, cfg["sym"])
+
+    def extra_repr(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else "per-row"
+        return f"{self.num_embeddings}, {self.embedding_dim}, w{self.bits} {g} {'sym' if self.sym else 'asym'}"

@@ -59,7 +59,9 @@ def load_run(folder: str | os.PathLike) -> dict:
     tensors = tensor_bytes(folder, float_bits=None) if any(folder.glob("*.safetensors")) else None
     if rep is None and recipe_text is None and tensors is None:
         raise UserError(f"{folder} has no report.json, recipe.yaml or weights: pass a modelpress export folder")
+    weights = folder / "model.safetensors"
     return {"dir": folder, "name": folder.name, "report": rep or {}, "recipe_text": recipe_text,
+            "file_bytes": weights.stat().st_size if weights.is_file() else None,
             "certificate": _read_json(folder / "certificate.json"), "config": _read_json(folder / "config.json"),
             "tensors": tensors}
 
@@ -82,7 +84,9 @@ def _summary(run: dict) -> dict:
     rep = run["report"]
     size, ev = rep.get("size") or {}, rep.get("eval") or {}
     comp, orig = ev.get("compressed") or {}, ev.get("original") or {}
-    nbytes = _num(size.get("compressed_bytes"))
+    nbytes = _num(size.get("file_bytes", size.get("compressed_bytes")))
+    if run.get("file_bytes") is not None and size:
+        nbytes = float(run["file_bytes"])                       # the weights file as it is now
     if nbytes is None and run["tensors"]:
         nbytes = float(sum(run["tensors"].values()))
     return {"bytes": nbytes, "original_bytes": _num(size.get("original_bytes")), "bits": _num(size.get("bits_per_weight")),
@@ -283,10 +287,21 @@ def _run_section(run: dict, devices: list[str], context: int, control_hz: float 
     rep, s = run["report"], _summary(run)
     parts = [f'<h2 id="{_e(run["name"])}">{_e(run["name"])}</h2>',
              f'<p>folder <code>{_e(run["dir"])}</code>; model <code>{_e(rep.get("model", "?"))}</code></p>']
-    cards = [("size", _mb(s["bytes"])), ("ratio", f"{s['original_bytes'] / s['bytes']:.2f}x" if s["original_bytes"] and s["bytes"] else "–"),
+    p = s["params"]
+    cards = [("size", _mb(s["bytes"])),
+             ("x 16-bit original", f"{s['bytes'] / (2 * p):.3f}x" if p and s["bytes"] else "–"),
+             ("x fp32 source", f"{s['bytes'] / (4 * p):.3f}x" if p and s["bytes"] else "–"),
              ("bits / weight", _fmt(s["bits"])), ("perplexity", f"{_fmt(s['ppl0'])} → {_fmt(s['ppl'])}"),
              ("top-1 agreement", _fmt(s["agreement"])), ("KL", _fmt(s["kl"]))]
     parts.append('<div class="cards">' + "".join(f"<div class=card>{_e(k)}<b>{_e(v)}</b></div>" for k, v in cards) + "</div>")
+    if p and s["bytes"]:
+        from ..eval.size import headline
+        parts.append(f"<p>size: {_e(headline({'params': p, 'file_bytes': s['bytes']}))}</p>")
+    exports = rep.get("exports") or {}
+    if exports:                                  # only formats that were written; failures as a note
+        ok = [f for f, e in exports.items() if "path" in e]
+        parts.append(f"<p>exported formats: {_e(', '.join(ok) or 'none')}</p>")
+        parts += [_note(f"{f} export failed: {e['error']}") for f, e in exports.items() if "error" in e]
 
     parts.append("<h3>Recipe</h3>")
     parts.append(f"<pre>{_e(run['recipe_text'])}</pre>" if run["recipe_text"] else _note("no recipe.yaml"))
@@ -301,7 +316,8 @@ def _run_section(run: dict, devices: list[str], context: int, control_hz: float 
         rows = [[_e(k), _mb(v), f"{100 * v / sum(breakdown.values()):.1f}%"] for k, v in breakdown.items()]
         size = rep.get("size") or {}
         facts = [[_e(k), _e(_fmt(_num(size.get(k)) if k != "params" else size.get(k)))]
-                 for k in ("params", "original_bytes", "compressed_bytes", "bits_per_weight") if k in size]
+                 for k in ("params", "original_bytes", "fp32_bytes", "compressed_bytes", "file_bytes", "storage_dtype",
+                           "bits_per_weight", "bits_per_param") if k in size]
         parts.append(_img(plot_size(breakdown, s["original_bytes"]), "size breakdown"))
         parts.append((_table(["part", "stored", "share"], rows) if rows else "") + (_table(["size", "value"], facts) if facts else ""))
     else:

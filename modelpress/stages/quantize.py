@@ -11,7 +11,6 @@ import torch
 
 from ..engine import layerwise
 from ..algos import gptq as G
-from ..algos import prune as P
 from ..algos import quant
 from ..errors import UserError
 from ..model import set_module
@@ -113,8 +112,9 @@ class Quantize:
         for (name, lin), W, k, (q, sc, z, info) in zip(items, Ws, keeps, res):
             w_hat = info.pop("w_hat", None)                                                      # (rows, cols)
             w_hat = (quant.dequantize_groups(q, sc, z, self.group_size, k) if w_hat is None else w_hat).to(lin.weight.dtype)
-            info.update(kind="QuantLinear", bits=self.bits, sqnr=quant.sqnr(W, w_hat.float()),
-                        sparsity=P.sparsity(w_hat))
+            info.update(kind="QuantLinear", bits=self.bits, sqnr=quant.sqnr(W, w_hat.float()))
+            if k is not None:                  # sparsity from the pruning mask only, not weights that rounded to 0
+                info["sparsity"] = 1.0 - float(k.float().mean())
             # W may alias lin.weight (fp32): everything above reads it before the in-place write below
             out[name] = (QuantLinear.build(lin, q, sc, z, self.bits, self.group_size, self.sym, k, w_hat, in_place), info)
         return out
