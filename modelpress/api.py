@@ -2,6 +2,7 @@
 load -> calibration_set -> compress -> evaluate -> (certify) -> export."""
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -134,6 +135,12 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
             refs[text] = timed(f"scoring the original on {text}", reference_scores, model,
                                windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size)
+        if e.agreement and any(r.head is not None for r in refs.values()):
+            # one copy of the original output layer (not of the model): compression or the export's 16-bit
+            # storage may change the model's own in place, and the reference must score with the original's
+            head = copy.deepcopy(model.get_output_embeddings())
+            for r in refs.values():
+                r.head = head
     c = recipe.calibration
     calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
                    model, c.protocol) if recipe.needs_calibration else None)

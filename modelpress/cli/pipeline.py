@@ -192,14 +192,15 @@ def cmd_eval(a) -> int:
 
 
 def _reference_scores(a):
-    """The reference model scored on the evaluation windows, then dropped (only its hidden states and its
-    output layer's hash are kept; see modelpress.eval.perplexity.ReferenceScores)."""
+    """The reference model scored on the evaluation windows, then dropped but for its output layer (its hidden
+    states, NLL and output layer are kept; see modelpress.eval.perplexity.ReferenceScores)."""
     import gc
     from ..api import load, windows_for
     from ..eval.perplexity import reference_scores
     ref, tok = load(a.reference)
     scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows, a.protocol), 2)
-    scores.release_head()
+    # the output layer stays (the rest of the reference goes): an export stores it at 16 bits, so the compared
+    # model's own output layer is not the original's and could not stand in for it
     del ref
     gc.collect()
     return scores
