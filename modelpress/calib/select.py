@@ -222,7 +222,7 @@ def select_zipcal_coverage(texts: list[str], tokenizer, samples: int, seqlen: in
 # ---------------------------------------------------------------------------------------------- perplexity
 
 @torch.no_grad()
-def sentence_log_perplexity(model, sent_ids: list[list[int]], batch_size: int = 8) -> torch.Tensor:
+def sentence_log_perplexity(model, sent_ids: list[list[int]], batch_size: int = 32) -> torch.Tensor:
     """Mean next-token NLL (log-perplexity) of each sentence under `model`, sentences batched by equal
     length (no padding); one-token sentences score +inf (nothing to predict).  -> (n,)"""
     dev = next(model.parameters()).device
