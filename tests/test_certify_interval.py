@@ -197,3 +197,18 @@ def test_conv_bounds_contain_sampled_outputs(step, width):
     assert (d >= split.d_lo).all() and (d <= split.d_hi).all()
     # identical nets: the difference bound is exactly zero
     assert I.guaranteed_range(f, copy.deepcopy(f), lo, hi, input_shape=shape) == (0.0, 0.0)
+
+
+def test_certify_mlp_takes_a_conv_net():
+    from modelpress.certify import certificate as C
+    f = _cnn(2)
+    g = _compress_cnn(f, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    lo, hi = torch.zeros(72), torch.ones(72)
+    X = torch.rand(200, 72, generator=gen)
+    cert = C.certify_mlp(f, g, X, lo, hi, eps=0.5, delta=0.05, stat="mean", input_shape=(2, 6, 6))
+    R = cert.deterministic["R"]
+    with torch.no_grad():
+        d = (f(X.reshape(-1, 2, 6, 6)) - g(X.reshape(-1, 2, 6, 6))).abs().amax(1)
+    assert float(d.max()) <= R and cert.range == [0.0, R]
+    assert cert.observed == pytest.approx(float(d.double().mean()), rel=1e-6)

@@ -411,8 +411,10 @@ def certify_recipe_block(block: dict, original: nn.Module, compressed: nn.Module
 
 def certify_mlp(f: nn.Module, g: nn.Module, X, lo, hi, eps: float, delta: float, stat: str = "rate",
                 method: str = "auto", threshold: float | None = None, max_boxes: int = 1,
-                seed: int = 0) -> Certificate:
+                seed: int = 0, input_shape: tuple[int, ...] | None = None) -> Certificate:
     """Certificate for small MLPs on i.i.d. rows X (n, d) inside the box [lo, hi], with d(x) = max_i |f_i - g_i|.
+    Convolutional nets (Conv2d / AvgPool2d / Flatten / Linear / ReLU): pass `input_shape` (C, H, W); X, lo
+    and hi are then flattened images (d = C * H * W).
 
     stat="rate": theta = P(d(x) > eps), claim theta <= threshold (required); decided deterministically
     (bound 0) when the interval range R <= eps. stat="mean": theta = E[d(x)], range [0, R] from the dual
@@ -427,10 +429,12 @@ def certify_mlp(f: nn.Module, g: nn.Module, X, lo, hi, eps: float, delta: float,
         raise UserError("X must be a (n >= 2, features) array of i.i.d. evaluation rows")
     if (X < lo_t).any() or (X > hi_t).any():
         raise UserError("X has rows outside the input box [lo, hi]: clamp the inputs into the box or widen it")
-    db, leaves = (dual_bounds(f, g, lo, hi), 1) if max_boxes == 1 else dual_bounds_split(f, g, lo, hi, max_boxes)
+    db, leaves = ((dual_bounds(f, g, lo, hi, input_shape=input_shape), 1) if max_boxes == 1
+                  else dual_bounds_split(f, g, lo, hi, max_boxes, input_shape=input_shape))
     R = db.linf_range
+    Xin = X if input_shape is None else X.reshape(-1, *input_shape)
     with torch.no_grad():
-        d = (f(X).double() - g(X).double()).abs().amax(1)  # (n,)
+        d = (f(Xin).double() - g(Xin).double()).abs().amax(1)  # (n,)
     if float(d.max()) > R:
         raise RuntimeError(f"sampled |f - g| = {float(d.max()):.6g} exceeds the interval range R = {R:.6g}: "
                            "the dual propagation is unsound for these nets (please report)")
