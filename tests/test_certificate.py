@@ -10,6 +10,7 @@ from torch import nn
 from modelpress.certify import bounds as B
 from modelpress.certify import certificate as C
 from modelpress.errors import UserError
+from modelpress.eval import compare
 
 DELTA = 0.05
 
@@ -213,9 +214,55 @@ def test_recipe_block(tiny_lm, tmp_path):
     block = {"property": "kl", "eps": 1.0, "delta": 0.05, "text": str(text), "seqlen": 16, "windows": 10}
     cert = C.certify_recipe_block(block, f, g, Tok(), recipe={"stages": []})
     assert cert.passed and cert.n_samples == 10 and cert.hashes["recipe"] is not None
+    assert "position" in cert.iid_unit and cert.n_tokens == 10           # default: i.i.d. random positions
+    win = C.certify_recipe_block({**block, "unit": "window"}, f, g, Tok())
+    assert "window" in win.iid_unit and win.n_tokens == 10 * 15
     with pytest.raises(UserError, match="certify.epsilon"):
         C.certify_recipe_block({**block, "epsilon": 1}, f, g, Tok())
     with pytest.raises(UserError, match="certify.delta"):
         C.certify_recipe_block({k: v for k, v in block.items() if k != "delta"}, f, g, Tok())
     with pytest.raises(UserError, match="certify.windows must be an integer"):
         C.certify_recipe_block({**block, "windows": "ten"}, f, g, Tok())
+
+
+def test_sample_positions_are_iid_uniform_over_the_whole_corpus():
+    class Tok:                                      # token id = running index: positions are readable
+        def __init__(self):
+            self.k = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            ids = list(range(self.k, self.k + len(text)))
+            self.k += len(text)
+            return {"input_ids": ids}
+
+    texts = ["x" * 48, "y" * 50]                   # joined with "\n\n": 100 tokens, ids 0..99
+    rows = C.sample_positions(Tok(), texts, 20000, context=10, seed=3)
+    assert rows.shape == (20000, 11)
+    p = rows[:, -1]
+    assert torch.equal(rows, p[:, None] - 10 + torch.arange(11)[None, :])   # contiguous left context
+    counts = torch.bincount(p, minlength=100)
+    assert counts[:10].sum() == 0 and (counts[10:] > 0).all()                # every eligible position, tail too
+    assert counts[10:].float().std() / counts[10:].float().mean() < 0.1        # uniform: 222 expected per position
+    assert torch.equal(rows[:50], C.sample_positions(Tok(), texts, 50, 10, seed=3))
+    assert not torch.equal(rows[:50], C.sample_positions(Tok(), texts, 50, 10, seed=4))
+    with pytest.raises(UserError, match="context"):
+        C.sample_positions(Tok(), texts, 5, context=200)
+
+
+def test_position_certificates_use_one_prediction_per_sample(tiny_lm):
+    f, g, _ = tiny_lm
+    stream = torch.randint(0, 40, (2000,), generator=torch.Generator().manual_seed(5))
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": stream.tolist() if text.startswith("corpus") else []}
+
+    rows = C.sample_positions(Tok(), ["corpus"], 60, context=12, seed=0)
+    cert = C.certify(f, g, rows, "agreement", eps=0.5, delta=DELTA, unit="position")
+    assert cert.n_samples == 60 and cert.n_tokens == 60 and "position" in cert.iid_unit
+    last = (~compare(f, g, rows)["per_token"]["agree"].bool())[:, -1].double()
+    assert cert.observed == pytest.approx(float(last.mean()))
+    win = C.certify(f, g, rows, "agreement", eps=0.5, delta=DELTA, unit="window")
+    assert win.n_tokens == 60 * 12 and "assumed" in win.iid_unit          # 13 tokens: 12 predictions
+    with pytest.raises(UserError, match="unit"):
+        C.certify(f, g, rows, "agreement", eps=0.5, delta=DELTA, unit="token")

@@ -132,3 +132,83 @@ def test_tabular_student_with_input_normalisation():
     assert (yf >= b.f_lo).all() and (yf <= b.f_hi).all()
     assert ((yf - yg) >= b.d_lo).all() and ((yf - yg) <= b.d_hi).all()
     assert 0 < b.linf_range <= 10 * (yf - yg).abs().max().item()
+
+
+def _cnn(seed: int) -> nn.Sequential:
+    """Conv2d + ReLU + AvgPool2d + Conv2d (strided) + ReLU + Flatten + Linear + ReLU + Linear on 2x6x6 images."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                         nn.Conv2d(4, 3, 2, stride=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 2 * 2, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def _compress_cnn(f: nn.Sequential, step: float) -> nn.Sequential:
+    g = copy.deepcopy(f)
+    with torch.no_grad():
+        for m in g:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.copy_(torch.round(m.weight / step) * step)
+        g[0].weight[1].zero_()            # a pruned filter
+    return g
+
+
+def test_conv_blocks_are_exact_dense_maps():
+    f = _cnn(0)
+    blocks = I.mlp_blocks(f, (2, 6, 6))
+    assert [b[0].shape for b in blocks] == [(144, 72), (36, 144), (12, 36), (8, 12), (3, 8)]
+    assert [b[2] for b in blocks] == [True, False, True, True, False]
+    x = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    a = x.reshape(5, -1)
+    for W, b, relu in blocks:
+        a = a @ W.T + b
+        a = a.clamp(min=0) if relu else a
+    with torch.no_grad():
+        ref = copy.deepcopy(f).double()(x)
+    torch.testing.assert_close(a, ref)
+    with pytest.raises(UserError, match="input_shape"):
+        I.mlp_blocks(f)
+    with pytest.raises(UserError, match="MaxPool2d"):
+        I.mlp_blocks(nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(2)), (1, 6, 6))
+
+
+@pytest.mark.parametrize("step,width", [(0.05, 0.5), (0.01, 1.0)])
+def test_conv_bounds_contain_sampled_outputs(step, width):
+    f = _cnn(1)
+    g = _compress_cnn(f, step)
+    shape = (2, 6, 6)
+    gen = torch.Generator().manual_seed(0)
+    centre = torch.rand(72, generator=gen, dtype=torch.float64)
+    lo, hi = centre - width / 2, centre + width / 2
+    b = I.dual_bounds(f, g, lo, hi, input_shape=shape)
+    x = lo + (hi - lo) * torch.rand(3000, 72, generator=gen, dtype=torch.float64)
+    x = torch.cat([x, torch.where(torch.rand(200, 72, generator=gen) < 0.5, lo, hi)]).float()
+    with torch.no_grad():
+        fx, gx = f(x.reshape(-1, *shape)).double(), g(x.reshape(-1, *shape)).double()
+    assert (fx >= b.f_lo).all() and (fx <= b.f_hi).all()
+    assert (gx >= b.g_lo).all() and (gx <= b.g_hi).all()
+    d = fx - gx
+    assert (d >= b.d_lo).all() and (d <= b.d_hi).all()
+    assert float(d.abs().max()) > 0                      # the compression changed the outputs
+    # the joint propagation beats [f] - [g] and splitting is still sound and no looser
+    nl, nu = I.naive_difference_bounds(f, g, lo, hi, shape)
+    assert b.linf_range < float(torch.maximum(nl.abs(), nu.abs()).max())
+    split, _ = I.dual_bounds_split(f, g, lo, hi, max_boxes=4, input_shape=shape)
+    assert split.linf_range <= b.linf_range + 1e-12
+    assert (d >= split.d_lo).all() and (d <= split.d_hi).all()
+    # identical nets: the difference bound is exactly zero
+    assert I.guaranteed_range(f, copy.deepcopy(f), lo, hi, input_shape=shape) == (0.0, 0.0)
+
+
+def test_certify_mlp_takes_a_conv_net():
+    from modelpress.certify import certificate as C
+    f = _cnn(2)
+    g = _compress_cnn(f, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    lo, hi = torch.zeros(72), torch.ones(72)
+    X = torch.rand(200, 72, generator=gen)
+    cert = C.certify_mlp(f, g, X, lo, hi, eps=0.5, delta=0.05, stat="mean", input_shape=(2, 6, 6))
+    R = cert.deterministic["R"]
+    with torch.no_grad():
+        d = (f(X.reshape(-1, 2, 6, 6)) - g(X.reshape(-1, 2, 6, 6))).abs().amax(1)
+    assert float(d.max()) <= R and cert.range == [0.0, R]
+    assert cert.observed == pytest.approx(float(d.double().mean()), rel=1e-6)

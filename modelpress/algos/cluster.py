@@ -14,8 +14,13 @@ batched and the best per group is kept. No sort of the n values and no per-eleme
 
 Rank probes (pure functions on codebooks, G x K):
   scramble_centroids          same set of values per codebook, randomly permuted (ranks destroyed);
-  rank_preserving_randomise   new values in the original rank order: every gap between sorted centroids
-                              scaled by a random Exp(1) factor, range kept (Spearman(w, w') = 1);
+  rank_preserving_resample    the paper's rank-preserving replacement: K values drawn from the fitted
+                              centroid distribution (a pool of centroid values, e.g. all codebooks of the
+                              matrix), sorted and put in the original rank order: ranks and the value
+                              distribution kept, every individual value changed;
+  rank_preserving_randomise   a harsher stress test, not the paper's probe: every gap between sorted
+                              centroids scaled by a random Exp(1) factor, range kept (ranks kept, but the
+                              dense central centroids move by a large share of the range);
   affine_correct              w' = a w + b, a > 0, matching the reference matrix's mean and std.
 Centroid fine-tuning: with frozen indices, dL/dc_g[k] = sum of dL/dw over the weights of cluster k
 (centroid_grad)."""
@@ -235,6 +240,23 @@ def scramble_centroids(codebook: Tensor, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(int(seed))
     perm = torch.argsort(torch.rand(codebook.shape, generator=gen), dim=1).to(codebook.device)   # (G, K)
     return codebook.gather(1, perm)
+
+
+def rank_preserving_resample(codebook: Tensor, pool: Tensor | None = None, seed: int = 0) -> Tensor:
+    """Sorted resamples of the fitted centroids: for each codebook (G, K), K values drawn uniformly with
+    replacement from `pool` (1-D; default all the codebooks' values), sorted, and assigned in the codebook's
+    own rank order. Expected value distribution = the pool's; within-codebook order kept (Spearman with
+    the original >= 0 always, = 1 without ties; draws can repeat a value, which merges two clusters, likelier
+    for a small pool: G = 1 with K = 16 resamples its own 16 values)."""
+    G, K = codebook.shape
+    gen = torch.Generator().manual_seed(int(seed))
+    cb = codebook.double().cpu()
+    src = (cb if pool is None else pool.double().cpu()).reshape(-1)                       # (P,)
+    draws = src[torch.randint(0, src.numel(), (G, K), generator=gen)]                     # (G, K)
+    new_sorted = torch.sort(draws, dim=1).values                                          # (G, K)
+    order = torch.argsort(cb, dim=1, stable=True)                                          # rank -> slot
+    out = torch.empty_like(cb).scatter_(1, order, new_sorted)
+    return out.to(codebook.dtype).to(codebook.device)
 
 
 def rank_preserving_randomise(codebook: Tensor, seed: int = 0) -> Tensor:

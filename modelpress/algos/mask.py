@@ -5,9 +5,12 @@
   S (rows, cols) per weight; the binary mask M = top-k(S) keeps the k = round(keep * rows * cols)
   highest scores over the whole matrix; the forward uses W * M, the backward passes dL/dM straight
   through to S (straight-through estimator, STE): dL/dS := dL/dM.
-- Safety-potential pruning (arXiv 2603.14219): with X_s / X_p the inputs of a linear layer on prompts
-  with / without the safety prompt, delta_j = mean_t x_s,tj^2 - mean_t x_p,tj^2 per input channel j;
-  score_ij = |W_ij| * sqrt(max(delta_j, 0)). Weights that respond least to the safety prompt go first.
+- Safety-potential pruning (arXiv 2603.14219): N paired prompts, request i with (s) and without (p) the
+  safety prompt; X_s,i / X_p,i the inputs of a linear layer on them; per input channel j,
+  delta_j = (1/N) sum_i (sum_t x_s,i,tj^2 - sum_t x_p,i,tj^2) (per-sample sums, so the safety prompt's own
+  tokens count); score_ij = |W_ij| * sqrt(delta_j) where delta_j > 0. Channels with delta_j <= 0 are
+  never pruned before a responsive one (score +inf): in the authors' code their score is not a number
+  and sorts last. Among responsive weights, those that respond least to the safety prompt go first.
 """
 from __future__ import annotations
 
@@ -43,18 +46,21 @@ def ste_mask(scores: Tensor, keep: float) -> Tensor:
     return hard + (scores - scores.detach())
 
 
-def sq_norm_delta(sq_with: Tensor, n_with: int, sq_without: Tensor, n_without: int) -> Tensor:
-    """delta_j = mean_t x_with,tj^2 - mean_t x_without,tj^2 from per-channel sums of squares (cols,) and
-    token counts. Per-token means, so streams of different lengths compare fairly."""
-    if n_with <= 0 or n_without <= 0:
-        raise ValueError(f"both calibration streams need tokens, got {n_with} and {n_without}")
-    return sq_with.double() / n_with - sq_without.double() / n_without
+def paired_sq_delta(sq_with: Tensor, sq_without: Tensor, pairs: int) -> Tensor:
+    """delta_j = (1/N) sum_i (sum_t x_with,i,tj^2 - sum_t x_without,i,tj^2) from the per-channel sums of
+    squares over all N samples of each stream (cols,): the sum over pairs of per-sample differences equals
+    the difference of the stream totals, because both streams hold the same N requests once each."""
+    if pairs <= 0:
+        raise ValueError(f"safety-potential statistics need at least one prompt pair, got {pairs}")
+    return (sq_with.double() - sq_without.double()) / pairs
 
 
 def safety_potential_score(W: Tensor, delta: Tensor) -> Tensor:
-    """score_ij = |W_ij| * sqrt(max(delta_j, 0)); W (rows, cols), delta (cols,). NaN deltas count as 0."""
-    d = torch.nan_to_num(delta.double(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)   # (cols,)
-    return (W.abs().double() * torch.sqrt(d)[None, :]).float()                              # (rows, cols)
+    """score_ij = |W_ij| * sqrt(delta_j) where delta_j > 0, +inf where delta_j <= 0 (or NaN): such channels
+    are pruned only once every responsive weight of the row is gone. W (rows, cols), delta (cols,)."""
+    d = torch.nan_to_num(delta.double(), nan=0.0, posinf=float("inf"), neginf=0.0)        # (cols,)
+    s = W.abs().double() * torch.sqrt(d.clamp(min=0.0))[None, :]                          # (rows, cols)
+    return torch.where((d > 0)[None, :], s, torch.full_like(s, float("inf"))).float()
 
 
 def lexicographic_rank(primary: Tensor, secondary: Tensor) -> Tensor:

@@ -8,34 +8,36 @@ caller (calib.calibration_set) prepends `bos` under protocol modelpress-eval/2 (
 
 `random`: the pool's texts are concatenated in a seeded random order, tokenized, and `samples`
     windows are taken at seeded random offsets (the classic GPTQ/Wanda protocol).
-`zipcal-words`: ZipCal's frequency-preserving sampler ("Frequency Matters: Fast Model-Agnostic Data
-    Curation for Pruning and Quantization", arXiv 2603.16105). All lowercased whitespace words of the
-    pool are shuffled globally with the seed, so every sample is an i.i.d.-like draw from the pool's
-    Zipfian unigram distribution instead of a few bursty documents; the shuffled words are joined,
-    tokenized and packed into fixed-length samples. O(pool words).
-`zipcal-coverage`: ZipCal's lexical-diversity objective as greedy maximum coverage of normalised
-    token types (token strings stripped of whitespace markers and lowercased) over the pool's
-    non-overlapping windows. Each round scores a random subset of the remaining windows by the number
-    of not-yet-covered types and keeps the best ("stochastic greedy", Mirzasoleiman et al., arXiv
-    1409.7938: subsets of (n / samples) ln(1/eps) candidates give a (1 - 1/e - eps) approximation in
-    O(n ln(1/eps)) set evaluations, i.e. linear in the pool).
-`perplexity`: the model-based slow baseline. `candidates` windows (default 4 x samples) cut from
-    the pool's documents in a seeded random order are scored by the model's perplexity and the
-    `samples` windows closest to the median log-perplexity are kept. Keeping the middle of the perplexity distribution (dropping both the
-    lowest, often boilerplate/repetitive, and the highest, often noisy, text) follows the
-    perplexity-based data-pruning practice of Marion et al. (arXiv 2309.04564) and the outlier
-    filtering used for self-generated calibration data (Ji et al., arXiv 2410.17711). Needs `model`."""
+ZipCal ("Frequency Matters: Fast Model-Agnostic Data Curation for Pruning and Quantization", arXiv
+2603.16105; authors' code github.com/FrancescoMonaco/ZipCal, source/similarity_check.py) ships two
+model-free samplers, both here, as the authors' code does them:
+`zipcal-coverage`: the authors' `unique_tokens_sampling`, the sampler their scalability test times as
+    "our method" and their result tables compare with COLA. Candidates are the pool's *sentences* (each
+    text split at sentence ends, each sentence truncated to `seqlen` tokens). Every token id maps to a
+    normalised concept (decoded, lowercased, spaces and the byte-level "G-dot" marker removed; special
+    tokens and empty strings dropped); each greedy round picks, among all remaining sentences (or a seeded
+    random 2000 of them when more remain: the authors' constant), the one adding the most not-yet-covered
+    concepts, ties to the sentence with more concepts. Adaptation: the authors select `samples` padded
+    sentences; modelpress calibration windows are unpadded, so rounds continue until the chosen sentences
+    hold `samples * seqlen` tokens, and they are packed in selection order (joined by a space).
+`zipcal-words`: the authors' `words_dataset_sampling` (what their token-distribution plot labels
+    "ZipCal"): all lowercased whitespace words of the pool shuffled once with the seed and read cyclically,
+    `seqlen` words per sample, each sample tokenized and truncated to `seqlen` tokens. The samples follow the
+    pool's unigram distribution but have no syntax.
+`perplexity`: the model-based baseline the paper compares with, the authors' `least_perplexity_sampling`:
+    every candidate sentence (as in zipcal-coverage) is scored by the model's perplexity and the lowest-
+    perplexity sentences are kept (packed like zipcal-coverage). `candidates` caps the scored sentences to
+    a seeded random subset (default: all of them, as the authors do). Needs `model`."""
 from __future__ import annotations
 
-import math
+import re
 
 import numpy as np
 import torch
 
 from ..errors import UserError
 
-PERPLEXITY_CANDIDATES = 4      # perplexity selector scores this many candidates per requested sample
-COVERAGE_EPS = 0.01            # stochastic-greedy accuracy: candidates per round = (n / samples) ln(1/eps)
+SEARCH_POOL = 2000             # zipcal-coverage: candidates scored per greedy round (the authors' constant)
 
 
 def _token_stream(texts: list[str], tokenizer, order: list[int]) -> torch.Tensor:
@@ -80,22 +82,21 @@ def pool_words(texts: list[str]) -> list[str]:
 
 
 def select_zipcal_words(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, **_) -> torch.Tensor:
-    """Globally shuffled pool words packed into `samples` windows of `seqlen` tokens.  # (samples, seqlen)
+    """Samples of `seqlen` consecutive words of the seeded global shuffle of the pool's words (read
+    cyclically), each tokenized and truncated to `seqlen` tokens.  # (samples, seqlen)
 
-    Each whitespace word gives at least one token, so `samples * seqlen` shuffled words always suffice;
-    a pool with fewer words is reshuffled (a fresh permutation per pass) until the budget is met."""
+    Each whitespace word gives at least one token, so `seqlen` words always give >= `seqlen` tokens."""
     _check_pool(texts)
     words = pool_words(texts)
     if not words:
         raise UserError("calibration source has no words: give it some text")
-    rng = np.random.default_rng(seed)
-    need = samples * seqlen
-    ids: list[int] = []
-    while len(ids) < need:
-        perm = rng.permutation(len(words))
-        chunk = perm[: need - len(ids)]                       # >= 1 token per word
-        ids.extend(tokenizer(" ".join(words[j] for j in chunk), add_special_tokens=False)["input_ids"])
-    return torch.tensor(ids[:need], dtype=torch.long).reshape(samples, seqlen)
+    perm = np.random.default_rng(seed).permutation(len(words))
+    out = []
+    for k in range(samples):
+        idx = perm[(np.arange(k * seqlen, (k + 1) * seqlen)) % len(words)]
+        ids = tokenizer(" ".join(words[j] for j in idx), add_special_tokens=False)["input_ids"]
+        out.append(ids[:seqlen])
+    return torch.tensor(out, dtype=torch.long)
 
 
 # -------------------------------------------------------------------------------------- windows of the pool
@@ -121,98 +122,141 @@ def pool_windows(texts: list[str], tokenizer, seqlen: int, seed: int, samples: i
 
 
 def normalised_types(ids: np.ndarray, tokenizer) -> np.ndarray:
-    """Map token ids to normalised type indices: the token's text stripped of whitespace markers and
-    lowercased (so "The", " the", "the" are one type); whitespace-only tokens map to -1.  # same shape as ids"""
+    """Map token ids to normalised concept indices as the authors' `unique_tokens_sampling` does: the token
+    decoded, lowercased, spaces and the byte-level marker "\u0120" removed, stripped; special tokens and
+    empty strings map to -1 (so "The", " the", "the" are one concept).  # same shape as ids"""
     uniq, inv = np.unique(ids, return_inverse=True)
     strings = tokenizer.batch_decode([[int(u)] for u in uniq])
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     index: dict[str, int] = {}
     tmap = np.empty(len(uniq), dtype=np.int64)
-    for j, s in enumerate(strings):
-        key = s.strip().lower()
-        tmap[j] = index.setdefault(key, len(index)) if key else -1
+    for j, (u, s) in enumerate(zip(uniq.tolist(), strings)):
+        key = s.lower().replace(" ", "").replace("\u0120", "").strip()
+        tmap[j] = index.setdefault(key, len(index)) if key and u not in special else -1
     return tmap[inv].reshape(ids.shape)
 
 
-def window_type_sets(types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct non-negative types of every window as CSR (flat, offsets).  types: (n, seqlen)"""
-    s = np.sort(types, axis=1)                                          # (n, seqlen)
-    first = np.ones_like(s, dtype=bool)
-    first[:, 1:] = s[:, 1:] != s[:, :-1]
-    first &= s >= 0
-    counts = first.sum(1)                                               # (n,)
-    offsets = np.zeros(len(s) + 1, dtype=np.int64)
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def pool_sentences(texts: list[str], tokenizer, seqlen: int) -> list[list[int]]:
+    """The pool's sentences (split after . ! ? and at line breaks), tokenized, each truncated to `seqlen`
+    tokens, in pool order; empty ones dropped."""
+    _check_pool(texts)
+    sents = [x.strip() for t in texts for x in SENTENCE_END.split(t)]
+    sents = [x for x in sents if x]
+    if not sents:
+        raise UserError("calibration source has no sentences: give it some text")
+    enc = tokenizer(sents, add_special_tokens=False)["input_ids"]
+    return [e[:seqlen] for e in enc if e]
+
+
+def sentence_concepts(sent_ids: list[list[int]], tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct normalised concepts of every sentence as CSR (flat, offsets) and the number of concepts."""
+    lens = np.array([len(x) for x in sent_ids], dtype=np.int64)
+    flat_ids = np.fromiter((t for x in sent_ids for t in x), dtype=np.int64, count=int(lens.sum()))
+    types = normalised_types(flat_ids, tokenizer)                        # (total tokens,)
+    row = np.repeat(np.arange(len(sent_ids)), lens)
+    pairs = np.unique(np.stack([row[types >= 0], types[types >= 0]], 1), axis=0)   # distinct (sentence, concept)
+    counts = np.bincount(pairs[:, 0], minlength=len(sent_ids))
+    offsets = np.zeros(len(sent_ids) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    return s[first], offsets
+    return pairs[:, 1].copy(), offsets, counts
 
 
-def stochastic_greedy_cover(flat: np.ndarray, offsets: np.ndarray, n_types: int, k: int, seed: int,
-                            eps: float = COVERAGE_EPS) -> list[int]:
-    """Pick k sets (CSR rows) greedily maximising the number of covered elements; each round evaluates a
-    seeded random subset of ceil((n / k) ln(1/eps)) remaining rows. O(n ln(1/eps)) set evaluations."""
+def greedy_concept_cover(flat: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, token_budget: int,
+                         seed: int, search_pool: int = SEARCH_POOL) -> list[int]:
+    """The authors' greedy unique-concept selection over CSR sets: each round scores all remaining rows (a
+    seeded random `search_pool` of them when more remain), picks the largest number of new concepts (ties:
+    more concepts in total, then the earlier candidate), until the picked rows hold `token_budget` tokens
+    (`lengths`: tokens per row) or none remain. Returns the picked rows in order."""
     n = len(offsets) - 1
     rng = np.random.default_rng(seed)
-    covered = np.zeros(max(n_types, 1), dtype=bool)
+    n_types = int(flat.max()) + 1 if flat.size else 1
+    covered = np.zeros(n_types, dtype=bool)
     remaining = np.ones(n, dtype=bool)
-    m = max(1, math.ceil(n / k * math.log(1 / eps)))
+    total = offsets[1:] - offsets[:-1]                                   # (n,) concepts per row
     chosen: list[int] = []
-    for _ in range(k):
+    tokens = 0
+    while tokens < token_budget and remaining.any():
         pool = np.flatnonzero(remaining)
-        cand = pool if len(pool) <= m else rng.choice(pool, m, replace=False)
-        lens = offsets[cand + 1] - offsets[cand]                         # (m,)
+        cand = pool if len(pool) <= search_pool else rng.choice(pool, search_pool, replace=False)
+        lens = total[cand]
         starts = np.repeat(offsets[cand] - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
         elems = flat[np.arange(lens.sum()) + starts]                    # concatenated sets of the candidates
-        new = ~covered[elems]
         seg = np.repeat(np.arange(len(cand)), lens)
-        gain = np.bincount(seg, weights=new, minlength=len(cand))       # (m,)
-        best = int(cand[int(np.argmax(gain))])
+        gain = np.bincount(seg, weights=~covered[elems], minlength=len(cand))      # (m,)
+        best_gain = gain.max()
+        ties = np.flatnonzero(gain == best_gain)
+        best = int(cand[ties[int(np.argmax(lens[ties]))]])
         chosen.append(best)
         remaining[best] = False
         covered[flat[offsets[best]:offsets[best + 1]]] = True
+        tokens += int(lengths[best])
     return chosen
 
 
+def pack_sentences(sent_ids: list[list[int]], order: list[int], tokenizer, samples: int, seqlen: int) -> torch.Tensor:
+    """The sentences `order` joined by a space token sequence, cut into `samples` windows of `seqlen`."""
+    sep = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    for i in order:
+        ids.extend(sent_ids[i])
+        ids.extend(sep)
+        if len(ids) >= samples * seqlen:
+            break
+    if len(ids) < samples * seqlen:
+        raise UserError(f"calibration text has {len(ids)} tokens of sentences, fewer than calibration.samples x "
+                        f"seqlen = {samples * seqlen}: give more text or lower calibration.samples / seqlen")
+    return torch.tensor(ids[: samples * seqlen], dtype=torch.long).reshape(samples, seqlen)
+
+
 def select_zipcal_coverage(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, **_) -> torch.Tensor:
-    """Pool windows chosen by stochastic-greedy max coverage of normalised token types.  # (samples, seqlen)"""
-    win = pool_windows(texts, tokenizer, seqlen, seed, samples)         # (n, seqlen)
-    types = normalised_types(win.numpy(), tokenizer)                   # (n, seqlen)
-    flat, offsets = window_type_sets(types)
-    chosen = stochastic_greedy_cover(flat, offsets, int(types.max()) + 1, samples, seed)
-    return win[chosen]
+    """Sentences chosen by the authors' greedy unique-concept coverage, packed.  # (samples, seqlen)"""
+    sent = pool_sentences(texts, tokenizer, seqlen)
+    flat, offsets, _ = sentence_concepts(sent, tokenizer)
+    lengths = np.array([len(x) + 1 for x in sent])                     # + the separator
+    chosen = greedy_concept_cover(flat, offsets, lengths, samples * seqlen, seed)
+    return pack_sentences(sent, chosen, tokenizer, samples, seqlen)
 
 
 # ---------------------------------------------------------------------------------------------- perplexity
 
 @torch.no_grad()
-def window_log_perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Mean next-token NLL (log-perplexity) of each window under `model`.  windows: (n, seqlen) -> (n,)"""
+def sentence_log_perplexity(model, sent_ids: list[list[int]], batch_size: int = 32) -> torch.Tensor:
+    """Mean next-token NLL (log-perplexity) of each sentence under `model`, sentences batched by equal
+    length (no padding); one-token sentences score +inf (nothing to predict).  -> (n,)"""
     dev = next(model.parameters()).device
-    out = []
-    for b in range(0, windows.shape[0], batch_size):
-        ids = windows[b:b + batch_size].to(dev)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        out.append(nll.mean(1).cpu())
-    return torch.cat(out)
-
-
-def middle_ranks(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k scores closest to the median (ties by index).  scores: (n,) -> (k,)"""
-    med = scores.median()
-    return torch.sort(torch.argsort((scores - med).abs(), stable=True)[:k]).values
+    out = torch.full((len(sent_ids),), float("inf"))
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(sent_ids):
+        if len(s) >= 2:
+            by_len.setdefault(len(s), []).append(i)
+    for L, idx in by_len.items():
+        for b in range(0, len(idx), batch_size):
+            rows = idx[b:b + batch_size]
+            ids = torch.tensor([sent_ids[i] for i in rows], dtype=torch.long, device=dev)     # (k, L)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            out[rows] = nll.mean(1).cpu()
+    return out
 
 
 def select_perplexity(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None,
                       candidates: int | None = None, bos: int | None = None, **_) -> torch.Tensor:
-    """Middle-perplexity windows among a seeded random subset of candidate windows.  # (samples, seqlen)
-    With `bos` (protocol modelpress-eval/2), candidates are scored as the model will see them: after BOS."""
+    """The lowest-perplexity sentences of the pool (all of them, or a seeded random `candidates`), packed in
+    ascending perplexity.  # (samples, seqlen)
+    With `bos` (protocol modelpress-eval/2), sentences are scored as the model will see them: after BOS."""
     if model is None:
         raise UserError("calibration.select perplexity needs the model to score texts: pass model= to "
                         "calibration_set, or choose random / zipcal-words / zipcal-coverage")
-    c = candidates or PERPLEXITY_CANDIDATES * samples
-    cand = pool_windows(texts, tokenizer, seqlen, seed, samples, limit=c)   # (c, seqlen), seeded documents
-    scored = cand if bos is None else torch.cat([torch.full((len(cand), 1), bos, dtype=cand.dtype), cand], 1)
-    lp = window_log_perplexity(model, scored)                          # (c,)
-    return cand[middle_ranks(lp, samples)]
+    sent = pool_sentences(texts, tokenizer, seqlen)
+    if candidates is not None and candidates < len(sent):
+        keep = np.sort(np.random.default_rng(seed).choice(len(sent), candidates, replace=False))
+        sent = [sent[i] for i in keep]
+    lp = sentence_log_perplexity(model, sent if bos is None else [[bos, *x] for x in sent])   # (n,)
+    order = torch.argsort(lp, stable=True).tolist()
+    return pack_sentences(sent, order, tokenizer, samples, seqlen)
 
 
 SELECTORS = {

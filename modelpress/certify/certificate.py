@@ -1,8 +1,21 @@
 """SimCert certificates (arXiv 2603.14818): "with confidence 1 - delta, the compressed model's violation
 rate (or bounded mean discrepancy) against the original is at most `bound`", as JSON stored in an export.
 
-Properties (per predicted token t of a window; the i.i.d. unit is the *window*, never the token, because
-tokens inside a window share context and are not independent):
+What is sampled (the i.i.d. unit), `unit=`:
+- "position" (the default of the CLI and the recipe block; `sample_positions`): n token positions drawn
+  independently and uniformly at random, with replacement, from the whole tokenized held-out corpus; each
+  sample is the prediction of that token from its `context` preceding tokens, so the n samples are i.i.d.
+  draws and the bound holds for theta = the rate (or mean) over a uniformly random position of *that
+  corpus* with that much left context. Cost: one forward pass of `context` tokens per sample.
+- "window": n contiguous windows of the text (eval_windows); every token of a window is used, but the
+  windows are cut from one text in order, so treating them as independent draws is an assumption, not a
+  fact: use it for monitoring, not for a guarantee.
+What a certificate does *not* guarantee: anything about text unlike the held-out corpus (other domains,
+prompts, chat), positions with longer or shorter context, free-running generation (errors compound over
+a generated sequence), or any worst-case input; and with probability delta the bound itself is wrong.
+
+Properties (per predicted token t; with unit="window" the i.i.d. unit is the *window*, never the token,
+because tokens inside a window share context and are not independent):
 - agreement: violation v_t = [argmax g_t != argmax f_t]; theta = P(v) at a uniformly random position of
   a random window; claim theta <= threshold (default threshold = eps).
 - kl, stat="mean" (default): x_t = min(KL(f_t || g_t), clip) in [0, clip] (clip stated, default 1 nat);
@@ -264,18 +277,44 @@ def certificate_from_tokens(per_token: dict, property: str, eps: float, delta: f
                    int(vals.numel()), hashes or {}, seed)
 
 
+UNITS = ("position", "window")
+
+
+def sample_positions(tokenizer, texts: list[str], n: int, context: int, seed: int = 0) -> torch.Tensor:
+    """(n, context + 1) token windows, one per position p drawn i.i.d. uniformly (with replacement) from the
+    positions of the joined `texts` that have `context` tokens before them: row = ids[p - context : p + 1],
+    whose last prediction (of token p from the `context` before it) is the sample. Texts are joined as
+    eval_windows joins them (each followed by a blank line)."""
+    if n < 2 or context < 1:
+        raise UserError(f"certification needs >= 2 sampled positions and a context >= 1, got {n} and {context}")
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"])
+    if len(ids) <= context:
+        raise UserError(f"evaluation text has {len(ids)} tokens, not more than the context of {context}: "
+                        "give more text or lower --seqlen")
+    stream = torch.tensor(ids, dtype=torch.long)
+    pos = np.random.default_rng(seed).integers(context, len(ids), size=n)          # (n,) i.i.d. uniform
+    return torch.stack([stream[p - context:p + 1] for p in pos.tolist()])
+
+
 def certify(orig_model: nn.Module, comp_model: nn.Module, windows: torch.Tensor, property: str, eps: float,
             delta: float, method: str = "auto", sequential: bool = False, *, threshold: float | None = None,
             stat: str | None = None, clip: float | None = None, seed: int = 0, batch_size: int = 2,
-            n_min: int = 8, recipe=None, calibration=None, eval_source: str | None = None) -> Certificate:
+            n_min: int = 8, recipe=None, calibration=None, eval_source: str | None = None,
+            unit: str = "window") -> Certificate:
     """Certify `comp_model` against `orig_model` on token `windows` (n, seqlen) (see module docstring).
+    unit="position": the rows come from `sample_positions` and only each row's last prediction counts.
 
-    >>> cert = certify(original, compressed, windows, "agreement", eps=0.1, delta=0.05)
+    >>> cert = certify(original, compressed, sample_positions(tok, texts, 64, 512), "agreement", eps=0.1,
+    ...                delta=0.05, unit="position")
     """
     from modelpress.eval import compare
     _check_common(property, eps, delta, method)
+    if unit not in UNITS:
+        raise UserError(f"unit={unit!r} is unknown: use one of {', '.join(UNITS)}")
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] < 2:
-        raise UserError("windows must be a LongTensor (n >= 2, seqlen) from modelpress.eval.eval_windows")
+        raise UserError("windows must be a LongTensor (n >= 2, seqlen) from sample_positions or eval_windows")
     stat, thr, clip, what = _spec(property, eps, threshold, stat, clip)
     rng = np.random.default_rng(seed)
     order = torch.as_tensor(rng.permutation(windows.shape[0]))
@@ -295,6 +334,8 @@ def certify(orig_model: nn.Module, comp_model: nn.Module, windows: torch.Tensor,
         chunk = shuffled[pos:pos + k]
         pos += chunk.shape[0]
         vals = _token_values(compare(orig_model, comp_model, chunk, batch_size)["per_token"], property, stat, eps, clip)
+        if unit == "position":
+            vals = vals[:, -1:]                        # (k, 1): the prediction of the sampled token only
         n_tokens += vals.numel()
         sum_vals += float(vals.sum())
         return unit_samples(vals, cols, rng)
@@ -315,19 +356,24 @@ def certify(orig_model: nn.Module, comp_model: nn.Module, windows: torch.Tensor,
         up, lo, meth = B.combined_bounds(x, ests, delta)
         res = B.BoundResult(up, lo, n, meth, up <= thr or lo > thr)
         seq = None
+    iid = (f"token position drawn uniformly at random, with replacement, from the held-out corpus "
+           f"({windows.shape[1] - 1} tokens of left context; i.i.d. by construction)" if unit == "position" else
+           "evaluation window (contiguous windows of one text: independence is assumed, not guaranteed; tokens "
+           "within a window are not independent)")
     return _finish(property, stat, eps, delta, thr, what, res, sum_vals / max(n_tokens, 1), 0.0, clip,
-                   "evaluation window (tokens within a window are not independent)", seq, n_tokens, hashes, seed)
+                   iid, seq, n_tokens, hashes, seed)
 
 
 RECIPE_KEYS = {"property": str, "eps": float, "delta": float, "threshold": float, "method": str,
                "sequential": bool, "stat": str, "clip": float, "text": str, "seqlen": int, "windows": int,
-               "seed": int}
+               "seed": int, "unit": str}
 
 
 def certify_recipe_block(block: dict, original: nn.Module, compressed: nn.Module, tokenizer, recipe=None,
                          calibration=None) -> Certificate:
     """Run the `certify:` block of a recipe, e.g. {property: agreement, eps: 0.2, delta: 0.05}; optional
-    keys threshold, method, sequential, stat, clip, text (wiki-eval | file), seqlen (512), windows (64), seed."""
+    keys threshold, method, sequential, stat, clip, text (wiki-eval | file), seqlen (512: the context), windows
+    (64: the samples), seed, unit (position: i.i.d. random positions of the text | window: contiguous windows)."""
     from modelpress.calib import sources
     from modelpress.eval import eval_windows
     if not isinstance(block, dict):
@@ -345,19 +391,30 @@ def certify_recipe_block(block: dict, original: nn.Module, compressed: nn.Module
         if k not in block:
             raise UserError(f"certify.{k} is required, e.g. certify: {{property: agreement, eps: 0.2, delta: 0.05}}")
     text = block.get("text", "wiki-eval")
-    windows = eval_windows(tokenizer, sources.texts(text, "eval"), block.get("seqlen", 512), block.get("windows", 64))
+    unit = block.get("unit", "position")
+    if unit not in UNITS:
+        raise UserError(f"certify.unit {unit!r} is unknown: use one of {', '.join(UNITS)}")
+    texts = sources.texts(text, "eval")
+    if unit == "position":
+        windows = sample_positions(tokenizer, texts, block.get("windows", 64), block.get("seqlen", 512),
+                                   block.get("seed", 0))
+    else:
+        windows = eval_windows(tokenizer, texts, block.get("seqlen", 512), block.get("windows", 64))
     return certify(original, compressed, windows, block["property"], float(block["eps"]), float(block["delta"]),
                    block.get("method", "auto"), block.get("sequential", False), threshold=block.get("threshold"),
                    stat=block.get("stat"), clip=block.get("clip"), seed=block.get("seed", 0), recipe=recipe,
-                   calibration=calibration, eval_source=f"{text} sha256 {sources.source_sha256(text, 'eval')}")
+                   calibration=calibration, eval_source=f"{text} sha256 {sources.source_sha256(text, 'eval')}",
+                   unit=unit)
 
 
 # ------------------------------------------------------------------------------------------------ MLPs
 
 def certify_mlp(f: nn.Module, g: nn.Module, X, lo, hi, eps: float, delta: float, stat: str = "rate",
                 method: str = "auto", threshold: float | None = None, max_boxes: int = 1,
-                seed: int = 0) -> Certificate:
+                seed: int = 0, input_shape: tuple[int, ...] | None = None) -> Certificate:
     """Certificate for small MLPs on i.i.d. rows X (n, d) inside the box [lo, hi], with d(x) = max_i |f_i - g_i|.
+    Convolutional nets (Conv2d / AvgPool2d / Flatten / Linear / ReLU): pass `input_shape` (C, H, W); X, lo
+    and hi are then flattened images (d = C * H * W).
 
     stat="rate": theta = P(d(x) > eps), claim theta <= threshold (required); decided deterministically
     (bound 0) when the interval range R <= eps. stat="mean": theta = E[d(x)], range [0, R] from the dual
@@ -372,10 +429,12 @@ def certify_mlp(f: nn.Module, g: nn.Module, X, lo, hi, eps: float, delta: float,
         raise UserError("X must be a (n >= 2, features) array of i.i.d. evaluation rows")
     if (X < lo_t).any() or (X > hi_t).any():
         raise UserError("X has rows outside the input box [lo, hi]: clamp the inputs into the box or widen it")
-    db, leaves = (dual_bounds(f, g, lo, hi), 1) if max_boxes == 1 else dual_bounds_split(f, g, lo, hi, max_boxes)
+    db, leaves = ((dual_bounds(f, g, lo, hi, input_shape=input_shape), 1) if max_boxes == 1
+                  else dual_bounds_split(f, g, lo, hi, max_boxes, input_shape=input_shape))
     R = db.linf_range
+    Xin = X if input_shape is None else X.reshape(-1, *input_shape)
     with torch.no_grad():
-        d = (f(X).double() - g(X).double()).abs().amax(1)  # (n,)
+        d = (f(Xin).double() - g(Xin).double()).abs().amax(1)  # (n,)
     if float(d.max()) > R:
         raise RuntimeError(f"sampled |f - g| = {float(d.max()):.6g} exceeds the interval range R = {R:.6g}: "
                            "the dual propagation is unsound for these nets (please report)")

@@ -17,6 +17,13 @@ The difference is propagated *jointly*, not as [f] - [g]:
   concretized over B; every pre-activation bound is intersected with a joint interval (IBP) pass and
   with the identities z_f = z_g + Dz.
 
+Convolutional networks: nn.Conv2d, nn.AvgPool2d and nn.Flatten are linear maps of the flattened
+(C, H, W) input, so `mlp_blocks(net, input_shape)` turns each into an exact dense affine block (its matrix
+is the layer applied to the identity basis; C-major order, as nn.Flatten reads it) and the propagation
+above applies unchanged: Conv2d + ReLU + AvgPool2d / Flatten + Linear nets are bounded as soundly as
+MLPs. Max pooling is not linear and is refused (it would need its own relaxation). The dense blocks cost
+(C*H*W)^2 memory per layer: small images only.
+
 Pruned units (zero rows/columns) and quantized weights (any values) need no special case: the
 propagation is exact for whatever weights the layers hold. Arithmetic is float64; `fp_pad` widens the
 final bounds to cover float32 evaluation of the nets (no widening when f and g hold identical weights,
@@ -24,6 +31,7 @@ whose float evaluations are bitwise identical).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -41,12 +49,30 @@ def _leaves(net: nn.Module) -> list[nn.Module]:
     return [net]
 
 
-def mlp_blocks(net: nn.Module) -> list[Block]:
+def _dense_linear_map(m: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """A linear spatial layer (Conv2d / AvgPool2d) on inputs of `shape` (C, H, W) as an exact dense affine
+    map of the flattened input: (W (out_numel, in_numel), b (out_numel,), output shape)."""
+    n = 1
+    for d in shape:
+        n *= d
+    m64 = copy.deepcopy(m).to(torch.float64).cpu()
+    with torch.no_grad():
+        zero = m64(torch.zeros((1, *shape), dtype=torch.float64))                 # (1, C', H', W'): the bias
+        basis = m64(torch.eye(n, dtype=torch.float64).reshape(n, *shape))        # (n, C', H', W')
+    b = zero.reshape(-1)
+    W = (basis.reshape(n, -1) - b[None, :]).T.contiguous()                       # (out_numel, n)
+    return W, b, tuple(zero.shape[1:])
+
+
+def mlp_blocks(net: nn.Module, input_shape: tuple[int, ...] | None = None) -> list[Block]:
     """nn.Sequential of nn.Linear / nn.ReLU (Identity, Dropout, Flatten ignored) -> [(W, b, relu)] in float64.
+    With `input_shape` (C, H, W) it also takes nn.Conv2d and nn.AvgPool2d (exact dense blocks over the
+    flattened input, see the module docstring); the input box is then the flattened image.
 
     Also takes a module computing `self.net((x - self.center) / self.scale)` (the tabular MLPStudent):
     the input normalisation becomes an exact diagonal affine block."""
     blocks: list[list] = []
+    shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
     inner = getattr(net, "net", None)
     if not isinstance(net, nn.Sequential) and isinstance(inner, nn.Sequential) and \
             isinstance(getattr(net, "center", None), torch.Tensor) and isinstance(getattr(net, "scale", None), torch.Tensor):
@@ -62,15 +88,32 @@ def mlp_blocks(net: nn.Module) -> list[Block]:
             if blocks and blocks[-1][0].shape[0] != w.shape[1]:
                 raise UserError(f"layer shapes do not chain: {blocks[-1][0].shape[0]} -> Linear({w.shape[1]}, ...)")
             blocks.append([w, b, False])
+        elif isinstance(m, (nn.Conv2d, nn.AvgPool2d)):
+            if shape is None or len(shape) != 3:
+                raise UserError(f"interval propagation through {type(m).__name__} needs the input shape: pass "
+                                f"input_shape=(channels, height, width), got {input_shape!r}")
+            w, b, shape = _dense_linear_map(m, shape)
+            if blocks and blocks[-1][0].shape[0] != w.shape[1]:
+                raise UserError(f"layer shapes do not chain: {blocks[-1][0].shape[0]} -> {type(m).__name__} "
+                                f"over {w.shape[1]} inputs")
+            blocks.append([w, b, False])
+            continue
         elif isinstance(m, nn.ReLU):
             if not blocks or blocks[-1][2]:
                 raise UserError("interval propagation needs each nn.ReLU to follow an nn.Linear")
             blocks[-1][2] = True
-        elif isinstance(m, (nn.Identity, nn.Dropout, nn.Flatten)):
+        elif isinstance(m, nn.Flatten):
+            if shape is not None:
+                n = 1
+                for d in shape:
+                    n *= d
+                shape = (n,)
+            continue
+        elif isinstance(m, (nn.Identity, nn.Dropout)):
             continue
         else:
-            raise UserError(f"interval propagation supports nn.Sequential of nn.Linear and nn.ReLU; "
-                            f"got {type(m).__name__}: rewrite the net as such a Sequential")
+            raise UserError(f"interval propagation supports nn.Sequential of nn.Linear, nn.Conv2d, nn.AvgPool2d, "
+                            f"nn.Flatten and nn.ReLU; got {type(m).__name__}: rewrite the net as such a Sequential")
     if not blocks:
         raise UserError("interval propagation needs at least one nn.Linear")
     return [tuple(b) for b in blocks]
@@ -170,9 +213,10 @@ def _check_box(lo, hi, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def single_bounds(net: nn.Module, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+def single_bounds(net: nn.Module, lo, hi, input_shape: tuple[int, ...] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """CROWN bounds on net(x) over the box (one net, no difference)."""
-    blocks = mlp_blocks(net)
+    blocks = mlp_blocks(net, input_shape)
     lo, hi = _check_box(lo, hi, blocks[0][0].shape[1])
     xc, xr = (lo + hi) / 2, (hi - lo) / 2
     Ms, cs, relax = [], [], []
@@ -187,16 +231,19 @@ def single_bounds(net: nn.Module, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
     return l, u
 
 
-def naive_difference_bounds(f: nn.Module, g: nn.Module, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+def naive_difference_bounds(f: nn.Module, g: nn.Module, lo, hi, input_shape: tuple[int, ...] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """[f] - [g] from independent bounds: the baseline the joint propagation improves on."""
-    fl, fu = single_bounds(f, lo, hi)
-    gl, gu = single_bounds(g, lo, hi)
+    fl, fu = single_bounds(f, lo, hi, input_shape)
+    gl, gu = single_bounds(g, lo, hi, input_shape)
     return fl - gu, fu - gl
 
 
-def dual_bounds(f: nn.Module, g: nn.Module, lo, hi, fp_pad: float = 1e-5) -> DualBounds:
-    """Joint bounds on f, g and f - g over the box [lo, hi] (see module docstring)."""
-    F, G = mlp_blocks(f), mlp_blocks(g)
+def dual_bounds(f: nn.Module, g: nn.Module, lo, hi, fp_pad: float = 1e-5,
+                input_shape: tuple[int, ...] | None = None) -> DualBounds:
+    """Joint bounds on f, g and f - g over the box [lo, hi] (see module docstring); `input_shape` (C, H, W)
+    for convolutional nets, whose box is the flattened image."""
+    F, G = mlp_blocks(f, input_shape), mlp_blocks(g, input_shape)
     if len(F) != len(G) or any(a[0].shape != b[0].shape or a[2] != b[2] for a, b in zip(F, G)):
         raise UserError("original and compressed nets differ in layer shapes: dual propagation needs the same "
                         "architecture (prune by zeroing weights, not by removing units)")
@@ -258,15 +305,16 @@ def dual_bounds(f: nn.Module, g: nn.Module, lo, hi, fp_pad: float = 1e-5) -> Dua
 
 
 def dual_bounds_split(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 64,
-                      fp_pad: float = 1e-5) -> tuple[DualBounds, int]:
+                      fp_pad: float = 1e-5, input_shape: tuple[int, ...] | None = None) -> tuple[DualBounds, int]:
     """Best-first input splitting: bisect the sub-box with the largest R along its widest (weighted)
     feature until `max_boxes` leaves; the union of the leaves is the box, so the elementwise
     min/max of their bounds is sound. Returns (bounds, leaves used)."""
     if max_boxes < 1:
         raise UserError(f"max_boxes={max_boxes} is out of range: use an integer >= 1")
-    lo, hi = _check_box(lo, hi, mlp_blocks(f)[0][0].shape[1])
-    w_in = mlp_blocks(f)[0][0].abs().sum(0) + mlp_blocks(g)[0][0].abs().sum(0)  # (d_in,) input sensitivity
-    leaves = [(lo, hi, dual_bounds(f, g, lo, hi, fp_pad))]
+    F0, G0 = mlp_blocks(f, input_shape)[0][0], mlp_blocks(g, input_shape)[0][0]
+    lo, hi = _check_box(lo, hi, F0.shape[1])
+    w_in = F0.abs().sum(0) + G0.abs().sum(0)  # (d_in,) input sensitivity
+    leaves = [(lo, hi, dual_bounds(f, g, lo, hi, fp_pad, input_shape))]
     while len(leaves) < max_boxes:
         i = max(range(len(leaves)), key=lambda j: leaves[j][2].linf_range)
         l, h, b = leaves[i]
@@ -276,7 +324,8 @@ def dual_bounds_split(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 64,
         mid = (l[k] + h[k]) / 2
         h1, l2 = h.clone(), l.clone()
         h1[k], l2[k] = mid, mid
-        leaves[i:i + 1] = [(l, h1, dual_bounds(f, g, l, h1, fp_pad)), (l2, h, dual_bounds(f, g, l2, h, fp_pad))]
+        leaves[i:i + 1] = [(l, h1, dual_bounds(f, g, l, h1, fp_pad, input_shape)),
+                           (l2, h, dual_bounds(f, g, l2, h, fp_pad, input_shape))]
     bs = [b for _, _, b in leaves]
 
     def agg(name, op):
@@ -286,8 +335,9 @@ def dual_bounds_split(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 64,
     return out, len(leaves)
 
 
-def guaranteed_range(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 1) -> tuple[float, float]:
+def guaranteed_range(f: nn.Module, g: nn.Module, lo, hi, max_boxes: int = 1,
+                     input_shape: tuple[int, ...] | None = None) -> tuple[float, float]:
     """(0, R): the range of d(x) = max_i |f_i(x) - g_i(x)| over the box, for the Bernstein bound."""
     if max_boxes == 1:
-        return 0.0, dual_bounds(f, g, lo, hi).linf_range
-    return 0.0, dual_bounds_split(f, g, lo, hi, max_boxes)[0].linf_range
+        return 0.0, dual_bounds(f, g, lo, hi, input_shape=input_shape).linf_range
+    return 0.0, dual_bounds_split(f, g, lo, hi, max_boxes, input_shape=input_shape)[0].linf_range

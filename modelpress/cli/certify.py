@@ -12,8 +12,9 @@ from modelpress.errors import UserError
 def add_parser(subparsers) -> list[str]:
     p = subparsers.add_parser(
         "certify", help="probabilistic certificate that COMPRESSED behaves like ORIGINAL (exit 1 on fail)",
-        description="Bound, with confidence 1 - delta, how often COMPRESSED deviates from ORIGINAL on i.i.d. "
-                    "evaluation windows. agreement: P(top-1 mismatch) <= eps; kl: E[min(KL, clip)] <= eps; "
+        description="Bound, with confidence 1 - delta, how often COMPRESSED deviates from ORIGINAL at token "
+                    "positions drawn i.i.d. at random from held-out text (--unit window: contiguous windows, "
+                    "independence assumed). agreement: P(top-1 mismatch) <= eps; kl: E[min(KL, clip)] <= eps; "
                     "linf: P(max |logit diff| > eps) <= threshold.")
     p.add_argument("original", help='"smollm2", an HF folder, a modelpress export, a .gguf file or a hub id')
     p.add_argument("compressed", help="the compressed model (a modelpress export folder gets certificate.json)")
@@ -26,9 +27,12 @@ def add_parser(subparsers) -> list[str]:
     p.add_argument("--method", default="auto", choices=["auto", "clopper-pearson", "hoeffding", "bernstein"])
     p.add_argument("--stat", choices=["rate", "mean"], help="kl only: mean of clipped KL (default) or rate of KL > eps")
     p.add_argument("--clip", type=float, help="kl mean: per-token KL clip in nats (the stated range), default 1")
-    p.add_argument("--sequential", action="store_true", help="stop sampling windows once the bound is decided")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=64, help="evaluation windows (the i.i.d. samples)")
+    p.add_argument("--sequential", action="store_true", help="stop sampling once the bound is decided")
+    p.add_argument("--unit", choices=["position", "window"], default="position",
+                   help="position: i.i.d. uniformly random token positions of the text (a guarantee for that text); "
+                        "window: contiguous windows (independence assumed)")
+    p.add_argument("--seqlen", type=int, default=512, help="position: left context per sample; window: window length")
+    p.add_argument("--windows", type=int, default=64, help="number of samples (positions or windows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="do not write certificate.json into the export")
     p.add_argument("--json", action="store_true", help="print the whole certificate as JSON")
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from modelpress.calib import sources
     from modelpress.eval import eval_windows
 
-    from ..certify.certificate import certify, save, summary
+    from ..certify.certificate import certify, sample_positions, save, summary
 
     if args.text not in ("wiki-eval", "wiki") and not Path(args.text).is_file():
         raise UserError(f"--text {args.text} does not exist: pass a .txt/.jsonl file or wiki-eval")
@@ -49,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     orig, tok = api.load(args.original)
     comp, _ = api.load(args.compressed)
     texts = sources.texts(args.text, "eval")
-    windows = eval_windows(tok, texts, args.seqlen, args.windows)
+    windows = (sample_positions(tok, texts, args.windows, args.seqlen, args.seed) if args.unit == "position"
+               else eval_windows(tok, texts, args.seqlen, args.windows))
     export = Path(args.compressed)
     is_export = export.is_dir() and (export / "modelpress.json").exists()
     recipe = export / "recipe.yaml" if is_export and (export / "recipe.yaml").exists() else None
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
                    if is_export and (export / "calibration.json").exists() else None)
     cert = certify(orig, comp, windows, args.property, args.eps, args.delta, args.method, args.sequential,
                    threshold=args.threshold, stat=args.stat, clip=args.clip, seed=args.seed, recipe=recipe,
-                   calibration=calibration, eval_source=f"{args.text} sha256 {sources.source_sha256(args.text, 'eval')}")
+                   calibration=calibration, eval_source=f"{args.text} sha256 {sources.source_sha256(args.text, 'eval')}",
+                   unit=args.unit)
     print(cert.to_json() if args.json else f"{cert.statement}\n{summary(cert)}")
     if is_export and not args.no_save:
         print(f"wrote {save(cert, export)}")
