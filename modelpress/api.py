@@ -32,7 +32,7 @@ log = logging.getLogger("modelpress")
 
 def _evaluate(model, *args, **kwargs):
     """modelpress.eval.evaluate with progress lines (long runs talk, also in logs)."""
-    return timed("evaluation", _evaluate_windows, model, *args, **kwargs)
+    return timed("evaluation", _evaluate_windows, model, *args, progress="evaluation batches", **kwargs)
 
 
 def load(src: str = _model.REFERENCE, dtype: str | torch.dtype = torch.float32):
@@ -134,7 +134,8 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
         e = recipe.evaluate
         for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
             refs[text] = timed(f"scoring the original on {text}", reference_scores, model,
-                               windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size)
+                               windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size,
+                               progress=f"original on {text}: batches")
         if e.agreement and any(r.head is not None for r in refs.values()):
             # one copy of the original output layer (not of the model): compression or the export's 16-bit
             # storage may change the model's own in place, and the reference must score with the original's

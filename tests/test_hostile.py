@@ -514,6 +514,8 @@ def test_compress_with_stderr_to_a_file_logs_every_step(tmp_path):
     assert rc == 0, lines[-20:]
     assert any(re.search(r"GPTQ .*: 3/3, elapsed \d+ s$", x) for x in lines), lines
     assert any(re.search(r"GPTQ .*: 1/3, elapsed \d+ s, ETA", x) for x in lines), lines
+    assert any(re.search(r"^evaluation batches: 2/2, elapsed \d+ s$", x) for x in lines), lines     # 4 windows, batch 2
+    assert any(re.search(r"^original on .*: batches: 2/2, elapsed \d+ s$", x) for x in lines), lines
     for label in ("load ", "calibration set", "stage 1/1: quantize", "evaluation", "export "):
         assert any(x.startswith(label) and x.endswith("...") for x in lines), (label, lines)
         assert any(x.startswith(label) and ": done in" in x for x in lines), (label, lines)

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..calib import protocol as _protocol
 from ..errors import UserError
+from ..progress import bar
 
 PROTOCOL = ("modelpress-eval/1: texts joined by blank lines, tokenized once without special tokens, cut "
             "into non-overlapping windows of `seqlen` tokens (remainder dropped), first `windows` windows; "
@@ -210,38 +211,46 @@ def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:
 
 @torch.no_grad()
 def reference_scores(reference: nn.Module, windows: Tensor, batch_size: int = 2,
-                     chunk_elements: int = CHUNK_ELEMENTS) -> ReferenceScores:
+                     chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None) -> ReferenceScores:
     """Score `reference` on `windows` once and keep only what `evaluate` needs from it (see ReferenceScores).
     The output layer is kept (by reference, not copied); call release_head() to drop it when the compared
-    model's output layer will be the same."""
+    model's output layer will be the same. `progress`: a label for batch i/N progress lines (modelpress.progress)."""
     streaming = windows.numel() > 0 and _streamable(reference, windows)
     hidden, logits, nll = [], [], []
-    for b in range(0, windows.shape[0], batch_size):
-        ids = windows[b:b + batch_size]
-        rows = _model_rows(reference, ids, streaming)
-        tgt = ids[:, 1:].reshape(-1)
-        step = _rows_per_chunk(rows.vocab(), chunk_elements)
-        out = torch.empty(tgt.numel())
-        for a in range(0, tgt.numel(), step):
-            lp = F.log_softmax(rows(a, a + step), -1)
-            out[a:a + step] = -lp.gather(-1, tgt[a:a + step, None])[:, 0]
-        nll.append(out.reshape(ids.shape[0], -1))
-        if streaming:
-            hidden.append(rows.hidden.detach().cpu().reshape(ids.shape[0], ids.shape[1] - 1, -1))
-        else:
-            logits.append(rows.logits.detach().float().cpu().reshape(ids.shape[0], ids.shape[1] - 1, -1))
+    with bar(progress, -(-windows.shape[0] // batch_size)) as advance:
+        for b in range(0, windows.shape[0], batch_size):
+            _score_reference_batch(reference, windows[b:b + batch_size], streaming, chunk_elements, hidden, logits, nll)
+            advance()
     head = reference.get_output_embeddings() if streaming else None
     return ReferenceScores(windows, batch_size, hidden if streaming else None, None if streaming else logits,
                            torch.cat(nll), head, head_sha256(head) if head is not None else None,
                            _post(reference) if streaming else None)
 
 
+def _score_reference_batch(reference: nn.Module, ids: Tensor, streaming: bool, chunk_elements: int,
+                           hidden: list, logits: list, nll: list) -> None:
+    """One batch of reference_scores: appends its NLL and its hidden states (or logits) to the lists."""
+    rows = _model_rows(reference, ids, streaming)
+    tgt = ids[:, 1:].reshape(-1)
+    step = _rows_per_chunk(rows.vocab(), chunk_elements)
+    out = torch.empty(tgt.numel())
+    for a in range(0, tgt.numel(), step):
+        lp = F.log_softmax(rows(a, a + step), -1)
+        out[a:a + step] = -lp.gather(-1, tgt[a:a + step, None])[:, 0]
+    nll.append(out.reshape(ids.shape[0], -1))
+    if streaming:
+        hidden.append(rows.hidden.detach().cpu().reshape(ids.shape[0], ids.shape[1] - 1, -1))
+    else:
+        logits.append(rows.logits.detach().float().cpu().reshape(ids.shape[0], ids.shape[1] - 1, -1))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: Tensor, reference: nn.Module | ReferenceScores | None = None,
-             batch_size: int = 2, chunk_elements: int = CHUNK_ELEMENTS) -> dict:
+             batch_size: int = 2, chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None) -> dict:
     """Perplexity of `model` on `windows`; with `reference` (a model, or its ReferenceScores on these windows),
     also agreement, KL and max |logit diff|, plus per-token arrays under "per_token" (agree, kl, linf, nll:
-    (n, seqlen - 1)). Streams: at most `chunk_elements` logits per model exist at a time (see above)."""
+    (n, seqlen - 1)). Streams: at most `chunk_elements` logits per model exist at a time (see above).
+    `progress`: a label for batch i/N progress lines (modelpress.progress)."""
     if isinstance(reference, ReferenceScores):
         if not torch.equal(reference.windows, windows) or reference.batch_size != batch_size:
             raise UserError("reference scores were computed on other windows or another batch size: "
@@ -250,42 +259,44 @@ def evaluate(model: nn.Module, windows: Tensor, reference: nn.Module | Reference
     ref_stream = (isinstance(reference, nn.Module) and windows.numel() > 0 and _streamable(reference, windows))
     ref_head = reference.head_for(model) if isinstance(reference, ReferenceScores) and reference.hidden else None
     nll, agree, kl, linf, ref_nll = [], [], [], [], []
-    for i, b in enumerate(range(0, windows.shape[0], batch_size)):
-        ids = windows[b:b + batch_size]
-        shape = (ids.shape[0], ids.shape[1] - 1)
-        tgt = ids[:, 1:].reshape(-1)
-        rows = _model_rows(model, ids, streaming)
-        if reference is None:
-            rrows = None
-        elif isinstance(reference, ReferenceScores):
-            rrows = (_Rows(reference.hidden[i], ref_head, reference.post) if reference.hidden is not None
-                     else _Rows(logits=reference.logits[i]))
-        else:
-            rrows = _model_rows(reference, ids, ref_stream)
-        step = _rows_per_chunk(rows.vocab(), chunk_elements)
-        n = tgt.numel()
-        o_nll = torch.empty(n)
-        if rrows is not None:
-            o_rnll, o_agree, o_kl, o_linf = torch.empty(n), torch.empty(n, dtype=torch.bool), torch.empty(n), torch.empty(n)
-        for a in range(0, n, step):
-            t = tgt[a:a + step, None]
-            logits = rows(a, a + step)                                        # (rows, vocab)
-            lp = F.log_softmax(logits, -1)
-            o_nll[a:a + step] = -lp.gather(-1, t)[:, 0]
+    with bar(progress, -(-windows.shape[0] // batch_size)) as advance:
+        for i, b in enumerate(range(0, windows.shape[0], batch_size)):
+            ids = windows[b:b + batch_size]
+            shape = (ids.shape[0], ids.shape[1] - 1)
+            tgt = ids[:, 1:].reshape(-1)
+            rows = _model_rows(model, ids, streaming)
+            if reference is None:
+                rrows = None
+            elif isinstance(reference, ReferenceScores):
+                rrows = (_Rows(reference.hidden[i], ref_head, reference.post) if reference.hidden is not None
+                         else _Rows(logits=reference.logits[i]))
+            else:
+                rrows = _model_rows(reference, ids, ref_stream)
+            step = _rows_per_chunk(rows.vocab(), chunk_elements)
+            n = tgt.numel()
+            o_nll = torch.empty(n)
             if rrows is not None:
-                rlogits = rrows(a, a + step)
-                rlp = F.log_softmax(rlogits, -1)
-                o_rnll[a:a + step] = -rlp.gather(-1, t)[:, 0]
-                o_agree[a:a + step] = logits.argmax(-1) == rlogits.argmax(-1)
-                o_kl[a:a + step] = (rlp.exp() * (rlp - lp)).sum(-1).clamp(min=0)
-                o_linf[a:a + step] = (logits - rlogits).abs().amax(-1)
-            del logits, lp
-        nll.append(o_nll.reshape(shape))
-        if rrows is not None:
-            ref_nll.append(o_rnll.reshape(shape))
-            agree.append(o_agree.reshape(shape))
-            kl.append(o_kl.reshape(shape))
-            linf.append(o_linf.reshape(shape))
+                o_rnll, o_agree, o_kl, o_linf = torch.empty(n), torch.empty(n, dtype=torch.bool), torch.empty(n), torch.empty(n)
+            for a in range(0, n, step):
+                t = tgt[a:a + step, None]
+                logits = rows(a, a + step)                                        # (rows, vocab)
+                lp = F.log_softmax(logits, -1)
+                o_nll[a:a + step] = -lp.gather(-1, t)[:, 0]
+                if rrows is not None:
+                    rlogits = rrows(a, a + step)
+                    rlp = F.log_softmax(rlogits, -1)
+                    o_rnll[a:a + step] = -rlp.gather(-1, t)[:, 0]
+                    o_agree[a:a + step] = logits.argmax(-1) == rlogits.argmax(-1)
+                    o_kl[a:a + step] = (rlp.exp() * (rlp - lp)).sum(-1).clamp(min=0)
+                    o_linf[a:a + step] = (logits - rlogits).abs().amax(-1)
+                del logits, lp
+            nll.append(o_nll.reshape(shape))
+            if rrows is not None:
+                ref_nll.append(o_rnll.reshape(shape))
+                agree.append(o_agree.reshape(shape))
+                kl.append(o_kl.reshape(shape))
+                linf.append(o_linf.reshape(shape))
+            advance()
     nll_t = torch.cat(nll)
     out = _summary(nll_t, windows)
     if reference is not None:
