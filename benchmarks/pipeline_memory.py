@@ -178,8 +178,9 @@ def report(res: dict, fp32_smol, fp32_big, a) -> str:
             if r is None:
                 continue
             figs = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["figures"].items())
-            rows.append([case, tag, f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / fp32:.2f}x",
-                         f"{r['rss_mb'] - fp32:+.0f}", f"{r['wall']:.0f}", figs, same if tag == "after" else ""])
+            rows.append([case, tag, f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / fp32:.2f}x" if fp32 else "n/a",
+                         f"{r['rss_mb'] - fp32:+.0f}" if fp32 else "n/a", f"{r['wall']:.0f}", figs,
+                         same if tag == "after" else ""])
     cmds = {"pipeline": "compress smollm2 --recipe w4a16-gptq-g128 --out OUT",
             "eval-smollm2": "eval OUT --reference smollm2 --windows 32 --seqlen 512",
             "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
