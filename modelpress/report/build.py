@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import html
 import io
 import json
 import math
@@ -201,10 +200,6 @@ pre{background:#f7f7f7;padding:.8em;overflow-x:auto;font-size:.85em}.note{color:
 .card b{display:block;font-size:1.3em}"""
 
 
-def _e(x) -> str:
-    return html.escape(str(x))
-
-
 def _fmt(x, digits: int = 4) -> str:
     if x is None:
         return "–"
@@ -219,18 +214,13 @@ def _mb(b: float | None) -> str:
     return "–" if b is None else (f"{b / 1e9:.3g} GB" if b >= 1e9 else f"{b / 1e6:.3g} MB")
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    h = "".join(f"<th>{_e(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+def _table(header: list[str], rows: list[list]) -> dict:
+    """A table for the template: cells are text, or {"text", "cls"} (a pass/fail span), or {"text", "href"}."""
+    return {"header": header, "rows": rows}
 
 
-def _img(b64: str | None, alt: str) -> str:
-    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
-
-
-def _note(text: str) -> str:
-    return f'<p class="note">{_e(text)}</p>'
+def _flag(ok: bool, yes: str = "yes", no: str = "no") -> dict:
+    return {"text": yes if ok else no, "cls": "pass" if ok else "fail"}
 
 
 def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
@@ -244,141 +234,114 @@ def _flatten(d, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def _certificate(cert: dict | None) -> str:
+def _certificate(cert: dict | None) -> dict | None:
     if cert is None:
-        return _note("no certificate.json in this export (run `modelpress certify` to add one)")
-    passed = cert.get("passed")
-    head = "" if passed is None else (f'<p class="{"pass" if passed else "fail"}">'
-                                      f'{"PASS" if passed else "FAIL"}</p>')
+        return None
     rows = []
     for k, v in _flatten(cert):
         if isinstance(v, list):
             v = json.dumps(v[:8]) + (f" … ({len(v)} items)" if len(v) > 8 else "")
-        rows.append([_e(k), _e(_fmt(v))])
-    return head + _table(["field", "value"], rows)
+        rows.append([k, _fmt(v)])
+    return {"passed": cert.get("passed"), "table": _table(["field", "value"], rows)}
 
 
-def _deployment(run: dict, devices: list[str], context: int, control_hz: float | None) -> str:
+def _deployment(run: dict, devices: list[str], context: int, control_hz: float | None) -> dict:
     from ..deploy.estimate import estimate_dir
     if run["config"] is None or run["tensors"] is None:
-        return _note("deployment estimates need config.json and the .safetensors weights in the export")
+        return {"note": "deployment estimates need config.json and the .safetensors weights in the export"}
     try:
         ests = estimate_dir(run["dir"], devices, context, control_hz=control_hz)
     except UserError as e:
-        return _note(f"deployment estimate unavailable: {e}")
+        return {"note": f"deployment estimate unavailable: {e}"}
     rows = []
     for e in ests:
-        row = [_e(e.device), _mb(e.weight_bytes), _mb(e.kv_bytes),
-               '<span class="pass">yes</span>' if e.fits else '<span class="fail">no</span>',
-               f"{e.decode_s * 1e3:.3g}", f"{e.decode_s_sustained * 1e3:.3g}", _e(e.decode_bound),
+        row = [e.device, _mb(e.weight_bytes), _mb(e.kv_bytes), _flag(e.fits),
+               f"{e.decode_s * 1e3:.3g}", f"{e.decode_s_sustained * 1e3:.3g}", e.decode_bound,
                f"{e.tokens_per_s:.4g}", f"{e.prefill_s_sustained * 1e3:.3g}",
                "–" if e.energy_j_per_token is None else f"{e.energy_j_per_token * 1e3:.3g}"]
         if control_hz:
-            row += [f"{e.control_step_s * 1e3:.3g}",
-                    '<span class="pass">met</span>' if e.deadline_met else '<span class="fail">missed</span>']
+            row += [f"{e.control_step_s * 1e3:.3g}", _flag(e.deadline_met, "met", "missed")]
         rows.append(row)
     head = ["device", "weights", f"KV @ {context}", "fits", "decode ms", "sustained ms", "bound", "tok/s",
             "TTFT ms", "mJ/token"] + ([f"step ms @ {control_hz:g} Hz", "deadline"] if control_hz else [])
-    return (_table(head, rows) + _note("ideal roofline from datasheet profiles (fp16 compute, 16-bit KV cache, "
-                                       "floating tensors at 16 bits); calibrate with `modelpress deploy --measure`"))
+    return {"table": _table(head, rows), "note": "ideal roofline from datasheet profiles (fp16 compute, 16-bit KV "
+                                                 "cache, floating tensors at 16 bits); calibrate with `modelpress "
+                                                 "deploy --measure`"}
 
 
-def _run_section(run: dict, devices: list[str], context: int, control_hz: float | None) -> str:
+def _run_view(run: dict, devices: list[str], context: int, control_hz: float | None) -> dict:
+    """Everything the template shows for one export folder."""
     rep, s = run["report"], _summary(run)
-    parts = [f'<h2 id="{_e(run["name"])}">{_e(run["name"])}</h2>',
-             f'<p>folder <code>{_e(run["dir"])}</code>; model <code>{_e(rep.get("model", "?"))}</code></p>']
     p = s["params"]
-    cards = [("size", _mb(s["bytes"])),
-             ("x 16-bit original", f"{s['bytes'] / (2 * p):.3f}x" if p and s["bytes"] else "–"),
-             ("x fp32 source", f"{s['bytes'] / (4 * p):.3f}x" if p and s["bytes"] else "–"),
-             ("bits / weight", _fmt(s["bits"])), ("perplexity", f"{_fmt(s['ppl0'])} → {_fmt(s['ppl'])}"),
-             ("top-1 agreement", _fmt(s["agreement"])), ("KL", _fmt(s["kl"]))]
-    parts.append('<div class="cards">' + "".join(f"<div class=card>{_e(k)}<b>{_e(v)}</b></div>" for k, v in cards) + "</div>")
+    view = {"name": run["name"], "dir": str(run["dir"]), "model": rep.get("model", "?"),
+            "cards": [("size", _mb(s["bytes"])),
+                      ("x 16-bit original", f"{s['bytes'] / (2 * p):.3f}x" if p and s["bytes"] else "–"),
+                      ("x fp32 source", f"{s['bytes'] / (4 * p):.3f}x" if p and s["bytes"] else "–"),
+                      ("bits / weight", _fmt(s["bits"])), ("perplexity", f"{_fmt(s['ppl0'])} → {_fmt(s['ppl'])}"),
+                      ("top-1 agreement", _fmt(s["agreement"])), ("KL", _fmt(s["kl"]))],
+            "headline": None, "exports": None, "recipe_text": run["recipe_text"], "stages": None,
+            "size": None, "quality": None, "layers": None, "certificate": _certificate(run["certificate"]),
+            "deployment": _deployment(run, devices, context, control_hz)}
     if p and s["bytes"]:
         from ..eval.size import headline
-        parts.append(f"<p>size: {_e(headline({'params': p, 'file_bytes': s['bytes']}))}</p>")
+        view["headline"] = headline({"params": p, "file_bytes": s["bytes"]})
     exports = rep.get("exports") or {}
     if exports:                                  # only formats that were written; failures as a note
-        ok = [f for f, e in exports.items() if "path" in e]
-        parts.append(f"<p>exported formats: {_e(', '.join(ok) or 'none')}</p>")
-        parts += [_note(f"{f} export failed: {e['error']}") for f, e in exports.items() if "error" in e]
-
-    parts.append("<h3>Recipe</h3>")
-    parts.append(f"<pre>{_e(run['recipe_text'])}</pre>" if run["recipe_text"] else _note("no recipe.yaml"))
+        view["exports"] = {"ok": ", ".join(f for f, e in exports.items() if "path" in e),
+                           "failed": [(f, e["error"]) for f, e in exports.items() if "error" in e]}
     stages = rep.get("stages") or []
     if stages:
-        parts.append(_table(["stage", "summary", "seconds"], [[_e(st.get("name", "?")), _e(st.get("summary", "")),
-                                                                 _fmt(_num(st.get("seconds")), 3)] for st in stages]))
-
-    parts.append("<h3>Size</h3>")
+        view["stages"] = _table(["stage", "summary", "seconds"], [[st.get("name", "?"), st.get("summary", ""),
+                                                                   _fmt(_num(st.get("seconds")), 3)] for st in stages])
     breakdown = size_breakdown(run["tensors"]) if run["tensors"] else {}
     if breakdown or s["bytes"]:
-        rows = [[_e(k), _mb(v), f"{100 * v / sum(breakdown.values()):.1f}%"] for k, v in breakdown.items()]
         size = rep.get("size") or {}
-        facts = [[_e(k), _e(_fmt(_num(size.get(k)) if k != "params" else size.get(k)))]
+        facts = [[k, _fmt(_num(size.get(k)) if k != "params" else size.get(k))]
                  for k in ("params", "original_bytes", "fp32_bytes", "compressed_bytes", "file_bytes", "storage_dtype",
                            "bits_per_weight", "bits_per_param") if k in size]
-        parts.append(_img(plot_size(breakdown, s["original_bytes"]), "size breakdown"))
-        parts.append((_table(["part", "stored", "share"], rows) if rows else "") + (_table(["size", "value"], facts) if facts else ""))
-    else:
-        parts.append(_note("no size information (report.json size or .safetensors weights)"))
-
-    parts.append("<h3>Quality</h3>")
+        view["size"] = {"img": plot_size(breakdown, s["original_bytes"]),
+                        "parts": _table(["part", "stored", "share"], [[k, _mb(v), f"{100 * v / sum(breakdown.values()):.1f}%"]
+                                                                     for k, v in breakdown.items()]),
+                        "facts": _table(["size", "value"], facts)}
     ev = rep.get("eval") or {}
     if ev:
         comp, orig = ev.get("compressed") or {}, ev.get("original") or {}
         rows = [["perplexity", _fmt(s["ppl0"]), _fmt(s["ppl"])], ["top-1 agreement with original", "1", _fmt(s["agreement"])],
                 ["mean KL(original ‖ compressed)", "0", _fmt(s["kl"])]]
-        extra = [f"{k} {comp[k]}" for k in ("windows", "seqlen", "tokens") if k in comp]
-        parts.append(_img(plot_eval(s), "perplexity"))
-        parts.append(_table(["metric", "original", "compressed"], rows) + (_note("evaluated on " + ", ".join(extra)) if extra else ""))
-        if orig.get("perplexity") is None and comp.get("perplexity") is None:
-            parts.append(_note("report.json eval has no perplexity"))
-    else:
-        parts.append(_note("not evaluated (report.json has no eval section)"))
-
-    parts.append("<h3>Per-layer compression</h3>")
-    layers = rep.get("layers") or {}
-    layers = {k: v for k, v in layers.items() if isinstance(v, dict)}
+        view["quality"] = {"img": plot_eval(s), "table": _table(["metric", "original", "compressed"], rows),
+                           "extra": ", ".join(f"{k} {comp[k]}" for k in ("windows", "seqlen", "tokens") if k in comp),
+                           "no_ppl": orig.get("perplexity") is None and comp.get("perplexity") is None}
+    layers = {k: v for k, v in (rep.get("layers") or {}).items() if isinstance(v, dict)}
     if layers:
-        parts.append(_img(plot_layers(layers), "per-layer bits, sparsity and error"))
-        rows = [[_e(n), _e(v.get("kind", "")), _fmt(_num(v.get("bits"))), _fmt(_num(v.get("sparsity"))),
-                 _fmt(_num(v.get("error")))] for n, v in layers.items()]
-        parts.append(f"<details><summary>{len(rows)} layers</summary>"
-                     + _table(["layer", "kind", "bits", "sparsity", "error"], rows) + "</details>")
-    else:
-        parts.append(_note("no per-layer statistics in report.json"))
-
-    parts.append("<h3>Certificate</h3>")
-    parts.append(_certificate(run["certificate"]))
-    parts.append(f"<h3>Deployment (context {context})</h3>")
-    parts.append(_deployment(run, devices, context, control_hz))
-    return "\n".join(parts)
+        view["layers"] = {"img": plot_layers(layers),
+                          "table": _table(["layer", "kind", "bits", "sparsity", "error"],
+                                          [[n, v.get("kind", ""), _fmt(_num(v.get("bits"))), _fmt(_num(v.get("sparsity"))),
+                                            _fmt(_num(v.get("error")))] for n, v in layers.items()])}
+    return view
 
 
 def render(runs: list[dict], devices: list[str] | None = None, context: int = 2048, control_hz: float | None = None,
            title: str | None = None) -> str:
-    """The whole page as one HTML string."""
+    """The whole page as one HTML string, from the Jinja2 template page.html.j2 beside this file (autoescaped)."""
+    import jinja2
     devices = list(devices or DEFAULT_DEVICES)
     title = title or ("modelpress report: " + ", ".join(r["name"] for r in runs))
-    body = [f"<h1>{_e(title)}</h1>",
-            _note(f"generated {datetime.datetime.now().isoformat(timespec='seconds')} by modelpress")]
+    sweep = None
     if len(runs) > 1:
-        body.append("<h2>Sweep</h2>")
         rows = []
         for r in runs:
             s = _summary(r)
-            rows.append([f'<a href="#{_e(r["name"])}">{_e(r["name"])}</a>', _mb(s["bytes"]), _fmt(s["bits"]),
+            cert = r["certificate"]
+            rows.append([{"text": r["name"], "href": f"#{r['name']}"}, _mb(s["bytes"]), _fmt(s["bits"]),
                          _fmt(s["ppl"]), _fmt(s["agreement"]), _fmt(s["kl"]),
-                         "–" if r["certificate"] is None or r["certificate"].get("passed") is None
-                         else ("PASS" if r["certificate"]["passed"] else "FAIL")])
-        sweep = plot_sweep(runs)
-        body.append(_img(sweep, "quality vs size") if sweep else _note("sweep plot needs size and quality for 2+ runs"))
-        body.append(_table(["run", "size", "bits / weight", "perplexity", "agreement", "KL", "certificate"], rows))
-    body += [_run_section(r, devices, context, control_hz) for r in runs]
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+                         "–" if cert is None or cert.get("passed") is None else ("PASS" if cert["passed"] else "FAIL")])
+        sweep = {"img": plot_sweep(runs),
+                 "table": _table(["run", "size", "bits / weight", "perplexity", "agreement", "KL", "certificate"], rows)}
+    env = jinja2.Environment(loader=jinja2.PackageLoader("modelpress.report", "."), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("page.html.j2").render(
+        title=title, css=jinja2.utils.markupsafe.Markup(CSS), generated=datetime.datetime.now().isoformat(timespec="seconds"),
+        sweep=sweep, runs=[_run_view(r, devices, context, control_hz) for r in runs], context=context)
 
 
 def build(folders: list[str | os.PathLike], out: str | os.PathLike, devices: list[str] | None = None,
