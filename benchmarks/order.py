@@ -57,15 +57,19 @@ class Scorer:
     @torch.no_grad()
     def __call__(self, model) -> dict:
         nll = kl = 0.0
-        n = 0
+        n = top1 = 0
+        kl_w = []                                                       # mean KL of each window
         for k, b in enumerate(range(0, self.windows.shape[0], self.bs)):
             ids = self.windows[b:b + self.bs]
             lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
             r = self.ref[k]
             nll += float(-lp.gather(-1, ids[:, 1:, None]).double().sum())
-            kl += float((r.exp() * (r - lp)).sum(-1).clamp(min=0).double().sum())
+            klt = (r.exp() * (r - lp)).sum(-1).clamp(min=0).double()    # (batch, positions)
+            kl += float(klt.sum())
+            kl_w += klt.mean(1).tolist()
+            top1 += int((lp.argmax(-1) == r.argmax(-1)).sum())
             n += ids[:, 1:].numel()
-        return {"ppl": math.exp(nll / n), "kl": kl / n}
+        return {"ppl": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "kl_windows": kl_w}
 
 
 def main() -> None:
