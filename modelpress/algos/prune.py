@@ -93,7 +93,7 @@ def block_keep(score: Tensor, spec: Tensor) -> Tensor:
     for r in range(spec.shape[0]):
         for g in range(spec.shape[1]):
             blk = score[r * hr:(r + 1) * hr, g * wg:(g + 1) * wg]
-            k = int(round(float(spec[r, g]) * blk.numel()))
+            k = round(float(spec[r, g]) * blk.numel())
             if k > 0:
                 kb = torch.ones(blk.numel(), dtype=torch.bool, device=score.device)
                 kb[torch.topk(blk.reshape(-1), k, largest=False).indices] = False

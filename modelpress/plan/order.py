@@ -76,7 +76,7 @@ class OrderPlan:
         return out
 
     def table(self) -> str:
-        lines = [f"reference: RTN g64 asym, {self.metric} at " + ("(mean of %d repeats) " % self.repeats if self.repeats > 1 else "") +
+        lines = [f"reference: RTN g64 asym, {self.metric} at " + (f"(mean of {self.repeats} repeats) " if self.repeats > 1 else "") +
                  ", ".join(f"w{b:g}={v:.4g}" for b, v in self.curve),
                  f"{'run':>3}  {'recipe':>6}  {'stage':<34} {self.metric:>10} {'eq. bits':>8} {'eq. ratio':>9}"]
         for k, i in enumerate(self.order):
