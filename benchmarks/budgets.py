@@ -108,6 +108,71 @@ def main() -> None:
                                                   "hi": []} for m in methods}
     rho: dict[str, list[float]] = {"heads": [], "within": [], "mlp": [], "p": []}
     sae_err: dict[str, list[float]] = {"head": [], "mlp": []}
+    info: dict = {}
+    done: list[int] = []
+    def report(done: list[int]) -> None:
+        """Table, claims and (unless --no-write) the BENCHMARKS.md section over the seeds done so far."""
+        n_heads, n_mlp, f_head, f_mlp = info.get("shape", (0, 0, 0, 0))
+        rows = []
+        for meth in methods:
+            d = res[meth]
+            row = [meth, ms(d["sp"], 4), f"{min(d['lo']):.3f}..{max(d['hi']):.3f}", ms(d["ppl"]), ms(d["top1"], 4),
+                   ms(d["kl"], 4)]
+            if "uniform" in res and meth != "uniform":
+                dp = [x - y for x, y in zip(d["ppl"], res["uniform"]["ppl"])]
+                dt = [x - y for x, y in zip(d["top1"], res["uniform"]["top1"])]
+                row += [f"{ms(dp)} ({verdict(dp)})", f"{ms(dt, 4)} ({verdict(dt, better_if_negative=False)})"]
+            else:
+                row += ["--", "--"]
+            row.append(ms(d["t"], 0))
+            rows.append(row)
+        header = ["allocator", "achieved sparsity", "block range", "ppl", "top-1 agreement", "KL",
+                  "ppl - uniform (paired)", "top-1 - uniform (paired)", "plan time (s)"]
+        tbl = table(header, rows)
+
+        claims = ""
+        if "capability" in res:
+            n = len(done)
+            indep = all(p > 0.05 for p in rho["p"])
+            claims = (f"Paper's claims side by side (ours: {n} seed(s), SmolLM2-135M; paper: GPT-2 Medium).\n\n"
+                      f"- rho(capability density, Wanda importance) over attention heads: {ms(rho['heads'])} over "
+                      f"{n_heads} heads (p per seed: {', '.join(f'{p:.3f}' for p in rho['p'])}); paper -0.054 over 384 "
+                      "heads, \"statistically independent\". Verdict: "
+                      + ("reproduced (no seed rejects independence at p < 0.05)" if indep else
+                         "not reproduced (density and Wanda importance correlate at p < 0.05 in "
+                         f"{sum(p <= 0.05 for p in rho['p'])} of {n} seeds)")
+                      + f". Mean within-layer rho {ms(rho['within'])}; over {n_mlp} MLPs {ms(rho['mlp'])}.\n")
+            if "uniform" in res:
+                dp = [x - y for x, y in zip(res["capability"]["ppl"], res["uniform"]["ppl"])]
+                v = verdict(dp)
+                claims += ("- Perplexity (the paper reports a negative result: CGC did not beat its baselines on PPL): "
+                           f"capability - uniform = {ms(dp)} ppl. Verdict: "
+                           + {"inside noise": "reproduced (no gain beyond the seed noise)",
+                              "worse": "reproduced (capability is worse than uniform beyond the noise)",
+                              "better": "not reproduced (capability beats uniform beyond the noise)",
+                              "one seed: no verdict": "no verdict (one seed)"}[v] + ".\n")
+            claims += (f"- SAEs: overcomplete {a.sae_expansion:g}x ({f_head} features per head, {f_mlp} per MLP "
+                       f"output), L1, seed 0, {a.sae_steps} Adam steps; normalised reconstruction error (1 - FVE) "
+                       f"heads {ms(sae_err['head'])}, MLPs {ms(sae_err['mlp'])}.")
+        print(tbl, "\n\n", claims, sep="")
+        body = (f"SmolLM2-135M-Instruct, Wanda unstructured at {a.sparsity:.0%} total sparsity of the decoder linears; "
+                f"seeds {', '.join(map(str, done))}"
+                + ("" if len(done) == len(seeds) else f" (completed {len(done)} of the {len(seeds)} planned: "
+                   f"{', '.join(map(str, seeds))}; the run was cut short)")
+                + f" (each draws its own {a.samples} x {a.seqlen}-token Wikipedia "
+                f"calibration sample, used by the SAEs, the probes and Wanda); {windows.shape[0]} x {a.eval_seqlen}-token "
+                f"held-out Wikipedia windows; original perplexity {base['ppl']:.3f}. Spread {a.spread} (capability and "
+                "sensitivity: sparsity = mean - spread x z-score; OWL: lambda). Capability: per attention head (applied "
+                "to the head's q rows, its KV group's k/v rows, its o_proj columns) and per MLP, each decoder layer's "
+                f"mean kept; sensitivity (magnitude probe at the mean sparsity, KL on {a.probe_windows} calibration "
+                "sequences) and OWL (M = 5) move budget between layers. Block range: lowest..highest sparsity of any "
+                "head block or linear. Paired differences: per seed, allocator minus uniform; verdict only where "
+                "|mean| > 2 sd. Reduced scope: one model, 50 % Wanda only (no 60 %, SparseGPT, mixed 3/4-bit or "
+                "second LM), small calibration and evaluation sets (2-core CPU shared by the team).\n\n"
+                + tbl + "\n\n" + claims + f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
+        if not a.no_write:
+            write_section("Per-component budgets (plan budget)", "python benchmarks/budgets.py " + " ".join(sys.argv[1:]), body)
+
     for seed in seeds:
         calib = modelpress.calibration_set(tok, "wiki", samples=a.samples, seqlen=a.seqlen, seed=seed)
         for meth in methods:
@@ -141,67 +206,12 @@ def main() -> None:
                 rho["mlp"].append(spearmanr([c.metrics["density"] for c in mlps], [c.metrics["wanda"] for c in mlps]).statistic)
                 sae_err["head"].append(statistics.fmean(c.metrics["nmse"] for c in heads))
                 sae_err["mlp"].append(statistics.fmean(c.metrics["nmse"] for c in mlps))
-                n_heads, n_mlp = len(heads), len(mlps)
-                f_head, f_mlp = int(heads[0].metrics["features"]), int(mlps[0].metrics["features"])
+                info["shape"] = (len(heads), len(mlps), int(heads[0].metrics["features"]),
+                                 int(mlps[0].metrics["features"]))
                 say(f"seed {seed}: rho(density, wanda) heads {st.statistic:+.3f} (p {st.pvalue:.3f}), SAE nmse heads "
                     f"{sae_err['head'][-1]:.3f} mlp {sae_err['mlp'][-1]:.3f}")
-
-    rows = []
-    for meth in methods:
-        d = res[meth]
-        row = [meth, ms(d["sp"], 4), f"{min(d['lo']):.3f}..{max(d['hi']):.3f}", ms(d["ppl"]), ms(d["top1"], 4),
-               ms(d["kl"], 4)]
-        if "uniform" in res and meth != "uniform":
-            dp = [x - y for x, y in zip(d["ppl"], res["uniform"]["ppl"])]
-            dt = [x - y for x, y in zip(d["top1"], res["uniform"]["top1"])]
-            row += [f"{ms(dp)} ({verdict(dp)})", f"{ms(dt, 4)} ({verdict(dt, better_if_negative=False)})"]
-        else:
-            row += ["--", "--"]
-        row.append(ms(d["t"], 0))
-        rows.append(row)
-    header = ["allocator", "achieved sparsity", "block range", "ppl", "top-1 agreement", "KL",
-              "ppl - uniform (paired)", "top-1 - uniform (paired)", "plan time (s)"]
-    tbl = table(header, rows)
-
-    claims = ""
-    if "capability" in res:
-        n = len(seeds)
-        indep = all(p > 0.05 for p in rho["p"])
-        claims = (f"Paper's claims side by side (ours: {n} seed(s), SmolLM2-135M; paper: GPT-2 Medium).\n\n"
-                  f"- rho(capability density, Wanda importance) over attention heads: {ms(rho['heads'])} over "
-                  f"{n_heads} heads (p per seed: {', '.join(f'{p:.3f}' for p in rho['p'])}); paper -0.054 over 384 "
-                  "heads, \"statistically independent\". Verdict: "
-                  + ("reproduced (no seed rejects independence at p < 0.05)" if indep else
-                     "not reproduced (density and Wanda importance correlate at p < 0.05 in "
-                     f"{sum(p <= 0.05 for p in rho['p'])} of {n} seeds)")
-                  + f". Mean within-layer rho {ms(rho['within'])}; over {n_mlp} MLPs {ms(rho['mlp'])}.\n")
-        if "uniform" in res:
-            dp = [x - y for x, y in zip(res["capability"]["ppl"], res["uniform"]["ppl"])]
-            v = verdict(dp)
-            claims += ("- Perplexity (the paper reports a negative result: CGC did not beat its baselines on PPL): "
-                       f"capability - uniform = {ms(dp)} ppl. Verdict: "
-                       + {"inside noise": "reproduced (no gain beyond the seed noise)",
-                          "worse": "reproduced (capability is worse than uniform beyond the noise)",
-                          "better": "not reproduced (capability beats uniform beyond the noise)",
-                          "one seed: no verdict": "no verdict (one seed)"}[v] + ".\n")
-        claims += (f"- SAEs: overcomplete {a.sae_expansion:g}x ({f_head} features per head, {f_mlp} per MLP "
-                   f"output), L1, seed 0, {a.sae_steps} Adam steps; normalised reconstruction error (1 - FVE) "
-                   f"heads {ms(sae_err['head'])}, MLPs {ms(sae_err['mlp'])}.")
-    print(tbl, "\n\n", claims, sep="")
-    body = (f"SmolLM2-135M-Instruct, Wanda unstructured at {a.sparsity:.0%} total sparsity of the decoder linears; "
-            f"seeds {', '.join(map(str, seeds))} (each draws its own {a.samples} x {a.seqlen}-token Wikipedia "
-            f"calibration sample, used by the SAEs, the probes and Wanda); {windows.shape[0]} x {a.eval_seqlen}-token "
-            f"held-out Wikipedia windows; original perplexity {base['ppl']:.3f}. Spread {a.spread} (capability and "
-            "sensitivity: sparsity = mean - spread x z-score; OWL: lambda). Capability: per attention head (applied "
-            "to the head's q rows, its KV group's k/v rows, its o_proj columns) and per MLP, each decoder layer's "
-            f"mean kept; sensitivity (magnitude probe at the mean sparsity, KL on {a.probe_windows} calibration "
-            "sequences) and OWL (M = 5) move budget between layers. Block range: lowest..highest sparsity of any "
-            "head block or linear. Paired differences: per seed, allocator minus uniform; verdict only where "
-            "|mean| > 2 sd. Reduced scope: one model, 50 % Wanda only (no 60 %, SparseGPT, mixed 3/4-bit or "
-            "second LM), small calibration and evaluation sets (2-core CPU shared by the team).\n\n"
-            + tbl + "\n\n" + claims + f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
-    if not a.no_write:
-        write_section("Per-component budgets (plan budget)", "python benchmarks/budgets.py " + " ".join(sys.argv[1:]), body)
+        done.append(seed)
+        report(done)                # after every seed: a run cut short still leaves its completed seeds
 
 
 if __name__ == "__main__":

@@ -182,9 +182,101 @@ def main() -> None:
     def eb(kl):
         return equivalent_bits(cb, ck, kl)
 
+    def report(done: list[int]) -> None:
+        """Tables, verdicts and (unless --no-write) the BENCHMARKS.md section over the seeds done so far."""
+        rows, gaps, advs, outcomes = [], [], [], []
+        for s in sparsities:
+            for b in bits:
+                eb_p = statistics.fmean(eb(single[s, seed]["kl"]) for seed in done)
+                eb_q = eb(curve[b]["kl"])
+                prune_weaker = eb_p > eb_q                          # more equivalent bits = weaker perturbation
+                wf = [res[s, b, seed][0 if prune_weaker else 1] for seed in done]
+                sf = [res[s, b, seed][1 if prune_weaker else 0] for seed in done]
+                adv = [(y["kl"] - x["kl"]) / max(x["kl"], 1e-12) for x, y in zip(wf, sf)]
+                lo, hi = window_boot([x["kl_windows"] for x in wf], [y["kl_windows"] for y in sf], a.boot, rng)
+                mean = statistics.fmean(adv)
+                sd = statistics.stdev(adv) if len(adv) > 1 else math.nan
+                noise = (len(adv) > 1 and abs(mean) <= 2 * sd) or lo <= 0 <= hi
+                better = "P->Q" if (mean > 0) == prune_weaker else "Q->P"
+                # the planner: weaker first by eq. bits on its calibration windows, per seed
+                picks = []
+                for seed in done:
+                    pb = [pcurve[seed][k] for k in cb]
+                    picks.append("P->Q" if equivalent_bits(cb, pb, p_single[s, seed]) > equivalent_bits(cb, pb, pcurve[seed][b])
+                                 else "Q->P")
+                gap = abs(eb_p - eb_q)
+                gaps.append(gap)
+                advs.append(mean)
+                outcomes.append((noise, mean > 0, picks, better))
+                rows.append([f"Wanda {s:.0%}", f"w{b} g{a.group_size}", round(eb_p, 2), round(eb_q, 2),
+                             "P->Q" if prune_weaker else "Q->P", round(gap, 2),
+                             ms([x[0]["ppl"] for x in (res[s, b, sd_] for sd_ in done)], ".2f"),
+                             ms([x[1]["ppl"] for x in (res[s, b, sd_] for sd_ in done)], ".2f"),
+                             ms([x[0]["kl"] for x in (res[s, b, sd_] for sd_ in done)], ".4f"),
+                             ms([x[1]["kl"] for x in (res[s, b, sd_] for sd_ in done)], ".4f"),
+                             ms([100 * v for v in adv], "+.1f") + " %", f"[{100 * lo:+.1f}, {100 * hi:+.1f}] %",
+                             "inside noise" if noise else better, "/".join(picks)])
+        n = len(rows)
+        clear = [o for o in outcomes if not o[0]]
+        wins = sum(o[1] for o in clear)
+        rho = spearmanr(gaps, advs).statistic if n > 2 and len(set(gaps)) > 1 else math.nan
+        rlo, rhi = pair_boot_rho(gaps, advs, a.boot, rng) if n > 2 else (math.nan, math.nan)
+        right = sum(sum(p == o[3] for p in o[2]) for o in clear)
+        tot = sum(len(o[2]) for o in clear)
+        noisy_picks = sum(len(o[2]) for o in outcomes if o[0])
+        if not clear:
+            v1 = "not reproduced: no pair's better order is outside the noise"
+        elif wins == len(clear):
+            v1 = f"reproduced: weaker-first wins all {len(clear)} pairs outside noise"
+        elif wins * 2 < len(clear):
+            v1 = f"contradicted: stronger-first wins {len(clear) - wins} of {len(clear)} pairs outside noise"
+        else:
+            v1 = f"not reproduced: weaker-first wins {wins} of {len(clear)} pairs outside noise"
+        if math.isnan(rlo):
+            v2 = "no verdict (too few pairs)"
+        elif rlo > 0:
+            v2 = "reproduced (interval above 0)"
+        elif rhi < 0:
+            v2 = "contradicted (interval below 0: the advantage shrinks as the gap grows)"
+        else:
+            v2 = "not reproduced (interval contains 0)"
+        header = ["prune", "quant", "eq. bits P", "eq. bits Q", "weaker first", "gap (bits)", "ppl P->Q", "ppl Q->P",
+                  "KL P->Q", "KL Q->P", "weaker-first advantage (seeds)", "95 % (windows)", "better order",
+                  "plan order's pick per seed"]
+        tbl = table(header, rows)
+        curve_tbl = table(["RTN g%d asym" % a.group_size, "ppl", "KL"],
+                          [[f"w{b}", round(curve[b]["ppl"], 3), round(curve[b]["kl"], 4)] for b in curve] +
+                          [[f"Wanda {s:.0%} alone", ms([single[s, sd_]["ppl"] for sd_ in done]),
+                            ms([single[s, sd_]["kl"] for sd_ in done], ".4f")] for s in sparsities])
+        summary = (f"Verdicts ({len(done)} seed(s), {n} pairs, {len(clear)} outside noise):\n\n"
+                   f"- Weaker-first is better (the Progressive Intensity Hypothesis): {v1}.\n"
+                   f"- Theorem 2, the advantage grows with the intensity gap: Spearman(gap, mean advantage) = {rho:+.2f}, "
+                   f"bootstrap 95 % [{rlo:+.2f}, {rhi:+.2f}] over {n} pairs: {v2}.\n"
+                   f"- `plan order` (weaker first by eq. bits on {a.plan_windows} held-back calibration sequences, one "
+                   f"measurement per seed): {right} of {tot} picks match the measured better order on the pairs outside "
+                   f"noise; {noisy_picks} picks on pairs inside noise are not counted.\n\n"
+                   f"Original perplexity {base['ppl']:.3f}.")
+        print(curve_tbl, "\n\n", tbl, "\n\n", summary, sep="")
+        body = (f"SmolLM2-135M-Instruct, Wanda (unstructured) x RTN (asymmetric), seeds {', '.join(map(str, done))}"
+                + ("" if len(done) == len(seeds) else f" (completed {len(done)} of the {len(seeds)} planned: "
+                   f"{', '.join(map(str, seeds))}; the run was cut short)") + " "
+                f"(each its own {a.samples} x {a.seqlen}-token calibration sample), {windows.shape[0]} x "
+                f"{a.eval_seqlen}-token held-out Wikipedia windows. Intensity of a stage alone = compression-equivalent "
+                "bits: its held-out KL mapped onto the RTN bits -> KL curve below (interpolated in log KL; pruning: "
+                "mean over seeds); fewer bits = stronger. Advantage = (KL stronger-first - KL weaker-first) / KL "
+                "weaker-first: positive means the hypothesis holds; mean +- sd over seeds, and a 95 % interval from "
+                "resampling evaluation windows. Better order: 'inside noise' when |mean| <= 2 sd or the window interval "
+                "contains 0. Reduced scope (2-core CPU shared by the team): one LM, Wanda only (SparseGPT cannot run after "
+                "quantization, 2:4 and GPTQ not run), w3/w4 only, sparsities 0.3/0.5 (no 0.7), small calibration and "
+                "evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
+                f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
+        if not a.no_write:
+            write_section("Compression order (plan order)", "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
+
     single, p_single, res = {}, {}, {}
-    for s in sparsities:
-        for seed in seeds:
+    done: list[int] = []
+    for seed in seeds:
+        for s in sparsities:
             pm = copy.deepcopy(model)
             prune(s).apply(pm, calibs[seed])
             single[s, seed] = score(pm)
@@ -204,93 +296,8 @@ def main() -> None:
                 say(f"  x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl {r_qp['ppl']:.3f} "
                     f"KL {r_qp['kl']:.4f}")
             del pm
-
-    rows, gaps, advs, outcomes = [], [], [], []
-    for s in sparsities:
-        for b in bits:
-            eb_p = statistics.fmean(eb(single[s, seed]["kl"]) for seed in seeds)
-            eb_q = eb(curve[b]["kl"])
-            prune_weaker = eb_p > eb_q                          # more equivalent bits = weaker perturbation
-            wf = [res[s, b, seed][0 if prune_weaker else 1] for seed in seeds]
-            sf = [res[s, b, seed][1 if prune_weaker else 0] for seed in seeds]
-            adv = [(y["kl"] - x["kl"]) / max(x["kl"], 1e-12) for x, y in zip(wf, sf)]
-            lo, hi = window_boot([x["kl_windows"] for x in wf], [y["kl_windows"] for y in sf], a.boot, rng)
-            mean = statistics.fmean(adv)
-            sd = statistics.stdev(adv) if len(adv) > 1 else math.nan
-            noise = (len(adv) > 1 and abs(mean) <= 2 * sd) or lo <= 0 <= hi
-            better = "P->Q" if (mean > 0) == prune_weaker else "Q->P"
-            # the planner: weaker first by eq. bits on its calibration windows, per seed
-            picks = []
-            for seed in seeds:
-                pb = [pcurve[seed][k] for k in cb]
-                picks.append("P->Q" if equivalent_bits(cb, pb, p_single[s, seed]) > equivalent_bits(cb, pb, pcurve[seed][b])
-                             else "Q->P")
-            gap = abs(eb_p - eb_q)
-            gaps.append(gap)
-            advs.append(mean)
-            outcomes.append((noise, mean > 0, picks, better))
-            rows.append([f"Wanda {s:.0%}", f"w{b} g{a.group_size}", round(eb_p, 2), round(eb_q, 2),
-                         "P->Q" if prune_weaker else "Q->P", round(gap, 2),
-                         ms([x[0]["ppl"] for x in (res[s, b, sd_] for sd_ in seeds)], ".2f"),
-                         ms([x[1]["ppl"] for x in (res[s, b, sd_] for sd_ in seeds)], ".2f"),
-                         ms([x[0]["kl"] for x in (res[s, b, sd_] for sd_ in seeds)], ".4f"),
-                         ms([x[1]["kl"] for x in (res[s, b, sd_] for sd_ in seeds)], ".4f"),
-                         ms([100 * v for v in adv], "+.1f") + " %", f"[{100 * lo:+.1f}, {100 * hi:+.1f}] %",
-                         "inside noise" if noise else better, "/".join(picks)])
-    n = len(rows)
-    clear = [o for o in outcomes if not o[0]]
-    wins = sum(o[1] for o in clear)
-    rho = spearmanr(gaps, advs).statistic if n > 2 and len(set(gaps)) > 1 else math.nan
-    rlo, rhi = pair_boot_rho(gaps, advs, a.boot, rng) if n > 2 else (math.nan, math.nan)
-    right = sum(sum(p == o[3] for p in o[2]) for o in clear)
-    tot = sum(len(o[2]) for o in clear)
-    noisy_picks = sum(len(o[2]) for o in outcomes if o[0])
-    if not clear:
-        v1 = "not reproduced: no pair's better order is outside the noise"
-    elif wins == len(clear):
-        v1 = f"reproduced: weaker-first wins all {len(clear)} pairs outside noise"
-    elif wins * 2 < len(clear):
-        v1 = f"contradicted: stronger-first wins {len(clear) - wins} of {len(clear)} pairs outside noise"
-    else:
-        v1 = f"not reproduced: weaker-first wins {wins} of {len(clear)} pairs outside noise"
-    if math.isnan(rlo):
-        v2 = "no verdict (too few pairs)"
-    elif rlo > 0:
-        v2 = "reproduced (interval above 0)"
-    elif rhi < 0:
-        v2 = "contradicted (interval below 0: the advantage shrinks as the gap grows)"
-    else:
-        v2 = "not reproduced (interval contains 0)"
-    header = ["prune", "quant", "eq. bits P", "eq. bits Q", "weaker first", "gap (bits)", "ppl P->Q", "ppl Q->P",
-              "KL P->Q", "KL Q->P", "weaker-first advantage (seeds)", "95 % (windows)", "better order",
-              "plan order's pick per seed"]
-    tbl = table(header, rows)
-    curve_tbl = table(["RTN g%d asym" % a.group_size, "ppl", "KL"],
-                      [[f"w{b}", round(curve[b]["ppl"], 3), round(curve[b]["kl"], 4)] for b in curve] +
-                      [[f"Wanda {s:.0%} alone", ms([single[s, sd_]["ppl"] for sd_ in seeds]),
-                        ms([single[s, sd_]["kl"] for sd_ in seeds], ".4f")] for s in sparsities])
-    summary = (f"Verdicts ({len(seeds)} seed(s), {n} pairs, {len(clear)} outside noise):\n\n"
-               f"- Weaker-first is better (the Progressive Intensity Hypothesis): {v1}.\n"
-               f"- Theorem 2, the advantage grows with the intensity gap: Spearman(gap, mean advantage) = {rho:+.2f}, "
-               f"bootstrap 95 % [{rlo:+.2f}, {rhi:+.2f}] over {n} pairs: {v2}.\n"
-               f"- `plan order` (weaker first by eq. bits on {a.plan_windows} held-back calibration sequences, one "
-               f"measurement per seed): {right} of {tot} picks match the measured better order on the pairs outside "
-               f"noise; {noisy_picks} picks on pairs inside noise are not counted.\n\n"
-               f"Original perplexity {base['ppl']:.3f}.")
-    print(curve_tbl, "\n\n", tbl, "\n\n", summary, sep="")
-    body = (f"SmolLM2-135M-Instruct, Wanda (unstructured) x RTN (asymmetric), seeds {', '.join(map(str, seeds))} "
-            f"(each its own {a.samples} x {a.seqlen}-token calibration sample), {windows.shape[0]} x "
-            f"{a.eval_seqlen}-token held-out Wikipedia windows. Intensity of a stage alone = compression-equivalent "
-            "bits: its held-out KL mapped onto the RTN bits -> KL curve below (interpolated in log KL; pruning: "
-            "mean over seeds); fewer bits = stronger. Advantage = (KL stronger-first - KL weaker-first) / KL "
-            "weaker-first: positive means the hypothesis holds; mean +- sd over seeds, and a 95 % interval from "
-            "resampling evaluation windows. Better order: 'inside noise' when |mean| <= 2 sd or the window interval "
-            "contains 0. Reduced scope (2-core CPU shared by the team): one LM, Wanda only (SparseGPT cannot run after "
-            "quantization, 2:4 and GPTQ not run), w3/w4 only, sparsities 0.3/0.5 (no 0.7), small calibration and "
-            "evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
-            f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
-    if not a.no_write:
-        write_section("Compression order (plan order)", "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
+        done.append(seed)
+        report(done)                # after every seed: a run cut short still leaves its completed seeds
 
 
 if __name__ == "__main__":
