@@ -246,11 +246,16 @@ def test_cli_plan_budget_and_order(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "budget owl, mean sparsity 0.6" in out and "achieved, parameter-weighted: 0.600000" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert run(p.parse_args(["plan", "order", str(r), "--model", str(d), "--samples", "4", "--seqlen", "32",
-                             "--windows", "2"])) == 0
+    assert run(p.parse_args(["plan", "order", str(r), "--model", str(d), "--samples", "8", "--seqlen", "32",
+                             "--windows", "2", "--repeats", "3"])) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.strip()[:1].isdigit()]
     assert "quantize" in lines[0] and "prune" in lines[1]                       # 8-bit RTN is the weaker stage
+    assert " +- " in lines[0]                                                   # eq. bits carry their sd
+    gap = [ln for ln in out.splitlines() if ln.startswith("gap quantize -> prune")]
+    assert len(gap) == 1 and "over 3 repeat(s)" in gap[0] and "noise" in gap[0]
+    with pytest.raises(ValueError, match="--windows x --repeats"):
+        run(p.parse_args(["plan", "order", str(r), "--model", str(d), "--samples", "6", "--windows", "2"]))
     with pytest.raises(ValueError, match="--plot"):
         run(p.parse_args(["plan", "budget", str(r), "--model", str(d), "--plot", str(tmp_path / "b.jpg")]))
 
@@ -264,3 +269,171 @@ def test_cluster_stage_takes_a_budget():
     ks = [mod.codebook.shape[-1] for mod in m.modules() if isinstance(mod, ClusteredLinear)]
     assert len(ks) == 14 and len(set(ks)) > 1         # per-linear K from the planner
     assert abs(sum(math.log2(k) for k in ks) / len(ks) - 4) <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- per-head budgets
+# tiny_llama: hidden 64, 4 heads of 16, 2 KV heads (GQA: heads 0, 1 share KV group 0; heads 2, 3 group 1)
+
+def test_block_masks_exact_per_group():
+    g = torch.Generator().manual_seed(0)
+    W, x = torch.randn(8, 12, generator=g), torch.rand(12, generator=g) + 0.1
+    rows = torch.tensor([[0.25], [0.75]])                                     # two row groups of 4 rows
+    keep = P.wanda_mask(W, x, rows)
+    assert (~keep).float().mean(1).tolist() == [0.25] * 4 + [0.75] * 4       # per row, exactly
+    cols = torch.tensor([[0.5, 0.0, 1.0]])                                    # three column groups of 4
+    for k in (P.wanda_mask(W, x, cols), P.magnitude_mask(W, cols),
+              P.sparsegpt(W, torch.eye(12) + 0.1, cols, blocksize=8)[1]):
+        assert (~k).float().reshape(8, 3, 4).mean((0, 2)).tolist() == [0.5, 0.0, 1.0]
+    for k in (P.magnitude_mask(W, rows), P.sparsegpt(W, torch.eye(12) + 0.1, rows, blocksize=8)[1],
+              P.sparsegpt(W, torch.eye(12) + 0.1, rows, blocksize=8, bits=4, group_size=4)[1]):
+        assert (~k).float().reshape(2, 48).mean(1).tolist() == [0.25, 0.75]  # one threshold per block
+    # a (1, 1) spec at a sparsity with integral counts is the scalar path
+    assert torch.equal(P.wanda_mask(W, x, torch.tensor([[0.5]])), P.wanda_mask(W, x, 0.5))
+    # Wanda inside a block keeps the highest scores of each row
+    score = W.abs() * x.sqrt()
+    k = P.wanda_mask(W, x, cols)
+    lo = score[:, :4].sort(1).values[:, 1]                                    # the 2nd lowest of group 0
+    assert bool((score[:, :4][k[:, :4]].reshape(8, 2).min(1).values > lo).all())
+    with pytest.raises(ValueError, match="does not tile"):
+        P.wanda_mask(W, x, torch.tensor([[0.5]] * 3))
+
+
+def _capability_plan(model, calib, spread=0.3, **kw):
+    """The plan the prune stage makes (default SAE settings) for budget capability at mean 0.5."""
+    return B.plan_budget(model, calib, "capability", 0.5, spread=spread, **kw)
+
+
+def test_head_budgets_reach_q_rows_k_v_groups_and_o_columns():
+    model, calib = tiny_llama(layers=3), correlated_calib(n=8)
+    plan = _capability_plan(model, calib)
+    assert abs(plan.achieved_mean() - 0.5) < 1e-6
+    specs = plan.module_specs()
+    lin = Target().select(model)
+    stats = Prune(method="wanda", sparsity=0.5, budget="capability", budget_spread=0.3).apply(model, calib)
+    lin = Target().select(model)
+    differ = 0
+    for layer in range(3):
+        hb = {int(c.name.split()[1]): c.budget for c in plan.components if c.layer == layer and c.name != "mlp"}
+        p = f"model.layers.{layer}.self_attn."
+        assert specs[p + "q_proj"].reshape(-1).tolist() == pytest.approx([hb[h] for h in range(4)])
+        assert specs[p + "o_proj"].shape == (1, 4) and specs[p + "k_proj"].shape == (2, 1)
+        kv = [(hb[0] + hb[1]) / 2, (hb[2] + hb[3]) / 2]                        # GQA: parameter-weighted
+        assert specs[p + "k_proj"].reshape(-1).tolist() == pytest.approx(kv)
+        assert specs[p + "v_proj"].reshape(-1).tolist() == pytest.approx(kv)
+        q = (~lin[p + "q_proj"].keep).float().reshape(4, 16, 64)               # (head, row, input)
+        o = (~lin[p + "o_proj"].keep).float().reshape(64, 4, 16)              # (output, head, column)
+        k = (~lin[p + "k_proj"].keep).float().reshape(2, 16, 64)
+        for h in range(4):
+            assert bool((q[h].mean(1) == round(64 * hb[h]) / 64).all())        # every row of head h
+            assert bool((o[:, h].mean(1) == round(16 * hb[h]) / 16).all())     # every row, head h's columns
+        for grp in range(2):
+            assert bool((k[grp].mean(1) == round(64 * kv[grp]) / 64).all())
+        differ += len({round(64 * v) for v in hb.values()}) > 1
+        # the stats record each linear's spec
+        assert stats["layers"][p + "q_proj"]["spec"] == pytest.approx([hb[h] for h in range(4)], abs=1e-4)
+    assert differ == 3                                                         # masks differ inside q_proj
+    tot = sum(float((~m.keep).float().sum()) for m in lin.values()) / sum(m.weight.numel() for m in lin.values())
+    assert abs(tot - 0.5) < 0.005                                              # achieved = requested (rounding)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
+def test_head_budgets_other_prune_methods(method):
+    model, calib = tiny_llama(layers=2), correlated_calib(n=8)
+    plan = _capability_plan(model, calib)
+    Prune(method=method, sparsity=0.5, budget="capability", budget_spread=0.3).apply(model, calib)
+    lin = Target().select(model)
+    hb = [c.budget for c in plan.components if c.layer == 1 and c.name != "mlp"]
+    q = (~lin["model.layers.1.self_attn.q_proj"].keep).float().reshape(4, -1).mean(1)
+    o = (~lin["model.layers.1.self_attn.o_proj"].keep).float().reshape(64, 4, 16).mean((0, 2))
+    for h in range(4):
+        assert float(q[h]) == pytest.approx(round(1024 * hb[h]) / 1024, abs=1e-6)
+        assert float(o[h]) == pytest.approx(hb[h], abs=4 / 1024)            # rounded per SparseGPT column block
+    assert len({round(float(v), 3) for v in q}) > 1
+
+
+def test_structured_heads_removes_heads_whose_budget_reaches_one():
+    with pytest.raises(ValueError, match="structured heads needs budget capability"):
+        Prune(method="wanda", budget="owl", structured="heads")
+    model, calib = tiny_llama(layers=2), correlated_calib(n=8)
+    plan = _capability_plan(model, calib, spread=0.9, head_hi=1.0)
+    removed = plan.removed_heads()
+    assert removed and all(c.budget <= 1.0 + 1e-9 for c in plan.components)
+    assert abs(plan.achieved_mean() - 0.5) < 1e-6
+    st = Prune(method="wanda", sparsity=0.5, budget="capability", budget_spread=0.9, structured="heads").apply(model, calib)
+    assert st["removed_heads"] == removed and "removed heads" in st["summary"]
+    lin = Target().select(model)
+    for layer, hs in removed.items():
+        p = f"model.layers.{layer}.self_attn."
+        for h in hs:
+            assert not bool(lin[p + "q_proj"].keep.reshape(4, 16, 64)[h].any())
+            assert not bool(lin[p + "o_proj"].keep.reshape(64, 4, 16)[:, h].any())
+            assert not bool(lin[p + "o_proj"].weight.reshape(64, 4, 16)[:, h].any())
+    out = model(input_ids=calib.input_ids[:2]).logits
+    assert bool(torch.isfinite(out).all())
+
+
+def test_capability_bits_keep_one_width_per_linear():
+    """Per-head bit widths inside one QuantLinear are not implemented: a bits plan gives whole linears."""
+    model, calib = tiny_llama(layers=2), correlated_calib(n=8)
+    plan = B.plan_budget(model, calib, "capability", 4.0, "bits", sae_config=S.SAEConfig(steps=40))
+    mm = plan.module_map()
+    assert abs(plan.achieved_mean() - 4.0) < 1e-6 and set(mm) == set(Target().select(model))
+
+
+# ---------------------------------------------------------------------------------------------- overcomplete SAEs
+
+def test_sae_overcomplete_seeded_with_recorded_error():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 16, generator=g)
+    sample = torch.arange(256) // 32
+    cfg = S.SAEConfig(steps=30, batch=64)
+    a, b = S.density_metrics(x, sample, cfg), S.density_metrics(x, sample, cfg)
+    assert all(torch.equal(a[k], b[k]) for k in a)                                 # fixed seed: reproducible
+    assert a["features"].tolist() == [64.0, 64.0]                                  # 4x the width, no cap
+    assert torch.allclose(a["nmse"] + a["fve"], torch.ones(2)) and float(a["nmse"].min()) > 0
+    t = S.density_metrics(x, sample, S.SAEConfig(steps=30, batch=64, sparsity="topk", k=5))
+    assert float(t["l0"].max()) <= 5.0 + 1e-6
+    assert S.SAEConfig().features(576) == 2304                                     # SmolLM2's MLP output
+    with pytest.raises(ValueError, match="expansion"):
+        S.SAEConfig(expansion=0.5)
+
+
+def test_capability_scores_record_sae_error_per_component():
+    model, calib = tiny_llama(layers=2), correlated_calib(n=8)
+    sc = S.capability_scores(model, calib, cfg=S.SAEConfig(steps=20))
+    assert set(sc) == {(l, n) for l in range(2) for n in ("head 0", "head 1", "head 2", "head 3", "mlp")}
+    assert sc[(0, "head 0")]["features"] == 64 and sc[(0, "mlp")]["features"] == 256
+    assert all(0 < v["nmse"] < 1.5 for v in sc.values())
+
+
+# ---------------------------------------------------------------------------------------------- order confidence
+
+def _oplan(a: tuple, b: tuple):
+    from modelpress.plan.order import Intensity, OrderPlan
+    mk = lambda i, bs: Intensity(i, f"s{i}", "", 0.1, sum(bs) / len(bs), 16 * len(bs) / sum(bs),
+                                 float("nan"), tuple(bs))
+    s = (mk(0, a), mk(1, b))
+    return OrderPlan("KL", ((8.0, 0.01), (2.0, 1.0)), s, weaker_first([x.ratio for x in s]), len(a))
+
+
+def test_order_confidence_inside_and_outside_noise():
+    clear = _oplan((6.0, 6.1, 5.9), (3.0, 3.2, 3.1)).confidence()
+    assert clear[0]["verdict"] == "outside noise" and clear[0]["agree"] == 3
+    assert clear[0]["gap"] == pytest.approx(2.9) and clear[0]["sd"] == pytest.approx(0.1)
+    noisy = _oplan((4.1, 3.9, 4.1), (4.0, 4.2, 3.8))
+    c = noisy.confidence()[0]
+    assert c["verdict"] == "inside noise" and c["agree"] == 2 and c["n"] == 3
+    assert "not decided by the measurement" in noisy.table()
+    assert _oplan((5.0,), (3.0,)).confidence()[0]["verdict"] == "not measured (1 repeat)"
+
+
+def test_plan_order_repeats_measure_on_disjoint_windows():
+    model, calib = tiny_llama(), correlated_calib(n=8)
+    recipe = Recipe(stages=(("quantize", Quantize(method="rtn", bits=3, group_size=32, sym=False)),
+                            ("prune", Prune(method="wanda", sparsity=0.2))))
+    plan = plan_order(model, recipe, calib, windows=2, seqlen=32, samples=8, repeats=3, bits=(8, 4, 2))
+    assert plan.repeats == 3 and all(len(s.per_repeat) == 3 for s in plan.intensities)
+    assert all(s.bits_sd > 0 for s in plan.intensities)                        # different text -> spread
+    assert len(set(plan.intensities[0].per_repeat)) == 3
+    with pytest.raises(ValueError, match="calibration samples"):
+        plan_order(model, recipe, calib, windows=4, repeats=2)

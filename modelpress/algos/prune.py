@@ -1,6 +1,15 @@
 """Weight pruning: magnitude, Wanda (Sun et al., arXiv 2306.11695) and SparseGPT (Frantar & Alistarh,
 arXiv 2301.00774), unstructured or N:M (at most N non-zeros in every M consecutive input weights of a
-row; "2:4" keeps 2 of 4). Masks here are *keep* masks: True = the weight survives."""
+row; "2:4" keeps 2 of 4). Masks here are *keep* masks: True = the weight survives.
+
+Block sparsity (per-component budgets, e.g. one per attention head, "Capability-Guided Compression",
+arXiv 2603.16440): a spec S (R, G) splits the weight (rows, cols) into R equal row groups x G equal column
+groups and asks sparsity S[r, g] of block (r, g). A head's rows of q/k/v are a row group (S (H, 1)), its
+input columns of o_proj a column group (S (1, H)). Within a block each method compares what it compares
+in a whole matrix: Wanda per output row (round(width * S[r, g]) of the row's entries in the block),
+magnitude and SparseGPT's adaptive mask one threshold per block (round(entries * S[r, g]) of the block).
+A float sparsity keeps the scalar path (counts truncated, as before); the block path rounds counts, so
+its achieved mean is unbiased."""
 from __future__ import annotations
 
 import re
@@ -52,25 +61,87 @@ def score_mask(score: Tensor, sparsity: float, pattern: str = "unstructured", pe
     return _keep_lowest_pruned(flat, int(flat.numel() * sparsity)).reshape(score.shape)
 
 
-def magnitude_mask(w: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
-    """Keep mask by |w|, one threshold per matrix (unstructured) or per M-group (N:M)."""
+def check_spec(spec: Tensor, shape: tuple[int, int]) -> tuple[int, int]:
+    """(row group height, column group width) of a block-sparsity spec (R, G) on a (rows, cols) weight."""
+    rows, cols = shape
+    if spec.dim() != 2 or rows % spec.shape[0] or cols % spec.shape[1]:
+        raise ValueError(f"sparsity spec of shape {tuple(spec.shape)} does not tile a {rows} x {cols} weight "
+                         "into equal blocks")
+    if float(spec.min()) < 0 or float(spec.max()) > 1:
+        raise ValueError(f"block sparsities must lie in [0, 1], got {float(spec.min())}..{float(spec.max())}")
+    return rows // spec.shape[0], cols // spec.shape[1]
+
+
+def block_row_keep(score: Tensor, spec: Tensor) -> Tensor:
+    """Per-row selection inside column groups: in every row of row group r and column group g, the
+    round(width * S[r, g]) lowest scores are pruned. score: (rows, cols); spec: (R, G) -> keep (rows, cols)."""
+    rows, cols = score.shape
+    hr, wg = check_spec(spec, (rows, cols))
+    G = spec.shape[1]
+    k = torch.round(spec.double() * wg).to(torch.int64).repeat_interleave(hr, 0).to(score.device)   # (rows, G)
+    blocks = score.reshape(rows, G, wg)
+    rank = torch.argsort(torch.argsort(blocks, dim=-1, stable=True), dim=-1)                       # (rows, G, wg)
+    return (rank >= k[..., None]).reshape(rows, cols)
+
+
+def block_keep(score: Tensor, spec: Tensor) -> Tensor:
+    """One threshold per block: in block (r, g) the round(entries * S[r, g]) lowest scores are pruned.
+    score: (rows, cols); spec: (R, G) -> keep (rows, cols)."""
+    rows, cols = score.shape
+    hr, wg = check_spec(spec, (rows, cols))
+    keep = torch.ones_like(score, dtype=torch.bool)
+    for r in range(spec.shape[0]):
+        for g in range(spec.shape[1]):
+            blk = score[r * hr:(r + 1) * hr, g * wg:(g + 1) * wg]
+            k = round(float(spec[r, g]) * blk.numel())
+            if k > 0:
+                kb = torch.ones(blk.numel(), dtype=torch.bool, device=score.device)
+                kb[torch.topk(blk.reshape(-1), k, largest=False).indices] = False
+                keep[r * hr:(r + 1) * hr, g * wg:(g + 1) * wg] = kb.reshape(blk.shape)
+    return keep
+
+
+def as_spec(sparsity: float | Tensor) -> Tensor | None:
+    """A block spec (R, G) from a tensor sparsity; None for a plain float (the scalar path)."""
+    if isinstance(sparsity, Tensor):
+        return sparsity.double().reshape(1, 1) if sparsity.dim() == 0 else sparsity.double()
+    return None
+
+
+def magnitude_mask(w: Tensor, sparsity: float | Tensor, pattern: str = "unstructured") -> Tensor:
+    """Keep mask by |w|, one threshold per matrix (unstructured) or per M-group (N:M); with a block spec
+    (R, G) one threshold per block."""
+    spec = as_spec(sparsity)
+    if spec is not None:
+        return block_keep(w.abs().float(), spec)
     return score_mask(w.abs().float(), sparsity, pattern, per_row=False)
 
 
-def wanda_mask(w: Tensor, x_sq_norm: Tensor, sparsity: float, pattern: str = "unstructured") -> Tensor:
-    """Wanda: score_ij = |W_ij| * ||X_j||_2, pruned per output row. x_sq_norm: (cols,) sum of x_j^2."""
+def wanda_mask(w: Tensor, x_sq_norm: Tensor, sparsity: float | Tensor, pattern: str = "unstructured") -> Tensor:
+    """Wanda: score_ij = |W_ij| * ||X_j||_2, pruned per output row. x_sq_norm: (cols,) sum of x_j^2.
+    sparsity: a float, or a block spec (R, G) (per row inside each block)."""
     score = w.abs().float() * torch.sqrt(x_sq_norm.float())[None, :]
+    spec = as_spec(sparsity)
+    if spec is not None:
+        return block_row_keep(score, spec)
     return score_mask(score, sparsity, pattern, per_row=True)
 
 
-def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructured", blocksize: int = 128,
+def sparsegpt(W: Tensor, H: Tensor, sparsity: float | Tensor, pattern: str = "unstructured", blocksize: int = 128,
               percdamp: float = 0.01, bits: int | None = None, group_size: int | None = None,
               sym: bool = False) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """SparseGPT: prune W (rows, cols) with OBS updates of the surviving weights, mask chosen per block
     by w^2 / [H^-1]_jj^2. With bits set, survivors are quantized jointly (group parameters from the
-    current surviving weights). Returns (W_hat float32, keep mask, (codes, scales, zeros) or None)."""
+    current surviving weights). Returns (W_hat float32, keep mask, (codes, scales, zeros) or None).
+    sparsity may be a block spec (R, G): each block's share of a column block of the adaptive mask is
+    pruned by its own threshold (round(entries * S[r, g]) per intersection of block and column block)."""
     rows, cols = W.shape
     nm = parse_pattern(pattern)
+    spec = as_spec(sparsity)
+    if spec is not None:
+        if nm is not None:
+            raise ValueError("a block sparsity spec needs pattern 'unstructured'")
+        hr, wg = check_spec(spec, (rows, cols))
     if bits is not None:
         quant.check_groups(cols, group_size)
         if group_size:
@@ -94,7 +165,10 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
         W1, U1 = WT[i1:i2], U[i1:i2, i1:i2]                              # (B, rows) view, (B, B)
         d1 = torch.diag(U1)
         K1 = KT[i1:i2]
-        if nm is None:
+        if nm is None and spec is not None:
+            score = W1 ** 2 / d1[:, None] ** 2                           # (B, rows)
+            K1.copy_(_spec_block_keep(score, spec, hr, wg, i1))
+        elif nm is None:
             score = W1 ** 2 / d1[:, None] ** 2
             K1.copy_(_keep_lowest_pruned(score.reshape(1, -1), int(score.numel() * sparsity)).reshape(score.shape))
         E1 = torch.empty_like(W1)
@@ -128,6 +202,17 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float, pattern: str = "unstructure
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)
     WT *= KT
     return WT.t(), KT.t(), ((QT.t(), S, Z) if bits is not None else None)
+
+
+def _spec_block_keep(scoreT: Tensor, spec: Tensor, hr: int, wg: int, c0: int) -> Tensor:
+    """Keep mask (B, rows) of SparseGPT's column block starting at column c0 (scores transposed): every part
+    of a spec block (r, g) inside it prunes round(entries * S[r, g]) of its lowest scores."""
+    B, rows = scoreT.shape
+    keep = torch.ones_like(scoreT, dtype=torch.bool)
+    for g in range(c0 // wg, (c0 + B - 1) // wg + 1):
+        a, b = max(g * wg, c0) - c0, min((g + 1) * wg, c0 + B) - c0
+        keep[a:b] = block_keep(scoreT[a:b].t(), spec[:, g:g + 1]).t()
+    return keep
 
 
 def _prune_columns(W1: Tensor, U1: Tensor, K1: Tensor, E1: Tensor, d1: Tensor, sub: int,

@@ -1,5 +1,5 @@
-"""CLI plugin: `modelpress plan order RECIPE [--model M]` (stage order by compression-equivalent
-intensity, arXiv 2603.18426) and `modelpress plan budget RECIPE [--model M] [--plot out.png]`
+"""CLI plugin: `modelpress plan order RECIPE [--model M] [--repeats 3]` (stage order by compression-equivalent
+intensity, arXiv 2603.18426, with the intensity gap's sd over repeats and whether it is inside that noise) and `modelpress plan budget RECIPE [--model M] [--plot out.png]`
 (per-component budgets of the recipe's prune/quantize stage: capability density from SAEs, arXiv
 2603.16440; sensitivity; OWL, arXiv 2310.05175), printed as a table and optionally plotted (PNG)."""
 from __future__ import annotations
@@ -30,7 +30,10 @@ def add_parser(subparsers) -> tuple[str, ...]:
         q.add_argument("--samples", type=int, default=16, help="calibration samples (default 16)")
         q.add_argument("--seqlen", type=int, default=256, help="calibration tokens per sample (default 256)")
         q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    o.add_argument("--windows", type=int, default=4, help="calibration sequences scored by the KL metric")
+    o.add_argument("--windows", type=int, default=4, help="calibration sequences scored by the KL metric (per repeat)")
+    o.add_argument("--repeats", type=int, default=3, help="re-measure the intensities on this many disjoint "
+                   "window blocks / calibration subsets and report the gap's sd (default 3; needs "
+                   "--samples > windows x repeats)")
     b.add_argument("--method", choices=ALLOCATOR_NAMES, help="allocator (default: the stage's `budget`, "
                                                                 "else capability)")
     b.add_argument("--stage", type=int, default=None, help="1-based stage index (default: the first prune or "
@@ -58,10 +61,12 @@ def _setup(a):
 
 def cmd_order(a) -> int:
     from ..plan.order import plan_order
+    if a.repeats < 1 or a.windows < 1 or a.windows * a.repeats >= a.samples:
+        raise UserError(f"--windows x --repeats must be below --samples={a.samples} (each repeat scores its own "
+                        f"windows and calibrates on the rest), got {a.windows} x {a.repeats}")
     recipe, model, calib = _setup(a)
-    if a.windows < 1 or a.windows > a.samples:
-        raise UserError(f"--windows must be in [1, --samples={a.samples}], got {a.windows}")
-    plan = plan_order(model, recipe, calib, windows=a.windows, seqlen=a.seqlen, samples=a.samples)
+    plan = plan_order(model, recipe, calib, windows=a.windows, seqlen=a.seqlen, samples=a.samples,
+                      repeats=a.repeats)
     print(plan.table())
     print("to apply it: `order: auto` in the recipe")
     return 0

@@ -12,7 +12,15 @@ score (capability density, sensitivity, outlier ratio) is compressed less -- low
                spread linearly over [mean - lambda, mean + lambda].
 
 `plan_budget(model, calib, method, mean)` measures the scores on a model and returns a BudgetPlan whose
-`module_map()` is {linear name: sparsity or bits}, the hook the prune/quantize stages read.
+`module_specs()` is {linear name: (R, G) budgets of its row x column groups} and `module_map()` {linear
+name: mean budget}. Capability budgets are per head and reach the head's own weights: the q rows of head
+h, the k/v rows of its KV group (GQA: the budgets of the heads sharing the group, weighted by the weights
+each owns) and the o_proj input columns of head h (spec (H, 1), (KV, 1), (1, H)); the prune stage applies
+them as block masks inside one linear (modelpress.algos.prune). Quantization reads `module_map()` (one
+bit width per linear: per-head bit widths inside one QuantLinear are not implemented). A head whose
+budget reaches sparsity 1.0 (`structured: heads`, head bound 1.0) has all its q rows and o columns
+zeroed -- recorded by `removed_heads()`; the config's head count is unchanged (transformers reloads one
+num_attention_heads for every layer, so per-layer head removal is not a reloadable checkpoint).
 """
 from __future__ import annotations
 
@@ -156,6 +164,8 @@ class Component:
     score: float = float("nan")
     budget: float = float("nan")
     metrics: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)   # {module: [(group, weight), ...]}: the row/column groups of
+                                                # the module this head owns and how many weights of each
 
 
 @dataclass
@@ -166,30 +176,89 @@ class BudgetPlan:
     scope: str                              # "layer" (means kept per decoder layer) or "model"
     components: list[Component]
     module_params: dict[str, int]
+    layouts: dict[str, tuple[str, int]] = field(default_factory=dict)   # {module: ("rows"|"cols", groups)}
 
-    def module_map(self) -> dict[str, float]:
-        """{linear name: budget}: the parameter-weighted mean of its components' budgets. For heads of one
-        layer (equal sizes) that is their mean; for a layer-level component, its budget."""
-        acc: dict[str, list[float]] = {}
+    def module_specs(self) -> dict[str, Tensor]:
+        """{linear name: budget spec (R, G) float64}: R equal row groups x G equal column groups, each with
+        the parameter-weighted mean budget of the components owning it. Per head (capability): q/k/v get
+        (H, 1) / (KV groups, 1) -- a KV group's budget combines the heads sharing it, weighted by the weights
+        each owns -- o_proj (1, H), a fused qkv (H + 2 KV, 1); MLPs and whole layers (1, 1)."""
+        acc: dict[str, Tensor] = {}
+        wts: dict[str, Tensor] = {}
         for c in self.components:
             for m in c.modules:
-                acc.setdefault(m, [0.0, 0.0])
-                acc[m][0] += c.params * c.budget
-                acc[m][1] += c.params
-        return {m: s / w for m, (s, w) in acc.items()}
+                axis, n = self.layouts.get(m, ("rows", 1))
+                shape = (n, 1) if axis == "rows" else (1, n)
+                a = acc.setdefault(m, torch.zeros(shape, dtype=torch.float64))
+                w = wts.setdefault(m, torch.zeros(shape, dtype=torch.float64))
+                for g, wt in (c.parts.get(m) or [(k, c.params / n) for k in range(n)]):
+                    a.view(-1)[g] += wt * c.budget
+                    w.view(-1)[g] += wt
+        return {m: acc[m] / wts[m].clamp(min=1e-30) for m in acc}
+
+    def module_map(self) -> dict[str, float]:
+        """{linear name: budget}: the parameter-weighted mean of its components' budgets (the mean of its
+        spec: all groups of a module are the same size)."""
+        return {m: float(s.mean()) for m, s in self.module_specs().items()}
 
     def achieved_mean(self) -> float:
         mm = self.module_map()
         tot = sum(self.module_params[m] for m in mm)
         return sum(mm[m] * self.module_params[m] for m in mm) / tot
 
+    def removed_heads(self) -> dict[int, list[int]]:
+        """{layer: [head, ...]} of heads whose whole budget is sparsity 1.0 (structured head removal)."""
+        out: dict[int, list[int]] = {}
+        for c in self.components:
+            if self.kind == "sparsity" and c.name.startswith("head ") and c.budget >= 1.0 - 1e-9:
+                out.setdefault(c.layer, []).append(int(c.name.split()[1]))
+        return out
+
     def table(self) -> list[tuple]:
         return [(c.layer, c.name, c.score, c.budget) for c in self.components]
 
 
-def layer_components(model: nn.Module, linears: dict[str, nn.Linear], layer: int, per_head: bool) -> list[Component]:
+OUT_PROJ = ("o_proj", "out_proj", "c_proj", "dense", "wo")     # attention output projections by leaf name
+
+
+def head_layout(model: nn.Module) -> tuple[int, int, int]:
+    """(heads, KV heads, head dim) from the model config; KV heads = heads without GQA."""
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if not heads:
+        raise UserError("capability budgets need config.num_attention_heads: use budget sensitivity or owl")
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    dh = getattr(cfg, "head_dim", None) or (hidden // heads if hidden else None)
+    return int(heads), int(kv), int(dh) if dh else 0
+
+
+def head_parts(name: str, lin: nn.Linear, heads: int, kv: int, dh: int) -> tuple[tuple[str, int], list] | None:
+    """Which groups of attention linear `name` each head owns: ((axis, groups), [[(group, weights)], per head]),
+    or None when the shape matches no per-head layout (the module then gets the heads' mean).
+    o_proj: input columns [h dh, (h+1) dh); q: output rows of head h; k/v: rows of KV group h // (heads / kv),
+    shared by the heads of the group (each owns 1 / group size of it); fused qkv: q rows, then k, then v."""
+    out_f, in_f = lin.weight.shape
+    if not dh or heads % kv:
+        return None
+    rep = heads // kv
+    if name.rsplit(".", 1)[-1] in OUT_PROJ and in_f == heads * dh:
+        return ("cols", heads), [[(h, out_f * dh)] for h in range(heads)]
+    if out_f == heads * dh:                                 # q (and k, v without GQA): one group per head
+        return ("rows", heads), [[(h, dh * in_f)] for h in range(heads)]
+    if out_f == kv * dh:                                    # GQA k or v
+        return ("rows", kv), [[(h // rep, dh * in_f / rep)] for h in range(heads)]
+    if out_f == (heads + 2 * kv) * dh:                      # fused qkv
+        return ("rows", heads + 2 * kv), [[(h, dh * in_f), (heads + h // rep, dh * in_f / rep),
+                                           (heads + kv + h // rep, dh * in_f / rep)] for h in range(heads)]
+    return None
+
+
+def layer_components(model: nn.Module, linears: dict[str, nn.Linear], layer: int, per_head: bool,
+                     layouts: dict | None = None) -> list[Component]:
     """Components of decoder layer `layer` over the targeted `linears` (full names): one per attention head
-    plus one MLP when `per_head`, else a single component for the whole layer."""
+    plus one MLP when `per_head`, else a single component for the whole layer. Per head, `layouts` (filled
+    here) records each attention linear's ("rows" | "cols", groups) and every head the groups it owns."""
     if not linears:
         return []
     if not per_head:
@@ -197,25 +266,28 @@ def layer_components(model: nn.Module, linears: dict[str, nn.Linear], layer: int
     attn, mlp = attention_mlp_split(linears)
     out = []
     if attn:
-        cfg = getattr(model, "config", None)
-        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
-        if not heads:
-            raise UserError("capability budgets need config.num_attention_heads: use budget sensitivity or owl")
-        p_attn = float(sum(linears[n].weight.numel() for n in attn))
+        heads, kv, dh = head_layout(model)
+        parts = {n: head_parts(n, linears[n], heads, kv, dh) for n in attn}
+        if layouts is not None:
+            layouts.update({n: p[0] for n, p in parts.items() if p})
         for h in range(heads):
-            out.append(Component(layer, f"head {h}", tuple(attn), p_attn / heads))
+            own = {n: p[1][h] for n, p in parts.items() if p}
+            params = sum(w for ps in own.values() for _, w in ps) + sum(
+                linears[n].weight.numel() / heads for n, p in parts.items() if not p)
+            out.append(Component(layer, f"head {h}", tuple(attn), float(params), parts=own))
     if mlp:
         out.append(Component(layer, "mlp", tuple(mlp), float(sum(linears[n].weight.numel() for n in mlp))))
     return out
 
 
 def allocate_capability(components: list[Component], mean: float, kind: str, spread: float | None = None,
-                        lo: float | None = None, hi: float | None = None) -> None:
+                        lo: float | None = None, hi: float | None = None, head_hi: float | None = None) -> None:
     """Capability budgets in two levels. (1) Per decoder layer, between its attention block (score = mean
     head density) and its MLP, keeping the layer's mean: each block type is standardized across layers
     (head and MLP SAEs differ in width, so their densities are compared within type). (2) Between the
-    heads of a layer, keeping the attention block's budget. module_map() gives the attention linears
-    the mean of their heads' budgets, i.e. the block budget."""
+    heads of a layer, keeping the attention block's budget; module_specs() hands each head's budget to
+    its own rows / columns. head_hi: the heads' upper bound (1.0 lets a head be removed whole: structured
+    head pruning); default `hi`."""
     by_layer: dict[int, list[Component]] = {}
     for c in components:
         by_layer.setdefault(c.layer, []).append(c)
@@ -239,7 +311,8 @@ def allocate_capability(components: list[Component], mean: float, kind: str, spr
         heads = [c for c in cs if c.name != "mlp"]
         if heads:
             hb = capability(torch.tensor([c.score for c in heads]), block["attn"], spread, kind,
-                            torch.tensor([c.params for c in heads], dtype=torch.float64), lo, hi)
+                            torch.tensor([c.params for c in heads], dtype=torch.float64), lo,
+                            hi if head_hi is None else head_hi)
             for c, v in zip(heads, hb.tolist()):
                 c.budget = v
         for c in cs:
@@ -330,9 +403,11 @@ def outlier_ratio(W: Tensor, x_sq_norm: Tensor, m: float = 5.0) -> tuple[int, in
 
 def plan_budget(model: nn.Module, calib, method: str, mean: float, kind: str = "sparsity", target=None,
                 spread: float | None = None, lo: float | None = None, hi: float | None = None,
-                windows: int = 4, owl_m: float = 5.0, sae_config=None, density_weights=None) -> BudgetPlan:
+                windows: int = 4, owl_m: float = 5.0, sae_config=None, density_weights=None,
+                head_hi: float | None = None) -> BudgetPlan:
     """Measure the scores `method` needs on `model` (not modified) and allocate budgets with mean `mean`.
-    windows: calibration sequences scored by the sensitivity probe (KL)."""
+    windows: calibration sequences scored by the sensitivity probe (KL). head_hi (capability): upper bound
+    of a head's budget (1.0: a head may be removed whole)."""
     from ..targets import Target
     if method not in ALLOCATORS:
         raise UserError(f"budget {method!r} is unknown: use one of {', '.join(ALLOCATORS)}")
@@ -343,7 +418,8 @@ def plan_budget(model: nn.Module, calib, method: str, mean: float, kind: str = "
         raise UserError("budget: no targeted linear layers: check include / exclude")
     params = {n: m.weight.numel() for _, _, lin in layers for n, m in lin.items()}
     per_head = method == "capability"
-    comps = [c for i, _, lin in layers for c in layer_components(model, lin, i, per_head)]
+    layouts: dict[str, tuple[str, int]] = {}
+    comps = [c for i, _, lin in layers for c in layer_components(model, lin, i, per_head, layouts)]
     if method != "uniform" and calib is None:
         raise UserError(f"budget {method} needs calibration data: add a `calibration:` block or use budget uniform")
     if method == "capability":
@@ -367,10 +443,10 @@ def plan_budget(model: nn.Module, calib, method: str, mean: float, kind: str = "
             c.score = 0.0
     scope = "layer" if per_head else "model"
     if per_head:
-        allocate_capability(comps, mean, kind, spread, lo, hi)
+        allocate_capability(comps, mean, kind, spread, lo, hi, head_hi)
     else:
         allocate(comps, method, mean, kind, scope, spread, lo, hi)
-    return BudgetPlan(method, kind, mean, scope, comps, params)
+    return BudgetPlan(method, kind, mean, scope, comps, params, layouts)
 
 
 def owl_ratios(model: nn.Module, calib, target, m: float = 5.0) -> dict[int, float]:
@@ -396,6 +472,14 @@ def _layer_index(name: str) -> int:
         if part.isdigit():
             return int(part)
     raise UserError(f"cannot find the decoder layer index in module name {name!r}")
+
+
+def budget_specs(model: nn.Module, calib, method: str, mean: float, target=None, spread: float | None = None,
+                 **kw) -> tuple[dict[str, Tensor], BudgetPlan]:
+    """({linear name: sparsity spec (R, G)}, plan) for the targeted linears: per-head row / column groups
+    for capability budgets (modelpress.algos.prune block masks read them), (1, 1) otherwise."""
+    plan = plan_budget(model, calib, method, mean, "sparsity", target, spread, **kw)
+    return plan.module_specs(), plan
 
 
 def budget_map(model: nn.Module, calib, method: str, mean: float, kind: str = "sparsity", target=None,

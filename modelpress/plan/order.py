@@ -6,7 +6,15 @@ measure its quality loss (mean KL(original || compressed) per token on a few cal
 map that loss onto the RTN bits -> loss curve measured on the same model and text (8/6/4/3/2 bits,
 group 64, asymmetric), by linear interpolation of bits against log(loss):
     b_eq = interp(log L_stage; log L(b), b),   ratio_eq = 16 / b_eq   (against 16-bit weights).
-Stages are run in increasing ratio_eq (stable: ties keep the recipe's order). The joint semantics live
+Stages are run in increasing ratio_eq (stable: ties keep the recipe's order).
+
+Confidence: with `repeats` > 1 the whole measurement (reference curve and every stage alone) is repeated
+on disjoint blocks of scoring windows, each stage calibrated on the sequences outside its repeat's windows
+(so every repeat uses a different calibration subset and text it did not calibrate on). The planned order
+uses the mean equivalent bits; for every pair of neighbours in it the table gives the gap (weaker minus
+stronger, eq. bits) as mean +- sd over repeats, how many repeats order the pair the same way, and a
+verdict: "outside noise" when |mean gap| > 2 sd (a single repeat would be expected to give the same
+order), else "inside noise" (the measurement does not decide the order of that pair). The joint semantics live
 in the stages: prune-then-quantize takes scales from surviving weights, quantize-then-prune re-masks
 the dequantized weights (QuantLinear.set_keep) so pruned weights stay exactly zero.
 """
@@ -35,8 +43,10 @@ class Intensity:
     name: str                       # stage name
     describe: str
     loss: float                     # metric of the stage alone
-    bits: float                     # compression-equivalent bits
+    bits: float                     # compression-equivalent bits (mean over repeats)
     ratio: float                    # REFERENCE_BITS / bits
+    bits_sd: float = float("nan")   # sd of the equivalent bits over repeats (nan for one repeat)
+    per_repeat: tuple[float, ...] = ()   # equivalent bits of each repeat
 
 
 @dataclass(frozen=True)
@@ -45,17 +55,44 @@ class OrderPlan:
     curve: tuple[tuple[float, float], ...]        # (bits, loss) of the RTN reference
     intensities: tuple[Intensity, ...]            # in recipe order
     order: tuple[int, ...]                        # recipe indices, weaker first
+    repeats: int = 1
+
+    def confidence(self) -> list[dict]:
+        """For each pair of neighbours (weaker, stronger) in the planned order: the gap in equivalent bits
+        (weaker minus stronger) mean and sd over repeats, how many repeats agree on the order, and whether
+        |mean| > 2 sd ("outside noise"); sd is nan and the verdict "not measured" for one repeat."""
+        out = []
+        for a, b in zip(self.order, self.order[1:]):
+            sa, sb = self.intensities[a], self.intensities[b]
+            gaps = [x - y for x, y in zip(sa.per_repeat, sb.per_repeat)] or [sa.bits - sb.bits]
+            mean = sum(gaps) / len(gaps)
+            sd = (math.sqrt(sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)) if len(gaps) > 1
+                  else float("nan"))
+            agree = sum(g > 0 for g in gaps) if mean > 0 else sum(g <= 0 for g in gaps)
+            verdict = ("not measured (1 repeat)" if len(gaps) < 2 else
+                       "outside noise" if abs(mean) > 2 * sd else "inside noise")
+            out.append({"weaker": a, "stronger": b, "gap": mean, "sd": sd, "agree": agree, "n": len(gaps),
+                        "verdict": verdict})
+        return out
 
     def table(self) -> str:
-        lines = [f"reference: RTN g64 asym, {self.metric} at " +
+        lines = [f"reference: RTN g64 asym, {self.metric} at " + (f"(mean of {self.repeats} repeats) " if self.repeats > 1 else "") +
                  ", ".join(f"w{b:g}={v:.4g}" for b, v in self.curve),
                  f"{'run':>3}  {'recipe':>6}  {'stage':<34} {self.metric:>10} {'eq. bits':>8} {'eq. ratio':>9}"]
         for k, i in enumerate(self.order):
             s = self.intensities[i]
+            sd = f" +- {s.bits_sd:.2f}" if len(s.per_repeat) > 1 else ""
             lines.append(f"{k + 1:>3}  {s.index + 1:>6}  {s.name + ': ' + s.describe:<34} {s.loss:>10.4g} "
-                         f"{s.bits:>8.2f} {s.ratio:>8.2f}x")
+                         f"{s.bits:>8.2f}{sd} {s.ratio:>8.2f}x")
         moved = self.order != tuple(range(len(self.order)))
         lines.append("order: weaker first" + (" (differs from the recipe)" if moved else " (as written)"))
+        for c in self.confidence():
+            a, b = self.intensities[c["weaker"]], self.intensities[c["stronger"]]
+            sd = f" +- {c['sd']:.2f}" if c["n"] > 1 else ""
+            lines.append(f"gap {a.name} -> {b.name}: {c['gap']:.2f}{sd} eq. bits over {c['n']} repeat(s), "
+                         f"{c['agree']}/{c['n']} agree: {c['verdict']}"
+                         + (" -- the order of this pair is not decided by the measurement"
+                            if c["verdict"] == "inside noise" else ""))
         return "\n".join(lines)
 
 
@@ -108,9 +145,12 @@ def kl_metric(reference: nn.Module, windows: Tensor, batch_size: int = 2) -> Cal
     return metric
 
 
-def _subset(calib, n: int):
+def _subset(calib, idx: list[int], n: int):
+    """The first n of the sequences `idx` of calib."""
     from ..calib import CalibrationSet
-    return CalibrationSet(calib.input_ids[:n], calib.attention_mask[:n], dict(calib.provenance, subset=n))
+    idx = torch.tensor(idx[:n], dtype=torch.long)
+    return CalibrationSet(calib.input_ids[idx], calib.attention_mask[idx],
+                          dict(calib.provenance, subset=[int(i) for i in idx]))
 
 
 def reference_curve(model: nn.Module, metric: Callable[[nn.Module], float], stage: Callable[..., object],
@@ -129,31 +169,54 @@ def reference_curve(model: nn.Module, metric: Callable[[nn.Module], float], stag
 
 def plan_order(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module], float] | None = None,
                windows: int = 4, seqlen: int = 256, samples: int = 16, bits: Sequence[int] = CURVE_BITS,
-               group_size: int | None = 64, curve: tuple[tuple[float, float], ...] | None = None) -> OrderPlan:
+               group_size: int | None = 64, curve: tuple[tuple[float, float], ...] | None = None,
+               repeats: int = 1) -> OrderPlan:
     """Measure every stage's intensity alone (on deep copies; `model` is not modified) and order them
-    weaker first. metric(compressed copy) -> loss; default: KL to `model` on the last `windows`
-    calibration sequences (first `seqlen` tokens). Calibrated stages see the first `samples` sequences."""
+    weaker first. metric(compressed copy) -> loss; default: KL to `model` on `windows` calibration
+    sequences (first `seqlen` tokens): repeat r scores the r-th block of `windows` sequences from the end.
+    Calibrated stages see up to `samples` of the other sequences. `repeats` > 1 re-measures everything on
+    another block (another calibration subset) and reports the spread (OrderPlan.confidence)."""
     stages = tuple(recipe.stages)
+    if repeats < 1:
+        raise UserError(f"order repeats must be >= 1, got {repeats}")
+    n = calib.input_ids.shape[0] if calib is not None else 0
     if metric is None:
         if calib is None:
             raise UserError("order: auto needs calibration text to measure stage intensity: add a `calibration:` block")
-        metric = kl_metric(model, calib.input_ids[-windows:, :seqlen])
+        if n < repeats * windows + 1:
+            raise UserError(f"order: {repeats} repeat(s) x {windows} scoring windows need at least "
+                            f"{repeats * windows + 1} calibration samples, got {n}: add samples or lower windows")
         name = "KL"
     else:
         name = getattr(metric, "__name__", "loss")
-    probe = _subset(calib, samples) if calib is not None else None
-    curve = curve or reference_curve(model, metric, recipe.stage, bits, group_size)
-    cb, cl = [b for b, _ in curve], [v for _, v in curve]
+    per: list[list[tuple[float, float]]] = [[] for _ in stages]               # (loss, bits) per repeat
+    curves = []
+    for r in range(repeats):
+        if metric is None:
+            held = list(range(n - (r + 1) * windows, n - r * windows))
+            m_r = kl_metric(model, calib.input_ids[held, :seqlen])
+            probe = _subset(calib, [i for i in range(n) if i not in held], samples)
+        else:
+            m_r = metric
+            probe = _subset(calib, list(range(n)), samples) if calib is not None else None
+        c_r = curve or reference_curve(model, m_r, recipe.stage, bits, group_size)
+        curves.append(c_r)
+        cb, cl = [b for b, _ in c_r], [v for _, v in c_r]
+        for i, (sname, cfg) in enumerate(stages):
+            m = copy.deepcopy(model)
+            cfg.apply(m, probe)
+            loss = m_r(m)
+            del m
+            per[i].append((loss, equivalent_bits(cb, cl, loss)))
     out = []
     for i, (sname, cfg) in enumerate(stages):
-        m = copy.deepcopy(model)
-        cfg.apply(m, probe)
-        loss = metric(m)
-        del m
-        b = equivalent_bits(cb, cl, loss)
-        out.append(Intensity(i, sname, cfg.describe() if hasattr(cfg, "describe") else sname, loss, b,
-                             REFERENCE_BITS / b))
-    return OrderPlan(name, tuple(curve), tuple(out), weaker_first([s.ratio for s in out]))
+        bs = [b for _, b in per[i]]
+        mb = sum(bs) / len(bs)
+        sd = math.sqrt(sum((b - mb) ** 2 for b in bs) / (len(bs) - 1)) if len(bs) > 1 else float("nan")
+        out.append(Intensity(i, sname, cfg.describe() if hasattr(cfg, "describe") else sname,
+                             sum(v for v, _ in per[i]) / len(bs), mb, REFERENCE_BITS / mb, sd, tuple(bs)))
+    curve_mean = tuple((b, sum(c[k][1] for c in curves) / len(curves)) for k, (b, _) in enumerate(curves[0]))
+    return OrderPlan(name, curve_mean, tuple(out), weaker_first([s.ratio for s in out]), repeats)
 
 
 def order_stages(model: nn.Module, recipe, calib=None) -> tuple:

@@ -4,16 +4,26 @@
 For every decoder layer, activations over the calibration text are collected per component:
   head h  the head's attention output, the o_proj input columns [h*d_h, (h+1)*d_h)      (tokens, d_h)
   MLP     the MLP output, down_proj(x) without bias                                   (tokens, hidden)
-and one ReLU SAE per component is trained on them (all heads of a layer at once, batched):
-  f = relu((x - b_dec) W_enc + b_enc)  (tokens, F);   x_hat = f W_dec + b_dec;
-  L = mean_t ||x_t - x_hat_t||^2 + l1 * mean_t sum_j f_tj,   rows of W_dec kept at unit norm;
-x is centred and scaled to mean ||x_t||^2 = 1 per component, so l1 means the same everywhere.
+and one overcomplete SAE per component is trained on them (all heads of a layer at once, batched), with
+F = expansion x d features (default 4x the component's width, no cap: 256 for a 64-wide head, 2304 for a
+576-wide MLP output), a fixed seed, and one of two sparsity mechanisms:
+  l1    f = relu((x - b_dec) W_enc + b_enc)  (tokens, F);   L = mean_t ||x_t - x_hat_t||^2 + l1 * mean_t sum_j f_tj
+  topk  f = the k largest of relu((x - b_dec) W_enc + b_enc) per token, the rest 0;   L = mean_t ||x_t - x_hat_t||^2
+x_hat = f W_dec + b_dec, rows of W_dec kept at unit norm; x is centred and scaled to mean ||x_t||^2 = 1 per
+component, so l1 means the same everywhere. The reconstruction error of every SAE is recorded
+(`nmse` = mean ||x - x_hat||^2 / mean ||x||^2 on the normalised activations, `fve` = 1 - nmse).
 
 From the codes f over the calibration tokens, three numbers in [0, 1]:
   breadth      exp(H(u)) / F, u_j = sum_t f_tj / sum_tj f_tj: the effective share of the dictionary used;
   entropy      mean over active tokens of H(f_t / sum_j f_tj) / log F: how many features co-fire per token;
   consistency  mean pairwise cosine of the per-sample mean codes: the same features across inputs;
 capability density = their weighted geometric mean (weights configurable; all 1 by default).
+
+Source of the definitions: the paper's abstract names the three quantities (feature breadth, activation
+entropy, cross-input consistency of a component's SAE feature activation distribution) and their
+combination into a scalar capability density; its full text (exact formulas, SAE width and sparsity
+mechanism) was not available to us. The formulas above are our reconstruction, an effective-number /
+normalised-entropy / mean-cosine reading of those names, each scaled to [0, 1].
 
 Also returned per component: the Wanda importance (mean |W_ij| ||X_j||_2 over the weights it owns: q_proj
 rows and o_proj columns of a head; gate/up/down of an MLP) and the SAE's fraction of variance explained.
@@ -33,17 +43,36 @@ METRICS = ("breadth", "entropy", "consistency")
 
 @dataclass(frozen=True)
 class SAEConfig:
-    expansion: float = 2.0          # features per input dimension
-    max_features: int = 256         # cap on F (the MLP output is wide)
+    expansion: float = 4.0          # features per input dimension (>= 1: overcomplete)
+    max_features: int | None = None  # optional cap on F (None: expansion x width, always)
     steps: int = 150                # Adam steps
     batch: int = 256                # tokens per step
     lr: float = 3e-3
-    l1: float = 0.05                # sparsity penalty on the normalised activations
+    sparsity: str = "l1"            # l1 (ReLU codes + L1 penalty) | topk (k largest ReLU codes per token)
+    l1: float = 0.05                # sparsity penalty on the normalised activations (sparsity l1)
+    k: int = 16                     # active features per token (sparsity topk)
     max_tokens: int = 2048          # calibration tokens kept per component (evenly strided)
     seed: int = 0
 
+    def __post_init__(self):
+        if self.expansion < 1:
+            raise UserError(f"SAE expansion must be >= 1 (overcomplete dictionary), got {self.expansion}")
+        if self.sparsity not in ("l1", "topk"):
+            raise UserError(f"SAE sparsity {self.sparsity!r} is unknown: use l1 or topk")
+        if self.k < 1 or self.steps < 1 or self.batch < 1:
+            raise UserError(f"SAE k, steps and batch must be >= 1, got {self.k}, {self.steps}, {self.batch}")
+
     def features(self, d: int) -> int:
-        return max(4, min(self.max_features, int(round(self.expansion * d))))
+        f = int(round(self.expansion * d))
+        return max(4, f if self.max_features is None else min(self.max_features, f))
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """Codes from encoder pre-activations (C, n, F): ReLU, then (topk) only the k largest per token."""
+        f = torch.relu(pre)
+        if self.sparsity == "topk" and self.k < f.shape[-1]:
+            v, i = torch.topk(f, self.k, dim=-1)
+            f = torch.zeros_like(f).scatter(-1, i, v)
+        return f
 
 
 @dataclass
@@ -52,10 +81,11 @@ class SAE:
     b_enc: Tensor                   # (C, F)
     W_dec: Tensor                   # (C, F, d)
     b_dec: Tensor                   # (C, d)
+    cfg: SAEConfig = SAEConfig()
 
     def encode(self, x: Tensor) -> Tensor:
         """x (C, n, d) -> codes (C, n, F) >= 0."""
-        return torch.relu(torch.bmm(x - self.b_dec[:, None], self.W_enc) + self.b_enc[:, None])
+        return self.cfg.activate(torch.bmm(x - self.b_dec[:, None], self.W_enc) + self.b_enc[:, None])
 
     def decode(self, f: Tensor) -> Tensor:
         return torch.bmm(f, self.W_dec) + self.b_dec[:, None]
@@ -83,15 +113,17 @@ def train_sae(x: Tensor, cfg: SAEConfig = SAEConfig()) -> SAE:
         for _ in range(cfg.steps):
             idx = torch.randint(0, n, (min(cfg.batch, n),), generator=g)
             xb = x[:, idx]                                                          # (C, b, d)
-            f = torch.relu(torch.bmm(xb - p["b_dec"][:, None], p["W_enc"]) + p["b_enc"][:, None])
+            f = cfg.activate(torch.bmm(xb - p["b_dec"][:, None], p["W_enc"]) + p["b_enc"][:, None])
             xh = torch.bmm(f, p["W_dec"]) + p["b_dec"][:, None]
-            loss = (xb - xh).pow(2).sum(-1).mean() * C + cfg.l1 * f.sum(-1).mean() * C
+            loss = (xb - xh).pow(2).sum(-1).mean() * C
+            if cfg.sparsity == "l1":
+                loss = loss + cfg.l1 * f.sum(-1).mean() * C
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 p["W_dec"] /= p["W_dec"].norm(dim=-1, keepdim=True).clamp(min=1e-8)
-    return SAE(*(p[k].detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")))
+    return SAE(*(p[k].detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")), cfg)
 
 
 def _entropy(p: Tensor, dim: int = -1) -> Tensor:
@@ -138,17 +170,20 @@ def combine(metrics: dict[str, Tensor], weights: dict[str, float] | None = None)
 def density_metrics(x: Tensor, sample: Tensor, cfg: SAEConfig = SAEConfig(),
                     weights: dict[str, float] | None = None) -> dict[str, Tensor]:
     """Train SAEs on raw activations x (C, n, d) (sample: (n,) calibration-sample id of each token) and
-    return breadth, entropy, consistency, density and fve (fraction of variance explained), each (C,)."""
+    return breadth, entropy, consistency, density, nmse (normalised reconstruction error), fve = 1 - nmse,
+    l0 (active features per token) and features (F), each (C,)."""
     xn = normalize(x)
     sae = train_sae(xn, cfg)
     with torch.no_grad():
         f = sae.encode(xn)
-        fve = 1 - (xn - sae.decode(f)).pow(2).sum(-1).mean(1)
+        nmse = (xn - sae.decode(f)).pow(2).sum(-1).mean(1)                        # mean ||x||^2 = 1
         m = {"breadth": feature_breadth(f), "entropy": activation_entropy(f),
              "consistency": cross_input_consistency(f, sample)}
         m["density"] = combine(m, weights)
-        m["fve"] = fve
+        m["nmse"] = nmse
+        m["fve"] = 1 - nmse
         m["l0"] = (f > 0).float().sum(-1).mean(1)
+        m["features"] = torch.full_like(nmse, float(f.shape[-1]))
     return m
 
 

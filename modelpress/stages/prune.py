@@ -1,6 +1,12 @@
 """Stage `prune`: magnitude, Wanda (arXiv 2306.11695) or SparseGPT (arXiv 2301.00774), unstructured
 or N:M; SparseGPT can quantize the survivors jointly (bits set). Pruning a quantized layer
-(quantize-then-prune) masks its dequantized weights so pruned weights are exactly zero."""
+(quantize-then-prune) masks its dequantized weights so pruned weights are exactly zero.
+
+`budget: capability` plans one sparsity per attention head and MLP ("Capability-Guided Compression", arXiv
+2603.16440) and applies each head's sparsity to its own weights: block masks inside q/k/v (row groups) and
+o_proj (column groups), modelpress.algos.prune. `structured: heads` lets a head's budget reach 1.0: that
+head's q rows and o_proj columns are all zeroed (recorded in the stats as removed_heads; the config keeps
+its head count, see modelpress.plan.budget)."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +41,7 @@ class Prune:
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear sparsities, mean = sparsity
     budget_spread: float | None = None    # how far budgets move from the mean (sparsity units; default 0.1)
+    structured: str = "none"              # none | heads (budget capability: a head may get sparsity 1.0 = removed)
 
     def __post_init__(self):
         _check.choice("prune", "method", self.method, ("magnitude", "wanda", "sparsegpt"))
@@ -50,6 +57,10 @@ class Prune:
         _check.patterns("prune", "include", self.include)
         _check.patterns("prune", "exclude", self.exclude)
         _check.budget("prune", self.budget, self.budget_spread, 1.0)
+        _check.choice("prune", "structured", self.structured, ("none", "heads"))
+        if self.structured == "heads" and self.budget != "capability":
+            raise UserError(f"prune.structured heads needs budget capability (per-head budgets), got budget "
+                            f"{self.budget}: set budget: capability or structured: none")
         if self.budget != "uniform" and nm:
             raise UserError(f"prune.budget {self.budget} needs pattern unstructured ({self.pattern} fixes every "
                             "layer's sparsity): set budget: uniform or pattern: unstructured")
@@ -65,6 +76,16 @@ class Prune:
         from ..plan import budget_map
         return budget_map(model, calib, self.budget, self.sparsity, "sparsity", self.target, self.budget_spread)
 
+    def budget_specs(self, model, calib) -> tuple[dict[str, torch.Tensor], dict[int, list[int]]]:
+        """({linear name: sparsity spec (R, G)}, {layer: removed heads}) planned by modelpress.plan; per-head
+        groups for budget capability, one number per linear for the others; empty for budget uniform."""
+        if self.budget == "uniform":
+            return {}, {}
+        from ..plan import budget_specs
+        kw = {"head_hi": 1.0} if self.structured == "heads" else {}
+        specs, plan = budget_specs(model, calib, self.budget, self.sparsity, self.target, self.budget_spread, **kw)
+        return specs, plan.removed_heads()
+
     @property
     def target(self) -> Target:
         return Target(self.include, self.exclude)
@@ -72,25 +93,29 @@ class Prune:
     def describe(self) -> str:
         s = f"{self.method} {self.pattern if self.pattern != 'unstructured' else f'{self.sparsity:.0%}'}"
         s += f" + w{self.bits} g{self.group_size}" if self.bits else ""
-        return s + (f" ({self.budget} budget)" if self.budget != "uniform" else "")
+        s += f" ({self.budget} budget)" if self.budget != "uniform" else ""
+        return s + (", structured heads" if self.structured == "heads" else "")
 
     def prune_one(self, name: str, lin: torch.nn.Linear, stat: torch.Tensor | None,
-                  in_place: bool = False) -> tuple[torch.nn.Module, dict]:
-        """in_place: the new module's dense weight reuses lin's storage (lin shares it with nothing)."""
+                  in_place: bool = False, spec: torch.Tensor | None = None) -> tuple[torch.nn.Module, dict]:
+        """in_place: the new module's dense weight reuses lin's storage (lin shares it with nothing).
+        spec: block sparsities (R, G) of the weight's row x column groups (per-head budgets) instead of
+        one sparsity."""
+        sp = self.sparsity if spec is None else spec
         _check.plain_or("prune", name, lin, (SparseLinear, QuantLinear))
         W = lin.weight.detach().float()       # may alias lin.weight: read before any in-place write
         if self.method == "sparsegpt" and stat is not None:
             if isinstance(lin, QuantLinear):
                 raise UserError(f"prune.method sparsegpt cannot update the quantized {name}: put prune before "
                                 "quantize, or use wanda/magnitude after quantize")
-            W_hat, keep, qparams = P.sparsegpt(W, stat, self.sparsity, self.pattern, self.block_size, self.damp,
+            W_hat, keep, qparams = P.sparsegpt(W, stat, sp, self.pattern, self.block_size, self.damp,
                                                self.bits, self.group_size, self.sym)
             if qparams is not None:
                 W_hat = quant.dequantize_groups(*qparams, self.group_size, keep)
             W_hat = W_hat.to(lin.weight.dtype)
         else:
-            keep = (P.wanda_mask(W, stat, self.sparsity, self.pattern) if self.method == "wanda"
-                    else P.magnitude_mask(W, self.sparsity, self.pattern))
+            keep = (P.wanda_mask(W, stat, sp, self.pattern) if self.method == "wanda"
+                    else P.magnitude_mask(W, sp, self.pattern))
             W_hat, qparams = None, None
         if W_hat is None:                      # = what set_keep / from_linear will hold
             W_hat = lin.weight.detach() * keep.to(lin.weight.device)
@@ -106,14 +131,21 @@ class Prune:
 
     def apply(self, model, calib=None, checkpoint=None) -> dict:
         names = {id(m): n for n, m in model.named_modules()}
-        per = self.budget_map(model, calib)
+        per, removed = self.budget_specs(model, calib)
         shared = _check.shared_storages(model)
 
         def do(linears, stats):
             out = {}
             for name, lin in linears.items():       # one at a time: each solve's memory is gone before the next
-                cfg = dataclasses.replace(self, sparsity=per[name], budget="uniform") if name in per else self
-                new, info = cfg.prune_one(name, lin, stats.get(name), lin.weight.data_ptr() not in shared)
+                spec = per.get(name)
+                if spec is not None and spec.numel() == 1:      # one number: the plain path at that sparsity
+                    cfg, spec = dataclasses.replace(self, sparsity=float(spec), budget="uniform",
+                                                    structured="none"), None
+                else:
+                    cfg = self
+                new, info = cfg.prune_one(name, lin, stats.get(name), lin.weight.data_ptr() not in shared, spec)
+                if spec is not None:
+                    info["spec"] = [round(float(v), 4) for v in spec.reshape(-1)]
                 if new is not lin:
                     set_module(model, names[id(lin)], new)
                 out[name] = info
@@ -132,9 +164,10 @@ class Prune:
         if not layers:
             raise UserError("prune matched no linear layers: check prune.include / prune.exclude")
         total = sum(v["sparsity"] * 1 for v in layers.values()) / len(layers)
+        heads = "" if not removed else f", removed heads {sum(len(v) for v in removed.values())} (zeroed)"
         nm = P.parse_pattern(self.pattern)
         valid = "" if not nm else (", N:M valid" if all(
             P.is_nm(model.get_submodule(n).weight, *nm) for n in layers) else ", N:M VIOLATED")
         bf16 = ", bf16 calibration forward" if amp is not None and collect else ""
-        return {"summary": f"prune {self.describe()}: sparsity {total:.3f} (target {self.sparsity:.3f}){valid}{bf16}",
-                "layers": layers}
+        return {"summary": f"prune {self.describe()}: sparsity {total:.3f} (target {self.sparsity:.3f}){valid}{bf16}"
+                           f"{heads}", "layers": layers, **({"removed_heads": removed} if removed else {})}
