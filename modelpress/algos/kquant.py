@@ -89,14 +89,48 @@ def snap(s: Tensor, z: Tensor, fmt: str) -> KParams:
     return KParams(fmt, d, sc.reshape(rows, nsub).to(torch.int16), dmin, m.reshape(rows, nsub).to(torch.int16))
 
 
+def refine(w: Tensor, p: KParams, weight: Tensor | None = None) -> KParams:
+    """The snapped integers' neighbours: per sub-block, sc_j + {-1, 0, 1} (and m_j + {-1, 0, 1} for Q4_K/Q5_K) with
+    round-to-nearest codes, keeping the lowest sum_i c_i (w_i - w_hat_i)^2 (c = weight (cols,), or 1): snapping
+    rounds each integer alone; this picks the rounding direction that serves the sub-block's weights."""
+    f = FORMATS[p.fmt]
+    rows, cols = w.shape
+    nsub = cols // f.sub
+    wg = w.float().reshape(rows, nsub, f.sub)
+    c = None if weight is None else weight.float().reshape(1, nsub, f.sub)
+    d = p.d.float().repeat_interleave(SUPER // f.sub, 1)                     # (rows, nsub)
+    dm = p.dmin.float().repeat_interleave(SUPER // f.sub, 1)
+    mq = quant.maxq(f.bits)
+    best_sc, best_m, best = p.sc.clone(), p.m.clone(), None
+    for dsc in (0, -1, 1):
+        for dmm in ((0,) if f.sym else (0, -1, 1)):
+            sc = (p.sc + dsc).clamp(1, f.sc_max)
+            m = (p.m + dmm).clamp(0, 63)
+            s, o = d * sc.float(), dm * m.float()                            # (rows, nsub)
+            z = torch.full_like(s, 32.0) if f.sym else o / s
+            q = torch.clamp(torch.round(wg / s[..., None] + z[..., None]), 0, mq)
+            e = (s[..., None] * (q - 32) if f.sym else s[..., None] * q - o[..., None]) - wg
+            e = e.square() if c is None else e.square() * c
+            err = e.sum(-1)                                                  # (rows, nsub)
+            if best is None:
+                best = err
+                continue
+            better = err < best
+            best = torch.where(better, err, best)
+            best_sc, best_m = torch.where(better, sc, best_sc), torch.where(better, m, best_m)
+    return KParams(p.fmt, p.d, best_sc, p.dmin, best_m)
+
+
 def params(w: Tensor, fmt: str, observer: str = "minmax", h: Tensor | None = None) -> KParams:
     """k-quant parameters of w (rows, cols), cols a multiple of 256: the observer's per-sub-block (scale, zero)
-    (quant.group_params: min/max or clipping search, h the inputs' second moments for 'hessian'), snapped."""
+    (quant.group_params: min/max or clipping search, h the inputs' second moments for 'hessian'), snapped; with a
+    clipping-search observer (mse, hessian) the snapped integers are then refined (`refine`, weighted by h)."""
     f = FORMATS[fmt]
     if not fits(w.shape[1]):
         raise ValueError(f"{fmt} needs rows of a multiple of {SUPER} weights, got {w.shape[1]}")
     s, z = quant.group_params(w, f.bits, f.sub, f.sym, observer, h)
-    return snap(s, z, fmt)
+    p = snap(s, z, fmt)
+    return p if observer == "minmax" else refine(w, p, h if observer == "hessian" else None)
 
 
 def codes(w: Tensor, p: KParams) -> Tensor:

@@ -58,6 +58,9 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike)
     skip: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
+            if getattr(m, "fmt", None):          # fractional zero points on a k-quant grid (issue 24)
+                raise UserError(f"{name} sits on a {m.fmt} grid, which compressed-tensors cannot store: export it "
+                                "as gguf or native, or quantize with format int")
             if m.group_size and m.in_features % m.group_size:
                 raise UserError(f"compressed-tensors needs group_size to divide every input size, but {name} has "
                                 f"{m.in_features} inputs and group_size {m.group_size}: quantize with a dividing "
