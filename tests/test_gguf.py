@@ -140,14 +140,13 @@ def test_k_blocks_bit_exact_any_params(fmt):
 
 def test_snap_stays_on_grid_and_close():
     from modelpress.algos import kquant as K
+    from modelpress.algos.quant import sqnr
     w = torch.randn(16, 512, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.1, 2, 16)[:, None]
     for fmt in K.FORMATS:
         f = K.FORMATS[fmt]
         q, p = K.rtn(w, fmt)
         assert int(p.sc.min()) >= 1 and int(p.sc.max()) <= f.sc_max and int(p.m.min()) >= 0 and int(p.m.max()) <= 63
         assert int(q.max()) <= (1 << f.bits) - 1
-        sq = mp.algos.quant.sqnr(w, K.dequantize(q, p)) if hasattr(mp, "algos") else None
-        from modelpress.algos.quant import sqnr
         sq = sqnr(w, K.dequantize(q, p))
         assert sq > {"q4_k": 16, "q5_k": 22, "q6_k": 28}[fmt], (fmt, sq)     # about 6 dB per bit
 
@@ -246,7 +245,6 @@ def test_metadata_copied_from_source_gguf(tok, tmp_path):
     add_bos_token, chat template, ...) unchanged."""
     m = _llama(len(tok), tie=True)
     save_gguf(m, tok, tmp_path / "src.gguf", tokenizer_pre="smollm", embed_type="float")
-    from gguf import GGUFWriter  # noqa: F401  (the writer round-trips extra keys below)
     src = {k: f.contents() for k, f in GGUFReader(tmp_path / "src.gguf").fields.items()}
     assert src["tokenizer.ggml.pre"] == "smollm"
     assert src["tokenizer.ggml.add_bos_token"] is False and "tokenizer.ggml.add_eos_token" in src
@@ -266,7 +264,7 @@ def test_smollm2_metadata_matches_official(tmp_path):
     """SmolLM2 (converted from the official Q4_1 GGUF) exported by modelpress carries the official converter's
     tokenizer and general metadata: pre-tokenizer "smollm", add_bos_token false, chat template, ..."""
     from modelpress.export.gguf import source_gguf
-    m, tk = mp.load("smollm2") if hasattr(mp, "load") else None
+    m, tk = mp.load("smollm2")
     src = source_gguf(m, tk)
     assert src is not None and src.name.endswith(".gguf")
     save_gguf(m, tk, tmp_path / "m.gguf", embed_type="q8_0", float_type="f16")
