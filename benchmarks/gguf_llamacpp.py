@@ -108,30 +108,42 @@ def main() -> None:
     calib = calibration_set(tok, "wiki", "random", samples=a.calib, seqlen=a.ctx, seed=0)
     (out / "calib.txt").write_text("".join(tok.decode(w) for w in calib.input_ids))
 
-    res: dict[str, dict] = {}
+    rfile = out / "results.json"           # resumable: finished rows are kept (delete the folder to start over)
+    res: dict[str, dict] = json.loads(rfile.read_text()) if rfile.exists() else {}
+
+    def done(name: str, row: dict) -> None:
+        res[name] = row
+        rfile.write_text(json.dumps(res, indent=1))
     base = out / "base-f32.gguf"
-    save_gguf(model, tok, base, float_type="f32", embed_type="float")
+    if not base.exists():
+        save_gguf(model, tok, base, float_type="f32", embed_type="float")
     # llama.cpp tokenizes the eval text exactly as transformers does (the copied pre-tokenizer metadata)
     o = run([str(bin_ / "llama-tokenize"), "-m", str(base), "-f", str(out / "eval.txt"), "--ids", "--log-disable"],
             out / "tokenize.log")
     llama_ids = json.loads(o[o.index("["):o.index("]") + 1])
     same_tokens = llama_ids == ids.tolist()
     print(f"tokens: llama {len(llama_ids)}, transformers {len(ids)}, identical {same_tokens}", flush=True)
-    ref_ppl = evaluate(model, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]
-    res["F32 (base)"] = {"src": "modelpress", "size": base.stat().st_size, "llama_ppl": llama_ppl(bin_, base, out / "eval.txt", a.ctx, a.chunks, out),
-                         "torch_ppl": torch_llama_ppl(model, ids, a.ctx, a.chunks), "mp_ppl": ref_ppl}
+    if "F32 (base)" not in res:
+        ref_ppl = evaluate(model, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]
+        done("F32 (base)", {"src": "modelpress", "size": base.stat().st_size,
+                            "llama_ppl": llama_ppl(bin_, base, out / "eval.txt", a.ctx, a.chunks, out),
+                            "torch_ppl": torch_llama_ppl(model, ids, a.ctx, a.chunks), "mp_ppl": ref_ppl})
 
     # llama.cpp's own quantization, with and without an importance matrix from the calibration windows
     imat = out / "imatrix.gguf"
-    run([str(bin_ / "llama-imatrix"), "-m", str(base), "-f", str(out / "calib.txt"), "-o", str(imat), "-c", str(a.ctx),
-         "--chunks", str(a.calib), "-t", "2"], out / "imatrix.log")
+    if not imat.exists():
+        run([str(bin_ / "llama-imatrix"), "-m", str(base), "-f", str(out / "calib.txt"), "-o", str(imat), "-c", str(a.ctx),
+             "--chunks", str(a.calib), "-t", "2"], out / "imatrix.log")
     for qt in ("Q4_K_M", "Q4_K_S", "Q4_0"):
         for im in (False, True):
+            name = f"llama-quantize {qt}{' + imatrix' if im else ''}"
+            if name in res:
+                continue
             f = out / f"llama-{qt}{'-imat' if im else ''}.gguf"
             run([str(bin_ / "llama-quantize")] + (["--imatrix", str(imat)] if im else []) + [str(base), str(f), qt, "2"],
                 out / f"quant_{f.stem}.log")
-            res[f"llama-quantize {qt}{' + imatrix' if im else ''}"] = {
-                "src": "llama.cpp", "size": f.stat().st_size, "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out)}
+            done(name, {"src": "llama.cpp", "size": f.stat().st_size,
+                        "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out)})
 
     # modelpress
     variants = {
@@ -141,6 +153,8 @@ def main() -> None:
     }
     from transformers import AutoModelForCausalLM
     for i, (name, q) in enumerate(variants.items()):
+        if name in res:
+            continue
         m, _ = mp.load("smollm2")
         t0 = time.time()
         mp.compress(m, mp.Recipe.from_dict({"stages": [{"quantize": q}]}), calib if q["method"] == "gptq" else None)
@@ -148,16 +162,15 @@ def main() -> None:
         rep = save_gguf(m, tok, f)
         print(f"  {name}: {time.time() - t0:.0f}s; {rep['summary'][:160]}", flush=True)
         g = AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name, dtype=torch.float32).eval()
-        res[name] = {"src": "modelpress", "size": f.stat().st_size, "summary": rep["summary"],
-                     "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out),
-                     "torch_ppl": torch_llama_ppl(g, ids, a.ctx, a.chunks),
-                     "mp_ppl": evaluate(m, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]}
+        row = {"src": "modelpress", "size": f.stat().st_size, "summary": rep["summary"],
+               "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out),
+               "torch_ppl": torch_llama_ppl(g, ids, a.ctx, a.chunks),
+               "mp_ppl": evaluate(m, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]}
         if i == 0:
-            res[name]["greedy_llama"] = llama_greedy(bin_, f, a.gen, out)
-            res[name]["greedy_torch"] = torch_greedy(g, tok, a.gen)
+            row["greedy_llama"] = llama_greedy(bin_, f, a.gen, out)
+            row["greedy_torch"] = torch_greedy(g, tok, a.gen)
+        done(name, row)
         del m, g
-        (out / "results.json").write_text(json.dumps(res, indent=1))
-    (out / "results.json").write_text(json.dumps(res, indent=1))
     report(res, a, same_tokens, len(ids))
 
 
