@@ -403,9 +403,10 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, requantize: 
             if et != "float":
                 data, qt, tname = _embedding(v, et)
                 ref = v.detach().float().cpu().numpy()
-                extra = sqnr_db(ref, gguf.quants.dequantize(data, qt).reshape(ref.shape))
-                entries.append((gk, data, qt))
-                report[k] = {"gguf": gk, "type": tname, "exact": False, "extra_sqnr_db": extra, "scheme": "embedding"}
+                back = gguf.quants.dequantize(data, qt).reshape(ref.shape)
+                entries.append((gk, data, qt))        # exact when the values already sit on that grid (from a GGUF)
+                report[k] = {"gguf": gk, "type": tname, "exact": bool(np.array_equal(back, ref)),
+                             "extra_sqnr_db": sqnr_db(ref, back), "scheme": "embedding"}
                 continue
         arr = _float(perm_for(k)(v.detach()), float_type)
         entries.append((gname(k), arr, raw_float[float_type] if arr.ndim > 1 else None))
