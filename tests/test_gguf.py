@@ -274,3 +274,16 @@ def test_smollm2_metadata_matches_official(tmp_path):
     for k, v in off.items():
         if k.startswith(("tokenizer.", "general.")) and k != "general.file_type":
             assert out[k] == v, k
+
+
+def test_kquant_grid_refused_where_it_cannot_be_stored(tok, tmp_path):
+    """compressed-tensors has integer zero points only; a pruned linear cannot keep exact zeros on a k-quant grid."""
+    from modelpress.export.compressed_tensors import save_compressed_tensors
+    m = _llama(len(tok), tie=True, hidden=256, inter=512)
+    mp.compress(m, mp.Recipe.from_dict({"stages": [{"quantize": {"method": "rtn", "bits": 4, "format": "q4_k"}}]}), None)
+    with pytest.raises(UserError, match="q4_k grid"):
+        save_compressed_tensors(m, tok, tmp_path / "ct")
+    m2 = _llama(len(tok), tie=True, hidden=256, inter=512)
+    with pytest.raises(UserError, match="pruned"):
+        mp.compress(m2, mp.Recipe.from_dict({"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                                                        {"quantize": {"method": "rtn", "bits": 4, "format": "q4_k"}}]}), None)
