@@ -129,10 +129,6 @@ def main() -> None:
                             "llama_ppl": llama_ppl(bin_, base, out / "eval.txt", a.ctx, a.chunks, out),
                             "torch_ppl": torch_llama_ppl(model, ids, a.ctx, a.chunks), "mp_ppl": ref_ppl})
 
-    if "greedy_llama" not in res["F32 (base)"]:
-        done("F32 (base)", dict(res["F32 (base)"], greedy_llama=llama_greedy(bin_, base, a.gen, out),
-                                greedy_torch=torch_greedy(model, tok, a.gen)))
-
     # llama.cpp's own quantization, with and without an importance matrix from the calibration windows
     imat = out / "imatrix.gguf"
     if not imat.exists():
@@ -154,13 +150,6 @@ def main() -> None:
         "modelpress GPTQ q4_k grid (hessian)": {"method": "gptq", "bits": 4, "format": "q4_k", "observer": "hessian"},
         "modelpress RTN q4_k grid (mse)": {"method": "rtn", "bits": 4, "format": "q4_k", "observer": "mse"},
         "modelpress GPTQ w4 g32 sym (hessian)": {"method": "gptq", "bits": 4, "group_size": 32, "sym": True, "observer": "hessian"},
-        # llama's Q4_K_S layout for this model: Q4_K where rows are whole super-blocks (ffn_down), Q5_0 elsewhere
-        "modelpress GPTQ q4_k ffn_down + w5 g32 sym rest (hessian)": [
-            {"method": "gptq", "bits": 4, "format": "q4_k", "observer": "hessian", "include": ["down_proj"]},
-            {"method": "gptq", "bits": 5, "group_size": 32, "sym": True, "observer": "hessian", "exclude": ["lm_head", "down_proj"]}],
-        "modelpress GPTQ q6_k ffn_down + w5 g32 sym rest (hessian)": [
-            {"method": "gptq", "bits": 6, "format": "q6_k", "observer": "hessian", "include": ["down_proj"]},
-            {"method": "gptq", "bits": 5, "group_size": 32, "sym": True, "observer": "hessian", "exclude": ["lm_head", "down_proj"]}],
     }
     from transformers import AutoModelForCausalLM
     for i, (name, q) in enumerate(variants.items()):
@@ -168,9 +157,7 @@ def main() -> None:
             continue
         m, _ = mp.load("smollm2")
         t0 = time.time()
-        stages = q if isinstance(q, list) else [q]
-        mp.compress(m, mp.Recipe.from_dict({"stages": [{"quantize": x} for x in stages]}),
-                    calib if any(x["method"] == "gptq" for x in stages) else None)
+        mp.compress(m, mp.Recipe.from_dict({"stages": [{"quantize": q}]}), calib if q["method"] == "gptq" else None)
         f = out / f"mp-{i}.gguf"
         rep = save_gguf(m, tok, f)
         print(f"  {name}: {time.time() - t0:.0f}s; {rep['summary'][:160]}", flush=True)
@@ -205,10 +192,9 @@ def report(res: dict, a, same_tokens: bool, n_ids: int) -> None:
             "(4-bit g32 asym = Q4_1).\n\n"
             + _md.table(["file", "MB", "llama-perplexity", "same statistic, PyTorch fp32 from the GGUF's weights",
                          "modelpress eval (protocol modelpress-eval/1, model in memory)"], rows))
-    for name, g in res.items():
-        if "greedy_llama" in g:
-            body += (f"\n\nGreedy {a.gen} tokens from {PROMPT!r}, {name}: llama-simple `{g['greedy_llama']!r}`; "
-                     f"transformers (the GGUF's weights, fp32) `{g['greedy_torch']!r}`.")
+    g = next((r for r in res.values() if "greedy_llama" in r), None)
+    if g:
+        body += f"\n\nGreedy {a.gen} tokens, GPTQ q4_k file: llama-simple `{g['greedy_llama']!r}`; transformers `{g['greedy_torch']!r}`."
     print(body)
     if a.write_md:
         _md.write_section("GGUF in llama.cpp vs llama-quantize (issue 24)",
