@@ -33,9 +33,9 @@ def single_thread():
 
 
 _NP = SimpleNamespace(divide=np.divide, rint=np.rint, maximum=np.maximum, minimum=np.minimum, multiply=np.multiply,
-                      subtract=np.subtract)
+                      subtract=np.subtract, add=np.add)
 _TORCH = SimpleNamespace(divide=torch.div, rint=torch.round, maximum=torch.maximum, minimum=torch.minimum,
-                         multiply=torch.mul, subtract=torch.sub)
+                         multiply=torch.mul, subtract=torch.sub, add=torch.add)
 
 
 def loop_arrays(*ts: Tensor | None):
@@ -135,9 +135,13 @@ class GPTQResult:
 
 def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-         keep: Tensor | None = None, observer: str = "minmax", refit: bool = False) -> GPTQResult:
+         keep: Tensor | None = None, observer: str = "minmax", refit: bool = False,
+         grid: tuple[Tensor, Tensor] | None = None) -> GPTQResult:
     """Quantize W (rows, cols) given H (cols, cols). keep: optional bool mask (rows, cols); refit: re-solve
-    the scales for the final codes (refit_scales).
+    the scales for the final codes (refit_scales); grid: fixed (scale, zero) (rows, n_groups) to choose the codes
+    on instead of the observer's, the zero point possibly fractional (a k-quant grid, algos.kquant): codes
+    q = clamp(round(w / s + z), 0, maxq), w_hat = (q - z) s (the caller recomputes w_hat in its format's
+    arithmetic); not with keep or refit.
     Rows are independent given H: linears that read the same input (q/k/v, gate/up) can be stacked
     into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
@@ -147,7 +151,10 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     gs = group_size or cols
     if group_size:
         blocksize = group_size * max(1, blocksize // group_size)   # groups never straddle blocks
-    static = act_order or group_size is None
+    static = act_order or group_size is None or grid is not None
+    frac = grid is not None
+    if frac and (keep is not None or refit):
+        raise ValueError("gptq: a fixed grid cannot keep pruned weights at zero or refit its scales")
     perm = (torch.argsort(torch.where(dead, torch.ones_like(hd), hd), descending=True) if act_order
             else torch.arange(cols, device=W.device))
     inv = torch.argsort(perm)
@@ -158,7 +165,9 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     KT = keep.bool().t()[perm].float() if masked else None               # (cols, rows)
     if masked:
         WT *= KT
-    if static:  # group parameters from the original (masked) weights
+    if frac:
+        s_all, z_all = grid[0].float().to(W.device), grid[1].float().to(W.device)
+    elif static:  # group parameters from the original (masked) weights
         s_all, z_all = quant.group_params(WT[inv].t(), bits, group_size, sym, observer, hd)
     else:
         s_all = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device)
@@ -178,14 +187,15 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
             S1, Z1 = s_all[:, group[i1:i2]].t().contiguous(), z_all[:, group[i1:i2]].t().contiguous()
         else:
             S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)          # (B, rows) each
-        L1 = Z1.neg()                                                    # bounds of q - z, (B, rows) each
+        L1 = torch.zeros_like(Z1) if frac else Z1.neg()                  # bounds of q - z (frac: of q), (B, rows)
         H1 = L1 + mq
         R1, E1 = torch.empty_like(W1), torch.empty_like(W1)              # q - z; w - w_hat (unscaled)
         piv = U1.diagonal()
         V1 = U1 / piv[:, None]                                           # U's rows over their pivots
         # the column loop runs seven small ops per column: on CPU through numpy views of the same memory
         # (about 3x less overhead per op than torch's dispatcher), on CUDA through torch
-        xp, Wn, Sn, Rn, En, Vn, Ln, Hn, Kn = loop_arrays(W1, S1, R1, E1, V1, L1, H1, KT[i1:i2] if masked else None)
+        xp, Wn, Sn, Rn, En, Vn, Ln, Hn, Zn, Kn = loop_arrays(W1, S1, R1, E1, V1, L1, H1, Z1,
+                                                             KT[i1:i2] if masked else None)
         with single_thread():
             for j1 in range(0, i2 - i1, sub):
                 j2 = min(j1 + sub, i2 - i1)
@@ -202,9 +212,13 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
                     # q - z = clamp(round(w / s), -z, maxq - z): quant.quantize's clamp(round(w / s) + z, 0, maxq)
                     # shifted by the integer z (exact); w_hat = (q - z) s
                     xp.divide(w, s, out=r)
+                    if frac:                                             # fractional z: round w / s + z
+                        xp.add(r, Zn[i], out=r)
                     xp.rint(r, out=r)
                     xp.maximum(r, Ln[i], out=r)
                     xp.minimum(r, Hn[i], out=r)
+                    if frac:
+                        xp.subtract(r, Zn[i], out=r)
                     if masked:
                         xp.multiply(r, Kn[i], out=r)
                     xp.multiply(r, s, out=e)
@@ -213,7 +227,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
                 E1[j1:j2].div_(piv[j1:j2, None])                         # (w - w_hat) / [U]_ii
                 W1[j2:].addmm_(U1[j1:j2, j2:].t(), E1[j1:j2], alpha=-1)
         R1.add_(0.0)                                                     # -0.0 -> 0.0, as (q - z) gives
-        QT[i1:i2] = R1.add(Z1).to(torch.uint8)
+        QT[i1:i2] = R1.add(Z1).round_().to(torch.uint8)
         torch.mul(R1, S1, out=W1)                                        # WT ends as the dequantized weights
         loss += E1.pow(2).sum(0) / 2
         WT[i2:].addmm_(U[i1:i2, i2:].t(), E1, alpha=-1)

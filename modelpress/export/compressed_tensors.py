@@ -161,6 +161,9 @@ def save_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
     plan = plan_groups([(n, m.in_features, m.group_size, m.bits, m.sym) for n, m in model.named_modules()
                         if isinstance(m, QuantLinear)])
     for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and getattr(m, "fmt", None):     # fractional zero points (issue 24)
+            raise UserError(f"{name} sits on a {m.fmt} grid, which compressed-tensors cannot store: export it "
+                            "as gguf or native, or quantize with format int")
         if type(m).__name__ in UNSUPPORTED:
             raise UserError(f"{name} is a {type(m).__name__}, which compressed-tensors cannot store: "
                             "export it in the native format (formats: [native])")

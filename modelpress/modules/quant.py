@@ -4,7 +4,9 @@ Both subclass nn.Linear and keep a dense `weight` derived deterministically from
 the forward is an ordinary F.linear and a reloaded module gives bit-identical outputs.
   SparseLinear: surviving values (original dtype) + a packed keep bitmask (1 bit per weight).
   QuantLinear:  b-bit codes packed (only survivors when a keep mask exists), fp16 scales, b-bit packed
-                zero points (asymmetric only), optional packed keep bitmask.
+                zero points (asymmetric only), optional packed keep bitmask; or, for a llama.cpp k-quant grid
+                (`fmt` q4_k/q5_k/q6_k, algos.kquant), the codes with fp16 super-block scales and the integer
+                sub-block scales/mins (w = d sc q - dmin m, bit-equal to the GGUF's weights).
 In memory the codes and masks are held packed too (`q` and `keep` unpack on access), and a module built
 with in_place=True writes its dense weight into the replaced linear's own storage: compressing a model
 costs about the packed codes on top of the model, not a second copy of every weight."""
@@ -14,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..algos import quant
+from ..algos import kquant, quant
+from ..errors import UserError
 
 
 def pack_mask(keep: Tensor) -> Tensor:
@@ -95,22 +98,35 @@ class SparseLinear(_Packed, nn.Linear):
 class QuantLinear(_Packed, nn.Linear):
     kind = "QuantLinear"
     storage_keys = ("bias",)
+    fmt: str | None = None                # None: w = s (q - z); q4_k | q5_k | q6_k: a k-quant grid (kparams)
 
     @classmethod
     def build(cls, lin: nn.Linear, q: Tensor, scale: Tensor, zero: Tensor, bits: int,
               group_size: int | None, sym: bool, keep: Tensor | None = None,
-              weight: Tensor | None = None, in_place: bool = False) -> "QuantLinear":
+              weight: Tensor | None = None, in_place: bool = False,
+              kparams: kquant.KParams | None = None) -> "QuantLinear":
         """weight: the dequantized codes if the caller has them already (float32 (rows, cols));
-        in_place: write it into lin.weight's storage (lin is replaced and shares its weight with nothing)."""
+        in_place: write it into lin.weight's storage (lin is replaced and shares its weight with nothing);
+        kparams: the k-quant grid the codes sit on (then scale/zero are its s = d sc and fractional z = dmin m / s,
+        float32, and the weight is kquant.dequantize's)."""
         m = _shell(cls, lin.in_features, lin.out_features, lin.bias, lin.weight.dtype)
         m.bits, m.group_size, m.sym = bits, group_size, sym
         dev = lin.weight.device if lin.weight.device != torch.device("meta") else q.device
         # float32/64 weights hold the codes exactly (w = s (q - z), s fp16-exact: q = round(w / s) + z), so the
-        # codes are derived from the weight on demand; lower-precision weights keep them packed
-        derived = lin.weight.dtype in (torch.float32, torch.float64)
+        # codes are derived from the weight on demand; lower-precision weights (and k-quant grids) keep them packed
+        derived = lin.weight.dtype in (torch.float32, torch.float64) and kparams is None
         m.register_buffer("qpacked", None if derived else quant.pack(q, bits).to(dev), persistent=False)
-        m.register_buffer("scale", scale.half().to(dev), persistent=False)
-        m.register_buffer("zero", zero.to(torch.uint8).to(dev), persistent=False)
+        if kparams is not None:
+            if keep is not None:
+                raise UserError("quantize.format k-quant grids cannot hold pruned weights at exactly 0: "
+                                "use format int (the default) after pruning")
+            m.fmt = kparams.fmt
+            for k in ("d", "sc", "dmin", "m"):
+                m.register_buffer(f"k{k}", getattr(kparams, k).to(dev), persistent=False)
+            scale, zero = kparams.scale_zero()
+            weight = kquant.dequantize(q.to(dev), m.kparams) if weight is None else weight
+        m.register_buffer("scale", (scale.half() if kparams is None else scale.float()).to(dev), persistent=False)
+        m.register_buffer("zero", (zero.to(torch.uint8) if kparams is None else zero.float()).to(dev), persistent=False)
         m._set_keep_bits(keep, dev)
         if weight is None:
             weight = quant.dequantize_groups(q.to(dev), m.scale.float(), m.zero.float(), group_size,
@@ -128,11 +144,22 @@ class QuantLinear(_Packed, nn.Linear):
         z = quant.expand(self.zero.float(), self.group_size, cols)
         return quant.quantize(self.weight.detach().float(), s, z, self.bits).to(torch.uint8)
 
+    @property
+    def kparams(self) -> kquant.KParams | None:
+        if self.fmt is None:
+            return None
+        return kquant.KParams(self.fmt, self.kd, self.ksc, self.kdmin, self.km)
+
     def dequantized(self) -> Tensor:
+        if self.fmt is not None:
+            return kquant.dequantize(self.q, self.kparams)
         return quant.dequantize_groups(self.q, self.scale.float(), self.zero.float(), self.group_size, self.keep)
 
     def set_keep(self, keep: Tensor) -> None:
         """Prune after quantization: pruned weights become exactly zero, the others keep their codes."""
+        if self.fmt is not None:
+            raise UserError(f"a {self.fmt} grid cannot hold pruned weights at exactly 0: prune before quantizing "
+                            "with quantize.format int")
         old = self.keep
         dev = self.scale.device
         new = keep.bool().to(dev) if old is None else (old & keep.bool().to(dev))
@@ -148,7 +175,13 @@ class QuantLinear(_Packed, nn.Linear):
             raise RuntimeError(f"QuantLinear weight was changed after quantization (it no longer equals "
                                f"scale * (code - zero)): re-run the quantize stage after modifying weights")
         t = {"qweight": quant.pack(q if keep is None else q[keep], self.bits), "scales": self.scale.contiguous()}
-        if not self.sym:
+        if self.fmt is not None:           # the k-quant grid: fp16 d/dmin per 256 weights, 8-bit sc/m per sub-block
+            kp = self.kparams
+            sc_t = torch.int8 if kquant.FORMATS[self.fmt].sym else torch.uint8
+            t = {"qweight": t["qweight"], "kd": kp.d.contiguous(), "ksc": kp.sc.to(sc_t)}
+            if not self.sym:
+                t.update(kdmin=kp.dmin.contiguous(), km=kp.m.to(torch.uint8))
+        elif not self.sym:
             t["zeros"] = quant.pack(self.zero, self.bits)
         if keep is not None:
             t["keep"] = pack_mask(keep)
@@ -156,6 +189,8 @@ class QuantLinear(_Packed, nn.Linear):
             t["bias"] = self.bias.detach()
         cfg = {"in": self.in_features, "out": self.out_features, "bits": self.bits, "group_size": self.group_size,
                "sym": self.sym, "dtype": str(self.weight.dtype)}
+        if self.fmt is not None:
+            cfg["format"] = self.fmt
         return t, cfg
 
     @classmethod
@@ -163,6 +198,18 @@ class QuantLinear(_Packed, nn.Linear):
         rows, cols, bits, gs = cfg["out"], cfg["in"], cfg["bits"], cfg["group_size"]
         keep = unpack_mask(t["keep"], (rows, cols)) if "keep" in t else None
         n_groups = quant.n_groups(cols, gs)
+        if cfg.get("format"):
+            q = quant.unpack(t["qweight"], bits, rows * cols).reshape(rows, cols)
+            zeros = torch.zeros_like(t["ksc"], dtype=torch.int16)
+            kp = kquant.KParams(cfg["format"], t["kd"].half(), t["ksc"].to(torch.int16),
+                                t["kdmin"].half() if "kdmin" in t else torch.zeros_like(t["kd"]).half(),
+                                t["km"].to(torch.int16) if "km" in t else zeros)
+            dtype = getattr(torch, cfg["dtype"].replace("torch.", ""))
+            lin = nn.Linear(cols, rows, bias="bias" in t, device="meta", dtype=dtype)
+            lin.bias = nn.Parameter(t["bias"]) if "bias" in t else None
+            lin.weight = nn.Parameter(torch.empty(0, dtype=dtype))
+            s, z = kp.scale_zero()
+            return cls.build(lin, q, s, z, bits, gs, cfg["sym"], None, kparams=kp)
         if keep is None:
             q = quant.unpack(t["qweight"], bits, rows * cols).reshape(rows, cols)
         else:

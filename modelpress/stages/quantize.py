@@ -11,6 +11,7 @@ import torch
 
 from ..engine import layerwise
 from ..algos import gptq as G
+from ..algos import kquant as K
 from ..algos import quant
 from ..errors import UserError
 from ..model import set_module
@@ -40,6 +41,9 @@ class Quantize:
     exclude: tuple[str, ...] = ("lm_head",)
     budget: str = "uniform"               # uniform | capability | sensitivity | owl: per-linear integer bits, mean ~ bits
     budget_spread: float | None = None    # how far budgets move from the mean (bits; default 1.0)
+    format: str = "int"                   # int | q4_k | q5_k | q6_k: codes and scales on llama.cpp's k-quant grid
+                                          # (algos/kquant.py; sets group_size/sym to the format's sub-block; linears
+                                          # whose inputs are not a multiple of 256 keep the int grid, same bits/group)
 
     def __post_init__(self):
         _check.choice("quantize", "method", self.method, ("rtn", "gptq"))
@@ -57,6 +61,14 @@ class Quantize:
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
         _check.budget("quantize", self.budget, self.budget_spread, 6.0)
+        _check.choice("quantize", "format", self.format, ("int", *K.FORMATS))
+        if self.format != "int":
+            f = K.FORMATS[self.format]
+            if self.bits != f.bits or self.budget != "uniform" or self.refit_scales:
+                raise UserError(f"quantize.format {self.format} stores {f.bits}-bit codes on fixed grid scales: set "
+                                f"bits: {f.bits}, budget: uniform and refit_scales: false (or format: int)")
+            object.__setattr__(self, "group_size", f.sub)
+            object.__setattr__(self, "sym", f.sym)
 
     @property
     def needs_calibration(self) -> bool:
@@ -76,6 +88,7 @@ class Quantize:
     def describe(self) -> str:
         g = f"g{self.group_size}" if self.group_size else "per-channel"
         s = f"{self.method} w{self.bits} {g} {'sym' if self.sym else 'asym'}"
+        s += f" ({self.format} grid)" if self.format != "int" else ""
         return s + (f" ({self.budget} budget)" if self.budget != "uniform" else "")
 
     def quantize_group(self, items: list[tuple[str, torch.nn.Linear]], H: torch.Tensor | None,
@@ -90,6 +103,11 @@ class Quantize:
         Ws = [lin.weight.detach().float() for _, lin in items]          # (rows_i, cols) each
         keeps = [lin.keep if isinstance(lin, SparseLinear) else None for _, lin in items]
         res: list[tuple] = []
+        if self.format != "int" and K.fits(Ws[0].shape[1]):
+            if any(k is not None for k in keeps):
+                raise UserError(f"quantize.format {self.format}: {items[0][0]} is pruned, and a k-quant grid cannot "
+                                "hold pruned weights at exactly 0: use format int after pruning")
+            return self._kquant_group(items, Ws, H, in_place)
         if self.method == "gptq" and H is not None:
             try:
                 keep = None if all(k is None for k in keeps) else torch.cat(
@@ -117,6 +135,37 @@ class Quantize:
                 info["sparsity"] = 1.0 - float(k.float().mean())
             # W may alias lin.weight (fp32): everything above reads it before the in-place write below
             out[name] = (QuantLinear.build(lin, q, sc, z, self.bits, self.group_size, self.sym, k, w_hat, in_place), info)
+        return out
+
+    def _kquant_group(self, items, Ws, H, in_place: bool) -> dict[str, tuple[QuantLinear, dict]]:
+        """quantize_group on the k-quant grid: the observer's sub-block params snapped (K.params), then GPTQ's (or
+        round-to-nearest) codes on that grid; stacked rows as in quantize_group."""
+        W = torch.cat(Ws) if len(Ws) > 1 else Ws[0]
+        rows = [w.shape[0] for w in Ws]
+        info: dict = {}
+        p = None
+        if self.method == "gptq" and H is not None:
+            try:
+                p = K.params(W, self.format, self.observer, torch.diag(H).float())
+                r = G.gptq(W, H, self.bits, self.group_size, self.sym, self.damp, self.block_size, self.act_order,
+                           grid=p.scale_zero())
+                q, info = r.q, {"damp": r.damp}
+            except G.HessianNotPD as e:
+                log.warning("%s: %s; fell back to RTN", ", ".join(n for n, _ in items), e)
+                info, p = {"fallback": "rtn"}, None
+        if p is None:
+            q, p = K.rtn(W, self.format, "mse" if self.observer == "hessian" else self.observer)
+        out, r0 = {}, 0
+        for (name, lin), Wi, n in zip(items, Ws, rows):
+            sl = slice(r0, r0 + n)
+            r0 += n
+            kp = K.KParams(p.fmt, p.d[sl], p.sc[sl], p.dmin[sl], p.m[sl])
+            qi = q[sl]
+            w_hat = K.dequantize(qi, kp)                                                          # (n, cols)
+            stats = dict(info, kind="QuantLinear", bits=self.bits, format=self.format, sqnr=quant.sqnr(Wi, w_hat))
+            s, z = kp.scale_zero()
+            out[name] = (QuantLinear.build(lin, qi, s, z, self.bits, self.group_size, self.sym, None,
+                                           w_hat.to(lin.weight.dtype), in_place, kparams=kp), stats)
         return out
 
     def quantize_one(self, name: str, lin: torch.nn.Linear, H: torch.Tensor | None) -> tuple[QuantLinear, dict]:
