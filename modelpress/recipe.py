@@ -47,8 +47,6 @@ class Calibration:
     def __post_init__(self):
         from .calib.protocol import check
         check(self.protocol, "calibration.protocol")
-
-    def __post_init__(self):
         from .calib.select import SELECTORS
         if self.select not in SELECTORS:
             raise UserError(f"calibration.select {excerpt(self.select)} is unknown: use one of {', '.join(sorted(SELECTORS))}")
@@ -77,8 +75,6 @@ class Evaluate:
     def __post_init__(self):
         from .calib.protocol import check
         check(self.protocol, "evaluate.protocol")
-
-    def __post_init__(self):
         if self.seqlen is not None:
             _positive_int("evaluate.seqlen", self.seqlen, 2)
         _positive_int("evaluate.windows", self.windows, 1)
