@@ -112,12 +112,12 @@ def run_one(a, model: str, method: str | None, mode: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     t0 = time.perf_counter()
-    with open(out.with_suffix(".log"), "w") as f:
+    with open(out.parent / (out.name + ".log"), "w") as f:
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if p.returncode:
         for sub in ("export", "work"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        tail = out.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-1:]
+        tail = (out.parent / (out.name + ".log")).read_text(errors="replace").strip().splitlines()[-1:]
         return {"model": model, "method": method, "mode": mode, "error": (tail or ["?"])[0][:200]}
     res = json.loads((out / "result.json").read_text())
     res["process_seconds"] = time.perf_counter() - t0
