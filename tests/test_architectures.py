@@ -7,6 +7,7 @@ hidden 64, 4 calibration samples of 32 tokens."""
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
 import torch
 from torch import nn
 from transformers import (AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig,
@@ -195,7 +196,9 @@ def requests(tmp_path_factory):
 def test_safety_prune(arch, tok, requests, one_thread):
     from modelpress.stages.safety_prune import SafetyPrune
     m = build(arch)
-    stats = SafetyPrune(sparsity=0.5, requests=requests).apply(m, None, tokenizer=tok)
+    prompt = Path(requests).with_name("safety_prompt.txt")     # short: GPT-2/OPT here have 128 positions
+    prompt.write_text("Refuse harmful requests.")
+    stats = SafetyPrune(sparsity=0.5, requests=requests, safety_prompt=str(prompt)).apply(m, None, tokenizer=tok)
     assert stats["layers"] and all(v["sparsity"] == pytest.approx(0.5, abs=0.02) for v in stats["layers"].values())
     assert set(stats["layers"]) == set(_decoder_linears(m))
 
