@@ -68,8 +68,9 @@ class StageCheckpoint:
 
 
 def _jsonable(d):
+    """Stats as JSON: tensors to lists, keys to strings (as json.dumps writes them)."""
     if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
+        return {str(k): _jsonable(v) for k, v in d.items()}
     if isinstance(d, (list, tuple)):
         return [_jsonable(v) for v in d]
     if isinstance(d, torch.Tensor):

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_save_file, atomic_write_text, sha256_file
+from .checkpoint import _jsonable
 from .memory import release_memory, trim_heap
 from .shards import SafeFile, Shards, Src
 
@@ -121,16 +122,6 @@ def _transplant(layer: nn.Module, path: Path) -> None:
                         "delete the .offload folder and start over")
 
 
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {str(k): _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    if isinstance(d, torch.Tensor):
-        return d.tolist()
-    return d
-
-
 class LayerStore:
     """Where each decoder layer currently lives: the shards, or the file of the last stage that touched
     it; plus the per-stage progress that makes a run resumable. Passed to modelpress.engine.layerwise as the
@@ -230,7 +221,7 @@ class LayerStore:
     def save(self, i: int, layer: nn.Module, next_inputs, stats: dict) -> None:
         """Layer i is done: its file and the next layer's inputs first, the progress that points to them
         last (a kill in between leaves the previous state intact)."""
-        from .checkpoint import claim, save_module
+        from .checkpoint import save_module
         d = self.work / f"stage{self.stage}"
         path = d / f"layer{i}.safetensors"
         save_module(layer, path)

@@ -67,17 +67,21 @@ def compile_sm90(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_
                                                                             "num_stages": num_stages})
 
 
-def sass_lines(cubin: bytes) -> list[tuple[str, str]]:
-    """(label or "", instruction text) of every SASS instruction of the cubin's kernel, in order; the
-    label is the one nvdisasm puts right before the instruction (branch targets)."""
+def _on_cubin(cubin: bytes, name: str, *args: str) -> str:
+    """Stdout of the bundled CUDA tool `name` run with `args` on the cubin (written to a temporary file)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        out = subprocess.run([tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool(name), *args, path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
-    return parse_sass(out)
+
+
+def sass_lines(cubin: bytes) -> list[tuple[str, str]]:
+    """(label or "", instruction text) of every SASS instruction of the cubin's kernel, in order; the
+    label is the one nvdisasm puts right before the instruction (branch targets)."""
+    return parse_sass(_on_cubin(cubin, "nvdisasm", "-c"))
 
 
 def parse_sass(text: str) -> list[tuple[str, str]]:
@@ -108,13 +112,7 @@ def main_loop(lines: list[tuple[str, str]]) -> list[str]:
 
 def resources(cubin: bytes) -> tuple[int, int]:
     """(registers, local/stack bytes per thread) from cuobjdump -res-usage."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        out = subprocess.run([tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(path)
+    out = _on_cubin(cubin, "cuobjdump", "-res-usage")
     regs = int(re.search(r"REG:(\d+)", out).group(1))
     local = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
     return regs, local
