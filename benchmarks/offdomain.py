@@ -2,7 +2,7 @@
 calibration domain) and on public-domain novels, against their calibration-free / cheaper baselines, and which
 factor drives the off-domain loss, one factor at a time.
 
-Model: SmolLM2-135M-Instruct (fp32). Evaluation: `windows_for(tok, "wiki-eval" | "novels-eval", 512, W)` (W = 16),
+Models: SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct (`--model`, fp32; one section each). Evaluation: `windows_for(tok, "wiki-eval" | "novels-eval", 512, W)` (W = 16),
 scored with modelpress.eval.evaluate against the uncompressed model. Calibration: `calibration_set(tok, "wiki",
 "random", N, 512, seed)` with N = 16 and seeds 0, 1, 2 (the shipped recipes use 128 x 512: this run is smaller).
 Settings are the shipped recipes' stage configs (w4a16-gptq-g128: GPTQ w4 g128 sym act_order observer hessian;
@@ -19,6 +19,7 @@ after each run from the cache.
 
     .venv/bin/python benchmarks/offdomain.py                      # everything (~40 min on 2 cores)
     .venv/bin/python benchmarks/offdomain.py --seeds 0 --no-factors
+    .venv/bin/python benchmarks/offdomain.py --model qwen2.5-coder-0.5b --no-factors
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ FACTORS = {
     "SparseGPT 2x samples": ("prune", SGPT, "wiki", 2),
     "SparseGPT wiki+novels mix": ("prune", SGPT, "mix", 1),
 }
+NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 BASE_OF = {k: ("GPTQ (shipped)" if k.startswith("GPTQ") else "SparseGPT 2:4 (shipped)") for k in FACTORS}
 
 
@@ -74,6 +76,18 @@ def calib_for(tok, kind: str | None, samples: int, seqlen: int, seed: int) -> Ca
     a = calibration_set(tok, "wiki", "random", samples // 2, seqlen, seed)
     b = calibration_set(tok, "novels", "random", samples - samples // 2, seqlen, seed)
     return CalibrationSet.from_ids(torch.cat([a.input_ids, b.input_ids]), source="wiki+novels", seed=seed)
+
+
+def mine(cache: dict, tag: str, a) -> dict:
+    """This model's runs at this run's sizes, keyed without the model tag."""
+    out = {}
+    for k, v in cache.items():
+        if tag and not k.startswith(tag):
+            continue
+        k = k[len(tag):]
+        if k.count("|") == 4 and k.split("|")[1:4] == [str(a.samples), str(a.seqlen), str(a.windows)]:
+            out[k] = v
+    return out
 
 
 def ms(xs: list[float]) -> str:
@@ -93,7 +107,7 @@ def report(cache: dict, a, base: dict) -> str:
     def dmg(name, dom):
         return [p - base[dom] for p in ppl(name, dom)]
 
-    lines = [f"SmolLM2-135M-Instruct fp32; evaluation {a.windows} windows x {a.seqlen} tokens per text "
+    lines = [f"{NAMES.get(a.model, a.model)} fp32; evaluation {a.windows} windows x {a.seqlen} tokens per text "
              f"(`wiki-eval`: the calibration domain; `novels-eval`: Austen, *Pride and Prejudice*, off-domain); "
              f"calibration `wiki` random, {a.samples} x {a.seqlen} tokens (smaller than the shipped 128 x 512), "
              f"seeds {', '.join(map(str, a.seeds))}; mean ± sd over seeds. Uncompressed perplexity: wiki-eval "
@@ -147,6 +161,7 @@ def report(cache: dict, a, base: dict) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="a reference name (smollm2, qwen2.5-coder-0.5b)")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
@@ -161,7 +176,9 @@ def main(argv=None) -> None:
     cache_path = Path(a.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     t0 = time.perf_counter()
-    model, tok = load("smollm2")
+    model, tok = load(a.model)
+    tag = "" if a.model == "smollm2" else f"{a.model}|"       # cache keys: the SmolLM2 ones unprefixed
+    section = "off-domain quality" + ("" if a.model == "smollm2" else f": {NAMES.get(a.model, a.model)}")
     wins = {d: windows_for(tok, d, a.seqlen, a.windows) for d in DOMAINS}
     refs = {d: reference_scores(model, w, 2) for d, w in wins.items()}
     base = {d: r.evaluation()["perplexity"] for d, r in refs.items()}
@@ -176,7 +193,7 @@ def main(argv=None) -> None:
         if True:
             if kind is None and seed != a.seeds[0]:
                 continue                                   # no calibration: one run
-            key = f"{name}|{a.samples}|{a.seqlen}|{a.windows}|{seed}"
+            key = f"{tag}{name}|{a.samples}|{a.seqlen}|{a.windows}|{seed}"
             if key in cache:
                 continue
             calib = calib_for(tok, kind, a.samples * mult, a.seqlen, seed)
@@ -194,13 +211,11 @@ def main(argv=None) -> None:
             print(f"[{time.perf_counter() - t0:6.0f} s] {name} seed {seed}: {took:.0f} s, "
                   f"wiki {res['wiki-eval']['perplexity']:.3f} novels {res['novels-eval']['perplexity']:.3f}", flush=True)
             if not a.no_md:
-                mine = {k: v for k, v in cache.items() if k.split("|")[1:4] == [str(a.samples), str(a.seqlen), str(a.windows)]}
-                write_section("off-domain quality", cmd, __doc__.split("\n\n")[1] + "\n\n" + report(mine, a, base))
-    mine = {k: v for k, v in cache.items() if k.split("|")[1:4] == [str(a.samples), str(a.seqlen), str(a.windows)]}
-    body = report(mine, a, base)
+                write_section(section, cmd, __doc__.split("\n\n")[1] + "\n\n" + report(mine(cache, tag, a), a, base))
+    body = report(mine(cache, tag, a), a, base)
     print(body)
     if not a.no_md:
-        write_section("off-domain quality", cmd, __doc__.split("\n\n")[1] + "\n\n" + body)
+        write_section(section, cmd, __doc__.split("\n\n")[1] + "\n\n" + body)
 
 
 if __name__ == "__main__":
