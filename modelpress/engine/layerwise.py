@@ -105,7 +105,8 @@ def capture_inputs(model: nn.Module, calib: CalibrationSet, batch_size: int, dev
             for i, layer in enumerate(real):
                 layers[i] = _Probe(layer, make(i, memo), last=i == len(real) - 1)
             ids = calib.input_ids[b:b + batch_size].to(mdev)
-            mask = calib.attention_mask[b:b + batch_size].to(mdev)
+            mask = (None if calib.attention_mask is None           # (evaluation windows: no mask, as scored)
+                    else calib.attention_mask[b:b + batch_size].to(mdev))
             try:
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
             except _Stop:

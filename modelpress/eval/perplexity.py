@@ -230,7 +230,28 @@ def reference_scores(reference: nn.Module, windows: Tensor, batch_size: int = 2,
 def _score_reference_batch(reference: nn.Module, ids: Tensor, streaming: bool, chunk_elements: int,
                            hidden: list, logits: list, nll: list) -> None:
     """One batch of reference_scores: appends its NLL and its hidden states (or logits) to the lists."""
-    rows = _model_rows(reference, ids, streaming)
+    _append_scores(_model_rows(reference, ids, streaming), ids, streaming, chunk_elements, hidden, logits, nll)
+
+
+@torch.no_grad()
+def scores_from_hidden(windows: Tensor, batch_size: int, hidden: list[Tensor], head: nn.Module, post,
+                       chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None) -> ReferenceScores:
+    """ReferenceScores from the output layer's inputs of each batch of `windows` ((b, seqlen, hidden) each, as
+    the model's forward hands them to `head`; `post`: what the model applies to the head's result, see _post),
+    computed by the same operations as reference_scores (modelpress.engine.stream computes the inputs layer by
+    layer)."""
+    hid: list[Tensor] = []
+    nll: list[Tensor] = []
+    with bar(progress, len(hidden)) as advance:
+        for i, h in enumerate(hidden):
+            ids = windows[i * batch_size:(i + 1) * batch_size]
+            _append_scores(_Rows(h[:, :-1], head, post), ids, True, chunk_elements, hid, [], nll)
+            advance()
+    return ReferenceScores(windows, batch_size, hid, None, torch.cat(nll), head, head_sha256(head), post)
+
+
+def _append_scores(rows: _Rows, ids: Tensor, streaming: bool, chunk_elements: int, hidden: list, logits: list,
+                   nll: list) -> None:
     tgt = ids[:, 1:].reshape(-1)
     step = _rows_per_chunk(rows.vocab(), chunk_elements)
     out = torch.empty(tgt.numel())

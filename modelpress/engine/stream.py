@@ -1,0 +1,162 @@
+"""The original model scored on the evaluation windows with one decoder layer resident at a time, read from its
+safetensors shards: the reference side of `evaluate` (modelpress.eval.perplexity.ReferenceScores) without ever
+holding the whole model.
+
+The pass is modelpress.engine.layerwise.steps run over the evaluation windows instead of calibration samples,
+with a checkpoint object that materializes each layer from the shards and sends it back to the meta device
+after: every window goes through layer 0, then layer 1, ... exactly as the model's own forward would take it
+(the same keyword arguments, captured from the model's forward, the same batches). The outputs of the last
+layer are then handed to the model's own forward once more with every decoder layer replaced by a stand-in
+that replays them (and `inputs_embeds` of zeros, so the input embedding is not read), so whatever the model does
+after its stack (final norm, OPT's project_out, ...) runs as written; the output layer's input is captured by
+the same pre-hook modelpress.eval.perplexity uses. The figures are therefore bitwise those of
+`reference_scores(model, windows)` on the whole model (tests/test_stream.py checks it on every tiny
+architecture). Resident at any time: one decoder layer, the windows' hidden states, the output layer while the
+scores are computed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..eval.perplexity import CHUNK_ELEMENTS, ReferenceScores, _post, scores_from_hidden
+from ..model import decoder_layers
+from ..progress import bar
+from .layerwise import steps
+from .memory import release_memory, trim_heap
+from .shards import Shards
+from .store import skeleton
+
+
+class _Windows:
+    """Evaluation windows in the shape of a CalibrationSet for layerwise.steps: no attention mask is passed,
+    as modelpress.eval scores windows (model(input_ids=...))."""
+
+    def __init__(self, ids: Tensor):
+        self.input_ids, self.attention_mask = ids, None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+class _FromShards:
+    """The checkpoint protocol of layerwise.steps: layer i is read from the shards before its pass and sent
+    back to the meta device after it; the last layer's outputs are kept (`finals`)."""
+
+    def __init__(self, shards: Shards, prefix: str, dtype: torch.dtype, advance):
+        self.shards, self.prefix, self.dtype, self.advance = shards, prefix, dtype, advance
+        self.finals: list[Tensor] | None = None
+
+    def restore(self, layers):
+        return 0, None, {}
+
+    def load_layer(self, i: int, layer: nn.Module) -> None:
+        pre = f"{self.prefix}.{i}."
+        layer.load_state_dict({n: self.shards.src(pre + n, self.dtype).tensor() for n in layer.state_dict()},
+                              assign=True, strict=True)
+
+    def save(self, i: int, layer: nn.Module, next_inputs: list[Tensor], stats: dict) -> None:
+        layer.to("meta")
+        release_memory()
+        self.finals = next_inputs
+        self.advance()
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: hands the hidden states on unchanged, or (the last layer) returns the
+    stored outputs of the real stack for this batch."""
+
+    def __init__(self, inner: nn.Module, out: Tensor | None):
+        super().__init__()
+        self.held, self.out = (inner,), out       # a tuple: not registered as a submodule
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["held"][0], name)
+
+    def forward(self, *args, **kw):
+        hs = args[0] if args else kw["hidden_states"]
+        return hs if self.out is None else self.out[:, : hs.shape[1]]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _after_stack(model: nn.Module, final: Tensor, head_input: bool) -> Tensor:
+    """The model's forward from its last decoder layer's output `final` (b, T, hidden) on: the output layer's
+    input (head_input) or the model's logits."""
+    prefix, layers = decoder_layers(model)
+    real = list(layers)
+    emb = model.get_input_embeddings()
+    got: list[Tensor] = []
+
+    def hook(_m, args):
+        got.append(args[0])
+        raise _Stop
+
+    h = model.get_output_embeddings().register_forward_pre_hook(hook) if head_input else None
+    try:
+        for i, layer in enumerate(real):
+            layers[i] = _Replay(layer, final if i == len(real) - 1 else None)
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        zeros = torch.zeros(final.shape[0], final.shape[1], emb.embedding_dim, dtype=dtype, device=final.device)
+        try:
+            logits = model(inputs_embeds=zeros, use_cache=False).logits
+        except _Stop:
+            return got[0]
+        return logits
+    finally:
+        for i, layer in enumerate(real):
+            layers[i] = layer
+        if h is not None:
+            h.remove()
+
+
+def output_layer(model: nn.Module, shards: Shards, dtype: torch.dtype) -> nn.Module:
+    """The skeleton's output layer with its weights read from the shards (a tied one from the input embedding's
+    tensors); the skeleton's input embedding is left as it was."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    pre = names[id(head)] + "."
+    state = {}
+    for k in head.state_dict():
+        name = pre + k
+        if name not in shards.files and k == "weight" and getattr(model.config, "tie_word_embeddings", False):
+            name = names[id(emb)] + ".weight"
+        state[k] = shards.src(name, dtype).tensor()
+    head.load_state_dict(state, assign=True, strict=True)
+    return head
+
+
+@torch.no_grad()
+def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: int = 2,
+                              dtype: torch.dtype = torch.float32, chunk_elements: int = CHUNK_ELEMENTS,
+                              progress: str | None = None) -> ReferenceScores:
+    """modelpress.eval.perplexity.reference_scores of the model in the HF folder `folder` (config.json and
+    safetensors shards) on `windows`, with one decoder layer resident at a time (see the module docstring).
+    Raises UserError when the model's logits are not its output layer applied to the stack's output (then
+    score the whole model instead)."""
+    model, shards = skeleton(Path(folder), dtype)
+    prefix, layers = decoder_layers(model)
+    with bar(progress and f"{progress} (layers)", len(layers)) as advance:
+        reader = _FromShards(shards, prefix, dtype, advance)
+        for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
+            pass
+    finals = reader.finals
+    head = output_layer(model, shards, dtype)
+    post = _post(model)
+    probe = _after_stack(model, finals[0][:1, : min(8, windows.shape[1])], head_input=False).float()
+    hidden = [_after_stack(model, f, head_input=True) for f in finals]
+    del finals
+    trim_heap()
+    want = post(head(hidden[0][:1, : probe.shape[1]])).float()
+    if want.shape != probe.shape or not torch.allclose(want, probe, rtol=1e-4, atol=1e-4 * float(probe.abs().max())):
+        raise UserError(f"{type(model).__name__} does more after its output layer than modelpress can replay "
+                        "layer by layer: score the whole model (run without streaming)")
+    return scores_from_hidden(windows, batch_size, hidden, head, post, chunk_elements,
+                              progress and f"{progress} (scores)")
