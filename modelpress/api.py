@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -113,13 +114,21 @@ def evaluate(model: nn.Module, tokenizer, reference: nn.Module | ReferenceScores
 
 
 def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | None = None,
-               evaluate_models: bool = True, resume: bool = False, checkpoint: bool = True) -> dict:
+               evaluate_models: bool = True, resume: bool = False, checkpoint: bool = True,
+               streaming: bool | None = None) -> dict:
     """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
     export. Returns the report (also written to the export as report.json). With an output folder,
     progress is checkpointed in `<out>.partial/` (removed on success); `resume=True` continues an
-    interrupted run from its last finished decoder layer. No copy of the original is kept: it is scored on the
-    evaluation windows before compression (modelpress.eval.perplexity.ReferenceScores), and reloaded from
-    `model_src` only for a `certify:` block (report["_original"] is None).
+    interrupted run from its last finished decoder layer.
+
+    streaming (None: wherever it can; True: required; False: never): the run goes layer by layer from the
+    model's safetensors shards (modelpress.engine.stream scores the original on the evaluation windows,
+    modelpress.engine.offload compresses and writes the export, the compressed model is then loaded from the
+    export for its evaluation), so the whole original model is never resident; the figures are those of the
+    in-memory run. It needs an output folder, a local safetensors model (a reference name or an HF folder)
+    and stages that work one layer at a time (see _why_not_streamed). In memory, no copy of the original is
+    kept either: it is scored on the evaluation windows before compression (ReferenceScores), and reloaded
+    from `model_src` only for a `certify:` block (report["_original"] is None).
 
     >>> rep = modelpress.run_recipe(Recipe.from_yaml("w4a16-gptq-g128"), "smollm2", "out/smollm2-w4")
     >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
@@ -127,12 +136,17 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     src = model_src or recipe.model or _model.REFERENCE
     dest = out or (recipe.export.path if recipe.export else None)
     lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
+    why = "streaming off" if streaming is False else _why_not_streamed(recipe, src, dest, checkpoint)
+    if why is None:
+        return _run_streamed(recipe, src, dest, evaluate_models, resume, lock)
+    if streaming:
+        raise UserError(f"this run cannot go layer by layer from the shards: {why}")
     model, tok = timed(f"load {src}", load, src, recipe.dtype)
     export_notes = _export_preflight(model, recipe) if dest else []     # before any compression starts
     refs: dict[str, ReferenceScores] = {}
+    e = recipe.evaluate
     if evaluate_models:                  # the original is scored before compressing in place; no copy is kept
-        e = recipe.evaluate
-        for text in dict.fromkeys(t for t in (e.text, e.off_domain) if t):
+        for text in _texts(recipe):
             refs[text] = timed(f"scoring the original on {text}", reference_scores, model,
                                windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size,
                                progress=f"original on {text}: batches")
@@ -153,46 +167,154 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     storage = _storage_dtype(model, recipe.export.dtype)
     _to_storage(model, storage)        # evaluate exactly what the export stores (16-bit unquantized tensors)
     size = size_report(model, storage)
-    report = {"model": str(src), "recipe": recipe.to_dict(), "size": {k: v for k, v in size.items() if k != "layers"},
-              "compress_seconds": elapsed,
-              "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
-              "layers": _layer_table(stages, size)}
-    if evaluate_models:
-        head = None
-        for i, (text, ref) in enumerate(refs.items()):
-            if e.agreement:
-                head = restore_reference_head(ref, model, src, recipe.dtype, head)
-            comp = _evaluate(model, ref.windows, ref if e.agreement else None, e.batch_size)
-            comp.pop("per_token", None)
-            entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0,
-                                                "bytes": size["original_bytes"]}, "compressed": comp}
-            if i == 0:
-                report["eval"] = {**describe_protocol(tok, e.protocol), **entry}
-            else:
-                report["eval"]["off_domain"] = entry
-        del refs
-    if calib is not None:
-        report["calibration"] = calib.provenance
+    report = _report(src, recipe, size, elapsed, stages)
+    _evaluate_against(model, refs, report, size, src, recipe, tok)
     if dest:
-        report["exports"] = {"native": {"path": str(dest)}}
-        if export_notes:
-            report["export_notes"] = export_notes
+        _note_exports(report, calib, dest, export_notes)
         timed(f"export {dest}", save, model, tok, dest, recipe=recipe.to_dict(), report=report,
               calibration=calib.provenance if calib is not None else None, dtype=storage)
-        report["export"] = str(dest)
-        _other_formats(model, tok, recipe, Path(dest), storage, report)
-        if recipe.certify and evaluate_models:
-            from .certify import certificate as _certify
-            original = load(src, recipe.dtype)[0]         # reloaded from its source, only for the certificate
-            cert = timed("certificate", _certify.certify_recipe_block, recipe.certify, original, model, tok, recipe=recipe,
-                         calibration=calib)
-            del original
-            _certify.save(cert, dest)              # last write: the certificate covers every file
-            report["certificate"] = cert.to_dict()
+        _finish(model, tok, recipe, src, dest, storage, report, calib, evaluate_models)
         if run is not None:
             run.close()
+    elif calib is not None:
+        report["calibration"] = calib.provenance
     report["_model"], report["_original"], report["_tokenizer"] = model, None, tok
     return report
+
+
+def _texts(recipe: Recipe) -> list[str]:
+    e = recipe.evaluate
+    return list(dict.fromkeys(t for t in (e.text, e.off_domain) if t))
+
+
+def _why_not_streamed(recipe: Recipe, src, dest, checkpoint: bool) -> str | None:
+    """Why this run cannot go layer by layer from the shards (None: it can)."""
+    from .engine.offload import check_recipe
+    if not dest or not checkpoint:
+        return "it needs an output folder (--out) with checkpoints"
+    if recipe.needs_calibration and recipe.calibration.select == "perplexity":
+        return "calibration.select perplexity scores the pool with the whole model"
+    try:
+        check_recipe(recipe)
+    except UserError as e:
+        return str(e)
+    folder = _shard_folder(src)
+    if folder is None:
+        return f"{src} is not a reference name or a local folder with config.json and safetensors shards"
+    if json.loads((folder / "config.json").read_text()).get("model_type") in _model.CONV1D_MODELS:
+        return "the model stores its linears transposed (Conv1D)"
+    return None
+
+
+def _shard_folder(src) -> Path | None:
+    if str(src) in _model.REFERENCES:
+        return _model.reference_dir(str(src))
+    p = Path(str(src))
+    if (p / "config.json").is_file() and not (p / "modelpress.json").exists() and (
+            (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
+        return p
+    return None
+
+
+def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool, lock) -> dict:
+    """run_recipe layer by layer from the shards (see run_recipe)."""
+    from transformers import AutoTokenizer
+    from .engine.checkpoint import claim
+    from .engine.memory import large_allocations_mapped
+    from .engine.offload import compress_offloaded, export_offloaded, fingerprint
+    from .engine.store import skeleton
+    from .engine.stream import reference_scores_streamed
+    from .export.native import storage_dtype_of
+    folder = _shard_folder(src)
+    dtype = getattr(torch, recipe.dtype)
+    tok = AutoTokenizer.from_pretrained(folder)
+    shell, _ = skeleton(folder, dtype)             # the shapes, for the export formats' checks
+    export_notes = _export_preflight(shell, recipe)
+    source_dtype = getattr(shell.config, "dtype", None)
+    del shell
+    refs: dict[str, ReferenceScores] = {}
+    e = recipe.evaluate
+    if evaluate_models:
+        for text in _texts(recipe):
+            refs[text] = timed(f"scoring the original on {text}, layer by layer", reference_scores_streamed, folder,
+                               windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size, dtype,
+                               progress=f"original on {text}")
+        for r in refs.values():                    # one output layer for all texts (the same tensors)
+            r.head = next(iter(refs.values())).head
+    c = recipe.calibration
+    calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
+                   None, c.protocol) if recipe.needs_calibration else None)
+    work = Path(f"{dest}.partial")
+    claim(work, fingerprint(recipe, calib, src), resume, "recipe, model or calibration set")
+    t0 = time.perf_counter()
+    with large_allocations_mapped():
+        shell, store, stages = compress_offloaded(folder, recipe, calib, work)
+    elapsed = time.perf_counter() - t0
+    storage = storage_dtype_of(dtype, source_dtype, recipe.export.dtype)
+    report = {"model": str(src), "recipe": recipe.to_dict(), "size": {}}
+    _note_exports(report, calib, dest, export_notes)
+    timed(f"export {dest}", export_offloaded, shell, store, tok, dest, recipe.to_dict(), report,
+          calib.provenance if calib is not None else None, storage)
+    del shell, store
+    model, tok = timed(f"load {dest}", load, dest)
+    size = size_report(model, storage)
+    report = {**_report(src, recipe, {**size, **report["size"]}, elapsed, stages), "streamed": True,
+              **{k: v for k, v in report.items() if k not in ("model", "recipe", "size")}}
+    _evaluate_against(model, refs, report, size, src, recipe, tok)
+    _finish(model, tok, recipe, src, dest, storage, report, calib, evaluate_models)
+    shutil.rmtree(work, ignore_errors=True)
+    lock.release()
+    report["_model"], report["_original"], report["_tokenizer"] = model, None, tok
+    return report
+
+
+def _report(src, recipe: Recipe, size: dict, elapsed: float, stages: list[dict]) -> dict:
+    return {"model": str(src), "recipe": recipe.to_dict(), "size": {k: v for k, v in size.items() if k != "layers"},
+            "compress_seconds": elapsed,
+            "stages": [{"name": s["name"], "summary": s["summary"], "seconds": s["seconds"]} for s in stages],
+            "layers": _layer_table(stages, size)}
+
+
+def _evaluate_against(model: nn.Module, refs: dict[str, ReferenceScores], report: dict, size: dict, src,
+                      recipe: Recipe, tok) -> None:
+    """The compressed model scored against the original's scores, per evaluation text, into report["eval"]."""
+    e = recipe.evaluate
+    head = None
+    for i, (text, ref) in enumerate(refs.items()):
+        if e.agreement:
+            head = restore_reference_head(ref, model, src, recipe.dtype, head)
+        comp = _evaluate(model, ref.windows, ref if e.agreement else None, e.batch_size)
+        comp.pop("per_token", None)
+        entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0,
+                                            "bytes": size["original_bytes"]}, "compressed": comp}
+        if i == 0:
+            report["eval"] = {**describe_protocol(tok, e.protocol), **entry}
+        else:
+            report["eval"]["off_domain"] = entry
+    refs.clear()
+
+
+def _note_exports(report: dict, calib, dest, export_notes: list[str]) -> None:
+    if calib is not None:
+        report["calibration"] = calib.provenance
+    report["exports"] = {"native": {"path": str(dest)}}
+    if export_notes:
+        report["export_notes"] = export_notes
+
+
+def _finish(model: nn.Module, tok, recipe: Recipe, src, dest, storage: torch.dtype, report: dict, calib,
+            evaluate_models: bool) -> None:
+    """After the native export: the other formats, then the certificate (the last write: it covers every file)."""
+    report["export"] = str(dest)
+    _other_formats(model, tok, recipe, Path(dest), storage, report)
+    if recipe.certify and evaluate_models:
+        from .certify import certificate as _certify
+        original = load(src, recipe.dtype)[0]         # reloaded from its source, only for the certificate
+        cert = timed("certificate", _certify.certify_recipe_block, recipe.certify, original, model, tok, recipe=recipe,
+                     calibration=calib)
+        del original
+        _certify.save(cert, dest)
+        report["certificate"] = cert.to_dict()
 
 
 def check_before_loading(recipe: Recipe, dest, resume: bool, evaluate_models: bool) -> RunLock:

@@ -375,7 +375,7 @@ def test_disk_full_and_read_only_output_are_one_line(tmp_path, capsys, monkeypat
 
     import modelpress.io as mio
     from safetensors import SafetensorError
-    argv = _compress_argv(tmp_path, tmp_path / "out")
+    argv = [*_compress_argv(tmp_path, tmp_path / "out"), "--in-memory"]    # (streamed: the real full disk below)
 
     def full(*a, **k):
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
@@ -553,11 +553,11 @@ def test_broken_hf_folder_is_one_line(tmp_path, capsys, fault):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    """A 300 kB tmpfs (root only; skipped where mounting is not allowed)."""
+    """A 64 kB tmpfs (root only; skipped where mounting is not allowed): smaller than the tiny model's export."""
     import subprocess
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     yield mnt
@@ -566,9 +566,11 @@ def tiny_fs(tmp_path):
 
 def test_real_full_and_read_only_disks(tmp_path, capsys, tiny_fs):
     import subprocess
-    argv = _compress_argv(tmp_path, tiny_fs / "out")
-    assert "No space left on device" in _one_line_error(capsys, argv)
-    assert not [p for p in tiny_fs.iterdir() if ".tmp-" in p.name]          # the half export is gone
+    for how in ("--in-memory", "--offload"):
+        argv = [*_compress_argv(tmp_path, tiny_fs / "out"), how]
+        assert "No space left on device" in _one_line_error(capsys, argv), how
+        assert not [p for p in tiny_fs.iterdir() if ".tmp-" in p.name], how          # the half export is gone
+        subprocess.run(["rm", "-rf", *map(str, tiny_fs.iterdir())], check=True)
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     argv[argv.index("--out") + 1] = str(tiny_fs / "out2")
     assert "not writable" in _one_line_error(capsys, argv)

@@ -35,3 +35,57 @@ def test_streamed_reference_scores_equal_whole_model(arch, tmp_path, one_thread)
     a, b = evaluate(other, w, streamed, 2), evaluate(other, w, whole, 2)
     for k in ("perplexity", "reference_perplexity", "agreement", "kl", "linf"):
         assert a[k] == b[k], k
+
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Compression keeps what matters and drops the rest.\n\n"
+        "A second paragraph about foxes, dogs and what matters in a compressed model.\n\n") * 60
+STAGES = {
+    "gptq": [{"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}],
+    "rtn-with-lm_head": [{"quantize": {"method": "rtn", "bits": 3, "group_size": 32, "exclude": []}}],
+    "magnitude-then-gptq": [{"prune": {"method": "magnitude", "sparsity": 0.5}},
+                            {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}],
+}
+
+
+@pytest.mark.parametrize("case", list(STAGES))
+def test_streamed_run_equals_in_memory_run(case, tmp_path, one_thread):
+    """run_recipe goes layer by layer from the shards by default where it can; its figures, sizes and exported
+    tensors are those of the in-memory run, exactly."""
+    import modelpress as mp
+    from safetensors.torch import load_file as read_safetensors
+    from .conftest import tiny_model_dir
+    model_dir = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "b.txt").write_text(TEXT.upper())
+    recipe = mp.Recipe.from_dict({
+        "calibration": {"source": str(tmp_path / "a.txt"), "samples": 4, "seqlen": 32},
+        "evaluate": {"text": str(tmp_path / "a.txt"), "off_domain": str(tmp_path / "b.txt"), "seqlen": 32,
+                     "windows": 5},
+        "stages": STAGES[case]})
+    mem = mp.run_recipe(recipe, str(model_dir), tmp_path / "mem", streaming=False)
+    st = mp.run_recipe(recipe, str(model_dir), tmp_path / "st")
+    assert st.get("streamed") and not mem.get("streamed")
+    for part in ("eval", "size"):
+        a, b = dict(mem[part]), dict(st[part])
+        if part == "eval":
+            a["compressed"], b["compressed"] = dict(a["compressed"]), dict(b["compressed"])
+        if part == "size":                     # the safetensors headers differ (tensor order, padding) by bytes
+            assert abs(a.pop("file_bytes") - b.pop("file_bytes")) < 1024
+        assert a == b, part
+    assert mem["eval"]["off_domain"]["compressed"]["kl"] > 0
+    ta, tb = read_safetensors(tmp_path / "mem" / "model.safetensors"), read_safetensors(tmp_path / "st" / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    assert not (tmp_path / "st.partial").exists()
+    mp.load(tmp_path / "st")                               # checksums and manifest verified
+
+
+def test_streaming_refused_with_the_reason(tmp_path):
+    import modelpress as mp
+    from modelpress.errors import UserError
+    from .conftest import tiny_model_dir
+    model_dir = tiny_model_dir(tmp_path / "model")
+    recipe = mp.Recipe.from_dict({"stages": [{"lowrank": {}}]})
+    with pytest.raises(UserError, match="layer by layer.*lowrank"):
+        mp.run_recipe(recipe, str(model_dir), tmp_path / "o", evaluate_models=False, streaming=True)

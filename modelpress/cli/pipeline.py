@@ -27,8 +27,14 @@ def add_parser(sub) -> tuple[str, ...]:
                    help="calibration and evaluation windows (default modelpress-eval/2: start with the tokenizer's "
                         "BOS where it adds one; modelpress-eval/1: never, as the earlier figures)")
     c.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
-    c.add_argument("--offload", action="store_true",
-                   help="models larger than memory: one decoder layer at a time from the safetensors shards")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--offload", action="store_true",
+                     help="require the layer-by-layer run (one decoder layer resident at a time, read from the "
+                          "safetensors shards; the default wherever the recipe and model allow it) and fail "
+                          "with the reason where it cannot be used")
+    how.add_argument("--in-memory", action="store_true",
+                     help="load the whole model and compress it in memory (needed by stages that work across "
+                          "layers, chosen automatically for them)")
     e = sub.add_parser("eval", help="perplexity (and agreement with --reference) of a model or export")
     e.add_argument("model")
     e.add_argument("--reference", help="original model to compare with")
@@ -139,14 +145,8 @@ def cmd_compress(a) -> int:
         if a.protocol:
             d["evaluate"]["protocol"] = a.protocol
         recipe = Recipe.from_dict(d, str(a.recipe))
-    if a.offload:
-        from ..engine.offload import run_recipe_offloaded
-        rep = run_recipe_offloaded(recipe, a.model, a.out, resume=a.resume)
-        for st in rep["stages"]:
-            print(f"  {st['summary']}  ({st['seconds']:.1f} s)")
-        print(f"wrote {a.out} (not evaluated with --offload: run `modelpress eval {a.out}`)")
-        return 0
-    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume)
+    streaming = True if a.offload else (False if a.in_memory else None)
+    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume, streaming=streaming)
     print_report(rep)
     print(f"wrote {a.out}")
     failed = failed_exports(rep)

@@ -31,6 +31,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,8 +40,9 @@ from torch import nn
 from ..errors import UserError
 from ..io import atomic_save_file
 from ..model import CONV1D_MODELS
+from ..progress import timed
 from .memory import large_allocations_mapped, trim_heap
-from .shards import Entry, SafeFile, Shards, Src, write_streaming
+from .shards import _SIZES, _ST_DTYPES, Entry, SafeFile, Shards, Src, write_streaming
 from .store import LayerStore, RawConfig, _ConfigOnly, skeleton, structure_from_model, structure_from_shards
 
 SUPPORTED = ("quantize", "prune")
@@ -100,11 +102,11 @@ def compress_offloaded(model_dir: str | os.PathLike, recipe, calib, work: Path
             if calib is None:
                 raise UserError(f"{name}.method {cfg.method} needs calibration data: add a `calibration:` block")
             store.retype()
-            st = cfg.apply(model, calib, checkpoint=store)
+            st = timed(f"stage {k + 1}/{len(recipe.stages)}: {name}", cfg.apply, model, calib, checkpoint=store)
             store.save_final([(i, layer) for i, layer in enumerate(store.layers)
                               if any(not p.is_meta for p in layer.parameters())], st)
         else:
-            st = _per_linear(store, name, cfg)
+            st = timed(f"stage {k + 1}/{len(recipe.stages)}: {name}", _per_linear, store, name, cfg)
             store.finish_stage(st)
         out.append({**head, "seconds": time.perf_counter() - t0, **st})
     return model, store, out
@@ -263,11 +265,26 @@ TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_toke
                              r"spiece\.model|chat_template\..*|sentencepiece.*\.model)$")
 
 
+def _stored(name: str, src: Src, modules: dict, storage: torch.dtype | None) -> Entry:
+    """The export entry of one tensor: cast to `storage` where modelpress.export.native.storage_names would
+    (a floating tensor wider than it, plain or one of its compressed module's `storage_keys`)."""
+    from ..modules import MODULE_TYPES
+    st = _ST_DTYPES.get(storage) if storage is not None else None
+    if st is None or src.out_dtype not in ("F32", "F64") or _SIZES[src.out_dtype] <= storage.itemsize:
+        return Entry.of(name, src)
+    owner = next((m for m in modules if name.startswith(m + ".")), None)
+    if owner is not None and name[len(owner) + 1:] not in getattr(MODULE_TYPES[modules[owner]["kind"]], "storage_keys", ()):
+        return Entry.of(name, src)
+    return Entry.of(name, replace(src, dtype=st))
+
+
 def export_offloaded(model, store: LayerStore, tokenizer, out: str | os.PathLike, recipe: dict | None = None,
-                     report: dict | None = None, calibration: dict | None = None) -> Path:
+                     report: dict | None = None, calibration: dict | None = None,
+                     storage: torch.dtype | None = None) -> Path:
     """The native export folder (same files as modelpress.export.save), streamed tensor by tensor in row
     chunks from the shards and the layer files. `tokenizer`: a tokenizer object (saved with
-    save_pretrained), or the model folder, whose tokenizer files are copied as they are."""
+    save_pretrained), or the model folder, whose tokenizer files are copied as they are. `storage`: the dtype
+    unquantized floating tensors are stored in (modelpress.export.native.storage_dtype; None: as computed)."""
     from ..export.native import FORMAT, MANIFEST, WEIGHTS, write_folder_files
     from ..io import atomic_dir
     out = Path(out)
@@ -277,25 +294,33 @@ def export_offloaded(model, store: LayerStore, tokenizer, out: str | os.PathLike
     store.verify()
     with atomic_dir(out) as tmp:
         srcs, modules = store.outside_sources()
-        entries = [Entry.of(n, s) for n, s in srcs.items()]
+        pairs = list(srcs.items())
         aliases = dict(st.aliases)
         for i in range(st.n_layers):
             lsrcs, mods, al = store.layer_sources(i)
             pre = f"{st.prefix}.{i}."
-            entries += [Entry.of(pre + n, s) for n, s in lsrcs.items()]
+            pairs += [(pre + n, s) for n, s in lsrcs.items()]
             modules.update({pre + k: v for k, v in mods.items()})
             aliases.update({pre + k: pre + v for k, v in al.items()})
+        entries = [_stored(n, s, modules, storage) for n, s in pairs]
+        cast = [e.name for e, (_, s) in zip(entries, pairs) if e.dtype != s.out_dtype]
         sha, _ = write_streaming(tmp / WEIGHTS, entries, {"format": FORMAT})
+        if report is not None and isinstance(report.get("size"), dict):
+            report["size"]["file_bytes"] = (tmp / WEIGHTS).stat().st_size
+            report["size"]["storage_dtype"] = str(storage or store.dtype).replace("torch.", "")
         if isinstance(tokenizer, (str, os.PathLike)):
             for p in sorted(Path(tokenizer).iterdir()):
                 if p.is_file() and TOKENIZER_FILES.match(p.name):
                     shutil.copyfile(p, tmp / p.name)
             tokenizer = None
-        write_folder_files(tmp, model, tokenizer, str(store.dtype), modules, aliases, sha, recipe, report, calibration)
+        write_folder_files(tmp, model, tokenizer, str(store.dtype), modules, aliases, sha, recipe, report, calibration,
+                           storage=None if storage is None else {"dtype": str(storage).replace("torch.", ""),
+                                                                 "upcast": cast})
     return out
 
 
-def _fingerprint(recipe, calib, model_src) -> str:
+def fingerprint(recipe, calib, model_src) -> str:
+    """The hash of a run's inputs (recipe, calibration set, model) that a resumed run must match."""
     blob = json.dumps({"recipe": recipe.to_dict(), "calib": calib.sha256() if calib is not None else None,
                        "model": str(model_src)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -320,7 +345,7 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
         calib = calibration_set(AutoTokenizer.from_pretrained(src), c.source, c.select, c.samples, c.seqlen,
                                 c.seed, c.field, None, c.protocol)
     work = Path(f"{out}.offload")
-    fp = _fingerprint(recipe, calib, model_src)
+    fp = fingerprint(recipe, calib, model_src)
     from .checkpoint import RunLock, claim
     lock = RunLock(work, out)           # a second run into the same --out is told this one is running
     claim(work, fp, resume, "recipe, model or calibration set")
@@ -331,8 +356,11 @@ def run_recipe_offloaded(recipe, model_src: str | os.PathLike, out: str | os.Pat
               "stages": [{"name": s["name"], "summary": s["summary"]} for s in stages]}
     if calib is not None:
         report["calibration"] = calib.provenance
+    from ..export.native import storage_dtype_of
+    storage = storage_dtype_of(store.dtype, json.loads((src / "config.json").read_text()).get("dtype"),
+                               recipe.export.dtype)
     export_offloaded(model, store, src, out, recipe.to_dict(), report,
-                     calib.provenance if calib is not None else None)
+                     calib.provenance if calib is not None else None, storage)
     shutil.rmtree(work, ignore_errors=True)
     lock.release()
     report["compress_seconds"] = time.perf_counter() - t0

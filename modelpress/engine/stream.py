@@ -143,7 +143,7 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
     score the whole model instead)."""
     model, shards = skeleton(Path(folder), dtype)
     prefix, layers = decoder_layers(model)
-    with bar(progress and f"{progress} (layers)", len(layers)) as advance:
+    with bar(progress and f"{progress}: layers", len(layers)) as advance:
         reader = _FromShards(shards, prefix, dtype, advance)
         for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
             pass
@@ -159,4 +159,4 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
         raise UserError(f"{type(model).__name__} does more after its output layer than modelpress can replay "
                         "layer by layer: score the whole model (run without streaming)")
     return scores_from_hidden(windows, batch_size, hidden, head, post, chunk_elements,
-                              progress and f"{progress} (scores)")
+                              progress and f"{progress}: batches")

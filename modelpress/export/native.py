@@ -73,15 +73,19 @@ def storage_dtype(model: nn.Module, requested: str = "auto") -> torch.dtype:
     """The dtype an export stores unquantized floating tensors in: `auto` = 16-bit, the model's own 16-bit
     dtype when it computes in one, else the source checkpoint's (config `dtype` float16), else bfloat16;
     float32 only when a recipe asks (`export: {dtype: float32}`)."""
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return storage_dtype_of(own, getattr(getattr(model, "config", None), "dtype", None), requested)
+
+
+def storage_dtype_of(compute: torch.dtype, source=None, requested: str = "auto") -> torch.dtype:
+    """storage_dtype from the model's compute dtype and its config's `dtype` (the source checkpoint's)."""
     if requested not in STORAGE_DTYPES:
         raise UserError(f"export.dtype must be one of {', '.join(STORAGE_DTYPES)}, got {requested!r}")
     if requested != "auto":
         return getattr(torch, requested)
-    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    if own in (torch.bfloat16, torch.float16):
-        return own
-    src = getattr(getattr(model, "config", None), "dtype", None)
-    return torch.float16 if str(src).replace("torch.", "") == "float16" else torch.bfloat16
+    if compute in (torch.bfloat16, torch.float16):
+        return compute
+    return torch.float16 if str(source).replace("torch.", "") == "float16" else torch.bfloat16
 
 
 def storage_names(tensors: dict[str, torch.Tensor], comp: dict[str, nn.Module], storage: torch.dtype) -> list[str]:
