@@ -198,22 +198,26 @@ def _why_not_streamed(recipe: Recipe, src, dest, checkpoint: bool) -> str | None
         check_recipe(recipe)
     except UserError as e:
         return str(e)
-    folder = _shard_folder(src)
-    if folder is None:
-        return f"{src} is not a reference name or a local folder with config.json and safetensors shards"
-    if json.loads((folder / "config.json").read_text()).get("model_type") in _model.CONV1D_MODELS:
-        return "the model stores its linears transposed (Conv1D)"
+    if streamable_folder(src) is None:
+        return (f"{src} is not a reference name or a local folder with config.json and safetensors shards of a "
+                "model that stores its linears as (out, in) (GPT-2's Conv1D does not)")
     return None
 
 
-def _shard_folder(src) -> Path | None:
+def streamable_folder(src) -> Path | None:
+    """The local HF folder (a reference's cached conversion, or `src` itself) whose safetensors shards the
+    layer-by-layer engine can read, or None."""
     if str(src) in _model.REFERENCES:
         return _model.reference_dir(str(src))
     p = Path(str(src))
-    if (p / "config.json").is_file() and not (p / "modelpress.json").exists() and (
+    if not (p / "config.json").is_file() or (p / "modelpress.json").exists() or not (
             (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()):
-        return p
-    return None
+        return None
+    try:
+        mtype = json.loads((p / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None                                  # (a broken config: the loader reports it)
+    return None if mtype in _model.CONV1D_MODELS else p
 
 
 def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool, lock) -> dict:
@@ -225,7 +229,7 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     from .engine.store import skeleton
     from .engine.stream import reference_scores_streamed
     from .export.native import storage_dtype_of
-    folder = _shard_folder(src)
+    folder = streamable_folder(src)
     dtype = getattr(torch, recipe.dtype)
     tok = AutoTokenizer.from_pretrained(folder)
     shell, _ = skeleton(folder, dtype)             # the shapes, for the export formats' checks

@@ -195,8 +195,16 @@ def _reference_scores(a):
     """The reference model scored on the evaluation windows, then dropped but for its output layer (its hidden
     states, NLL and output layer are kept; see modelpress.eval.perplexity.ReferenceScores)."""
     import gc
-    from ..api import load, windows_for
+    from ..api import load, streamable_folder, windows_for
     from ..eval.perplexity import reference_scores
+    folder = streamable_folder(a.reference)
+    if folder is not None:                   # a safetensors model: scored one decoder layer at a time
+        from transformers import AutoTokenizer
+        from ..engine.stream import reference_scores_streamed
+        from ..progress import timed
+        w = windows_for(AutoTokenizer.from_pretrained(folder), a.text, a.seqlen, a.windows, a.protocol)
+        return timed(f"scoring {a.reference}, layer by layer", reference_scores_streamed, folder, w, 2,
+                     progress=f"{a.reference}")
     ref, tok = load(a.reference)
     scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows, a.protocol), 2)
     # the output layer stays (the rest of the reference goes): an export stores it at 16 bits, so the compared
