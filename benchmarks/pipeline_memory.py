@@ -13,6 +13,8 @@ this checkout. Both get the same environment (OMP_NUM_THREADS). Cases:
   perturbed copy of it as "compressed", both with SmolLM2's tokenizer; `eval COPY --reference ORIG` and
   `eval COPY` on 4 windows x 512.
 - eval-smollm2: `eval EXPORT --reference smollm2` on 32 windows x 512 (EXPORT from the pipeline case).
+- pipeline-qwen: the pipeline case on Qwen2.5-Coder-0.5B-Instruct (`compress qwen2.5-coder-0.5b`), this
+  checkout only (the before code has no Qwen reference).
 
     .venv/bin/python benchmarks/pipeline_memory.py --before DIR          # all cases, before and after (~30 min)
     .venv/bin/python benchmarks/pipeline_memory.py --cases eval-262k     # one case
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = ("pipeline", "eval-262k", "eval-smollm2")
+CASES = ("pipeline", "eval-262k", "eval-smollm2", "pipeline-qwen")
 ROWS = ("perplexity", "reference perplexity", "top-1 agreement", "mean KL")
 
 
@@ -122,7 +124,7 @@ def main(argv=None) -> None:
         print(f"{case} {tag}: {r['rss_mb']:.0f} MB, {r['wall']:.0f} s, {r['figures']}", flush=True)
         if not a.no_md:
             from benchmarks._md import write_section
-            write_section("pipeline memory", cmd, report(res, sizes.get("smollm2"), sizes.get("262k"), a))
+            write_section("pipeline memory", cmd, report(res, sizes, a))
 
     work = Path(tempfile.mkdtemp(prefix="mp-mem-"))
     try:
@@ -147,6 +149,16 @@ def main(argv=None) -> None:
                                    "--seqlen", "512"], env)
                     r["figures"] = table_values(r["stdout"])
                     done("eval-smollm2", tag, r)
+        if "pipeline-qwen" in cases and ("pipeline-qwen", "after") not in res:
+            out = work / "w4-qwen"
+            r = run(ROOT, ["compress", "qwen2.5-coder-0.5b", "--recipe", "w4a16-gptq-g128", "--out", str(out)], env)
+            rep = json.loads((out / "report.json").read_text())
+            sizes["qwen"] = rep["size"]["params"] * 4 / 1e6
+            ev = rep["eval"]
+            r["figures"] = {"original perplexity": ev["original"]["perplexity"],
+                            "perplexity": ev["compressed"]["perplexity"],
+                            "top-1 agreement": ev["compressed"]["agreement"], "mean KL": ev["compressed"]["kl"]}
+            done("pipeline-qwen", "after", r)
         if "eval-262k" in cases:
             orig, copy, nb = big_vocab_models(work)
             sizes["262k"] = nb / 1e6
@@ -160,20 +172,21 @@ def main(argv=None) -> None:
                     done("eval-262k" + (" --reference" if ref else ""), tag, r)
     finally:
         subprocess.run(["rm", "-rf", str(work)])
-    print(report(res, sizes.get("smollm2"), sizes.get("262k"), a))
+    print(report(res, sizes, a))
     if not a.no_md:                       # also when every case came from the cache
         from benchmarks._md import write_section
-        write_section("pipeline memory", cmd, report(res, sizes.get("smollm2"), sizes.get("262k"), a))
+        write_section("pipeline memory", cmd, report(res, sizes, a))
 
 
-def report(res: dict, fp32_smol, fp32_big, a) -> str:
+def report(res: dict, sizes: dict, a) -> str:
     from benchmarks._md import table
+    fp32_smol, fp32_big = sizes.get("smollm2"), sizes.get("262k")
     rows = []
-    for case in ("floor: load smollm2", "pipeline", "eval-smollm2", "floor: load 262k model", "eval-262k --reference",
-                 "eval-262k"):
+    for case in ("floor: load smollm2", "pipeline", "eval-smollm2", "pipeline-qwen", "floor: load 262k model",
+                 "eval-262k --reference", "eval-262k"):
         if (case, "after") not in res:
             continue
-        fp32 = fp32_big if case.startswith("eval-262k") else fp32_smol
+        fp32 = (fp32_big if "262k" in case else sizes.get("qwen") if case == "pipeline-qwen" else fp32_smol)
         b, f = res.get((case, "before")), res[case, "after"]
         same = ("n/a" if case.startswith("floor") or b is None else
                 "yes" if b is not None and b["figures"] == f["figures"] else "NO")
@@ -185,15 +198,21 @@ def report(res: dict, fp32_smol, fp32_big, a) -> str:
                          f"{r['rss_mb'] - fp32:+.0f}" if fp32 else "n/a", f"{r['wall']:.0f}", figs,
                          same if tag == "after" else ""])
     cmds = {"pipeline": "compress smollm2 --recipe w4a16-gptq-g128 --out OUT",
+            "pipeline-qwen": "compress qwen2.5-coder-0.5b --recipe w4a16-gptq-g128 --out OUT",
             "eval-smollm2": "eval OUT --reference smollm2 --windows 32 --seqlen 512",
             "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
             "eval-262k": "eval COPY --windows 4 --seqlen 512"}
     label = a.before_label or subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"],
                                              capture_output=True, text=True).stdout.strip() or a.before
     lines = [f"Peak RSS (`/usr/bin/time -v`: the one `python -m modelpress.cli` process' own high-water mark) before (the pre-change "
-             f"code: {label}) and after (this branch: streaming evaluation, no copy of the original, engine outputs in "
-             f"place and the multi-pass path beyond the sweep budget), OMP_NUM_THREADS={a.threads}. "
-             f"fp32 weight bytes: SmolLM2 {fp32_smol or float('nan'):.0f} MB, synthetic 262k-vocabulary Llama "
+             f"code: {label}) and after (this checkout: `compress` goes layer by layer from the shards where the "
+             "recipe allows (modelpress.engine.stream scores the original, the offload engine compresses and "
+             "exports, the reloaded export is evaluated; the whole original is never resident), `eval --reference` "
+             "streams a safetensors reference likewise, streaming evaluation, tensors copied out of the "
+             f"safetensors files on load), OMP_NUM_THREADS={a.threads}; the machine's 2 cores were shared with "
+             "another benchmark, so wall times are indicative. "
+             f"fp32 weight bytes: SmolLM2 {fp32_smol or float('nan'):.0f} MB, Qwen2.5-Coder-0.5B "
+             f"{sizes.get('qwen') or float('nan'):.0f} MB, synthetic 262k-vocabulary Llama "
              f"{fp32_big or float('nan'):.0f} MB (hidden 640, 2 layers, tied). Targets: pipeline <= 1.6x fp32 "
              "weights; eval <= fp32 weights + 500 MB. Figures: perplexity / agreement / KL from report.json "
              "(pipeline, full precision) or as `eval` prints them (4 significant digits); `same` = identical "

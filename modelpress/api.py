@@ -243,8 +243,8 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
             refs[text] = timed(f"scoring the original on {text}, layer by layer", reference_scores_streamed, folder,
                                windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size, dtype,
                                progress=f"original on {text}")
-        for r in refs.values():                    # one output layer for all texts (the same tensors)
-            r.head = next(iter(refs.values())).head
+        for r in refs.values():        # not resident while compressing: read again from the shards if needed
+            r.release_head()
     c = recipe.calibration
     calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
                    None, c.protocol) if recipe.needs_calibration else None)
@@ -355,7 +355,15 @@ def restore_reference_head(ref: ReferenceScores, model: nn.Module, src, dtype, k
     try:
         return ref.head_for(model)
     except UserError:
-        ref.head = known if known is not None else load(src, dtype)[0].get_output_embeddings()
+        if known is None:
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            folder = streamable_folder(src)
+            if folder is not None:                  # read alone from the shards
+                from .engine.stream import load_output_layer
+                known = load_output_layer(folder, dtype)
+            else:
+                known = load(src, dtype)[0].get_output_embeddings()
+        ref.head = known
         return ref.head_for(model)
 
 

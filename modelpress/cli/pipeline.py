@@ -203,8 +203,10 @@ def _reference_scores(a):
         from ..engine.stream import reference_scores_streamed
         from ..progress import timed
         w = windows_for(AutoTokenizer.from_pretrained(folder), a.text, a.seqlen, a.windows, a.protocol)
-        return timed(f"scoring {a.reference}, layer by layer", reference_scores_streamed, folder, w, 2,
-                     progress=f"{a.reference}")
+        scores = timed(f"scoring {a.reference}, layer by layer", reference_scores_streamed, folder, w, 2,
+                       progress=f"{a.reference}")
+        scores.release_head()       # read again from the shards only if the compared model's output layer differs
+        return scores
     ref, tok = load(a.reference)
     scores = reference_scores(ref, windows_for(tok, a.text, a.seqlen, a.windows, a.protocol), 2)
     # the output layer stays (the rest of the reference goes): an export stores it at 16 bits, so the compared

@@ -133,6 +133,12 @@ def output_layer(model: nn.Module, shards: Shards, dtype: torch.dtype) -> nn.Mod
     return head
 
 
+def load_output_layer(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The output layer of the model in the HF folder `folder`, read alone from its shards."""
+    model, shards = skeleton(Path(folder), dtype)
+    return output_layer(model, shards, dtype)
+
+
 @torch.no_grad()
 def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: int = 2,
                               dtype: torch.dtype = torch.float32, chunk_elements: int = CHUNK_ELEMENTS,
