@@ -213,7 +213,12 @@ def measured_profile(model: nn.Module, context: int, convert: Convert = None, ne
     copy_bw = probe_copy(device, nbytes=(1 << 30) if device.type == "cuda" else (1 << 28))
     t_model, b_model = probe_gemv(device, dtype, linear_shapes(shape), convert)
     t_twin, b_twin = probe_gemv(device, dtype, linear_shapes(tw_shape), convert)
-    gemv_bw = (b_model - b_twin) / (t_model - t_twin) if t_model > t_twin else b_model / t_model
+    # the bytes-per-second slope between the model and its twin removes fixed costs; it is a difference of two
+    # timings, so only where the model streams clearly more bytes than its twin (else noise can make it any
+    # sign: a tiny model timed on a loaded machine gave a negative bandwidth) and only where it is positive
+    gemv_bw = b_model / t_model
+    if b_model > 2 * b_twin and t_model > t_twin:
+        gemv_bw = (b_model - b_twin) / (t_model - t_twin)
     layer_shapes = linear_shapes(shape)[:-1]  # prefill runs the LM head on one position only
     peak = probe_matmul(device, dtype, layer_shapes[:len(layer_shapes) // shape.layers], context, convert)
     ids = torch.randint(0, tw.config.vocab_size, (1, context), device=device)
