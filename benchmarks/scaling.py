@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="/tmp/modelpress-scaling")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--report-only", action="store_true", help="re-render from WORK/rows.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a run's WORK/<model>-<method>-<mode>/result.json from an earlier run with the same "
+                         "flags instead of running it again (the section lists which rows were reused, and when)")
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a)
@@ -159,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             for method, mode in [(None, "memory")] + runs:
                 print(f"[{model}] {method or 'original'} {mode} ...", flush=True)
-                r = run_one(a, model, method, mode)
+                done = Path(a.work) / f"{model}-{method or 'original'}-{mode}" / "result.json"
+                if a.reuse and done.exists():
+                    r = {**json.loads(done.read_text()),
+                         "reused": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(done.stat().st_mtime))}
+                else:
+                    r = run_one(a, model, method, mode)
+                    r["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                                 capture_output=True, text=True).stdout.strip()
                 rows.append(r)
                 print("    " + json.dumps({k: v for k, v in r.items() if k not in ("summary",)}), flush=True)
                 rows_path.write_text(json.dumps(rows, indent=1))
@@ -240,6 +250,12 @@ dequantized compressed linears of the offload run against the in-memory run's.
 The 0.5B and 1.5B Qwen checkpoints are GGUF Q5_0/Q4_K/Q6_K mixes dequantized to float32, with an untied lm_head
 (630M and 1.78B parameters; the Hugging Face originals tie it and count 494M / 1.54B).
 """
+    reused = [f"{r['model']} {r.get('method') or 'original'} {r['mode']} ({r['reused']})" for r in rows if r.get("reused")]
+    fresh = sorted({r["commit"] for r in rows if r.get("commit")})
+    if reused:
+        notes += ("\nRows reused from an earlier run of this command (`--reuse`: its result.json, finished at the "
+                  "time given; the code has changed since in ways that can lower in-memory peak RSS, see \"pipeline "
+                  "memory\"): " + "; ".join(reused) + ". The other rows were run at " + (", ".join(fresh) or "?") + ".\n")
     return (notes.strip() + "\n\n### Measured\n\n" + table(hdr, out_rows) + "\n\n### Cost per size\n\n"
             + table(hdr2, rate_rows) + "\n\n### Extrapolation to 7B and 70B\n\n" + proj)
 
