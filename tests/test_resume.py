@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from .conftest import tiny_model_dir
 
 RECIPE = """
@@ -30,12 +32,14 @@ def _setup(tmp_path):
     return model, recipe
 
 
-def test_kill9_then_resume_gives_identical_artifact(tmp_path):
+@pytest.mark.parametrize("how", ["layer-by-layer", "in-memory"])
+def test_kill9_then_resume_gives_identical_artifact(tmp_path, how):
     # every run in a fresh process with the same environment: float results depend on the thread count,
     # which other tests in this process may have changed
     model, recipe = _setup(tmp_path)
     ref = tmp_path / "ref"
     base = [sys.executable, "-m", "modelpress.cli", "compress", str(model), "--recipe", str(recipe), "--no-eval"]
+    base += ["--in-memory"] if how == "in-memory" else ["--offload"]
     assert subprocess.run(base + ["--out", str(ref)], capture_output=True).returncode == 0
     out = tmp_path / "out"
     cmd = base + ["--out", str(out)]
