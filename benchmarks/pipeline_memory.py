@@ -59,6 +59,18 @@ FLOOR = ("import modelpress.cli, modelpress.api, torch, transformers\n"
          "print(sum(float(p.detach().double().sum()) for p in m.parameters()))   # every weight page touched\n")
 
 
+def pipeline(tree: Path, model: str, out: Path, env: dict, sizes: dict, key: str | None = None) -> dict:
+    """`compress MODEL --recipe w4a16-gptq-g128` in `tree`: peak RSS, wall, the report's figures; records the
+    model's fp32 weight MB in sizes[key or model]."""
+    r = run(tree, ["compress", model, "--recipe", "w4a16-gptq-g128", "--out", str(out)], env)
+    rep = json.loads((out / "report.json").read_text())
+    sizes[key or model] = rep["size"]["params"] * 4 / 1e6
+    ev = rep["eval"]
+    r["figures"] = {"original perplexity": ev["original"]["perplexity"], "perplexity": ev["compressed"]["perplexity"],
+                    "top-1 agreement": ev["compressed"]["agreement"], "mean KL": ev["compressed"]["kl"]}
+    return r
+
+
 def table_values(stdout: str) -> dict:
     """The figures of `eval`'s printed table (rich box rows `│ name │ value │`)."""
     vals = {}
@@ -135,14 +147,7 @@ def main(argv=None) -> None:
                 out = work / f"w4-{tag}"
                 if ("pipeline", tag) in res and "eval-smollm2" not in cases:     # eval-smollm2 reads each tree's own export
                     continue
-                r = run(tree, ["compress", "smollm2", "--recipe", "w4a16-gptq-g128", "--out", str(out)], env)
-                rep = json.loads((out / "report.json").read_text())
-                sizes["smollm2"] = rep["size"]["params"] * 4 / 1e6
-                ev = rep["eval"]
-                r["figures"] = {"original perplexity": ev["original"]["perplexity"],
-                                "perplexity": ev["compressed"]["perplexity"],
-                                "top-1 agreement": ev["compressed"]["agreement"], "mean KL": ev["compressed"]["kl"]}
-                done("pipeline", tag, r)
+                done("pipeline", tag, pipeline(tree, "smollm2", out, env, sizes))
             if "eval-smollm2" in cases:
                 for tag, tree in trees.items():
                     r = run(tree, ["eval", str(work / f"w4-{tag}"), "--reference", "smollm2", "--windows", "32",
@@ -151,14 +156,7 @@ def main(argv=None) -> None:
                     done("eval-smollm2", tag, r)
         if "pipeline-qwen" in cases and ("pipeline-qwen", "after") not in res:
             out = work / "w4-qwen"
-            r = run(ROOT, ["compress", "qwen2.5-coder-0.5b", "--recipe", "w4a16-gptq-g128", "--out", str(out)], env)
-            rep = json.loads((out / "report.json").read_text())
-            sizes["qwen"] = rep["size"]["params"] * 4 / 1e6
-            ev = rep["eval"]
-            r["figures"] = {"original perplexity": ev["original"]["perplexity"],
-                            "perplexity": ev["compressed"]["perplexity"],
-                            "top-1 agreement": ev["compressed"]["agreement"], "mean KL": ev["compressed"]["kl"]}
-            done("pipeline-qwen", "after", r)
+            done("pipeline-qwen", "after", pipeline(ROOT, "qwen2.5-coder-0.5b", out, env, sizes, "qwen"))
         if "eval-262k" in cases:
             orig, copy, nb = big_vocab_models(work)
             sizes["262k"] = nb / 1e6

@@ -55,20 +55,29 @@ def _to(x, dev):
     return x
 
 
-class _Probe(nn.Module):
-    """Stands in for one decoder layer while the inputs are captured: records the keyword arguments the model
-    passes to that layer and returns the hidden states unchanged (no layer computes; the last one stops the
-    forward). Attribute reads fall through to the real layer (some models read e.g. `attention_type`)."""
+class StandIn(nn.Module):
+    """Takes a decoder layer's place in the model's forward; attribute reads fall through to the real layer
+    (some models read e.g. `attention_type`), which is held in a tuple so it is not registered as a submodule."""
 
-    def __init__(self, inner: nn.Module, record: Callable, last: bool):
+    def __init__(self, inner: nn.Module):
         super().__init__()
-        self.held, self.record, self.last = (inner,), record, last   # a tuple: not registered as a submodule
+        self.held = (inner,)
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["held"][0], name)
+
+
+class _Probe(StandIn):
+    """Stands in for one decoder layer while the inputs are captured: records the keyword arguments the model
+    passes to that layer and returns the hidden states unchanged (no layer computes; the last one stops the
+    forward)."""
+
+    def __init__(self, inner: nn.Module, record: Callable, last: bool):
+        super().__init__(inner)
+        self.record, self.last = record, last
 
     def forward(self, *args, **kw):
         hs = args[0] if args else kw.pop("hidden_states")

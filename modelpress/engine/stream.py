@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..eval.perplexity import CHUNK_ELEMENTS, ReferenceScores, _post, scores_from_hidden
 from ..model import decoder_layers
 from ..progress import bar
-from .layerwise import steps
+from .layerwise import StandIn, steps
 from .memory import release_memory, trim_heap
 from .shards import Shards
 from .store import skeleton
@@ -64,19 +64,13 @@ class _FromShards:
         self.advance()
 
 
-class _Replay(nn.Module):
+class _Replay(StandIn):
     """Stands in for a decoder layer: hands the hidden states on unchanged, or (the last layer) returns the
     stored outputs of the real stack for this batch."""
 
     def __init__(self, inner: nn.Module, out: Tensor | None):
-        super().__init__()
-        self.held, self.out = (inner,), out       # a tuple: not registered as a submodule
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["held"][0], name)
+        super().__init__(inner)
+        self.out = out
 
     def forward(self, *args, **kw):
         hs = args[0] if args else kw["hidden_states"]
