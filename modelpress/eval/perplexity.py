@@ -239,13 +239,15 @@ def scores_from_hidden(windows: Tensor, batch_size: int, hidden: list[Tensor], h
     """ReferenceScores from the output layer's inputs of each batch of `windows` ((b, seqlen, hidden) each, as
     the model's forward hands them to `head`; `post`: what the model applies to the head's result, see _post),
     computed by the same operations as reference_scores (modelpress.engine.stream computes the inputs layer by
-    layer)."""
+    layer). The entries of `hidden` are released as they are scored."""
     hid: list[Tensor] = []
     nll: list[Tensor] = []
     with bar(progress, len(hidden)) as advance:
-        for i, h in enumerate(hidden):
+        for i in range(len(hidden)):
+            h, hidden[i] = hidden[i], None          # the caller's list is consumed: one copy of the states at a time
             ids = windows[i * batch_size:(i + 1) * batch_size]
             _append_scores(_Rows(h[:, :-1], head, post), ids, True, chunk_elements, hid, [], nll)
+            del h
             advance()
     return ReferenceScores(windows, batch_size, hid, None, torch.cat(nll), head, head_sha256(head), post)
 
