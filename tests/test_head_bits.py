@@ -16,7 +16,7 @@ from modelpress.algos import gptq as G
 from modelpress.algos import quant as Q
 from modelpress.errors import UserError
 from modelpress.eval.size import size_report
-from modelpress.export.native import load_compressed, save
+from modelpress.export.native import load_compressed, save, write_checksums
 from modelpress.modules import QuantLinear
 from modelpress.modules.quant import element_bits, mixed_bytes, pack_mixed, unpack_mixed
 from modelpress.plan import budget as B
@@ -181,7 +181,7 @@ def test_native_round_trip_identical_logits_and_exact_size(case, tmp_path, ids):
         assert rep["layers"][name]["bytes"] == nbytes                              # exactly what is stored
         assert rep["layers"][name]["bits"] == 8 * nbytes / mod.weight.numel()
         code_bits = float(element_bits(mod.bits_map, mod.out_features, mod.in_features).float().mean())
-        assert code_bits == mod.mean_bits < mod.bits                               # narrower than the widest
+        assert code_bits == mod.mean_bits == rep["layers"][name]["code_bits"] < mod.bits   # narrower than the widest
     assert mixed >= 6
     man = json.loads((tmp_path / "e" / "modelpress.json").read_text())
     assert man["modules"]["model.layers.0.self_attn.q_proj"]["config"]["bits"] == m.model.layers[0].self_attn.q_proj.bits
@@ -246,3 +246,30 @@ def test_gguf_writes_the_widest_width_exact_or_refuses(tmp_path):
     with pytest.raises(UserError, match=r"q_proj: 3-bit group 32 sym has no exact GGUF type"):
         save_gguf(m, tok, tmp_path / "b.gguf", requantize=None)
     assert not (tmp_path / "b.gguf").exists()
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (lambda t, k: t.update({k + ".qweight": t[k + ".qweight"][:-1].clone()}), "tensor qweight has shape"),
+    (lambda t, k: t.update({k + ".bits_map": t[k + ".bits_map"][:3].clone()}), "does not tile"),
+    (lambda t, k: t.update({k + ".bits_map": t[k + ".bits_map"] * 0 + 9}), "bit widths must be 1..8"),
+])
+def test_inconsistent_mixed_width_state_is_refused_in_one_line(tmp_path, edit, msg):
+    from safetensors.torch import load_file, save_file
+
+    from modelpress.io import sha256_tensor
+    from modelpress.model import set_module
+    m = tiny_llama(layers=2)
+    p = "model.layers.0.self_attn.q_proj"
+    set_module(m, p, _mixed_module(m.get_submodule(p), [3, 4, 2, 4], DH))
+    save(m, None, tmp_path / "e")
+    f = tmp_path / "e" / "model.safetensors"
+    t = load_file(f)
+    edit(t, p)
+    save_file(t, f, metadata={"format": "modelpress/1"})
+    man = json.loads((tmp_path / "e" / "modelpress.json").read_text())
+    man["tensor_sha256"].update({k: sha256_tensor(v) for k, v in t.items() if k.startswith(p)})
+    (tmp_path / "e" / "modelpress.json").write_text(json.dumps(man))
+    write_checksums(tmp_path / "e")                # a consistent edit: only the module check can catch it
+    with pytest.raises(UserError, match=msg) as e:
+        load_compressed(tmp_path / "e")
+    assert "\n" not in str(e.value) and p in str(e.value)
