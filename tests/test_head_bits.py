@@ -133,8 +133,10 @@ def test_o_proj_takes_its_heads_mean_width_when_scale_groups_straddle_heads():
 
 
 def test_fractional_mean_only_with_a_budget():
-    with pytest.raises(UserError, match="quantize.bits must be an integer"):
+    with pytest.raises(UserError, match="quantize.bits 3.5 is a mean width, which needs a budget"):
         Quantize(bits=3.5)
+    with pytest.raises(UserError, match="quantize.bits must be a number in"):
+        Quantize(bits=8.5, budget="capability")
     assert Quantize(bits=3.5, budget="capability").describe().startswith("gptq w3.5")
 
 

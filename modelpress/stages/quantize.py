@@ -57,6 +57,9 @@ class Quantize:
 
     def __post_init__(self):
         _check.choice("quantize", "method", self.method, ("rtn", "gptq"))
+        if self.budget == "uniform" and isinstance(self.bits, float) and 2 <= self.bits <= 8:
+            raise UserError(f"quantize.bits {self.bits} is a mean width, which needs a budget: set budget capability, "
+                            "sensitivity or owl, or give integer bits")
         if self.budget == "uniform" or isinstance(self.bits, int):
             _check.int_range("quantize", "bits", self.bits, 2, 8)
         else:                                 # a budget's parameter-weighted mean width
