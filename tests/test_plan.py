@@ -372,8 +372,8 @@ def test_structured_heads_removes_heads_whose_budget_reaches_one():
     assert bool(torch.isfinite(out).all())
 
 
-def test_capability_bits_keep_one_width_per_linear():
-    """Per-head bit widths inside one QuantLinear are not implemented: a bits plan gives whole linears."""
+def test_capability_bits_plan_covers_every_linear_at_the_mean():
+    """A bits plan's module means (per-head widths inside a QuantLinear: tests/test_head_bits.py)."""
     model, calib = tiny_llama(layers=2), correlated_calib(n=8)
     plan = B.plan_budget(model, calib, "capability", 4.0, "bits", sae_config=S.SAEConfig(steps=40))
     mm = plan.module_map()

@@ -5,7 +5,9 @@ Column-by-column optimal-brain-quantization with lazy block updates and the Chol
 inverse Hessian. H = 2 X^T X / n over calibration inputs X (tokens, cols). Optional act-order with
 static groups (group parameters fixed from the original weights, so no column permutation is stored)
 and an optional keep mask (pruned weights stay exactly zero, their error is propagated: joint
-sparse+quantized, as in SparseGPT). Optionally the scales are then re-solved for the final integer codes
+sparse+quantized, as in SparseGPT). `bits` may differ per column group (a tensor (n_groups,): per-head bit
+widths on o_proj's input columns, "Capability-Guided Compression", arXiv 2603.16440): each column's codes
+are clamped to its own group's grid; the error feedback is unchanged. Optionally the scales are then re-solved for the final integer codes
 (`refit_scales`): the same layer objective, closed form per row."""
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ class GPTQResult:
     w_hat: Tensor | None = None      # (rows, cols) float32 dequantized weights, = dequantize_groups(q, scale, zero)
 
 
-def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
+def gptq(W: Tensor, H: Tensor, bits: int | Tensor, group_size: int | None = None, sym: bool = False,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
          keep: Tensor | None = None, observer: str = "minmax", refit: bool = False,
          grid: tuple[Tensor, Tensor] | None = None) -> GPTQResult:
@@ -141,7 +143,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     the scales for the final codes (refit_scales); grid: fixed (scale, zero) (rows, n_groups) to choose the codes
     on instead of the observer's, the zero point possibly fractional (a k-quant grid, algos.kquant): codes
     q = clamp(round(w / s + z), 0, maxq), w_hat = (q - z) s (the caller recomputes w_hat in its format's
-    arithmetic); not with keep or refit.
+    arithmetic); not with keep or refit. bits: an int, or the width of each column group (n_groups,) int tensor.
     Rows are independent given H: linears that read the same input (q/k/v, gate/up) can be stacked
     into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
@@ -155,6 +157,9 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     frac = grid is not None
     if frac and (keep is not None or refit):
         raise ValueError("gptq: a fixed grid cannot keep pruned weights at zero or refit its scales")
+    mixed = isinstance(bits, Tensor)
+    if mixed and (frac or bits.shape != (quant.n_groups(cols, group_size),)):
+        raise ValueError("gptq: per-group bits need one width per column group and no fixed grid")
     perm = (torch.argsort(torch.where(dead, torch.ones_like(hd), hd), descending=True) if act_order
             else torch.arange(cols, device=W.device))
     inv = torch.argsort(perm)
@@ -177,6 +182,8 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
     QT = torch.empty(cols, rows, dtype=torch.uint8, device=W.device)
     loss = torch.zeros(rows, device=W.device)
     mq = quant.maxq(bits)
+    if mixed:                                      # each permuted column's 2^b - 1, (cols, 1)
+        mq_col = quant.maxq(bits.to(W.device).long())[group].float()[:, None]
     # two-level lazy batching: rank-1 updates stay inside sub-blocks of `sub` columns; sub-blocks and blocks
     # update the columns after them with one GEMM each (the same result as column-by-column updates)
     sub = next(b for b in (32, 16, 8, 4, 2, 1) if static or gs % b == 0)
@@ -188,7 +195,7 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
         else:
             S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)          # (B, rows) each
         L1 = torch.zeros_like(Z1) if frac else Z1.neg()                  # bounds of q - z (frac: of q), (B, rows)
-        H1 = L1 + mq
+        H1 = L1 + (mq_col[i1:i2] if mixed else mq)
         R1, E1 = torch.empty_like(W1), torch.empty_like(W1)              # q - z; w - w_hat (unscaled)
         piv = U1.diagonal()
         V1 = U1 / piv[:, None]                                           # U's rows over their pivots
@@ -204,10 +211,12 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int | None = None, sym: bo
                         j = min(i + gs, i2 - i1)          # (a group starts a sub-block: its columns are up to date)
                         wg = W1[i:j] * KT[i1 + i:i1 + j] if masked else W1[i:j]
                         c = perm[i1 + i:i1 + j]
-                        s, z = quant.group_params(wg.t(), bits, None, sym, observer, hd[c])
+                        g = (i1 + i) // gs
+                        bg = int(bits[g]) if mixed else bits
+                        s, z = quant.group_params(wg.t(), bg, None, sym, observer, hd[c])
                         s, z = s[:, 0], z[:, 0]
-                        s_all[:, (i1 + i) // gs], z_all[:, (i1 + i) // gs] = s, z
-                        S1[i:j], Z1[i:j], L1[i:j], H1[i:j] = s, z, -z, mq - z
+                        s_all[:, g], z_all[:, g] = s, z
+                        S1[i:j], Z1[i:j], L1[i:j], H1[i:j] = s, z, -z, quant.maxq(bg) - z
                     w, s, r, e = Wn[i], Sn[i], Rn[i], En[i]               # (rows,) each
                     # q - z = clamp(round(w / s), -z, maxq - z): quant.quantize's clamp(round(w / s) + z, 0, maxq)
                     # shifted by the integer z (exact); w_hat = (q - z) s

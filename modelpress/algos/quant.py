@@ -6,6 +6,9 @@ Conventions (shared by GPTQ, SparseGPT and the QuantLinear module):
   asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s)  (range always contains 0);
   symmetric:  s = 2 max|w| / (2^b - 1),   z = 2^(b-1)          (signed codes q - z in [-2^(b-1), 2^(b-1) - 1]);
   scales are rounded to fp16 where they are computed, so stored fp16 scales reproduce w_hat exactly.
+Mixed widths (per-head bit widths, "Capability-Guided Compression", arXiv 2603.16440): `bits` may be a tensor of
+widths per column group (n_groups,) in group_params / rtn (and broadcastable to w in quantize), each group on its
+own b-bit grid; rows with different widths are separate calls (rows are independent).
 Observers pick the range: min/max, or a clipping search (shrink the range, keep the lowest error) of
 abs(err)^2.4 ("mse", as llm-compressor's) or of the squared error weighted by each input's second moment
 E[x_j^2] = diag H / 2 ("hessian": the error that reaches the layer's output when inputs are uncorrelated, the
@@ -18,7 +21,8 @@ import torch
 from torch import Tensor
 
 
-def maxq(bits: int) -> int:
+def maxq(bits: int | Tensor) -> int | Tensor:
+    """2^b - 1 (an int, or a tensor of them for a tensor of widths)."""
     return (1 << bits) - 1
 
 
@@ -67,9 +71,13 @@ def scale_zero_mse(w: Tensor, bits: int, sym: bool, grid: int = 40, max_shrink: 
     return best_s, best_z
 
 
-def quantize(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
-    """Codes q = clamp(round(w / s) + z, 0, 2^b - 1) (same shape as w, float)."""
-    return torch.clamp(torch.round(w / s) + z, 0, maxq(bits))
+def quantize(w: Tensor, s: Tensor, z: Tensor, bits: int | Tensor) -> Tensor:
+    """Codes q = clamp(round(w / s) + z, 0, 2^b - 1) (same shape as w, float); bits: an int or widths
+    broadcastable to w."""
+    mq = maxq(bits)
+    if isinstance(mq, int):
+        return torch.clamp(torch.round(w / s) + z, 0, mq)
+    return (torch.round(w / s) + z).clamp_(min=0).minimum(mq.to(device=w.device, dtype=w.dtype))
 
 
 def dequantize(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
@@ -83,11 +91,19 @@ def quant_dequant(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
 OBSERVERS = ("minmax", "mse", "hessian")
 
 
-def group_params(w: Tensor, bits: int, group_size: int | None, sym: bool, observer: str = "minmax",
+def group_params(w: Tensor, bits: int | Tensor, group_size: int | None, sym: bool, observer: str = "minmax",
                  h: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scales and zeros per (row, group) of w (rows, cols) -> (rows, n_groups) each. observer: minmax (the range),
     mse (clipping search, |err|^2.4), hessian (clipping search, squared error weighted by h (cols,), the inputs'
-    second moments diag H: the error that reaches the layer's output, without input correlations)."""
+    second moments diag H: the error that reaches the layer's output, without input correlations).
+    bits: an int, or the width of each column group (n_groups,) (each group's params on its own grid)."""
+    if isinstance(bits, Tensor):
+        s = z = None
+        for b in torch.unique(bits).tolist():
+            sb, zb = group_params(w, int(b), group_size, sym, observer, h)       # (rows, n_groups) each
+            sel = (bits == b).to(sb.device)[None, :]
+            s, z = (sb, zb) if s is None else (torch.where(sel, sb, s), torch.where(sel, zb, z))
+        return s, z
     rows, cols = w.shape
     gs = group_size or cols
     ng = n_groups(cols, group_size)
@@ -108,16 +124,17 @@ def expand(p: Tensor, group_size: int | None, cols: int) -> Tensor:
     return p.repeat_interleave(group_size or cols, dim=1)[:, :cols]
 
 
-def rtn(w: Tensor, bits: int, group_size: int | None = None, sym: bool = False,
+def rtn(w: Tensor, bits: int | Tensor, group_size: int | None = None, sym: bool = False,
         keep: Tensor | None = None, observer: str = "minmax") -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest. w (rows, cols); keep: optional bool mask of surviving weights (pruned weights
-    do not widen the range and dequantize to exactly 0). Returns codes (rows, cols) uint8, scales and
-    zeros (rows, n_groups)."""
+    do not widen the range and dequantize to exactly 0); bits: an int or the width of each column group
+    (n_groups,). Returns codes (rows, cols) uint8, scales and zeros (rows, n_groups)."""
     rows, cols = w.shape
     check_groups(cols, group_size)
     wk = w.float() if keep is None else w.float() * keep
     s, z = group_params(wk, bits, group_size, sym, observer)
-    q = quantize(wk, expand(s, group_size, cols), expand(z, group_size, cols), bits)
+    qb = bits if isinstance(bits, int) else expand(bits[None, :], group_size, cols)        # (1, cols) widths
+    q = quantize(wk, expand(s, group_size, cols), expand(z, group_size, cols), qb)
     return q.to(torch.uint8), s, z
 
 

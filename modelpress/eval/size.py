@@ -2,7 +2,9 @@
 every unquantized tensor in its storage dtype (16-bit by default, modelpress.export.native.storage_dtype).
 Headline figures are over the whole artifact and against two references: the 16-bit original (every
 parameter at 16 bits: the BF16 checkpoint users start from) and the fp32 source (every parameter at 32 bits).
-`bits_per_weight` counts the compressed modules alone; `bits_per_param` the whole artifact."""
+`bits_per_weight` counts the compressed modules alone; `bits_per_param` the whole artifact. A QuantLinear with
+per-head widths (arXiv 2603.16440) stores each width's codes at that width, so its `bits` is exact as stored;
+`code_bits` adds the mean code width alone."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +27,8 @@ def size_report(model: nn.Module, storage: torch.dtype | str | None = None) -> d
         n = cfg.get("in", 0) * cfg.get("out", 0) or 1
         layers[name] = {"kind": spec["kind"], "bytes": nbytes, "bits": 8 * nbytes / n}
         keep = getattr(comp[name], "keep", None) if getattr(comp[name], "keep_bits", None) is not None else None
+        if getattr(comp[name], "bits_map", None) is not None:    # per-head widths: the codes' mean width
+            layers[name]["code_bits"] = comp[name].mean_bits      # (`bits` counts everything stored)
         if keep is not None:                       # mask-based sparsity only (not weights that rounded to 0)
             layers[name]["sparsity"] = 1.0 - float(keep.float().mean())
         comp_bytes += nbytes

@@ -21,6 +21,12 @@ before any compression starts):
     scales (+16/g' - 16/g bits per weight on those modules, printed). No such group: refused before compression.
   * clustered, low-rank and losslessly coded layers: compressed-tensors has no form for them: refused before
     compression (export them in the native format).
+  * per-head bit widths inside one linear (quantize `budget: capability`, QuantLinear.bits_map): a
+    compressed-tensors scheme is per module, so the module is written at its widest width B (in the config
+    group of B-bit modules) with the same scales and its codes moved onto the B-bit grid (QuantLinear.widest:
+    every b-bit code is exactly a B-bit one), so the weights a runtime loads are bit-identical; the file
+    stores B bits for every weight of the module, so the lower-width heads save memory in the native format
+    only (noted before compression).
   * a quantized embedding (stage quantize_embedding): vLLM's compressed-tensors integration quantizes linear
     layers only, so the embedding is written dequantized in the storage dtype (16-bit; noted).
   * 2:4 sparsity: compressed-tensors 0.20 no longer has a compressor for the `sparse-24-bitmask` form
@@ -94,6 +100,9 @@ def preflight(model: nn.Module, stages) -> list[str]:
                          "compressed-tensors integration quantizes linear layers only)")
         if name != "quantize":
             continue
+        if getattr(cfg, "budget", "uniform") == "capability":
+            notes.append("compressed-tensors: linears with per-head bit widths are written at their widest width "
+                         "(identical weights; the narrower heads' savings exist in the native format only)")
         bits = {cfg.bits} if getattr(cfg, "budget", "uniform") == "uniform" else set(range(2, 9))
         if not bits <= set(VLLM_BITS):
             notes.append(f"compressed-tensors: {'mixed ' if len(bits) > 1 else ''}{'/'.join(map(str, sorted(bits)))}"
@@ -126,7 +135,8 @@ def _module_tensors(m: QuantLinear, name: str, storage: torch.dtype, g: int | No
     n_ct = m.in_features // g if g else 1
     scale = m.scale.float().repeat_interleave(rep, 1)[:, :n_ct]                   # (rows, n_ct) fp16 values
     half = 1 << (m.bits - 1)
-    zero = (m.zero.to(torch.int16) - half).to(torch.int8).repeat_interleave(rep, 1)[:, :n_ct]
+    _, z = m.widest()                                      # mixed widths: the zero points on the widest grid
+    zero = (z.to(torch.int16) - half).to(torch.int8).repeat_interleave(rep, 1)[:, :n_ct]
     sd = {"weight": m.dequantized().float(), "weight_scale": scale, "weight_zero_point": zero}
     out = PackedQuantizationCompressor.compress(sd, QuantizationScheme(targets=[name], weights=args))
     out["weight_scale"] = out["weight_scale"].half()       # our scales are fp16 values: stored exactly

@@ -13,6 +13,10 @@ Scheme mapping (block size 32 along the input dimension, one fp16 scale d per bl
                                 (`gguf.quants.quantize`, `requantize=` type, default Q8_0) and the
                                 extra error (SQNR of GGUF vs our weights, dB) is reported per tensor;
                                 `requantize=None` refuses such a model with a UserError instead.
+Per-head bit widths inside one linear (QuantLinear.bits_map, quantize `budget: capability`): a GGUF tensor has
+one type, so the module is written at its widest width B (QuantLinear.widest: every b-bit code, b <= B, is exactly
+a B-bit one on the same scale), then mapped as above: exact where the B-bit scheme has an exact type (w4 g32 sym
+-> Q4_0), requantized (or refused with requantize=None) otherwise.
 Pruned weights of a quantized layer get the code of their zero point (exactly 0 for Q4_0/Q8_0).
 Unquantized tensors are written in the model's float dtype (1-D tensors always F32), so a scheme that
 maps exactly gives a GGUF whose dequantized weights equal ours bit for bit.
@@ -156,7 +160,8 @@ def _quant_tensor(m, requantize: str | None, name: str, perm) -> tuple[np.ndarra
     import gguf
     Q = gguf.GGMLQuantizationType
     rows, cols = m.out_features, m.in_features
-    q, s, z = m.q.cpu(), m.scale.cpu(), m.zero.cpu()
+    q, z = (t.cpu() for t in m.widest())      # mixed widths: the codes on the widest width's grid (exact)
+    s = m.scale.cpu()
     if m.fmt is not None:                      # codes on a k-quant grid: the k-quant type, exactly
         kp = m.kparams
         kp = type(kp)(kp.fmt, perm(kp.d.cpu()), perm(kp.sc.cpu()), perm(kp.dmin.cpu()), perm(kp.m.cpu()))
@@ -378,7 +383,8 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, requantize: 
             extra = sqnr_db(ours, back)
             entries.append((gname(hfw), data, qt if data.dtype == np.uint8 else None))
             report[hfw] = {"gguf": gname(hfw), "type": qt.name, "exact": bool(np.array_equal(back, ours)),
-                           "extra_sqnr_db": extra, "scheme": f"w{m.bits} g{m.group_size} {'sym' if m.sym else 'asym'}"}
+                           "extra_sqnr_db": extra, "scheme": f"w{m.bits}{' (widest of mixed)' if getattr(m, 'bits_map', None) is not None else ''} "
+                                     f"g{m.group_size} {'sym' if m.sym else 'asym'}"}
         else:
             wt = getattr(m, "weight", None)
             if not isinstance(wt, Tensor) or wt.is_meta or wt.dim() != 2 or not isinstance(m, nn.Linear):

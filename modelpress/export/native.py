@@ -365,9 +365,17 @@ def check_module_state(name: str, kind: str, t: dict[str, torch.Tensor], cfg, wh
             raise UserError(f"{w}: config sym must be true or false: the export is corrupted; re-export it")
         groups = -(-cols // gs) if gs else 1
         shape("scales", (rows, groups))
-        shape("qweight", packed(n_keep, bits))
-        if not cfg["sym"]:
-            shape("zeros", packed(rows * groups, bits))
+        if "bits_map" in t:                        # mixed widths: one packed stream per width
+            from ..modules.quant import check_bits_map, element_bits, group_bits, mixed_bytes, unpack_mask
+            check_bits_map(t["bits_map"], rows, cols, gs, w)
+            eb = element_bits(t["bits_map"], rows, cols)
+            shape("qweight", (mixed_bytes(eb if "keep" not in t else eb[unpack_mask(t["keep"], (rows, cols))]),))
+            if not cfg["sym"]:
+                shape("zeros", (mixed_bytes(group_bits(t["bits_map"], rows, cols, gs)),))
+        else:
+            shape("qweight", packed(n_keep, bits))
+            if not cfg["sym"]:
+                shape("zeros", packed(rows * groups, bits))
     elif kind == "SparseLinear":
         if "keep" not in t:
             raise UserError(f"{w}: tensor keep (the mask) is missing: the export is incomplete; re-export it")

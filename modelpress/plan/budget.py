@@ -16,8 +16,12 @@ score (capability density, sensitivity, outlier ratio) is compressed less -- low
 name: mean budget}. Capability budgets are per head and reach the head's own weights: the q rows of head
 h, the k/v rows of its KV group (GQA: the budgets of the heads sharing the group, weighted by the weights
 each owns) and the o_proj input columns of head h (spec (H, 1), (KV, 1), (1, H)); the prune stage applies
-them as block masks inside one linear (modelpress.algos.prune). Quantization reads `module_map()` (one
-bit width per linear: per-head bit widths inside one QuantLinear are not implemented). A head whose
+them as block masks inside one linear (modelpress.algos.prune). Quantization reads `bit_specs()`: the same
+specs in whole bits, rounded jointly over every block of every budgeted linear (round_bit_specs), which
+the quantize stage stores as per-head widths inside one QuantLinear (modelpress.modules.quant); o_proj keeps
+its per-head column blocks only where the scale groups fit inside a head (group size dividing the head dim),
+else it gets its heads' parameter-weighted mean (one width; a per-channel or head-straddling scale cannot
+serve two grids). A head whose
 budget reaches sparsity 1.0 (`structured: heads`, head bound 1.0) has all its q rows and o columns
 zeroed -- recorded by `removed_heads()`; the config's head count is unchanged (transformers reloads one
 num_attention_heads for every layer, so per-layer head removal is not a reloadable checkpoint).
@@ -480,6 +484,41 @@ def budget_specs(model: nn.Module, calib, method: str, mean: float, target=None,
     for capability budgets (modelpress.algos.prune block masks read them), (1, 1) otherwise."""
     plan = plan_budget(model, calib, method, mean, "sparsity", target, spread, **kw)
     return plan.module_specs(), plan
+
+
+def round_bit_specs(specs: dict[str, Tensor], params: dict[str, int], mean: float) -> dict[str, Tensor]:
+    """Whole-bit widths (R, G) int64 for fractional specs {linear: (R, G)}, rounded jointly by round_bits over
+    all blocks of all linears, each block weighted by the weights it holds (params / (R G)). The rule: the
+    achieved parameter-weighted mean of the widths is within half the largest block's share of the weights
+    of `mean` (|achieved - mean| <= max_i w_i / 2, w_i = block weights / all budgeted weights), and a block
+    with a larger fractional budget never gets fewer bits."""
+    names = list(specs)
+    vals = torch.cat([specs[n].reshape(-1).double() for n in names])
+    wts = torch.cat([torch.full((specs[n].numel(),), params[n] / specs[n].numel(), dtype=torch.float64)
+                     for n in names])
+    r = round_bits(vals, wts, mean)
+    out, i = {}, 0
+    for n in names:
+        k = specs[n].numel()
+        out[n] = r[i:i + k].reshape(specs[n].shape)
+        i += k
+    return out
+
+
+def bit_specs(model: nn.Module, calib, method: str, mean: float, target=None, spread: float | None = None,
+              group_size: int | None = None, **kw) -> tuple[dict[str, Tensor], BudgetPlan]:
+    """({linear name: whole-bit widths (R, G) int64}, plan) for stage quantize's `budget:`: capability gives the
+    q/k/v rows of each head (KV group) and the o_proj columns of each head their head's width; a spec with
+    column blocks whose width is not a multiple of `group_size` (or group_size None: one scale per row) is
+    first replaced by its mean (1, 1). Other methods: (1, 1) per linear. Rounded by round_bit_specs."""
+    plan = plan_budget(model, calib, method, mean, "bits", target, spread, **kw)
+    specs = plan.module_specs()
+    for n, sp in specs.items():
+        G = sp.shape[1]
+        cols = model.get_submodule(n).weight.shape[1]
+        if G > 1 and (group_size is None or cols % G or (cols // G) % group_size):
+            specs[n] = sp.mean().reshape(1, 1)
+    return round_bit_specs(specs, plan.module_params, mean), plan
 
 
 def budget_map(model: nn.Module, calib, method: str, mean: float, kind: str = "sparsity", target=None,
