@@ -175,8 +175,49 @@ def test_launch_arithmetic():
     assert ZG.split_k(448, 64, 132, 4) == 2
     assert ZG.split_k(8, 3, 132, 4) == 3                          # never more slices than K blocks
     assert ZG.split_k(10 ** 4, 64, 132, 4) == 1
-    t = ZG.spread3(torch.device("cpu"))
-    assert int(t[0b10000001]) == 1 | 1 << 21 and int(t[255]) == sum(1 << 3 * j for j in range(8))
+
+
+def _prmt_np(x: np.ndarray, y: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """PTX prmt.b32 (default mode) on uint32 arrays, selector nibbles < 8: byte n = byte s[4n:4n+3] of y:x."""
+    v = (y.astype(np.uint64) << np.uint64(32)) | x.astype(np.uint64)
+    out = np.zeros(np.broadcast(x, y, s).shape, dtype=np.uint64)
+    for n in range(4):
+        sel = (s.astype(np.uint64) >> np.uint64(4 * n)) & np.uint64(7)
+        out |= ((v >> (sel * np.uint64(8))) & np.uint64(0xFF)) << np.uint64(8 * n)
+    return out.astype(np.uint32)
+
+
+@pytest.mark.parametrize("e0", [0, 1, 120, 249])
+def test_decode_tables_build_every_group(e0):
+    """The kernels' per-group arithmetic (decode_tables + PRMT + LOP3, re-implemented here in numpy) gives
+    the TCA-TBE word of every in-window element and picks the fallback slot of every other one, for all
+    8-element groups whose codes are drawn at random (all 256 indicator bytes), windows at both ends."""
+    tab = ZG.decode_tables_np(e0).view(np.uint32)
+    ex, per = tab[:3072].reshape(3, 256, 4), tab[3072:7168].reshape(256, 16)
+    assert tab[7168] == 0x807F807F
+    rng = np.random.default_rng(e0)
+    codes = rng.integers(0, 8, size=(4096, 8))
+    codes[:256] = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, codes[:256] % 7 + 1, 0)  # every mask
+    h = rng.integers(0, 256, size=(4096, 8)).astype(np.uint32)                   # sign+mantissa bytes
+    q = [((codes >> b) & 1) @ (1 << np.arange(8)) for b in range(3)]             # plane bytes (4096,)
+    ind = q[0] | q[1] | q[2]
+    inw = codes != 0
+    packed = np.zeros((4096, 8), dtype=np.uint32)                                # hi bytes, compacted
+    for i in range(4096):
+        packed[i, : inw[i].sum()] = h[i, inw[i]]
+    lo = packed[:, 0] | packed[:, 1] << 8 | packed[:, 2] << 16 | packed[:, 3] << 24
+    hi = packed[:, 4] | packed[:, 5] << 8 | packed[:, 6] << 16 | packed[:, 7] << 24
+    x = (ex[0, q[0]].astype(np.uint64) + ex[1, q[1]] + ex[2, q[2]]).astype(np.uint32)   # (4096, 4)
+    s = _prmt_np(lo[:, None], hi[:, None], per[ind, 0:4])
+    w = (s & 0x807F807F) | (x & 0x7F807F80)
+    words = np.stack([w & 0xFFFF, w >> 16], axis=2).reshape(4096, 8)
+    want = ((h & 0x80) << 8) | ((codes + e0 - 1) << 7) | (h & 0x7F)
+    assert np.array_equal(words[inw], want[inw])
+    fm = per[ind, 4:8]
+    assert np.array_equal(np.stack([fm & 0xFFFF, fm >> 16], axis=2).reshape(4096, 8) == 0xFFFF, ~inw)
+    slot = np.stack([per[ind, 8:12], per[ind, 12:16]], axis=2).reshape(4096, 8)
+    want_slot = np.where(inw, 0, np.cumsum(~inw, axis=1) - ~inw)                # index among the group's fallbacks
+    assert np.array_equal(slot, want_slot)
 
 
 def test_sass_loop_parser():
@@ -212,4 +253,4 @@ def test_aot_compile_sm90_static_figures():
     fused = [f for n, f in figs.items() if n.startswith("fused")]
     for f in fused:
         assert f.loop_sass > 0 and f.barriers <= 4, f
-        assert f.per_weight <= 24, f"{f.name}: {f.per_weight:.1f} thread-instructions per weight (19.3 when written)"
+        assert f.per_weight <= 18, f"{f.name}: {f.per_weight:.1f} thread-instructions per weight (15.9 when written)"

@@ -15,36 +15,44 @@ Decoding one 16x64 tensor-core tile g (16 8x8 tiles t, 64 bits j each; layout in
 The kernels follow ZipServ's ZipGEMM structure (its `LoadBF16FragWithTripleBitmap`) as far as Triton
 expresses it. A program owns a 64-row stripe and decodes one 64x64 block (4096 weights) per K step; each
 of its 128 threads owns half (4 rows) of one 8x8 tile, i.e. four "groups" (one tile row: 8 consecutive k
-of one output row, byte i of each 64-bit bit plane):
+of one output row, byte i of each 64-bit bit plane). Weights are decoded two per 32-bit operation: a pair
+(columns 2p, 2p + 1 of a group) is one int32 whose halves are the two bf16 words.
   tile prefix  = in-window elements of the earlier 8x8 tiles of the 16x64 tile: a 16-wide scan that
                  stays inside a warp (shuffles, no barrier);
   group rank   = tile prefix + popcount (32-bit POPC) of the indicator bits of the earlier rows;
-  codes        = the three plane bytes interleaved by a 256-entry table (code jj = bits 3jj..3jj+2),
-                 shifted straight into the exponent field;
-  sign+mantissa = the group's 8-byte hi window (three aligned 32-bit loads per group, funnel-shifted),
-                 split in two 32-bit windows (elements 0-3, 4-7) consumed in order: a weight in the
-                 window takes the low byte, then the window shifts by 8 (one predicated SHF); no
-                 per-weight load, no per-weight rank;
-  fallback     = one masked 16-bit load per weight through a pointer that advances past each fallback
-                 (a predicated 64-bit add); the in-window value is the load's `other`, so the masked load
-                 is also the select (executed, masked off, for in-window weights).
-The in-window words are built in the low half of 32-bit registers and taken as bf16 bits (no conversion
-instruction), then fed to tl.dot (wgmma m64n16k16 on sm_90; Triton moves the tile into the operand
-registers through shared memory, 2 barriers per K step). The next block's bit planes are loaded one step
-ahead (register double buffer; Triton's own pipelining is off, it costs more instructions than it saves).
-Split-K writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic),
-adding the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized
-so the programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left (measured by modelpress.kernels.static: ~19 thread-instructions per weight on sm_90, the
-issue's target is 12): per weight ~12 (code shift and test 2, word assembly 4, window advance 1,
-fallback pointer advance 3, masked load 1, register copies ~1); per group, amortised over its 8
-weights, the spread-table and window loads with their 64-bit addresses and ranks (~5 per weight); the
-register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
-Below that needs what Triton does not expose: byte permutes (PRMT) and two weights per 32-bit operation.
+  exponents    = per plane byte, a 4-word table row with the plane's bits of the four pairs already in
+                 both exponent fields (bits 7 + b and 23 + b; plane 0's rows carry (e0 - 1)): the sum of the
+                 three rows (one IADD3 per pair) is the exponent fields of the group's four pairs;
+  sign+mantissa = the group's in-window hi bytes (three aligned 32-bit loads, two funnel shifts) are
+                 spread by one byte permute (PRMT, libdevice byte_perm) per pair: its selector, the two
+                 elements' ranks in the group with each byte taken twice ([h1 h1 h0 h0]), is a table row of
+                 the group's indicator byte; one LOP3 keeps sign and mantissa from it, the exponent fields
+                 from the sum (no per-weight rank, window advance or shift);
+  fallback     = per weight a 16-bit load at its slot among the group's fallbacks (table; in-window weights
+                 load slot 0 of a pointer clamped into the stream, so every load is in range and unmasked),
+                 joined into pairs and selected by a table mask (one LOP3 per pair).
+The decode tables (decode_tables_np: 28 KiB per e0, L1-resident) replace per-weight arithmetic with one
+16-byte load per plane byte and per indicator byte. The pairs go to tl.dot as bf16 (wgmma m64n16k16 on
+sm_90; Triton moves the tile into the operand registers through shared memory: 4 STS.128, 4 LDSM, 2 barriers
+per K step). The next block's bit planes are loaded one step ahead (register double buffer; Triton's own
+pipelining is off, it costs more instructions than it saves). Split-K writes fp32 partials to a workspace
+that a second kernel sums in a fixed order (deterministic), adding the bias and casting; with one split the
+GEMM kernel stores y (+ bias) itself. Splits are sized so the programs fill every SM at the occupancy the
+compiled kernel reaches (registers, shared memory).
+What is left (modelpress.kernels.static, sm_90: ~16 thread-instructions per weight, the issue's target
+is 12; ~19 with the per-weight decode before): per group of 8 weights, the fallback path (~34: eight
+16-bit loads with 64-bit addresses, the join and the select), the four table lookups with their 64-bit
+addresses (~19), the hi window (~12), the pairs themselves (~12: IADD3, PRMT with libdevice's selector mask,
+LOP3); per block (~90 over 32 weights per thread) the scan, offsets, x, shared-memory move and wgmma.
+Where ZipServ differs: it stages each tile's streams in shared memory with cp.async and addresses them in
+32 bits; Triton has no shared-memory gather, so the streams are read from global memory (L1) with 64-bit
+addresses, which is most of the gap; the fallback path is ~4 per weight because every weight of a group pays
+for the rare fallback load.
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
-or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount is computed with shifts (the
-interpreter has no libdevice) and tl.dot runs in fp32 (the interpreter mis-computes bf16 dots)."""
+or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount and the byte permute are computed
+with shifts (the interpreter has no libdevice; selector nibbles are always < 8, where PRMT and the shifts
+agree bit for bit) and tl.dot runs in fp32 (the interpreter mis-computes bf16 dots)."""
 from __future__ import annotations
 
 import os
@@ -188,71 +196,76 @@ if triton is not None:
         return tl.load(p), tl.load(p + 1), tl.load(p + 2)
 
     @triton.jit
-    def _elem(z, win, fp, E, J: tl.constexpr, FLOAT: tl.constexpr):
-        """Element jj = J of a group, and the group's streams advanced past it: FLOAT, its bf16 value;
-        otherwise its exact 16 bits in an int32 (decompression). z: the group's eight 3-bit codes (code J at
-        bits 3J..3J+2), moved straight to the exponent field (bits 7-9); E: (e0 - 1) << 7; win: the
-        group's hi bytes not used yet (the next one in its low byte); fp: where its next fallback word is."""
-        if 3 * J > 7:
-            e7 = (z >> (3 * J - 7)) & 0x380                                          # code << 7
+    def _prmt(x, y, s, INTERP: tl.constexpr):
+        """Byte permute (PRMT, CUDA's __byte_perm): byte n of the result is byte (s >> 4n) & 7 of the eight
+        bytes y:x (x the low four). Selector nibbles here are always < 8 (no sign replication), so the
+        interpreter's shifts compute exactly what the GPU's PRMT does."""
+        if INTERP:
+            v = (y.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | x.to(tl.uint32, bitcast=True).to(tl.uint64)
+            r = tl.zeros_like(x | y | s)
+            for n in tl.static_range(4):
+                b = (v >> (((s >> (4 * n)) & 7) * 8).to(tl.uint64)) & 0xFF
+                r = r | (b.to(tl.int32) << (8 * n))
+            return r
         else:
-            e7 = (z << (7 - 3 * J)) & 0x380
-        inw = e7 != 0
-        w = (((win & 0xFF).to(tl.int32) * 0x0101) & 0x807F) | (e7 + E)
-        if FLOAT:  # the in-window value is the masked load's `other`: the load is the select
-            out = tl.load(fp.to(tl.pointer_type(tl.bfloat16)), mask=e7 == 0,
-                          other=w.to(tl.int16).to(tl.bfloat16, bitcast=True))
-        else:
-            f = tl.load(fp, mask=e7 == 0).to(tl.int32)
-            out = tl.where(inw, w, f & 0xFFFF)
-        return out, tl.where(inw, win >> 8, win), tl.where(inw, fp, fp + 1)
+            return _libdevice.byte_perm(x, y, s)
 
     @triton.jit
-    def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
-        """Eight (128,) tensors (element jj = 0..7 of a group) -> (128, 8); joined axes stay in-thread."""
-        v = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-        return tl.reshape(tl.permute(v, (0, 3, 2, 1)), (128, 8))                     # [u, p, q, s] = w_{4s+2q+p}
-
-    @triton.jit
-    def _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, K: tl.constexpr, FLOAT: tl.constexpr,
+    def _group_row(pl0, pl1, pl2, ind_w, hpos, fr, fbb, lim, tab_ptr, smask, hi_ptr, n_hw, K: tl.constexpr,
                    INTERP: tl.constexpr):
-        """(128, 8) words of row i = 4 half + K of each thread's 8x8 tile, and the fallback pointer past the
-        row. pl*: the thread's 32-bit half of each plane, ind_w: of the indicator; hpos: index in hi of the
-        thread's first in-window weight (row 4 half); fp: the row's first fallback (the thread's four rows
-        are consecutive in storage order, so their fallbacks are too)."""
-        q0 = (pl0 >> (8 * K)) & 0xFF
-        q1 = (pl1 >> (8 * K)) & 0xFF
-        q2 = (pl2 >> (8 * K)) & 0xFF
-        z = tl.load(sp_ptr + q0) | (tl.load(sp_ptr + q1) << 1) | (tl.load(sp_ptr + q2) << 2)  # 8 codes, 3 bits each
-        # the group's (up to) 8 hi bytes: three aligned 32-bit words around its first byte, funnel-shifted
-        gpos = hpos + _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)                    # < 2**31 (checked)
+        """(128, 8) int16 words of row i = 4 half + K of each thread's 8x8 tile (a "group": 8 consecutive k of
+        one output row, byte K of the thread's 32-bit half of each bit plane), built two weights per 32-bit
+        operation: pair p (columns 2p, 2p+1) is one int32 with column 2p in its low half.
+          exponent fields: one 4-word table row per plane byte (bit 2p -> bit 7 + b, bit 2p + 1 -> bit 23 + b
+                           for plane b; (e0 - 1) in both fields of plane 0's rows), summed (IADD3);
+          sign+mantissa:   the group's in-window hi bytes (three aligned words, aligned by two PRMTs) spread
+                           by one PRMT per pair whose selector (the two elements' ranks, each byte twice:
+                           [h1 h1 h0 h0]) is a table row of the group's indicator byte; one LOP3 keeps sign and
+                           mantissa from it and the exponent fields from the sum;
+          fallbacks:       each element loads the word at its fallback slot (table: slot in the group's
+                           fallbacks, 0 for in-window elements, so every load is in range), a 4-word table mask
+                           (0xFFFF per fallback half) selects them (one LOP3 per pair).
+        hpos: index in hi of the thread's first in-window weight; fr: index of its first fallback relative to
+        fbb (the block's first fallback); lim: the last valid such index (fallback loads stay in range)."""
+        pp = tl.arange(0, 4)[None, :]
+        if K == 0:
+            rho = tl.zeros_like(ind_w)
+        else:
+            rho = _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)                     # in-window weights of rows < K
+        q0 = ((pl0 >> (8 * K)) & 0xFF)[:, None]
+        q1 = ((pl1 >> (8 * K)) & 0xFF)[:, None]
+        q2 = ((pl2 >> (8 * K)) & 0xFF)[:, None]
+        ind = ((ind_w >> (8 * K)) & 0xFF)[:, None]
+        x = tl.load(tab_ptr + q0 * 4 + pp) + tl.load(tab_ptr + 1024 + q1 * 4 + pp) + tl.load(tab_ptr + 2048 + q2 * 4 + pp)
+        row = tab_ptr + 3072 + ind * 16
+        sel = tl.load(row + pp)                                                      # PRMT selectors (ranks)
+        fm = tl.load(row + 4 + pp)                                                   # fallback halves
+        s_ev = tl.load(row + 8 + pp)                                                 # fallback slots, columns 2p
+        s_od = tl.load(row + 12 + pp)                                                # ... and 2p + 1
+        gpos = hpos + rho                                                            # < 2**31 (checked)
         wi = gpos >> 2
         hw = hi_ptr.to(tl.pointer_type(tl.int32)) + wi
-        w0 = tl.load(hw, mask=wi < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w1 = tl.load(hw + 1, mask=wi + 1 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w2 = tl.load(hw + 2, mask=wi + 2 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        sh = ((gpos & 3) * 8).to(tl.uint64)
-        win = (((w0 | (w1 << 32)) >> sh) & 0xFFFFFFFF) | (((w1 | (w2 << 32)) >> sh) << 32)
-        # two 32-bit windows (elements 0-3 and 4-7): each weight then advances a 32-bit register only
-        n_lo = _popc(ind_w & (0xF << (8 * K)), INTERP)
-        whi = ((win >> (n_lo * 8).to(tl.uint64)) & 0xFFFFFFFF).to(tl.uint32)
-        win = (win & 0xFFFFFFFF).to(tl.uint32)
-        e0_, win, fp = _elem(z, win, fp, E, 0, FLOAT)
-        e1_, win, fp = _elem(z, win, fp, E, 1, FLOAT)
-        e2_, win, fp = _elem(z, win, fp, E, 2, FLOAT)
-        e3_, win, fp = _elem(z, win, fp, E, 3, FLOAT)
-        e4_, win, fp = _elem(z, whi, fp, E, 4, FLOAT)
-        e5_, win, fp = _elem(z, win, fp, E, 5, FLOAT)
-        e6_, win, fp = _elem(z, win, fp, E, 6, FLOAT)
-        e7_, win, fp = _elem(z, win, fp, E, 7, FLOAT)
-        return _join8(e0_, e1_, e2_, e3_, e4_, e5_, e6_, e7_), fp
+        w0 = tl.load(hw, mask=wi < n_hw)                                             # masked-off words: unused
+        w1 = tl.load(hw + 1, mask=wi < n_hw - 1)
+        w2 = tl.load(hw + 2, mask=wi < n_hw - 2)
+        sh = ((gpos & 3) * 8).to(tl.uint64)                                          # funnel shifts (SHF)
+        w1 = w1.to(tl.uint32, bitcast=True).to(tl.uint64)
+        lo = (((w1 << 32) | w0.to(tl.uint32, bitcast=True).to(tl.uint64)) >> sh).to(tl.uint32)
+        hi = (((w2.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | w1) >> sh).to(tl.uint32)
+        lo = lo.to(tl.int32, bitcast=True)[:, None]                                  # the group's bytes 0-3
+        hi = hi.to(tl.int32, bitcast=True)[:, None]                                  # ... and 4-7
+        s = _prmt(lo, hi, sel, INTERP)
+        w = (s & smask) | (x & ~smask)                     # sign+mantissa of s, exponent fields of x (one LOP3)
+        g = fbb + tl.minimum(fr + (8 * K) - rho, lim)[:, None]                       # the group's fallbacks
+        f = (tl.load(g + s_ev).to(tl.int32) & 0xFFFF) | (tl.load(g + s_od).to(tl.int32) << 16)
+        w = (w & ~fm) | (f & fm)
+        return w
 
     @triton.jit
-    def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
-                      INTERP: tl.constexpr):
-        """(64, 64) block blk (row-major) from its bit planes (_block_planes): bf16 values (FLOAT) or int32
-        holding the 16-bit words. Entry u = (half, t) of the (128,) tensors (one per thread)
-        decodes rows 4 half .. 4 half + 3 of 8x8 tile t; sp_ptr: the spread3 table."""
+    def _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, n_hw, n_fb, INTERP: tl.constexpr):
+        """(64, 64) int16 words of block blk (row-major) from its bit planes (_block_planes). Entry u = (half, t)
+        of the (128,) tensors (one per thread) decodes rows 4 half .. 4 half + 3 of 8x8 tile t; tab_ptr: the
+        decode tables (decode_tables)."""
         u = tl.arange(0, 128)
         t = u % 64
         half = u // 64
@@ -267,33 +280,37 @@ if triton is not None:
         c3 = tl.reshape(c, (2, 4, 16))                                               # (half, r16, t16)
         pt = tl.reshape(tl.cumsum(c3, axis=2) - c3, (128,))                          # earlier tiles of the 16x64
         sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
-        hb = tl.load(blk_ptr + blk).to(tl.int32)                                     # block's hi offset (< 2**31)
-        E = (e0 - 1) << 7
+        hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # block's hi offset
         rank = sub + pt + half * cl                                                  # thread's first weight: rank
-        # its fallback index: 1024 g - off(g) + 64 t16 + 32 half - rank in its 16x64 tile, g = 4 blk + r16
-        fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) + 64 * (t % 16) + 32 * half - rank)
-        hpos = hb + rank
-        r0, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 0, FLOAT, INTERP)
-        r1, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 1, FLOAT, INTERP)
-        r2, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 2, FLOAT, INTERP)
-        r3, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 3, FLOAT, INTERP)
-        v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # [u, jj, p, q], K = 2q + p
-        v = tl.reshape(v, (2, 4, 8, 2, 8, 2, 2))                                     # [half, r16, cg, r8, jj, p, q]
-        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # (r16, r8, half, q, p) x (cg, jj)
+        # fallbacks of block blk start at 4096 blk - hb; the thread's first one is its fallback rank in the block
+        fb0 = blk.to(tl.int64) * 4096 - hb
+        fbb = fb_ptr + fb0
+        lim = (tl.minimum(n_fb - fb0, 4096) - 1).to(tl.int32)                        # last valid index from fbb
+        fr = 1024 * (t // 16) + 64 * (t % 16) + 32 * half - rank
+        hpos = hb.to(tl.int32) + rank                                                # < 2**31 (checked)
+        smask = tl.load(tab_ptr + 7168)                        # 0x807F807F, from memory: LOP3 takes it as operand
+        r0 = _group_row(pl0, pl1, pl2, ind_w, hpos, fr, fbb, lim, tab_ptr, smask, hi_ptr, n_hw, 0, INTERP)
+        r1 = _group_row(pl0, pl1, pl2, ind_w, hpos, fr, fbb, lim, tab_ptr, smask, hi_ptr, n_hw, 1, INTERP)
+        r2 = _group_row(pl0, pl1, pl2, ind_w, hpos, fr, fbb, lim, tab_ptr, smask, hi_ptr, n_hw, 2, INTERP)
+        r3 = _group_row(pl0, pl1, pl2, ind_w, hpos, fr, fbb, lim, tab_ptr, smask, hi_ptr, n_hw, 3, INTERP)
+        w = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # [u, pp, p, q], K = 2q + p
+        v = tl.join(w.to(tl.int16), (w >> 16).to(tl.int16))                          # [u, pp, p, q, s], col 2pp + s
+        v = tl.reshape(v, (2, 4, 8, 2, 4, 2, 2, 2))                                  # [half, r16, cg, r8, pp, p, q, s]
+        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4, 7)), (64, 64))         # (r16, r8, half, q, p) x (cg, pp, s)
 
     @triton.jit
-    def decompress_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_hw, n_cb, rows, cols,
+    def decompress_kernel(bm_ptr, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, n_hw, n_fb, n_cb, rows, cols,
                           INTERP: tl.constexpr):
         """One 64x64 block per program, written row-major into out (rows, cols) int16."""
         blk = tl.program_id(0)
         p0, p1, p2 = _block_planes(bm_ptr, blk)
-        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, False, INTERP)
+        word = _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, n_hw, n_fb, INTERP)
         row = (blk // n_cb) * 64 + tl.arange(0, 64)[:, None]
         col = (blk % n_cb) * 64 + tl.arange(0, 64)[None, :]
-        tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
+        tl.store(out_ptr + row.to(tl.int64) * cols + col, word, mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hw, n_cb, M, K,
+    def fused_kernel(bm_ptr, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, n_hw, n_fb, n_cb, M, K,
                      N, cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         """acc[m, n] = sum_k W[m, k] x[n, k] over the 64 rows of block row program_id(0) and the K blocks
@@ -310,7 +327,8 @@ if triton is not None:
         p0, p1, p2 = _block_planes(bm_ptr, blk)
         for cb in range(cb0, cb1):
             blk = pid_m * n_cb + cb
-            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, True, INTERP)  # bf16
+            w = _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, n_hw, n_fb, INTERP)
+            w = w.to(tl.bfloat16, bitcast=True)
             # next block's bit planes one step ahead (the last step re-reads its own block: no branch)
             p0, p1, p2 = _block_planes(bm_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
             k = cb * 64 + kk
@@ -374,17 +392,41 @@ def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: 
                         "(.to(device))")
 
 
-_SPREAD3: dict = {}
+_TABLES: dict = {}
 
 
-def spread3(device: torch.device) -> Tensor:
-    """(256,) int32 table, cached per device: bit j of the index moved to bit 3 j (interleaves the three
-    bit planes of eight codes into one word: code j = bits 3j..3j+2)."""
-    key = str(device)
-    if key not in _SPREAD3:
-        b = torch.arange(256)
-        _SPREAD3[key] = sum(((b >> j) & 1) << (3 * j) for j in range(8)).to(torch.int32).to(device)
-    return _SPREAD3[key]
+def decode_tables_np(e0: int) -> "np.ndarray":
+    """The kernels' decode tables for window start e0, (7168,) int32 (numpy; pure, the CPU tests check them):
+      [0, 3072)    exponent fields, (3, 256, 4): [b, q, p] = bit 2p of q << (7 + b) | bit 2p + 1 of q << (23 + b),
+                   plus ((e0 - 1) & 0xFF) << 7 | ((e0 - 1) & 0xFF) << 23 for plane b = 0; the sum over the three
+                   planes of a group's bytes is the exponent fields of its four pairs (a carry out of a field,
+                   e0 = 0 and code >= 1, lands in a sign bit, which the kernel takes from the hi byte);
+      [3072, 7168) per indicator byte m (256, 16): 4 PRMT selectors (pair p: rank of column 2p in bytes 0, 1,
+                   of 2p + 1 in bytes 2, 3), 4 fallback masks (0xFFFF in the half of each fallback column),
+                   4 + 4 fallback slots of columns 2p and 2p + 1 (index among the group's fallbacks; 0 when in
+                   window)."""
+    import numpy as np
+    q = np.arange(256, dtype=np.int64)
+    p = np.arange(4, dtype=np.int64)
+    bit = lambda v, j: (v[:, None] >> j) & 1                                      # noqa: E731  (256, 4)
+    ex = np.stack([bit(q, 2 * p) << (7 + b) | bit(q, 2 * p + 1) << (23 + b) for b in range(3)])  # (3, 256, 4)
+    e = (e0 - 1) & 0xFF
+    ex[0] += e << 7 | e << 23
+    inw = (q[:, None] >> np.arange(8)) & 1                                        # (256, 8)
+    rank = np.cumsum(inw, axis=1) - inw
+    sel = rank[:, 0::2] * 0x0011 + rank[:, 1::2] * 0x1100
+    fm = np.where(inw[:, 0::2] == 0, 0xFFFF, 0) | np.where(inw[:, 1::2] == 0, 0xFFFF0000, 0)
+    slot = np.where(inw == 1, 0, np.arange(8) - rank)
+    per = np.concatenate([sel, fm, slot[:, 0::2], slot[:, 1::2]], axis=1)         # (256, 16)
+    return np.concatenate([ex.reshape(-1), per.reshape(-1), [0x807F807F, 0, 0, 0]]).astype(np.uint32).view(np.int32)
+
+
+def decode_tables(e0: int, device: torch.device) -> Tensor:
+    """decode_tables_np(e0) on `device`, cached per (device, e0) (28 KiB each)."""
+    key = (str(device), int(e0))
+    if key not in _TABLES:
+        _TABLES[key] = torch.from_numpy(decode_tables_np(int(e0))).to(device)
+    return _TABLES[key]
 
 
 def _nonempty(hi: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
@@ -411,8 +453,8 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offse
     rp, cp = padded
     out = torch.empty(rows, cols, dtype=torch.int16, device=bitmaps.device)
     _hi, _fb = _nonempty(hi, fallback)
-    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out,
-                                          e0, -(-hi.numel() // 4),
+    decompress_kernel[(rp * cp // 4096,)](bitmaps, decode_tables(e0, bitmaps.device), _hi, _fb, block_offsets,
+                                          sub_offsets, out, -(-hi.numel() // 4), _fb.numel(),
                                           cp // 64, rows, cols, INTERP=_interp(), num_warps=NUM_WARPS)
     return out.view(dtype)
 
@@ -471,8 +513,8 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
     out = torch.empty(splits, N, M, dtype=torch.float32, device=x.device) if splits > 1 else y
     _hi, _fb = _nonempty(hi, fallback)
     handle = fused_kernel[(n_stripes, splits)](
-        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0,
-        -(-hi.numel() // 4),
+        bitmaps, decode_tables(e0, x.device), _hi, _fb, block_offsets, sub_offsets, x, out,
+        bias if bias is not None else y, -(-hi.numel() // 4), _fb.numel(),
         n_cb, M, K, N, per, x.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=_interp(),
         BLOCK_N=16, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if x.is_cuda:
