@@ -164,6 +164,8 @@ def test_public_functions_check_their_arguments():
                              e.shape, e.padded)                                 # device layout
     with pytest.raises(UserError, match="one per weight"):
         ZG.decompress_triton(a[0], torch.from_numpy(e.hi), a[2], *a[3:], e.shape, e.padded)
+    with pytest.raises(UserError, match="more than the fallback count"):       # padding cut off
+        ZG.decompress_triton(a[0], a[1], a[2][: e.fallback.size + 3], *a[3:], e.shape, e.padded)
     with pytest.raises(UserError, match="dtype must be"):
         ZG.decompress_triton(*a, e.shape, e.padded, dtype=torch.float32)
 

@@ -431,9 +431,10 @@ def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: 
             or block_offsets.numel() != B + 1):
         raise UserError(f"TCA-TBE streams do not match padded shape {padded} (bitmaps {tuple(bitmaps.shape)}, "
                         f"sub_offsets {tuple(sub_offsets.shape)}): pass the padded shape of the same encoding")
-    if fallback.numel() < FB_PAD:
-        raise UserError(f"fallback has {fallback.numel()} bytes, the device layout has at least {FB_PAD} (padding): "
-                        "pass kernels.device_layout(bitmaps, hi, fallback) of the codec streams")
+    n_fb = rp * cp - int(block_offsets[-1]) if block_offsets.device.type == "cpu" else 0   # (no GPU sync)
+    if fallback.numel() < n_fb + FB_PAD:
+        raise UserError(f"fallback has {fallback.numel()} bytes, the device layout has {FB_PAD} more than the "
+                        "fallback count: pass kernels.device_layout(bitmaps, hi, fallback) of the codec streams")
     if hi.numel() != rp * cp:
         raise UserError(f"hi has {hi.numel()} bytes, the device layout has one per weight ({rp * cp}): pass "
                         "kernels.device_layout(bitmaps, hi, fallback) of the codec streams")

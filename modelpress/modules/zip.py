@@ -5,6 +5,9 @@ DFloat11, arXiv 2504.11651). The weight lives only as codec buffers; forward dec
         otherwise tile-parallel decompression (Triton, or the torch reference without triton) + cuBLAS.
         Huffman weights have no GPU decoder: every forward copies the streams to the CPU, decodes them
         there and copies the weight back (a warning says so once); use TCA-TBE for GPU inference.
+TCA-TBE buffers hold hi and fallback in the kernels' device layout (modelpress.kernels.device_layout: the
+same bytes, one sign+mantissa byte per weight and the fallbacks' exponent bytes, + 16 bytes of padding);
+to_state / encoded() turn them back into the stored TCA-TBE streams, so exports keep ZipServ's format.
 ZipEmbedding (TCA-TBE) decodes only the 64-row block rows that hold the requested ids.
 A tied output projection (lm_head.weight is embed_tokens.weight) is a ZipLinear with `tied_to` set:
 it stores nothing and reads the codec buffers of the module it is tied to (bound by `retie(model)`)."""
