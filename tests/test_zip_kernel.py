@@ -225,7 +225,8 @@ def test_decode_tables_build_every_group(e0):
 
 
 def test_device_layout_round_trip():
-    """device_layout keeps the byte count (+ FB_PAD) and stream_layout gives the codec's streams back."""
+    """device_layout keeps the byte count (+ FB_PAD), stream_layout gives the codec's streams back and
+    decode_device_np decodes it (whole matrix, chosen rows), odd shape with fallbacks."""
     w = (torch.randn(130, 70) * 0.02).bfloat16()
     w.view(torch.int16)[::7] = 0x7F80                                             # +Inf rows: fallbacks
     e = LL.tca_tbe_encode(w)
@@ -233,6 +234,11 @@ def test_device_layout_round_trip():
     assert h.size + f.size == e.hi.size + 2 * e.fallback.size + ZG.FB_PAD and e.fallback.size > 0
     hi, fb = ZG.stream_layout(e.bitmaps, h, f)
     assert np.array_equal(hi, e.hi) and np.array_equal(fb, e.fallback)
+    u = w.view(torch.int16).numpy().view(np.uint16)
+    args = (e.bitmaps, h, f, e.block_offsets, e.sub_offsets, e.e0, e.shape, e.padded)
+    assert np.array_equal(ZG.decode_device_np(*args), u)                         # the CPU decode of ZipLinear
+    rows = np.array([129, 0, 64, 7, 129])
+    assert np.array_equal(ZG.decode_device_np(*args, rows=rows), u[rows])
 
 
 def test_sass_loop_parser():

@@ -69,6 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..algos import lossless as LL
 from ..errors import UserError
 
 TILE_ROWS, TILE_COLS = 16, 64
@@ -113,6 +114,51 @@ def stream_layout(bitmaps: np.ndarray, h: np.ndarray, fexp: np.ndarray) -> tuple
     r = fexp[: hf.size].astype(np.uint16)
     e = (r << 1 | r >> 7) & 0xFF
     return h[inw].copy(), ((hf & 0x80) << 8 | e << 7 | hf & 0x7F).astype(np.uint16)
+
+
+def _decode_device_part(bitmaps: np.ndarray, h: np.ndarray, fexp: np.ndarray, e0: int, cp: int) -> np.ndarray:
+    """Whole 64-row block rows from their slices of the device layout -> (64 k, cp) uint16 words."""
+    planes = np.ascontiguousarray(bitmaps).view(np.uint8).reshape(-1, 3, 8)
+    codes = sum(np.unpackbits(np.ascontiguousarray(planes[:, b]), bitorder="little") << b for b in range(3))
+    inw = codes != 0
+    ex = (codes.astype(np.uint16) + ((e0 - 1) & 0xFF)) & 0xFF
+    r = fexp.astype(np.uint16)
+    ex[~inw] = (r << 1 | r >> 7) & 0xFF                                          # stored rotated right by 1
+    v = (h.astype(np.uint16) * 257) & 0x807F | ex << 7
+    return LL.from_tile_order(v, v.size // cp, cp)
+
+
+def decode_device_np(bitmaps: np.ndarray, h: np.ndarray, fexp: np.ndarray, block_offsets: np.ndarray,
+                     sub_offsets: np.ndarray, e0: int, shape: tuple[int, int], padded: tuple[int, int],
+                     rows: np.ndarray | None = None) -> np.ndarray:
+    """The (rows, cols) uint16 words of a matrix held in the device layout (numpy, the CPU decode of
+    ZipLinear / ZipEmbedding), block row by block row; `rows` given: only those rows, decoding only the
+    64-row block rows that hold them. bitmaps (T, 3) uint64, h (64 T,) and fexp uint8 (device_layout)."""
+    rp, cp = padded
+    offs = LL.tile_offsets(block_offsets, sub_offsets)
+    tiles_per_row = cp                                                           # 8x8 tiles per block row
+
+    def part(rb0: int, rb1: int) -> np.ndarray:                                  # block rows [rb0, rb1)
+        t0, t1 = rb0 * tiles_per_row, rb1 * tiles_per_row
+        g0, g1 = t0 // 16, t1 // 16
+        return _decode_device_part(bitmaps[t0:t1], h[t0 * 64: t1 * 64],
+                                   fexp[g0 * 1024 - offs[g0]: g1 * 1024 - offs[g1]], e0, cp)
+
+    if rows is None:
+        out = np.empty(shape, dtype=np.uint16)
+        step = max(1, (1 << 18) // (64 * cp))                                    # block rows per chunk
+        for rb in range(0, rp // 64, step):
+            p = part(rb, min(rb + step, rp // 64))
+            r = rb * 64
+            if r < shape[0]:
+                out[r: r + p.shape[0]] = p[: shape[0] - r, : shape[1]]
+        return out
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((rows.size, shape[1]), dtype=np.uint16)
+    for rb in np.unique(rows // 64):                                             # the distinct block rows only
+        sel = rows // 64 == rb
+        out[sel] = part(int(rb), int(rb) + 1)[rows[sel] - rb * 64, : shape[1]]
+    return out
 
 
 # --------------------------------------------------------------------------- pure-torch reference

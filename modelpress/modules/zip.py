@@ -1,6 +1,7 @@
 """Losslessly compressed BF16/FP16 layers (ZipServ TCA-TBE, arXiv 2603.17435; Huffman baseline after
 DFloat11, arXiv 2504.11651). The weight lives only as codec buffers; forward decodes it:
-  CPU:  numpy decode (modelpress.algos.lossless) then F.linear / F.embedding, bit-exact;
+  CPU:  numpy decode (TCA-TBE: modelpress.kernels.decode_device_np; Huffman: modelpress.algos.lossless)
+        then F.linear / F.embedding, bit-exact;
   CUDA: TCA-TBE with N <= 16 rows of input -> fused Triton decode+GEMM (modelpress.kernels);
         otherwise tile-parallel decompression (Triton, or the torch reference without triton) + cuBLAS.
         Huffman weights have no GPU decoder: every forward copies the streams to the CPU, decodes them
@@ -100,9 +101,21 @@ class _ZipWeight(nn.Module):
             args = (t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"], t["sub_offsets"], m["e0"], tuple(m["shape"]),
                     tuple(m["padded"]), self.weight_dtype)
             return kernels.decompress_triton(*args) if kernels.triton_available() else kernels.decompress_torch(*args)
+        if self.codec == "tca-tbe":                  # CPU: numpy, straight from the device layout
+            return self._decode_np(t).to(dev)
         if dev.type == "cuda":
             _warn_cpu_decode(self)
         return LL.decode(self.encoded()).to(dev)
+
+    def _decode_np(self, t: dict[str, Tensor], rows: Tensor | None = None) -> Tensor:
+        """TCA-TBE weight (or its rows `rows`) decoded on the CPU from the device-layout buffers."""
+        from ..kernels import zip_gemm
+        n = {k: v.detach().cpu().numpy() for k, v in t.items()}
+        m = self.meta
+        u = zip_gemm.decode_device_np(n["bitmaps"].view(np.uint64), n["hi"], n["fallback"], n["block_offsets"],
+                                      n["sub_offsets"], m["e0"], tuple(m["shape"]), tuple(m["padded"]),
+                                      None if rows is None else rows.cpu().numpy())
+        return torch.from_numpy(u.view(np.int16)).view(self.weight_dtype)
 
     def decoded_rows(self, ids: Tensor) -> Tensor:
         """Rows `ids` (any shape) of the weight, bit-exact, shape (*ids.shape, cols): TCA-TBE decodes only
@@ -123,7 +136,7 @@ class _ZipWeight(nn.Module):
             out = kernels.decompress_rows_torch(t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"],
                                                 t["sub_offsets"], m["e0"], tuple(m["padded"]), flat.to(dev))[:, :cols]
             return out.view(self.weight_dtype).reshape(*ids.shape, cols)
-        return LL.tca_tbe_decode_rows(self.encoded(), flat.cpu().numpy()).reshape(*ids.shape, cols)
+        return self._decode_np(t, flat).reshape(*ids.shape, cols)
 
     def nbytes(self) -> int:
         """Bytes this module stores (0 for a tied alias)."""
