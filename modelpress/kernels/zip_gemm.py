@@ -349,7 +349,7 @@ if triton is not None:
     @triton.jit
     def _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, INTERP: tl.constexpr):
         """(64, 64) int16 words of block blk (row-major) from its bit planes (_block_planes) and the device
-        layout (device_streams). Entry u = (half, t) of the (128,) tensors (one per thread) decodes rows
+        layout (device_layout). Entry u = (half, t) of the (128,) tensors (one per thread) decodes rows
         4 half .. 4 half + 3 of 8x8 tile t: 32 consecutive weights of the storage order; tab_ptr: the decode
         tables (decode_tables)."""
         u = tl.arange(0, 128)
