@@ -54,8 +54,9 @@ Static cost (modelpress.kernels.static, sm_90): ~11 thread-instructions per weig
 where the compacted hi bytes need a rank window per group and every weight a 16-bit fallback load with a
 64-bit address). Other differences from ZipServ: it stages each tile's streams in shared memory with
 cp.async and addresses them in 32 bits; Triton has no shared-memory gather, so the streams and the decode
-tables are read from global memory (L1) with 64-bit addresses (most of what is left: ~4 per group per table
-lookup); the selectors read from the tables cost one AND each (libdevice's byte_perm masks them).
+tables are read from global memory (L1) with 64-bit addresses (~3 instructions of address per table
+lookup, 20 lookups per thread and K step: about a fifth of the loop); the 16 selectors read from the tables
+cost one AND each (libdevice's byte_perm masks them; inline PTX would not, Triton's interpreter cannot run it).
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
 or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount and the byte permute are computed
