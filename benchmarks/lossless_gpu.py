@@ -133,9 +133,10 @@ def bench(fn, flush: torch.Tensor, reps: int = REPS) -> float:
 
 
 def _streams(enc: LL.TcaTbe) -> tuple:
-    t = (torch.from_numpy(enc.bitmaps.view("int64")), torch.from_numpy(enc.hi),
-         torch.from_numpy(enc.fallback.view("int16")), torch.from_numpy(enc.block_offsets),
-         torch.from_numpy(enc.sub_offsets))
+    """The kernels' arguments on the GPU (hi and fallback in the device layout, as ZipLinear holds them)."""
+    h, f = ZG.device_layout(enc.bitmaps, enc.hi, enc.fallback)
+    t = (torch.from_numpy(enc.bitmaps.view("int64")), torch.from_numpy(h), torch.from_numpy(f),
+         torch.from_numpy(enc.block_offsets), torch.from_numpy(enc.sub_offsets))
     return tuple(x.cuda() for x in t) + (enc.e0,)
 
 

@@ -35,8 +35,10 @@ def gaussian(rows, cols, seed=0, std=0.02):
 
 
 def torch_args(e: LL.TcaTbe):
-    return (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(e.hi),
-            torch.from_numpy(e.fallback.view(np.int16)), torch.from_numpy(e.block_offsets), torch.from_numpy(e.sub_offsets), e.e0)
+    """The kernels' arguments: bitmaps, hi and fallback in the device layout, offsets, e0."""
+    h, f = ZG.device_layout(e.bitmaps, e.hi, e.fallback)
+    return (torch.from_numpy(e.bitmaps.view(np.int64)), torch.from_numpy(h), torch.from_numpy(f),
+            torch.from_numpy(e.block_offsets), torch.from_numpy(e.sub_offsets), e.e0)
 
 
 # ------------------------------------------------------------------------------------------ codecs

@@ -5,9 +5,11 @@ from .zip_gemm import (
     decompress_rows_torch,
     decompress_torch,
     decompress_triton,
+    device_layout,
     fused_linear_triton,
+    stream_layout,
     triton_available,
 )
 
 __all__ = ["FUSED_MAX_N", "decode_tiles_torch", "decompress_rows_torch", "decompress_torch", "decompress_triton",
-           "fused_linear_triton", "triton_available"]
+           "device_layout", "fused_linear_triton", "stream_layout", "triton_available"]

@@ -135,12 +135,12 @@ def figures(name: str, compiled, weights_per_iter: int) -> StaticFigures:
 
 # --------------------------------------------------------------------------- the kernels of zip_gemm
 
-_FUSED_SIG = {"bm_ptr": "*i64", "sp_ptr": "*i32", "hi_ptr": "*u8", "fb_ptr": "*i16", "blk_ptr": "*i32",
-              "sub_ptr": "*i16", "x_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*bf16", "e0": "i32", "n_hw": "i32",
-              "n_cb": "i32", "M": "i32", "K": "i32", "N": "i32", "cb_per_split": "i32", "stride_xn": "i32",
+_FUSED_SIG = {"bm_ptr": "*i64", "tab_ptr": "*i32", "hi_ptr": "*u8", "fb_ptr": "*u8", "blk_ptr": "*i32",
+              "sub_ptr": "*i16", "x_ptr": "*bf16", "out_ptr": "*bf16", "bias_ptr": "*bf16", "n_cb": "i32",
+              "M": "i32", "K": "i32", "N": "i32", "cb_per_split": "i32", "stride_xn": "i32",
               "SPLIT": "constexpr", "HAS_BIAS": "constexpr", "INTERP": "constexpr", "BLOCK_N": "constexpr"}
-_DEC_SIG = {"bm_ptr": "*i64", "sp_ptr": "*i32", "hi_ptr": "*u8", "fb_ptr": "*i16", "blk_ptr": "*i32",
-            "sub_ptr": "*i16", "out_ptr": "*i16", "e0": "i32", "n_hw": "i32", "n_cb": "i32", "rows": "i32",
+_DEC_SIG = {"bm_ptr": "*i64", "tab_ptr": "*i32", "hi_ptr": "*u8", "fb_ptr": "*u8", "blk_ptr": "*i32",
+            "sub_ptr": "*i16", "out_ptr": "*i16", "n_cb": "i32", "rows": "i32",
             "cols": "i32", "INTERP": "constexpr"}
 
 

@@ -1,57 +1,76 @@
-"""TCA-TBE decode on the GPU (ZipServ, arXiv 2603.17435): a tile-parallel decompression kernel and a fused
-decode+GEMM for small batch (N <= 16 tokens, the decode phase), in Triton, plus a pure-torch reference of
-exactly the same per-tile arithmetic (what the CPU tests check).
+"""TCA-TBE decode on the GPU (ZipServ, Fan et al., ASPLOS'26, arXiv 2603.17435): a tile-parallel
+decompression kernel and a fused decode+GEMM for small batch (N <= 16 tokens, the decode phase), in Triton,
+plus a pure-torch reference of exactly the same per-tile arithmetic (what the CPU tests check).
 
 Decoding one 16x64 tensor-core tile g (16 8x8 tiles t, 64 bits j each; layout in modelpress/algos/lossless.py):
   code[t, j]  = bit j of bitmaps[16 g + t, 0] | bit j of [.., 1] << 1 | bit j of [.., 2] << 2
   inw         = code != 0
   rank[t, j]  = number of in-window elements before (t, j) inside the tile (storage order)
   off(g)      = block_offsets[g // 4] + (sub_offsets[g // 4, g % 4 - 1] if g % 4 else 0)
-  word        = sign/mantissa byte h = hi[off(g) + rank]  -> h>>7 << 15 | (code+e0-1) << 7 | h & 0x7F
-                or fallback[1024 g - off(g) + (64 t + j - rank)] when code == 0
+  word        = sign/mantissa byte h -> h>>7 << 15 | exponent << 7 | h & 0x7F, exponent = code + e0 - 1,
+                or the fallback's when code == 0 (fallback index 1024 g - off(g) + (64 t + j - rank))
   position    = g -> (block row rb, block col cb, r16), t -> (k16, k8, r8), j -> (i, jj):
                 row = 64 rb + 16 r16 + 8 r8 + i, col = 64 cb + 16 k16 + 8 k8 + jj
+
+Device layout (device_layout; where this deviates from ZipServ). The stored format is ZipServ's: the
+sign+mantissa bytes of the in-window weights only (stream hi) and the full 16-bit word of each fallback. The
+kernels read the same information rearranged once, at load (ZipLinear holds it; exports keep the format):
+  hi          one sign+mantissa byte per weight, fallbacks included, in storage order (rp * cp bytes);
+  fallback    the exponent byte of each fallback, in storage order, rotated right by one bit, then FB_PAD
+              zero bytes;
+the same number of bytes (+ FB_PAD): a fallback's sign and mantissa move from its 16-bit word into hi. A
+thread's 32 sign+mantissa bytes are then two aligned 16-byte loads with no rank, and a group's fallback
+exponents at most 8 bytes, a window that two registers hold.
 
 The kernels follow ZipServ's ZipGEMM structure (its `LoadBF16FragWithTripleBitmap`) as far as Triton
 expresses it. A program owns a 64-row stripe and decodes one 64x64 block (4096 weights) per K step; each
 of its 128 threads owns half (4 rows) of one 8x8 tile, i.e. four "groups" (one tile row: 8 consecutive k
-of one output row, byte i of each 64-bit bit plane):
-  tile prefix  = in-window elements of the earlier 8x8 tiles of the 16x64 tile: a 16-wide scan that
-                 stays inside a warp (shuffles, no barrier);
-  group rank   = tile prefix + popcount (32-bit POPC) of the indicator bits of the earlier rows;
-  codes        = the three plane bytes interleaved by a 256-entry table (code jj = bits 3jj..3jj+2),
-                 shifted straight into the exponent field;
-  sign+mantissa = the group's 8-byte hi window (three aligned 32-bit loads per group, funnel-shifted),
-                 split in two 32-bit windows (elements 0-3, 4-7) consumed in order: a weight in the
-                 window takes the low byte, then the window shifts by 8 (one predicated SHF); no
-                 per-weight load, no per-weight rank;
-  fallback     = one masked 16-bit load per weight through a pointer that advances past each fallback
-                 (a predicated 64-bit add); the in-window value is the load's `other`, so the masked load
-                 is also the select (executed, masked off, for in-window weights).
-The in-window words are built in the low half of 32-bit registers and taken as bf16 bits (no conversion
-instruction), then fed to tl.dot (wgmma m64n16k16 on sm_90; Triton moves the tile into the operand
-registers through shared memory, 2 barriers per K step). The next block's bit planes are loaded one step
-ahead (register double buffer; Triton's own pipelining is off, it costs more instructions than it saves).
-Split-K writes fp32 partials to a workspace that a second kernel sums in a fixed order (deterministic),
-adding the bias and casting; with one split the GEMM kernel stores y (+ bias) itself. Splits are sized
-so the programs fill every SM at the occupancy the compiled kernel reaches (registers, shared memory).
-What is left (measured by modelpress.kernels.static: ~19 thread-instructions per weight on sm_90, the
-issue's target is 12): per weight ~12 (code shift and test 2, word assembly 4, window advance 1,
-fallback pointer advance 3, masked load 1, register copies ~1); per group, amortised over its 8
-weights, the spread-table and window loads with their 64-bit addresses and ranks (~5 per weight); the
-register->shared->ldmatrix move of the tile into the wgmma operand and x (~2).
-Below that needs what Triton does not expose: byte permutes (PRMT) and two weights per 32-bit operation.
+of one output row, byte i of each 64-bit bit plane). Weights are decoded two per 32-bit operation: a pair
+(columns 2p, 2p + 1 of a group) is one int32 whose halves are the two bf16 words.
+  exponents    = per plane byte, a 4-word table row with the plane's bits of the four pairs already in
+                 both exponent fields (bits 7 + b and 23 + b; plane 0's rows carry e0 - 1): the sum of the
+                 three rows (one IADD3 per pair) is the exponent fields of the group's four pairs;
+  sign+mantissa = one byte permute (PRMT, libdevice byte_perm; constant selector) per pair spreads the two
+                 hi bytes to [h1 h1 h0 h0]; one LOP3 keeps sign and mantissa from it, the exponent fields
+                 from the sum;
+  fallbacks    = tile prefix (in-window elements of the earlier 8x8 tiles of the 16x64 tile: a 16-wide scan
+                 inside a warp, shuffles, no barrier) + popcount (32-bit POPC) of the earlier rows' indicator
+                 bits give the group's first fallback; its <= 8 exponent bytes (three aligned words, two funnel
+                 shifts) are spread by one PRMT per pair whose selector (each element's slot among the
+                 group's fallbacks, written to both bytes of its half: the rotated exponent lands in the
+                 exponent field) is a table row of the group's indicator byte, and replace the exponent
+                 fields of the fallback halves (table mask, one LOP3 per pair). Branch-free: every pair pays
+                 4 instructions for the rare fallback, no load per weight.
+The decode tables (decode_tables_np: 20 KiB per e0, L1-resident) replace per-weight arithmetic with one
+16-byte load per plane byte and two per indicator byte. The pairs go to tl.dot as bf16 (wgmma m64n16k16 on
+sm_90; Triton moves the tile into the operand registers through shared memory: 4 STS.128, 4 LDSM, 2 barriers
+per K step). The next block's bit planes are loaded one step ahead (register double buffer; Triton's own
+pipelining is off, it costs more instructions than it saves). Split-K writes fp32 partials to a workspace
+that a second kernel sums in a fixed order (deterministic), adding the bias and casting; with one split the
+GEMM kernel stores y (+ bias) itself. Splits are sized so the programs fill every SM at the occupancy the
+compiled kernel reaches (registers, shared memory).
+Static cost (modelpress.kernels.static, sm_90): ~11 thread-instructions per weight (the issue's target 12;
+~19 with the per-weight decode of the stored layout, ~16 two weights per operation on the stored layout,
+where the compacted hi bytes need a rank window per group and every weight a 16-bit fallback load with a
+64-bit address). Other differences from ZipServ: it stages each tile's streams in shared memory with
+cp.async and addresses them in 32 bits; Triton has no shared-memory gather, so the streams and the decode
+tables are read from global memory (L1) with 64-bit addresses (~3 instructions of address per table
+lookup, 20 lookups per thread and K step: about a fifth of the loop); the 16 selectors read from the tables
+cost one AND each (libdevice's byte_perm masks them; inline PTX would not, Triton's interpreter cannot run it).
 
 Triton is optional: the kernels are defined only when it imports, so this module imports without triton
-or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount is computed with shifts (the
-interpreter has no libdevice) and tl.dot runs in fp32 (the interpreter mis-computes bf16 dots)."""
+or CUDA. Under Triton's CPU interpreter (TRITON_INTERPRET=1) popcount and the byte permute are computed
+with shifts (the interpreter has no libdevice; selector nibbles are always < 8, where PRMT and the shifts
+agree bit for bit) and tl.dot runs in fp32 (the interpreter mis-computes bf16 dots)."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from ..algos import lossless as LL
 from ..errors import UserError
 
 TILE_ROWS, TILE_COLS = 16, 64
@@ -61,13 +80,95 @@ NUM_WARPS = 4
 NUM_STAGES = 1                    # software pipelining off: the prefetch is explicit (fewer instructions, 16 warps/SM)
 
 
+# --------------------------------------------------------------------------- device layout (numpy, pure)
+
+def _in_window(bitmaps: np.ndarray) -> np.ndarray:
+    """(T, 3) uint64 bit planes -> (64 T,) bool, element in window, in storage order (bit j = element j)."""
+    nz = np.ascontiguousarray(bitmaps[:, 0] | bitmaps[:, 1] | bitmaps[:, 2])
+    return np.unpackbits(nz.view(np.uint8), bitorder="little").astype(bool)
+
+
+FB_PAD = 16                       # bytes after the fallback exponents: the kernels read them unmasked
+
+
+def device_layout(bitmaps: np.ndarray, hi: np.ndarray, fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The TCA-TBE streams hi (n_in,) uint8 and fallback (n_fb,) uint16 as the kernels read them, in the same
+    number of bytes (+ FB_PAD): (h (64 T,) uint8, the sign+mantissa byte of every element in storage order,
+    fallbacks included; fexp (n_fb + FB_PAD,) uint8, the fallbacks' exponent bytes in storage order, each
+    rotated right by one bit (a byte permute that writes it to bytes 0 and 1 of a word puts the exponent in
+    the bf16 field, bits 7-14), then zero padding). bitmaps: (T, 3) uint64."""
+    inw = _in_window(bitmaps)
+    h = np.empty(inw.size, dtype=np.uint8)
+    h[inw] = hi
+    fb = np.asarray(fallback).view(np.uint16)
+    h[~inw] = ((fb >> 8) & 0x80 | fb & 0x7F).astype(np.uint8)
+    e = (fb >> 7) & 0xFF
+    fexp = np.zeros(fb.size + FB_PAD, dtype=np.uint8)
+    fexp[: fb.size] = (e >> 1) | (e & 1) << 7
+    return h, fexp
+
+
+def stream_layout(bitmaps: np.ndarray, h: np.ndarray, fexp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of device_layout: (hi (n_in,) uint8, fallback (n_fb,) uint16) of the TCA-TBE format."""
+    inw = _in_window(bitmaps)
+    hf = h[~inw].astype(np.uint16)
+    r = fexp[: hf.size].astype(np.uint16)
+    e = (r << 1 | r >> 7) & 0xFF
+    return h[inw].copy(), ((hf & 0x80) << 8 | e << 7 | hf & 0x7F).astype(np.uint16)
+
+
+def _decode_device_part(bitmaps: np.ndarray, h: np.ndarray, fexp: np.ndarray, e0: int, cp: int) -> np.ndarray:
+    """Whole 64-row block rows from their slices of the device layout -> (64 k, cp) uint16 words."""
+    planes = np.ascontiguousarray(bitmaps).view(np.uint8).reshape(-1, 3, 8)
+    codes = sum(np.unpackbits(np.ascontiguousarray(planes[:, b]), bitorder="little") << b for b in range(3))
+    inw = codes != 0
+    ex = (codes.astype(np.uint16) + ((e0 - 1) & 0xFF)) & 0xFF
+    r = fexp.astype(np.uint16)
+    ex[~inw] = (r << 1 | r >> 7) & 0xFF                                          # stored rotated right by 1
+    v = (h.astype(np.uint16) * 257) & 0x807F | ex << 7
+    return LL.from_tile_order(v, v.size // cp, cp)
+
+
+def decode_device_np(bitmaps: np.ndarray, h: np.ndarray, fexp: np.ndarray, block_offsets: np.ndarray,
+                     sub_offsets: np.ndarray, e0: int, shape: tuple[int, int], padded: tuple[int, int],
+                     rows: np.ndarray | None = None) -> np.ndarray:
+    """The (rows, cols) uint16 words of a matrix held in the device layout (numpy, the CPU decode of
+    ZipLinear / ZipEmbedding), block row by block row; `rows` given: only those rows, decoding only the
+    64-row block rows that hold them. bitmaps (T, 3) uint64, h (64 T,) and fexp uint8 (device_layout)."""
+    rp, cp = padded
+    offs = LL.tile_offsets(block_offsets, sub_offsets)
+    tiles_per_row = cp                                                           # 8x8 tiles per block row
+
+    def part(rb0: int, rb1: int) -> np.ndarray:                                  # block rows [rb0, rb1)
+        t0, t1 = rb0 * tiles_per_row, rb1 * tiles_per_row
+        g0, g1 = t0 // 16, t1 // 16
+        return _decode_device_part(bitmaps[t0:t1], h[t0 * 64: t1 * 64],
+                                   fexp[g0 * 1024 - offs[g0]: g1 * 1024 - offs[g1]], e0, cp)
+
+    if rows is None:
+        out = np.empty(shape, dtype=np.uint16)
+        step = max(1, (1 << 18) // (64 * cp))                                    # block rows per chunk
+        for rb in range(0, rp // 64, step):
+            p = part(rb, min(rb + step, rp // 64))
+            r = rb * 64
+            if r < shape[0]:
+                out[r: r + p.shape[0]] = p[: shape[0] - r, : shape[1]]
+        return out
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((rows.size, shape[1]), dtype=np.uint16)
+    for rb in np.unique(rows // 64):                                             # the distinct block rows only
+        sel = rows // 64 == rb
+        out[sel] = part(int(rb), int(rb) + 1)[rows[sel] - rb * 64, : shape[1]]
+    return out
+
+
 # --------------------------------------------------------------------------- pure-torch reference
 
 def decode_tiles_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
                        e0: int, tiles: Tensor) -> Tensor:
     """Decode 16x64 tiles `tiles` (g,) -> (g, 16, 64) int16 words in row-major tile layout, with the
-    kernel's arithmetic. bitmaps (T, 3) int64, hi (n_in,) uint8, fallback (n_fb,) int16,
-    block_offsets (B + 1,) int32/int64, sub_offsets (B, 3) int16."""
+    kernel's arithmetic, from the device layout (device_layout): bitmaps (T, 3) int64, hi (64 T,) uint8,
+    fallback (n_fb + FB_PAD,) uint8 rotated exponents, block_offsets (B + 1,) int32/int64, sub_offsets (B, 3) int16."""
     dev = bitmaps.device
     g = tiles.to(device=dev, dtype=torch.int64)                                  # (g,)
     t = torch.arange(16, device=dev)
@@ -83,12 +184,12 @@ def decode_tiles_torch(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offs
     hoff = (block_offsets.to(torch.int64)[blk] + sub)[:, None, None]             # (g, 1, 1)
     s = t[:, None] * 64 + j[None, :]                                             # (16, 64)
     inw_b = inw.bool()
-    h_idx = torch.where(inw_b, hoff + rank, 0)
+    h = hi[(g[:, None, None] * 1024 + s).reshape(-1)].to(torch.int64).reshape(code.shape)
     f_idx = torch.where(inw_b, 0, g[:, None, None] * 1024 - hoff + (s - rank))
-    h = hi[h_idx.clamp(max=max(hi.numel() - 1, 0))].to(torch.int64) if hi.numel() else torch.zeros_like(code)
-    f = fallback[f_idx.clamp(max=max(fallback.numel() - 1, 0))].to(torch.int64) & 0xFFFF \
+    r = fallback[f_idx.clamp(max=max(fallback.numel() - 1, 0))].to(torch.int64) & 0xFF \
         if fallback.numel() else torch.zeros_like(code)
-    word = torch.where(inw_b, ((h & 0x80) << 8) | ((code + e0 - 1) << 7) | (h & 0x7F), f)
+    f = ((r << 1) | (r >> 7)) & 0xFF                                             # stored rotated right by 1
+    word = ((h & 0x80) << 8) | (torch.where(inw_b, code + e0 - 1, f) << 7) | (h & 0x7F)
     # (t, j) = (k16, k8, r8, i, jj) -> (r8, i, k16, k8, jj) = (row, col) of the 16x64 tile
     word = word.reshape(-1, 4, 2, 2, 8, 8).permute(0, 3, 4, 1, 2, 5).reshape(-1, 16, 64)
     return word.to(torch.int32).to(torch.int16)  # values < 2**16: int32 -> int16 wraps to the same bits
@@ -188,71 +289,70 @@ if triton is not None:
         return tl.load(p), tl.load(p + 1), tl.load(p + 2)
 
     @triton.jit
-    def _elem(z, win, fp, E, J: tl.constexpr, FLOAT: tl.constexpr):
-        """Element jj = J of a group, and the group's streams advanced past it: FLOAT, its bf16 value;
-        otherwise its exact 16 bits in an int32 (decompression). z: the group's eight 3-bit codes (code J at
-        bits 3J..3J+2), moved straight to the exponent field (bits 7-9); E: (e0 - 1) << 7; win: the
-        group's hi bytes not used yet (the next one in its low byte); fp: where its next fallback word is."""
-        if 3 * J > 7:
-            e7 = (z >> (3 * J - 7)) & 0x380                                          # code << 7
+    def _prmt(x, y, s, INTERP: tl.constexpr):
+        """Byte permute (PRMT, CUDA's __byte_perm): byte n of the result is byte (s >> 4n) & 7 of the eight
+        bytes y:x (x the low four). Selector nibbles here are always < 8 (no sign replication), so the
+        interpreter's shifts compute exactly what the GPU's PRMT does."""
+        if INTERP:
+            v = (y.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | x.to(tl.uint32, bitcast=True).to(tl.uint64)
+            r = tl.zeros_like(x | y | s)
+            for n in tl.static_range(4):
+                b = (v >> (((s >> (4 * n)) & 7) * 8).to(tl.uint64)) & 0xFF
+                r = r | (b.to(tl.int32) << (8 * n))
+            return r
         else:
-            e7 = (z << (7 - 3 * J)) & 0x380
-        inw = e7 != 0
-        w = (((win & 0xFF).to(tl.int32) * 0x0101) & 0x807F) | (e7 + E)
-        if FLOAT:  # the in-window value is the masked load's `other`: the load is the select
-            out = tl.load(fp.to(tl.pointer_type(tl.bfloat16)), mask=e7 == 0,
-                          other=w.to(tl.int16).to(tl.bfloat16, bitcast=True))
-        else:
-            f = tl.load(fp, mask=e7 == 0).to(tl.int32)
-            out = tl.where(inw, w, f & 0xFFFF)
-        return out, tl.where(inw, win >> 8, win), tl.where(inw, fp, fp + 1)
+            return _libdevice.byte_perm(x, y, s)
 
     @triton.jit
-    def _join8(w0, w1, w2, w3, w4, w5, w6, w7):
-        """Eight (128,) tensors (element jj = 0..7 of a group) -> (128, 8); joined axes stay in-thread."""
-        v = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-        return tl.reshape(tl.permute(v, (0, 3, 2, 1)), (128, 8))                     # [u, p, q, s] = w_{4s+2q+p}
-
-    @triton.jit
-    def _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, K: tl.constexpr, FLOAT: tl.constexpr,
+    def _group_row(pl0, pl1, pl2, ind_w, fr, h_lo, h_hi, fbw, fsh, tab_ptr, smask, K: tl.constexpr,
                    INTERP: tl.constexpr):
-        """(128, 8) words of row i = 4 half + K of each thread's 8x8 tile, and the fallback pointer past the
-        row. pl*: the thread's 32-bit half of each plane, ind_w: of the indicator; hpos: index in hi of the
-        thread's first in-window weight (row 4 half); fp: the row's first fallback (the thread's four rows
-        are consecutive in storage order, so their fallbacks are too)."""
-        q0 = (pl0 >> (8 * K)) & 0xFF
-        q1 = (pl1 >> (8 * K)) & 0xFF
-        q2 = (pl2 >> (8 * K)) & 0xFF
-        z = tl.load(sp_ptr + q0) | (tl.load(sp_ptr + q1) << 1) | (tl.load(sp_ptr + q2) << 2)  # 8 codes, 3 bits each
-        # the group's (up to) 8 hi bytes: three aligned 32-bit words around its first byte, funnel-shifted
-        gpos = hpos + _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)                    # < 2**31 (checked)
-        wi = gpos >> 2
-        hw = hi_ptr.to(tl.pointer_type(tl.int32)) + wi
-        w0 = tl.load(hw, mask=wi < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w1 = tl.load(hw + 1, mask=wi + 1 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w2 = tl.load(hw + 2, mask=wi + 2 < n_hw, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        sh = ((gpos & 3) * 8).to(tl.uint64)
-        win = (((w0 | (w1 << 32)) >> sh) & 0xFFFFFFFF) | (((w1 | (w2 << 32)) >> sh) << 32)
-        # two 32-bit windows (elements 0-3 and 4-7): each weight then advances a 32-bit register only
-        n_lo = _popc(ind_w & (0xF << (8 * K)), INTERP)
-        whi = ((win >> (n_lo * 8).to(tl.uint64)) & 0xFFFFFFFF).to(tl.uint32)
-        win = (win & 0xFFFFFFFF).to(tl.uint32)
-        e0_, win, fp = _elem(z, win, fp, E, 0, FLOAT)
-        e1_, win, fp = _elem(z, win, fp, E, 1, FLOAT)
-        e2_, win, fp = _elem(z, win, fp, E, 2, FLOAT)
-        e3_, win, fp = _elem(z, win, fp, E, 3, FLOAT)
-        e4_, win, fp = _elem(z, whi, fp, E, 4, FLOAT)
-        e5_, win, fp = _elem(z, win, fp, E, 5, FLOAT)
-        e6_, win, fp = _elem(z, win, fp, E, 6, FLOAT)
-        e7_, win, fp = _elem(z, win, fp, E, 7, FLOAT)
-        return _join8(e0_, e1_, e2_, e3_, e4_, e5_, e6_, e7_), fp
+        """(128, 4) int32: the four bf16 pairs (columns 2p, 2p + 1 in the low/high half) of row i = 4 half + K of
+        each thread's 8x8 tile (a "group": 8 consecutive k of one output row, byte K of the thread's 32-bit half
+        of each bit plane).
+          exponent fields: one 4-word table row per plane byte (bit 2p -> bit 7 + b, bit 2p + 1 -> bit 23 + b
+                           for plane b; (e0 - 1) in both fields of plane 0's rows), summed (IADD3);
+          sign+mantissa:   h_lo, h_hi are the group's 8 hi bytes (every weight has its byte in the device
+                           layout): one PRMT per pair ([h1 h1 h0 h0], constant selector), one LOP3 keeps sign
+                           and mantissa from it and the exponent fields from the sum;
+          fallbacks:       the group's fallback exponent bytes (at most 8: three aligned words, two funnel
+                           shifts) are spread by one PRMT per pair (selector: the elements' slots among the
+                           group's fallbacks, a table row of the indicator byte) and replace the exponent
+                           fields of the fallback halves (table mask, one LOP3).
+        fr: index of the thread's first fallback relative to the block's first one; fbw: int32 pointer to the
+        word holding the block's first fallback, fsh its byte in that word."""
+        pp = tl.arange(0, 4)[None, :]
+        if K == 0:
+            rho = tl.zeros_like(ind_w)
+        else:
+            rho = _popc(ind_w & ((1 << (8 * K)) - 1), INTERP)                     # in-window weights of rows < K
+        q0 = ((pl0 >> (8 * K)) & 0xFF)[:, None]
+        q1 = ((pl1 >> (8 * K)) & 0xFF)[:, None]
+        q2 = ((pl2 >> (8 * K)) & 0xFF)[:, None]
+        ind = ((ind_w >> (8 * K)) & 0xFF)[:, None]
+        x = (tl.load(tab_ptr + q0 * 4 + pp) + tl.load(tab_ptr + 1024 + q1 * 4 + pp)
+             + tl.load(tab_ptr + 2048 + q2 * 4 + pp))
+        row = tab_ptr + 3072 + ind * 8
+        fsel = tl.load(row + pp)                                                     # PRMT selectors (slots)
+        fm = tl.load(row + 4 + pp)                                                   # exponent fields to replace
+        s = _prmt(h_lo[:, None], h_hi[:, None], pp * 0x2222 + 0x1100, INTERP)        # [h1 h1 h0 h0]
+        w = (s & smask) | (x & ~smask)                     # sign+mantissa of s, exponent fields of x (one LOP3)
+        ob = fr + (8 * K) - rho + fsh                                                # the group's first fallback
+        wi = ob >> 2
+        w0 = tl.load(fbw + wi)                                                       # in range: FB_PAD
+        w1 = tl.load(fbw + wi + 1).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w2 = tl.load(fbw + wi + 2)
+        sh = ((ob & 3) * 8).to(tl.uint64)                                            # funnel shifts (SHF)
+        lo = (((w1 << 32) | w0.to(tl.uint32, bitcast=True).to(tl.uint64)) >> sh).to(tl.uint32)
+        hi = (((w2.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | w1) >> sh).to(tl.uint32)
+        f = _prmt(lo.to(tl.int32, bitcast=True)[:, None], hi.to(tl.int32, bitcast=True)[:, None], fsel, INTERP)
+        return (w & ~fm) | (f & fm)                        # rotated exponent in bytes 0-1 | 2-3: fields 7, 23
 
     @triton.jit
-    def _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, FLOAT: tl.constexpr,
-                      INTERP: tl.constexpr):
-        """(64, 64) block blk (row-major) from its bit planes (_block_planes): bf16 values (FLOAT) or int32
-        holding the 16-bit words. Entry u = (half, t) of the (128,) tensors (one per thread)
-        decodes rows 4 half .. 4 half + 3 of 8x8 tile t; sp_ptr: the spread3 table."""
+    def _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, INTERP: tl.constexpr):
+        """(64, 64) int16 words of block blk (row-major) from its bit planes (_block_planes) and the device
+        layout (device_layout). Entry u = (half, t) of the (128,) tensors (one per thread) decodes rows
+        4 half .. 4 half + 3 of 8x8 tile t: 32 consecutive weights of the storage order; tab_ptr: the decode
+        tables (decode_tables)."""
         u = tl.arange(0, 128)
         t = u % 64
         half = u // 64
@@ -267,33 +367,44 @@ if triton is not None:
         c3 = tl.reshape(c, (2, 4, 16))                                               # (half, r16, t16)
         pt = tl.reshape(tl.cumsum(c3, axis=2) - c3, (128,))                          # earlier tiles of the 16x64
         sub = tl.load(sub_ptr + blk * 3 + t // 16 - 1, mask=t >= 16, other=0).to(tl.int32)
-        hb = tl.load(blk_ptr + blk).to(tl.int32)                                     # block's hi offset (< 2**31)
-        E = (e0 - 1) << 7
-        rank = sub + pt + half * cl                                                  # thread's first weight: rank
-        # its fallback index: 1024 g - off(g) + 64 t16 + 32 half - rank in its 16x64 tile, g = 4 blk + r16
-        fp = fb_ptr + (blk.to(tl.int64) * 4096 - hb) + (1024 * (t // 16) + 64 * (t % 16) + 32 * half - rank)
-        hpos = hb + rank
-        r0, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 0, FLOAT, INTERP)
-        r1, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 1, FLOAT, INTERP)
-        r2, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 2, FLOAT, INTERP)
-        r3, fp = _group_row(pl0, pl1, pl2, ind_w, hpos, fp, sp_ptr, hi_ptr, E, n_hw, 3, FLOAT, INTERP)
-        v = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # [u, jj, p, q], K = 2q + p
-        v = tl.reshape(v, (2, 4, 8, 2, 8, 2, 2))                                     # [half, r16, cg, r8, jj, p, q]
-        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4)), (64, 64))            # (r16, r8, half, q, p) x (cg, jj)
+        hb = tl.load(blk_ptr + blk).to(tl.int64)                                     # in-window before the block
+        rank = sub + pt + half * cl                                                  # ... before the thread, in it
+        # the block's fallbacks start at 4096 blk - hb: the thread's first is its fallback rank in the block
+        fb0 = blk.to(tl.int64) * 4096 - hb
+        fbw = fb_ptr.to(tl.pointer_type(tl.int32)) + (fb0 >> 2)
+        fsh = (fb0 & 3).to(tl.int32)
+        fr = 1024 * (t // 16) + 64 * (t % 16) + 32 * half - rank
+        smask = tl.load(tab_ptr + 5120)                        # 0x807F807F, from memory: LOP3 takes it as operand
+        # the thread's 32 hi bytes: two aligned 16-byte loads, split into the four groups' word pairs
+        hp = hi_ptr.to(tl.pointer_type(tl.int32)) + blk.to(tl.int64) * 1024 + (16 * t + 8 * half)[:, None]
+        ev, od = tl.split(tl.reshape(tl.load(hp + tl.arange(0, 4)[None, :]), (128, 2, 2)))   # words 0, 2 | 1, 3
+        h0, h2 = tl.split(ev)
+        h1, h3 = tl.split(od)
+        ev, od = tl.split(tl.reshape(tl.load(hp + 4 + tl.arange(0, 4)[None, :]), (128, 2, 2)))
+        h4, h6 = tl.split(ev)
+        h5, h7 = tl.split(od)
+        r0 = _group_row(pl0, pl1, pl2, ind_w, fr, h0, h1, fbw, fsh, tab_ptr, smask, 0, INTERP)
+        r1 = _group_row(pl0, pl1, pl2, ind_w, fr, h2, h3, fbw, fsh, tab_ptr, smask, 1, INTERP)
+        r2 = _group_row(pl0, pl1, pl2, ind_w, fr, h4, h5, fbw, fsh, tab_ptr, smask, 2, INTERP)
+        r3 = _group_row(pl0, pl1, pl2, ind_w, fr, h6, h7, fbw, fsh, tab_ptr, smask, 3, INTERP)
+        w = tl.join(tl.join(r0, r1), tl.join(r2, r3))                                # [u, pp, p, q], K = 2q + p
+        v = tl.join(w.to(tl.int16), (w >> 16).to(tl.int16))                          # [u, pp, p, q, s], col 2pp + s
+        v = tl.reshape(v, (2, 4, 8, 2, 4, 2, 2, 2))                                  # [half, r16, cg, r8, pp, p, q, s]
+        return tl.reshape(tl.permute(v, (1, 3, 0, 6, 5, 2, 4, 7)), (64, 64))         # (r16 r8 half q p) x (cg pp s)
 
     @triton.jit
-    def decompress_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, e0, n_hw, n_cb, rows, cols,
+    def decompress_kernel(bm_ptr, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, out_ptr, n_cb, rows, cols,
                           INTERP: tl.constexpr):
         """One 64x64 block per program, written row-major into out (rows, cols) int16."""
         blk = tl.program_id(0)
         p0, p1, p2 = _block_planes(bm_ptr, blk)
-        word = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, False, INTERP)
+        word = _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, INTERP)
         row = (blk // n_cb) * 64 + tl.arange(0, 64)[:, None]
         col = (blk % n_cb) * 64 + tl.arange(0, 64)[None, :]
-        tl.store(out_ptr + row.to(tl.int64) * cols + col, word.to(tl.int16), mask=(row < rows) & (col < cols))
+        tl.store(out_ptr + row.to(tl.int64) * cols + col, word, mask=(row < rows) & (col < cols))
 
     @triton.jit
-    def fused_kernel(bm_ptr, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, e0, n_hw, n_cb, M, K,
+    def fused_kernel(bm_ptr, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, x_ptr, out_ptr, bias_ptr, n_cb, M, K,
                      N, cb_per_split, stride_xn, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         """acc[m, n] = sum_k W[m, k] x[n, k] over the 64 rows of block row program_id(0) and the K blocks
@@ -310,7 +421,8 @@ if triton is not None:
         p0, p1, p2 = _block_planes(bm_ptr, blk)
         for cb in range(cb0, cb1):
             blk = pid_m * n_cb + cb
-            w = _decode_block(p0, p1, p2, sp_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, e0, n_hw, True, INTERP)  # bf16
+            w = _decode_block(p0, p1, p2, tab_ptr, hi_ptr, fb_ptr, blk_ptr, sub_ptr, blk, INTERP)
+            w = w.to(tl.bfloat16, bitcast=True)
             # next block's bit planes one step ahead (the last step re-reads its own block: no branch)
             p0, p1, p2 = _block_planes(bm_ptr, tl.minimum(blk + 1, pid_m * n_cb + cb1 - 1))
             k = cb * 64 + kk
@@ -345,64 +457,91 @@ if triton is not None:
 
 # --------------------------------------------------------------------------- host wrappers
 
-_STREAMS = (("bitmaps", torch.int64), ("hi", torch.uint8), ("fallback", torch.int16),
+_STREAMS = (("bitmaps", torch.int64), ("hi", torch.uint8), ("fallback", torch.uint8),
             ("block_offsets", (torch.int32, torch.int64)), ("sub_offsets", torch.int16))
 
 
 def check_streams(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
                   padded: tuple[int, int]) -> None:
-    """One-line UserError unless the codec tensors have the dtypes and shapes of a (rp, cp) TCA-TBE matrix."""
+    """One-line UserError unless the tensors are a (rp, cp) TCA-TBE matrix in the kernels' device layout
+    (device_layout: one hi byte per weight, fallback exponent bytes)."""
     rp, cp = padded
     if rp % 64 or cp % 64 or rp <= 0 or cp <= 0:
         raise UserError(f"padded shape must be positive multiples of 64, got {padded}: pass TcaTbe.padded")
     for (name, dt), t in zip(_STREAMS, (bitmaps, hi, fallback, block_offsets, sub_offsets)):
         ok = t.dtype in dt if isinstance(dt, tuple) else t.dtype == dt
         if not ok:
-            raise UserError(f"TCA-TBE stream {name} must be {dt}, got {t.dtype}: pass the tensors of "
-                            "modules.zip._enc_tensors (bitmaps viewed as int64, fallback as int16)")
+            raise UserError(f"TCA-TBE stream {name} must be {dt}, got {t.dtype}: pass the device layout "
+                            "(kernels.device_layout of the codec's hi and fallback; bitmaps viewed as int64)")
     B = rp * cp // 4096
     if (tuple(bitmaps.shape) != (rp * cp // 64, 3) or tuple(sub_offsets.shape) != (B, 3)
             or block_offsets.numel() != B + 1):
         raise UserError(f"TCA-TBE streams do not match padded shape {padded} (bitmaps {tuple(bitmaps.shape)}, "
                         f"sub_offsets {tuple(sub_offsets.shape)}): pass the padded shape of the same encoding")
-    if hi.numel() >= 2 ** 31:
-        raise UserError(f"TCA-TBE matrix has {hi.numel()} in-window weights (>= 2**31): the kernels index them in "
-                        "32 bits; split the matrix (e.g. by rows) into several ZipLinear")
+    n_fb = rp * cp - int(block_offsets[-1]) if block_offsets.device.type == "cpu" else 0   # (no GPU sync)
+    if fallback.numel() < n_fb + FB_PAD:
+        raise UserError(f"fallback has {fallback.numel()} bytes, the device layout has {FB_PAD} more than the "
+                        "fallback count: pass kernels.device_layout(bitmaps, hi, fallback) of the codec streams")
+    if hi.numel() != rp * cp:
+        raise UserError(f"hi has {hi.numel()} bytes, the device layout has one per weight ({rp * cp}): pass "
+                        "kernels.device_layout(bitmaps, hi, fallback) of the codec streams")
+    if rp * cp >= 2 ** 31:
+        raise UserError(f"TCA-TBE matrix has {rp * cp} weights (>= 2**31): the kernels index them in 32 bits; "
+                        "split the matrix (e.g. by rows) into several ZipLinear")
     devs = {t.device for t in (bitmaps, hi, fallback, block_offsets, sub_offsets)}
     if len(devs) != 1:
         raise UserError(f"TCA-TBE streams are on several devices {sorted(map(str, devs))}: move them together "
                         "(.to(device))")
 
 
-_SPREAD3: dict = {}
+_TABLES: dict = {}
 
 
-def spread3(device: torch.device) -> Tensor:
-    """(256,) int32 table, cached per device: bit j of the index moved to bit 3 j (interleaves the three
-    bit planes of eight codes into one word: code j = bits 3j..3j+2)."""
-    key = str(device)
-    if key not in _SPREAD3:
-        b = torch.arange(256)
-        _SPREAD3[key] = sum(((b >> j) & 1) << (3 * j) for j in range(8)).to(torch.int32).to(device)
-    return _SPREAD3[key]
+def decode_tables_np(e0: int) -> np.ndarray:
+    """The kernels' decode tables for window start e0, (5124,) int32 (numpy; pure, the CPU tests check them):
+      [0, 3072)    exponent fields, (3, 256, 4): [b, q, p] = bit 2p of q << (7 + b) | bit 2p + 1 of q << (23 + b),
+                   plus ((e0 - 1) & 0xFF) << 7 | ((e0 - 1) & 0xFF) << 23 for plane b = 0; the sum over the three
+                   planes of a group's bytes is the exponent fields of its four pairs (a carry out of a field,
+                   e0 = 0 and code >= 1, lands in a sign bit, which the kernel takes from the hi byte);
+      [3072, 5120) per indicator byte m (256, 8): 4 PRMT selectors of the pairs' fallback exponents (slot of
+                   column 2p among the group's fallbacks in bytes 0, 1, of 2p + 1 in bytes 2, 3; 0 when in
+                   window), 4 masks of the exponent fields to replace (0x7F80 / 0x7F800000 per fallback column);
+      [5120]       0x807F807F (sign+mantissa bits of a pair, read from memory so LOP3 takes it as an operand)."""
+    q = np.arange(256, dtype=np.int64)
+    p = np.arange(4, dtype=np.int64)
+    bit = lambda v, j: (v[:, None] >> j) & 1                                    # (256, 4)
+    ex = np.stack([bit(q, 2 * p) << (7 + b) | bit(q, 2 * p + 1) << (23 + b) for b in range(3)])  # (3, 256, 4)
+    e = (e0 - 1) & 0xFF
+    ex[0] += e << 7 | e << 23
+    inw = (q[:, None] >> np.arange(8)) & 1                                        # (256, 8)
+    slot = np.where(inw == 1, 0, np.cumsum(1 - inw, axis=1) - (1 - inw))          # index among the fallbacks
+    fsel = slot[:, 0::2] * 0x0011 | slot[:, 1::2] * 0x1100                        # -> bytes 0, 1 | 2, 3
+    fm = np.where(inw[:, 0::2] == 0, 0x7F80, 0) | np.where(inw[:, 1::2] == 0, 0x7F800000, 0)
+    per = np.concatenate([fsel, fm], axis=1)                                      # (256, 8)
+    return np.concatenate([ex.reshape(-1), per.reshape(-1), [0x807F807F, 0, 0, 0]]).astype(np.uint32).view(np.int32)
 
 
-def _nonempty(hi: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
-    """Streams as the kernels read them: never empty; hi 4-byte aligned (read as aligned 32-bit words; the
-    last word may extend up to 3 bytes past the data, inside the CUDA allocation, whose blocks are 512-byte
-    multiples; CPU tensors, i.e. the interpreter, get a padded copy)."""
-    _fb = fallback if fallback.numel() else torch.zeros(1, dtype=torch.int16, device=hi.device)
-    if hi.is_cuda and hi.numel() and hi.data_ptr() % 4 == 0:
-        return hi, _fb
-    _hi = torch.zeros(-(-max(hi.numel(), 1) // 4) * 4, dtype=torch.uint8, device=hi.device)
-    _hi[: hi.numel()] = hi
+def decode_tables(e0: int, device: torch.device) -> Tensor:
+    """decode_tables_np(e0) on `device`, cached per (device, e0) (20 KiB each)."""
+    key = (str(device), int(e0))
+    if key not in _TABLES:
+        _TABLES[key] = torch.from_numpy(decode_tables_np(int(e0))).to(device)
+    return _TABLES[key]
+
+
+def _aligned(hi: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
+    """Streams as the kernels read them: hi 16-byte aligned (16-byte loads), the fallback exponents 4-byte
+    aligned (32-bit loads; device_layout's FB_PAD bytes keep every read in range); a misaligned view is copied."""
+    _hi = hi if hi.data_ptr() % 16 == 0 else hi.clone()
+    _fb = fallback if fallback.data_ptr() % 4 == 0 else fallback.clone()
     return _hi, _fb
 
 
 def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offsets: Tensor, sub_offsets: Tensor,
                       e0: int, shape: tuple[int, int], padded: tuple[int, int],
                       dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """Block-parallel decompression: one program per 64x64 block, output (rows, cols) of `dtype`."""
+    """Block-parallel decompression: one program per 64x64 block, output (rows, cols) of `dtype`; hi and
+    fallback in the device layout (device_layout)."""
     _need_triton()
     check_streams(bitmaps, hi, fallback, block_offsets, sub_offsets, padded)
     if dtype not in (torch.bfloat16, torch.float16):
@@ -410,9 +549,9 @@ def decompress_triton(bitmaps: Tensor, hi: Tensor, fallback: Tensor, block_offse
     rows, cols = shape
     rp, cp = padded
     out = torch.empty(rows, cols, dtype=torch.int16, device=bitmaps.device)
-    _hi, _fb = _nonempty(hi, fallback)
-    decompress_kernel[(rp * cp // 4096,)](bitmaps, spread3(bitmaps.device), _hi, _fb, block_offsets, sub_offsets, out,
-                                          e0, -(-hi.numel() // 4),
+    _hi, _fb = _aligned(hi, fallback)
+    decompress_kernel[(rp * cp // 4096,)](bitmaps, decode_tables(e0, bitmaps.device), _hi, _fb, block_offsets,
+                                          sub_offsets, out,
                                           cp // 64, rows, cols, INTERP=_interp(), num_warps=NUM_WARPS)
     return out.view(dtype)
 
@@ -433,7 +572,8 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
                         bias: Tensor | None = None, splits: int | None = None, *,
                         weight_dtype: torch.dtype) -> Tensor:
     """y = x W^T (+ bias) for x (N, K) bf16 with N <= 16, W (bf16, TCA-TBE) decoded block by block in
-    registers. weight_dtype: the encoded dtype (TcaTbe.dtype; the streams do not carry it), only bf16.
+    registers; hi and fallback in the device layout (device_layout). weight_dtype: the encoded dtype
+    (TcaTbe.dtype; the streams do not carry it), only bf16.
     splits: K slices (None: fill the SMs at the kernel's occupancy); more than one slice
     sums fp32 partials in a second kernel, in a fixed order (the result does not depend on timing)."""
     _need_triton()
@@ -469,10 +609,10 @@ def fused_linear_triton(x: Tensor, bitmaps: Tensor, hi: Tensor, fallback: Tensor
     splits = -(-n_cb // per)
     y = torch.empty(N, M, dtype=torch.bfloat16, device=x.device)
     out = torch.empty(splits, N, M, dtype=torch.float32, device=x.device) if splits > 1 else y
-    _hi, _fb = _nonempty(hi, fallback)
+    _hi, _fb = _aligned(hi, fallback)
     handle = fused_kernel[(n_stripes, splits)](
-        bitmaps, spread3(x.device), _hi, _fb, block_offsets, sub_offsets, x, out, bias if bias is not None else y, e0,
-        -(-hi.numel() // 4),
+        bitmaps, decode_tables(e0, x.device), _hi, _fb, block_offsets, sub_offsets, x, out,
+        bias if bias is not None else y,
         n_cb, M, K, N, per, x.stride(0), SPLIT=splits > 1, HAS_BIAS=bias is not None, INTERP=_interp(),
         BLOCK_N=16, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if x.is_cuda:

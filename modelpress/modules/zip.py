@@ -1,10 +1,14 @@
 """Losslessly compressed BF16/FP16 layers (ZipServ TCA-TBE, arXiv 2603.17435; Huffman baseline after
 DFloat11, arXiv 2504.11651). The weight lives only as codec buffers; forward decodes it:
-  CPU:  numpy decode (modelpress.algos.lossless) then F.linear / F.embedding, bit-exact;
+  CPU:  numpy decode (TCA-TBE: modelpress.kernels.decode_device_np; Huffman: modelpress.algos.lossless)
+        then F.linear / F.embedding, bit-exact;
   CUDA: TCA-TBE with N <= 16 rows of input -> fused Triton decode+GEMM (modelpress.kernels);
         otherwise tile-parallel decompression (Triton, or the torch reference without triton) + cuBLAS.
         Huffman weights have no GPU decoder: every forward copies the streams to the CPU, decodes them
         there and copies the weight back (a warning says so once); use TCA-TBE for GPU inference.
+TCA-TBE buffers hold hi and fallback in the kernels' device layout (modelpress.kernels.device_layout: the
+same bytes, one sign+mantissa byte per weight and the fallbacks' exponent bytes, + 16 bytes of padding);
+to_state / encoded() turn them back into the stored TCA-TBE streams, so exports keep ZipServ's format.
 ZipEmbedding (TCA-TBE) decodes only the 64-row block rows that hold the requested ids.
 A tied output projection (lm_head.weight is embed_tokens.weight) is a ZipLinear with `tied_to` set:
 it stores nothing and reads the codec buffers of the module it is tied to (bound by `retie(model)`)."""
@@ -34,10 +38,13 @@ def _crc(tensors: dict[str, Tensor], names: tuple[str, ...]) -> int:
 
 
 def _enc_tensors(enc: LL.TcaTbe | LL.Huffman) -> dict[str, Tensor]:
+    """Buffers of a codec object; TCA-TBE's hi and fallback in the kernels' device layout (kernels.device_layout:
+    the same bytes, one hi byte per weight and the fallbacks' exponent bytes), which to_state turns back."""
     if isinstance(enc, LL.TcaTbe):
-        return {"bitmaps": torch.from_numpy(enc.bitmaps.view(np.int64).copy()), "hi": torch.from_numpy(enc.hi.copy()),
-                "fallback": torch.from_numpy(enc.fallback.view(np.int16).copy()),
-                "block_offsets": torch.from_numpy(enc.block_offsets.copy()),
+        from ..kernels import zip_gemm
+        h, fexp = zip_gemm.device_layout(enc.bitmaps, enc.hi, enc.fallback)
+        return {"bitmaps": torch.from_numpy(enc.bitmaps.view(np.int64).copy()), "hi": torch.from_numpy(h),
+                "fallback": torch.from_numpy(fexp), "block_offsets": torch.from_numpy(enc.block_offsets.copy()),
                 "sub_offsets": torch.from_numpy(enc.sub_offsets.copy())}
     return {"lengths": torch.from_numpy(enc.lengths.copy()), "stream": torch.from_numpy(enc.stream.copy()),
             "gaps": torch.from_numpy(enc.gaps.copy()), "sm": torch.from_numpy(enc.sm.copy())}
@@ -78,8 +85,10 @@ class _ZipWeight(nn.Module):
         t = {k: v.detach().cpu().numpy() for k, v in self.codec_tensors().items()}
         m, shape = self.meta, tuple(self.meta["shape"])
         if self.codec == "tca-tbe":
+            from ..kernels import zip_gemm
+            hi, fallback = zip_gemm.stream_layout(t["bitmaps"].view(np.uint64), t["hi"], t["fallback"])
             return LL.TcaTbe(shape, tuple(m["padded"]), m["e0"], m["dtype"], t["bitmaps"].view(np.uint64),
-                             t["hi"], t["fallback"].view(np.uint16), t["block_offsets"], t["sub_offsets"])
+                             hi, fallback, t["block_offsets"], t["sub_offsets"])
         return LL.Huffman(shape, m["dtype"], t["lengths"], t["stream"], t["gaps"], m["n_bits"], t["sm"])
 
     def decoded_weight(self) -> Tensor:
@@ -92,9 +101,21 @@ class _ZipWeight(nn.Module):
             args = (t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"], t["sub_offsets"], m["e0"], tuple(m["shape"]),
                     tuple(m["padded"]), self.weight_dtype)
             return kernels.decompress_triton(*args) if kernels.triton_available() else kernels.decompress_torch(*args)
+        if self.codec == "tca-tbe":                  # CPU: numpy, straight from the device layout
+            return self._decode_np(t).to(dev)
         if dev.type == "cuda":
             _warn_cpu_decode(self)
         return LL.decode(self.encoded()).to(dev)
+
+    def _decode_np(self, t: dict[str, Tensor], rows: Tensor | None = None) -> Tensor:
+        """TCA-TBE weight (or its rows `rows`) decoded on the CPU from the device-layout buffers."""
+        from ..kernels import zip_gemm
+        n = {k: v.detach().cpu().numpy() for k, v in t.items()}
+        m = self.meta
+        u = zip_gemm.decode_device_np(n["bitmaps"].view(np.uint64), n["hi"], n["fallback"], n["block_offsets"],
+                                      n["sub_offsets"], m["e0"], tuple(m["shape"]), tuple(m["padded"]),
+                                      None if rows is None else rows.cpu().numpy())
+        return torch.from_numpy(u.view(np.int16)).view(self.weight_dtype)
 
     def decoded_rows(self, ids: Tensor) -> Tensor:
         """Rows `ids` (any shape) of the weight, bit-exact, shape (*ids.shape, cols): TCA-TBE decodes only
@@ -115,7 +136,7 @@ class _ZipWeight(nn.Module):
             out = kernels.decompress_rows_torch(t["bitmaps"], t["hi"], t["fallback"], t["block_offsets"],
                                                 t["sub_offsets"], m["e0"], tuple(m["padded"]), flat.to(dev))[:, :cols]
             return out.view(self.weight_dtype).reshape(*ids.shape, cols)
-        return LL.tca_tbe_decode_rows(self.encoded(), flat.cpu().numpy()).reshape(*ids.shape, cols)
+        return self._decode_np(t, flat).reshape(*ids.shape, cols)
 
     def nbytes(self) -> int:
         """Bytes this module stores (0 for a tied alias)."""
@@ -127,7 +148,13 @@ class _ZipWeight(nn.Module):
         cfg = {**self.meta, **extra}
         if self.meta.get("tied_to") is not None:
             return {}, cfg
-        t = {k: v.detach() for k, v in self.codec_tensors().items()}
+        if self.codec == "tca-tbe":                  # exported in the codec's stream layout (unchanged format)
+            enc = self.encoded()
+            t = {"bitmaps": torch.from_numpy(enc.bitmaps.view(np.int64)), "hi": torch.from_numpy(enc.hi),
+                 "fallback": torch.from_numpy(enc.fallback.view(np.int16)),
+                 "block_offsets": torch.from_numpy(enc.block_offsets), "sub_offsets": torch.from_numpy(enc.sub_offsets)}
+        else:
+            t = {k: v.detach() for k, v in self.codec_tensors().items()}
         cfg["crc32"] = _crc(t, tuple(t))
         return t, cfg
 
@@ -142,6 +169,20 @@ class _ZipWeight(nn.Module):
         if _crc(t, names) != cfg.get("crc32"):
             raise UserError(f"{cls_name} {cfg.get('codec')} data fails its CRC32 check: the weights are corrupted; "
                             "re-export the model")
+
+
+def _register_state(m: _ZipWeight, t: dict[str, Tensor], cfg: dict) -> None:
+    """Buffers of an exported (checked) state: TCA-TBE's hi and fallback turned into the device layout."""
+    names = _TCA if cfg["codec"] == "tca-tbe" else _HUF
+    bufs = {k: t[k].contiguous() for k in names}
+    if cfg["codec"] == "tca-tbe":
+        from ..kernels import zip_gemm
+        dev = bufs["hi"].device
+        bm = bufs["bitmaps"].cpu().numpy().view(np.uint64)
+        h, fexp = zip_gemm.device_layout(bm, bufs["hi"].cpu().numpy(), bufs["fallback"].cpu().numpy().view(np.uint16))
+        bufs["hi"], bufs["fallback"] = torch.from_numpy(h).to(dev), torch.from_numpy(fexp).to(dev)
+    for k, v in bufs.items():
+        m.register_buffer(k, v, persistent=False)
 
 
 _WARNED: set = set()
@@ -219,8 +260,7 @@ class ZipLinear(_ZipWeight):
         cls._check_state(cls.kind, t, cfg)
         m = cls(None, t.get("bias"), {k: v for k, v in cfg.items() if k not in ("crc32", "in", "out")})
         if cfg.get("tied_to") is None:
-            for k in (_TCA if cfg["codec"] == "tca-tbe" else _HUF):
-                m.register_buffer(k, t[k].contiguous(), persistent=False)
+            _register_state(m, t, cfg)
         return m
 
     def extra_repr(self) -> str:
@@ -259,8 +299,7 @@ class ZipEmbedding(_ZipWeight):
         cls._check_state(cls.kind, t, cfg)
         meta = {k: v for k, v in cfg.items() if k not in ("crc32", "padding_idx")}
         m = cls(None, cfg.get("padding_idx"), meta)
-        for k in (_TCA if cfg["codec"] == "tca-tbe" else _HUF):
-            m.register_buffer(k, t[k].contiguous(), persistent=False)
+        _register_state(m, t, cfg)
         return m
 
     def extra_repr(self) -> str:
