@@ -3,6 +3,7 @@ load -> calibration_set -> compress -> evaluate -> (certify) -> export."""
 from __future__ import annotations
 
 import copy
+import gc
 import inspect
 import json
 import logging
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, tokenizer, reference: nn.Module | ReferenceScores
 
 def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | None = None,
                evaluate_models: bool = True, resume: bool = False, checkpoint: bool = True,
-               streaming: bool | None = None) -> dict:
+               streaming: bool | None = None, return_model: bool = True) -> dict:
     """The whole pipeline for one recipe: load, calibrate, compress, evaluate against the original,
     export. Returns the report (also written to the export as report.json). With an output folder,
     progress is checkpointed in `<out>.partial/` (removed on success); `resume=True` continues an
@@ -128,7 +129,9 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     in-memory run. It needs an output folder, a local safetensors model (a reference name or an HF folder)
     and stages that work one layer at a time (see _why_not_streamed). In memory, no copy of the original is
     kept either: it is scored on the evaluation windows before compression (ReferenceScores), and reloaded
-    from `model_src` only for a `certify:` block (report["_original"] is None).
+    from `model_src` only for a `certify:` block (report["_original"] is None). Streamed, the compressed model
+    is scored layer by layer from the export too and loaded whole only for report["_model"] (return_model),
+    other export formats or a certificate.
 
     >>> rep = modelpress.run_recipe(Recipe.from_yaml("w4a16-gptq-g128"), "smollm2", "out/smollm2-w4")
     >>> rep["eval"]["compressed"]["agreement"], rep["size"]["bits_per_weight"]
@@ -138,7 +141,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
     why = "streaming off" if streaming is False else _why_not_streamed(recipe, src, dest, checkpoint)
     if why is None:
-        return _run_streamed(recipe, src, dest, evaluate_models, resume, lock)
+        return _run_streamed(recipe, src, dest, evaluate_models, resume, lock, return_model)
     if streaming:
         raise UserError(f"this run cannot go layer by layer from the shards: {why}")
     model, tok = timed(f"load {src}", load, src, recipe.dtype)
@@ -168,7 +171,7 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     _to_storage(model, storage)        # evaluate exactly what the export stores (16-bit unquantized tensors)
     size = size_report(model, storage)
     report = _report(src, recipe, size, elapsed, stages)
-    _evaluate_against(model, refs, report, size, src, recipe, tok)
+    _evaluate_against(model, refs, report, src, recipe, describe_protocol(tok, e.protocol), size)
     if dest:
         _note_exports(report, calib, dest, export_notes)
         timed(f"export {dest}", save, model, tok, dest, recipe=recipe.to_dict(), report=report,
@@ -220,14 +223,14 @@ def streamable_folder(src) -> Path | None:
     return None if mtype in _model.CONV1D_MODELS else p
 
 
-def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool, lock) -> dict:
+def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool, lock, return_model: bool) -> dict:
     """run_recipe layer by layer from the shards (see run_recipe)."""
     from transformers import AutoTokenizer
     from .engine.checkpoint import claim
     from .engine.memory import large_allocations_mapped
     from .engine.offload import compress_offloaded, export_offloaded, fingerprint
     from .engine.store import skeleton
-    from .engine.stream import reference_scores_streamed
+    from .engine.stream import export_scores_streamed, export_size, reference_scores_streamed
     from .export.native import storage_dtype_of
     folder = streamable_folder(src)
     dtype = getattr(torch, recipe.dtype)
@@ -248,6 +251,9 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     c = recipe.calibration
     calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
                    None, c.protocol) if recipe.needs_calibration else None)
+    protocol = describe_protocol(tok, e.protocol)
+    tok = None                        # (~50-100 MB: the export copies the folder's tokenizer files)
+    gc.collect()
     work = Path(f"{dest}.partial")
     claim(work, fingerprint(recipe, calib, src), resume, "recipe, model or calibration set")
     t0 = time.perf_counter()
@@ -257,16 +263,29 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     storage = storage_dtype_of(dtype, source_dtype, recipe.export.dtype)
     report = {"model": str(src), "recipe": recipe.to_dict(), "size": {}}
     _note_exports(report, calib, dest, export_notes)
-    timed(f"export {dest}", export_offloaded, shell, store, tok, dest, recipe.to_dict(), report,
+    timed(f"export {dest}", export_offloaded, shell, store, folder, dest, recipe.to_dict(), report,
           calib.provenance if calib is not None else None, storage)
     del shell, store
-    model, tok = timed(f"load {dest}", load, dest)
-    size = size_report(model, storage)
-    report = {**_report(src, recipe, {**size, **report["size"]}, elapsed, stages), "streamed": True,
-              **{k: v for k, v in report.items() if k not in ("model", "recipe", "size")}}
-    _evaluate_against(model, refs, report, size, src, recipe, tok)
-    _finish(model, tok, recipe, src, dest, storage, report, calib, evaluate_models)
     shutil.rmtree(work, ignore_errors=True)
+    sized: dict = {}
+
+    def score(text: str, ref: ReferenceScores) -> ReferenceScores:   # the compressed model, layer by layer
+        sc, size = timed(f"scoring the compressed model on {text}, layer by layer", export_scores_streamed, dest,
+                         ref.windows, e.batch_size, progress=f"compressed on {text}")
+        sized.setdefault("size", size)
+        return sc
+    _evaluate_against(score, refs, report, src, recipe, protocol)
+    size = sized.get("size") or timed(f"size of {dest}", export_size, dest)
+    head = {k: v for k, v in report.items() if k not in ("model", "recipe", "size")}
+    report = {**_report(src, recipe, {**size, **report["size"]}, elapsed, stages), "streamed": True, **head}
+    if "eval" in report:
+        for entry in (report["eval"], report["eval"].get("off_domain")):
+            if entry:
+                entry["original"]["bytes"] = size["original_bytes"]
+    model = None
+    if return_model or len(recipe.export.formats) > 1 or (recipe.certify and evaluate_models):
+        model, tok = timed(f"load {dest}", load, dest)
+    _finish(model, tok, recipe, src, dest, storage, report, calib, evaluate_models)
     lock.release()
     report["_model"], report["_original"], report["_tokenizer"] = model, None, tok
     return report
@@ -279,20 +298,23 @@ def _report(src, recipe: Recipe, size: dict, elapsed: float, stages: list[dict])
             "layers": _layer_table(stages, size)}
 
 
-def _evaluate_against(model: nn.Module, refs: dict[str, ReferenceScores], report: dict, size: dict, src,
-                      recipe: Recipe, tok) -> None:
-    """The compressed model scored against the original's scores, per evaluation text, into report["eval"]."""
+def _evaluate_against(model, refs: dict[str, ReferenceScores], report: dict, src, recipe: Recipe, protocol: dict,
+                      size: dict | None = None) -> None:
+    """The compressed model (a model, or a function (text, ReferenceScores) -> its scores on those windows)
+    scored against the original's scores, per evaluation text, into report["eval"]."""
     e = recipe.evaluate
     head = None
     for i, (text, ref) in enumerate(refs.items()):
+        comp_model = model(text, ref) if callable(model) and not isinstance(model, nn.Module) else model
         if e.agreement:
-            head = restore_reference_head(ref, model, src, recipe.dtype, head)
-        comp = _evaluate(model, ref.windows, ref if e.agreement else None, e.batch_size)
+            head = restore_reference_head(ref, comp_model, src, recipe.dtype, head)
+        comp = _evaluate(comp_model, ref.windows, ref if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
+        del comp_model
         entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0,
-                                            "bytes": size["original_bytes"]}, "compressed": comp}
+                                            "bytes": size["original_bytes"] if size else None}, "compressed": comp}
         if i == 0:
-            report["eval"] = {**describe_protocol(tok, e.protocol), **entry}
+            report["eval"] = {**protocol, **entry}
         else:
             report["eval"]["off_domain"] = entry
     refs.clear()

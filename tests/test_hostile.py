@@ -490,9 +490,10 @@ def test_compress_help_explains_calibration_options(capsys):
 
 # -- 5. long runs talk, also in logs ----------------------------------------------------------------
 
-def test_compress_with_stderr_to_a_file_logs_every_step(tmp_path):
-    """A tiny GPTQ run with stderr a file (not a terminal): plain progress lines for load, calibration,
-    each stage with layer i/N, evaluation and export."""
+@pytest.mark.parametrize("how", ["layer-by-layer", "in-memory"])
+def test_compress_with_stderr_to_a_file_logs_every_step(tmp_path, how):
+    """A tiny GPTQ run with stderr a file (not a terminal): plain progress lines for load (in memory) or the
+    layer-by-layer scoring of both models, calibration, each stage with layer i/N, evaluation and export."""
     import os
     import re
     import subprocess
@@ -508,7 +509,8 @@ def test_compress_with_stderr_to_a_file_logs_every_step(tmp_path):
     env = {**os.environ, "MODELPRESS_PROGRESS_INTERVAL": "0"}
     with open(log, "w") as f:
         rc = subprocess.run([sys.executable, "-m", "modelpress.cli", "compress", str(m), "--recipe",
-                             str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")],
+                             str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"),
+                             "--in-memory" if how == "in-memory" else "--offload"],
                             stderr=f, stdout=subprocess.DEVNULL, env=env, timeout=300).returncode
     lines = log.read_text().splitlines()
     assert rc == 0, lines[-20:]
@@ -516,7 +518,10 @@ def test_compress_with_stderr_to_a_file_logs_every_step(tmp_path):
     assert any(re.search(r"GPTQ .*: 1/3, elapsed \d+ s, ETA", x) for x in lines), lines
     assert any(re.search(r"^evaluation batches: 2/2, elapsed \d+ s$", x) for x in lines), lines     # 4 windows, batch 2
     assert any(re.search(r"^original on .*: batches: 2/2, elapsed \d+ s$", x) for x in lines), lines
-    for label in ("load ", "calibration set", "stage 1/1: quantize", "evaluation", "export "):
+    steps = ("load ",) if how == "in-memory" else ("scoring the original on", "scoring the compressed model on")
+    if how != "in-memory":
+        assert any(re.search(r"^compressed on .*: layers: 3/3, elapsed \d+ s$", x) for x in lines), lines
+    for label in (*steps, "calibration set", "stage 1/1: quantize", "evaluation", "export "):
         assert any(x.startswith(label) and x.endswith("...") for x in lines), (label, lines)
         assert any(x.startswith(label) and ": done in" in x for x in lines), (label, lines)
 

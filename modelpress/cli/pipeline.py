@@ -146,7 +146,8 @@ def cmd_compress(a) -> int:
             d["evaluate"]["protocol"] = a.protocol
         recipe = Recipe.from_dict(d, str(a.recipe))
     streaming = True if a.offload else (False if a.in_memory else None)
-    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume, streaming=streaming)
+    rep = run_recipe(recipe, a.model, a.out, evaluate_models=not a.no_eval, resume=a.resume, streaming=streaming,
+                     return_model=False)
     print_report(rep)
     print(f"wrote {a.out}")
     failed = failed_exports(rep)

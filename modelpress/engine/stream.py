@@ -15,6 +15,7 @@ architecture). Resident at any time: one decoder layer, the windows' hidden stat
 scores are computed."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -25,8 +26,8 @@ from ..eval.perplexity import CHUNK_ELEMENTS, ReferenceScores, _post, scores_fro
 from ..model import decoder_layers
 from ..progress import bar
 from .layerwise import StandIn, steps
-from .memory import release_memory, trim_heap
-from .shards import Shards
+from .memory import large_allocations_mapped, release_memory, trim_heap
+from .shards import _SIZES, SafeFile, Shards
 from .store import skeleton
 
 
@@ -141,18 +142,25 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
     safetensors shards) on `windows`, with one decoder layer resident at a time (see the module docstring).
     Raises UserError when the model's logits are not its output layer applied to the stack's output (then
     score the whole model instead)."""
-    model, shards = skeleton(Path(folder), dtype)
-    prefix, layers = decoder_layers(model)
-    with bar(progress and f"{progress}: layers", len(layers)) as advance:
-        reader = _FromShards(shards, prefix, dtype, advance)
-        for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
-            pass
-    finals = reader.finals
-    head = output_layer(model, shards, dtype)
+    with large_allocations_mapped():
+        model, shards = skeleton(Path(folder), dtype)
+        prefix, layers = decoder_layers(model)
+        with bar(progress and f"{progress}: layers", len(layers)) as advance:
+            reader = _FromShards(shards, prefix, dtype, advance)
+            for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
+                pass
+        return _scores(model, reader.finals, output_layer(model, shards, dtype), windows, batch_size, chunk_elements,
+                       progress)
+
+
+def _scores(model: nn.Module, finals: list[Tensor], head: nn.Module, windows: Tensor, batch_size: int,
+            chunk_elements: int, progress: str | None) -> ReferenceScores:
+    """The scores from the last decoder layer's outputs per batch: the stack's tail replayed, then
+    scores_from_hidden with `head`; checks on a short prefix that logits = post(head(hidden))."""
     post = _post(model)
     probe = _after_stack(model, finals[0][:1, : min(8, windows.shape[1])], head_input=False).float()
     hidden = [_after_stack(model, f, head_input=True) for f in finals]
-    del finals
+    finals.clear()
     trim_heap()
     want = post(head(hidden[0][:1, : probe.shape[1]])).float()
     if want.shape != probe.shape or not torch.allclose(want, probe, rtol=1e-4, atol=1e-4 * float(probe.abs().max())):
@@ -160,3 +168,105 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
                         "layer by layer: score the whole model (run without streaming)")
     return scores_from_hidden(windows, batch_size, hidden, head, post, chunk_elements,
                               progress and f"{progress}: batches")
+
+
+class _Export:
+    """A native export read part by part: the tensors under a name prefix (checked against the manifest's
+    sha256, 16-bit stored ones widened to the compute dtype) with the compressed modules and aliases there."""
+
+    def __init__(self, folder: Path, manifest: dict, dtype: torch.dtype):
+        from ..export.native import WEIGHTS, member
+        self.where = str(folder / WEIGHTS)
+        self.file = SafeFile(member(folder, WEIGHTS, str(folder)))
+        self.manifest, self.dtype = manifest, dtype
+        self.sha = manifest.get("tensor_sha256", {})
+        self.upcast = set((manifest.get("storage") or {}).get("upcast", []))
+        if set(self.file.keys()) != set(self.sha):
+            raise UserError(f"{self.where}: its tensors differ from those recorded in the manifest: the export "
+                            "was edited; re-export it")
+
+    def part(self, inside: str | None, outside: str | None = None) -> tuple[dict, dict, dict]:
+        """(tensors, modules, aliases) named under `inside` (relative to it), or not under `outside`."""
+        from ..export.native import check_tensors
+
+        def mine(k: str) -> bool:
+            return k.startswith(inside) if inside else not k.startswith(outside)
+        cut = len(inside or "")
+        names = [k for k in self.file.keys() if mine(k)]
+        tensors = {k: self.file.read(k) for k in names}
+        check_tensors(tensors, {k: self.sha[k] for k in names}, self.where)
+        tensors = {k[cut:]: (v.to(self.dtype) if k in self.upcast else v) for k, v in tensors.items()}
+        mods = {k[cut:]: v for k, v in self.manifest["modules"].items() if mine(k)}
+        aliases = {k[cut:]: v[cut:] for k, v in self.manifest.get("aliases", {}).items() if mine(k)}
+        return tensors, mods, aliases
+
+    def nbytes(self) -> dict[str, int]:
+        """Stored bytes of every tensor, from the file's header."""
+        return {k: _SIZES[dt] * math.prod(shape) for k, (dt, shape) in self.file.entries.items()}
+
+
+class _FromExport(_FromShards):
+    """The checkpoint protocol of layerwise.steps for an export: layer i rebuilt from its stored state
+    (modelpress.export.native.apply_state), sent back to the meta device after its pass; each rebuilt
+    compressed module's size extras are kept (`extras`)."""
+
+    def __init__(self, export: _Export, prefix: str, advance):
+        self.export, self.prefix, self.advance = export, prefix, advance
+        self.finals, self.extras = None, {}
+
+    def load_layer(self, i: int, layer: nn.Module) -> None:
+        from ..eval.size import module_extras
+        from ..export.native import apply_state
+        pre = f"{self.prefix}.{i}."
+        tensors, mods, aliases = self.export.part(pre)
+        apply_state(layer, tensors, mods, aliases, self.export.where)
+        self.extras.update({pre + n: module_extras(layer.get_submodule(n)) for n in mods})
+
+
+def export_size(folder: str | Path, check: bool = True) -> dict:
+    """modelpress.eval.size.size_report of a native export, rebuilding one decoder layer's modules at a time."""
+    return _export_pass(Path(folder), None, 2, CHUNK_ELEMENTS, None, check)[1]
+
+
+@torch.no_grad()
+def export_scores_streamed(folder: str | Path, windows: Tensor, batch_size: int = 2,
+                           chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None,
+                           check: bool = True) -> tuple[ReferenceScores, dict]:
+    """A native export scored on `windows` one decoder layer at a time (its compressed modules rebuilt per
+    layer, every tensor checked against the manifest's sha256, the files' checksums first when `check`), as
+    (its scores, output layer kept: evaluate(scores, windows, reference) compares it; its size report, as
+    modelpress.eval.size.size_report of the loaded export gives it)."""
+    return _export_pass(Path(folder), windows, batch_size, chunk_elements, progress, check)
+
+
+def _export_pass(folder: Path, windows: Tensor | None, batch_size: int, chunk_elements: int, progress: str | None,
+                 check: bool) -> tuple[ReferenceScores | None, dict]:
+    from ..eval.size import module_extras, size_of
+    from ..export.native import apply_state, export_skeleton, parse_dtype
+    from ..model import count_params
+    with large_allocations_mapped():
+        model, manifest, dtype = export_skeleton(folder, check)
+        params = count_params(model)
+        export = _Export(folder, manifest, dtype)
+        prefix, layers = decoder_layers(model)
+        tensors, mods, aliases = export.part(None, outside=prefix + ".")
+        apply_state(model, tensors, mods, aliases, export.where, missing_ok=prefix + ".")
+        extras = {n: module_extras(model.get_submodule(n)) for n in mods}
+        del tensors
+        with bar(progress and f"{progress}: layers", len(layers)) as advance:
+            reader = _FromExport(export, prefix, advance)
+            if windows is None:                                   # the size alone: no forward pass
+                for i, layer in enumerate(layers):
+                    reader.load_layer(i, layer)
+                    reader.save(i, layer, [], {})
+            else:
+                for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
+                    pass
+        extras.update(reader.extras)
+        storage = parse_dtype((manifest.get("storage") or {}).get("dtype", str(dtype)), export.where)
+        size = size_of(export.nbytes(), manifest["modules"], extras, params, storage)
+        size["file_bytes"] = export.file.path.stat().st_size
+        if windows is None:
+            return None, size
+        return _scores(model, reader.finals, model.get_output_embeddings(), windows, batch_size, chunk_elements,
+                       progress), size

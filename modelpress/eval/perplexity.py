@@ -183,11 +183,12 @@ class ReferenceScores:
     def release_head(self) -> None:
         self.head = None
 
-    def head_for(self, model: nn.Module) -> nn.Module:
-        """The output layer to apply to the stored hidden states when scoring against `model`: the kept one,
-        or `model`'s own, whichever still hashes as the reference's did (compression may have changed the
-        kept one in place); UserError when neither does."""
-        for cand in (self.head, model.get_output_embeddings()):
+    def head_for(self, model: "nn.Module | ReferenceScores") -> nn.Module:
+        """The output layer to apply to the stored hidden states when scoring against `model` (a model, or its
+        scores): the kept one, or `model`'s own, whichever still hashes as the reference's did (compression may
+        have changed the kept one in place); UserError when neither does."""
+        own = model.head if isinstance(model, ReferenceScores) else model.get_output_embeddings()
+        for cand in (self.head, own):
             if cand is not None and head_sha256(cand) == self.head_sha256:
                 return cand
         raise UserError("the reference's output layer changed or was released and the compared model's output "
@@ -268,17 +269,21 @@ def _append_scores(rows: _Rows, ids: Tensor, streaming: bool, chunk_elements: in
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, windows: Tensor, reference: nn.Module | ReferenceScores | None = None,
+def evaluate(model: nn.Module | ReferenceScores, windows: Tensor, reference: nn.Module | ReferenceScores | None = None,
              batch_size: int = 2, chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None) -> dict:
-    """Perplexity of `model` on `windows`; with `reference` (a model, or its ReferenceScores on these windows),
-    also agreement, KL and max |logit diff|, plus per-token arrays under "per_token" (agree, kl, linf, nll:
-    (n, seqlen - 1)). Streams: at most `chunk_elements` logits per model exist at a time (see above).
-    `progress`: a label for batch i/N progress lines (modelpress.progress)."""
-    if isinstance(reference, ReferenceScores):
-        if not torch.equal(reference.windows, windows) or reference.batch_size != batch_size:
-            raise UserError("reference scores were computed on other windows or another batch size: "
-                            "compute them with reference_scores(reference, windows, batch_size)")
-    streaming = windows.numel() > 0 and _streamable(model, windows)
+    """Perplexity of `model` (a model, or its scores on these windows with the output layer kept, as
+    modelpress.engine.stream computes them layer by layer) on `windows`; with `reference` (a model, or its
+    ReferenceScores on these windows), also agreement, KL and max |logit diff|, plus per-token arrays under
+    "per_token" (agree, kl, linf, nll: (n, seqlen - 1)). Streams: at most `chunk_elements` logits per model
+    exist at a time (see above). `progress`: a label for batch i/N progress lines (modelpress.progress)."""
+    for sc in (reference, model):
+        if isinstance(sc, ReferenceScores) and (not torch.equal(sc.windows, windows) or sc.batch_size != batch_size):
+            raise UserError("scores were computed on other windows or another batch size: "
+                            "compute them with reference_scores(model, windows, batch_size)")
+    scored = isinstance(model, ReferenceScores)
+    if scored and (model.hidden is None or model.head is None):
+        raise UserError("the compared model's scores need its hidden states and output layer (a streamable model)")
+    streaming = windows.numel() > 0 and not scored and _streamable(model, windows)
     ref_stream = (isinstance(reference, nn.Module) and windows.numel() > 0 and _streamable(reference, windows))
     ref_head = reference.head_for(model) if isinstance(reference, ReferenceScores) and reference.hidden else None
     nll, agree, kl, linf, ref_nll = [], [], [], [], []
@@ -287,7 +292,7 @@ def evaluate(model: nn.Module, windows: Tensor, reference: nn.Module | Reference
             ids = windows[b:b + batch_size]
             shape = (ids.shape[0], ids.shape[1] - 1)
             tgt = ids[:, 1:].reshape(-1)
-            rows = _model_rows(model, ids, streaming)
+            rows = _Rows(model.hidden[i], model.head, model.post) if scored else _model_rows(model, ids, streaming)
             if reference is None:
                 rrows = None
             elif isinstance(reference, ReferenceScores):

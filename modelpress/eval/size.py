@@ -19,21 +19,34 @@ def size_report(model: nn.Module, storage: torch.dtype | str | None = None) -> d
     storage = storage_dtype(model, storage or "auto") if not isinstance(storage, torch.dtype) else storage
     tensors, modules, _ = collect_tensors(model, storage)
     comp = compressed_modules(model)
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return size_of({k: t.numel() * t.element_size() for k, t in tensors.items()}, modules,
+                   {n: module_extras(m) for n, m in comp.items()}, count_params(model), storage)
+
+
+def module_extras(m: nn.Module) -> dict:
+    """What a compressed module adds to its size row: `code_bits` (per-head widths: the codes' mean width;
+    `bits` counts everything stored) and `sparsity` (from its mask only, not weights that rounded to 0)."""
+    out = {}
+    if getattr(m, "bits_map", None) is not None:
+        out["code_bits"] = m.mean_bits
+    keep = getattr(m, "keep", None) if getattr(m, "keep_bits", None) is not None else None
+    if keep is not None:
+        out["sparsity"] = 1.0 - float(keep.float().mean())
+    return out
+
+
+def size_of(nbytes: dict[str, int], modules: dict, extras: dict[str, dict], params: int, storage: torch.dtype) -> dict:
+    """size_report from the stored bytes of every tensor (by name), the compressed modules' specs, their
+    module_extras and the parameter count: also computable from an export's header and manifest alone."""
+    total = sum(nbytes.values())
     layers, comp_bytes, comp_weights = {}, 0, 0
     for name, spec in modules.items():
-        nbytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(name + "."))
+        b = sum(v for k, v in nbytes.items() if k.startswith(name + "."))
         cfg = spec["config"]
         n = cfg.get("in", 0) * cfg.get("out", 0) or 1
-        layers[name] = {"kind": spec["kind"], "bytes": nbytes, "bits": 8 * nbytes / n}
-        keep = getattr(comp[name], "keep", None) if getattr(comp[name], "keep_bits", None) is not None else None
-        if getattr(comp[name], "bits_map", None) is not None:    # per-head widths: the codes' mean width
-            layers[name]["code_bits"] = comp[name].mean_bits      # (`bits` counts everything stored)
-        if keep is not None:                       # mask-based sparsity only (not weights that rounded to 0)
-            layers[name]["sparsity"] = 1.0 - float(keep.float().mean())
-        comp_bytes += nbytes
+        layers[name] = {"kind": spec["kind"], "bytes": b, "bits": 8 * b / n, **extras.get(name, {})}
+        comp_bytes += b
         comp_weights += n
-    params = count_params(model)
     return {"params": params, "original_bytes": 2 * params, "fp32_bytes": 4 * params, "compressed_bytes": total,
             "storage_dtype": str(storage).replace("torch.", ""),
             "vs_16bit": total / (2 * params) if params else 0.0, "vs_fp32": total / (4 * params) if params else 0.0,

@@ -414,9 +414,10 @@ def provenance(folder: str | os.PathLike) -> dict[str, str | None]:
 
 
 def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], modules: dict, aliases: dict,
-                where: str = "checkpoint") -> None:
+                where: str = "checkpoint", missing_ok: str | None = None) -> None:
     """Rebuild compressed modules inside `root` from their stored state and assign every plain tensor
-    (the inverse of collect_tensors on the same module tree)."""
+    (the inverse of collect_tensors on the same module tree). missing_ok: a name prefix whose tensors may be
+    absent (the decoder layers, when only the rest of a model is applied)."""
     from ..modules import MODULE_TYPES
     tensors = dict(tensors)
     for name, spec in modules.items():
@@ -447,7 +448,7 @@ def apply_state(root: nn.Module, tensors: dict[str, torch.Tensor], modules: dict
     except RuntimeError as e:                       # e.g. a tensor whose shape does not fit the config
         first = (str(e).strip().splitlines() or [""])[-1].strip()[:160]
         raise UserError(f"{where} does not fit the model config ({first}): re-export the model") from None
-    comp = tuple(n + "." for n in modules)
+    comp = tuple(n + "." for n in modules) + ((missing_ok,) if missing_ok else ())
     missing = [k for k in missing if not k.startswith(comp)]
     if missing or unexpected:
         raise UserError(f"{where} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
@@ -467,10 +468,11 @@ def load_model(src: str | os.PathLike = REFERENCE, dtype: torch.dtype | str = to
     return load(src, dtype)
 
 
-def load_compressed(folder: str | os.PathLike, check: bool = True):
-    """Rebuild (model, tokenizer) from a native export; logits equal the in-memory compressed model's."""
+def export_skeleton(folder: str | os.PathLike, check: bool = True) -> tuple[nn.Module, dict, torch.dtype]:
+    """(the export's model on the meta device, its manifest, its compute dtype), the files' checksums verified
+    first when `check`."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     if check:
@@ -485,6 +487,15 @@ def load_compressed(folder: str | os.PathLike, check: bool = True):
             raise UserError(f"{folder / 'config.json'}: its values do not fit together ({type(e).__name__}: "
                             f"{str(e)[:120]}): re-export the model") from None
     normalize(model)
+    return model.eval(), manifest, dtype
+
+
+def load_compressed(folder: str | os.PathLike, check: bool = True):
+    """Rebuild (model, tokenizer) from a native export; logits equal the in-memory compressed model's."""
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    model, manifest, dtype = export_skeleton(folder, check)
     tensors = read_safetensors(member(folder, WEIGHTS, str(folder)))
     if check:
         check_tensors(tensors, manifest.get("tensor_sha256", {}), str(folder / WEIGHTS))
