@@ -208,8 +208,8 @@ def test_restore_reference_head_reloads_when_changed_in_place(one_thread, tmp_pa
 
 
 def test_cli_eval_with_reference_scores_it_first(one_thread, tmp_path, capsys, monkeypatch):
-    """`eval --reference`: the reference is scored before the model loads, one decoder layer at a time from its
-    shards (never loaded whole); same figures."""
+    """`eval EXPORT --reference MODEL`: the reference is scored first, one decoder layer at a time from its
+    shards, then the export likewise (neither is loaded whole); same figures."""
     import modelpress as mp
     import modelpress.api as api
     from modelpress.cli import main
@@ -224,7 +224,7 @@ def test_cli_eval_with_reference_scores_it_first(one_thread, tmp_path, capsys, m
     assert main(["eval", str(tmp_path / "out"), "--reference", str(model_dir), "--text", str(tmp_path / "text.txt"),
                  "--seqlen", "32", "--windows", "4"]) == 0
     out = capsys.readouterr().out
-    assert loads == [str(tmp_path / "out")]             # the reference streamed from its shards, then the model
+    assert loads == []              # both streamed layer by layer: the reference from its shards, the export
     original, tok = mp.load(model_dir)
     want = whole_tensor_evaluate(rep["_model"], api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
     assert f"{want['kl']:.4g}" in out and f"{want['agreement']:.4g}" in out and f"{want['perplexity']:.4g}" in out

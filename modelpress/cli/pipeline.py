@@ -176,11 +176,14 @@ def cmd_eval(a) -> int:
                             include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
         return 0
     ref = _reference_scores(a) if a.reference else None     # scored first: the two models are never both loaded
-    model, tok = timed(f"load {a.model}", load, a.model)
-    if ref is not None:
-        from ..api import restore_reference_head
-        restore_reference_head(ref, model, a.reference, "float32")
-    res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows, protocol=a.protocol)
+    if (Path(a.model) / "modelpress.json").exists() and (Path(a.model) / "tokenizer_config.json").exists():
+        res = _evaluate_export_streamed(a, ref)
+    else:
+        model, tok = timed(f"load {a.model}", load, a.model)
+        if ref is not None:
+            from ..api import restore_reference_head
+            restore_reference_head(ref, model, a.reference, "float32")
+        res = evaluate(model, tok, ref, a.text, a.seqlen, a.windows, protocol=a.protocol)
     rows = [("perplexity", res["perplexity"])]
     if ref is not None:
         rows += [("reference perplexity", res["reference_perplexity"]), ("top-1 agreement", res["agreement"]),
@@ -190,6 +193,24 @@ def cmd_eval(a) -> int:
              ("x the 16-bit original", res["size"]["vs_16bit"]), ("x the fp32 source", res["size"]["vs_fp32"])]
     _table(rows, ("metric", "value"))
     return 0
+
+
+def _evaluate_export_streamed(a, ref) -> dict:
+    """`eval EXPORT`: the export scored one decoder layer at a time (modelpress.engine.stream; the same figures
+    as loading it whole), against `ref` (ReferenceScores) if given."""
+    from transformers import AutoTokenizer
+    from ..api import restore_reference_head, windows_for
+    from ..engine.stream import export_scores_streamed
+    from ..eval.perplexity import evaluate as evaluate_windows
+    from ..progress import timed
+    w = windows_for(AutoTokenizer.from_pretrained(a.model), a.text, a.seqlen, a.windows, a.protocol)
+    sc, size = timed(f"scoring {a.model}, layer by layer", export_scores_streamed, a.model, w, 2,
+                     progress=str(a.model))
+    if ref is not None:
+        restore_reference_head(ref, sc, a.reference, "float32")
+    res = timed("evaluation", evaluate_windows, sc, w, ref, 2, progress="evaluation batches")
+    res["size"] = {k: v for k, v in size.items() if k != "layers"}
+    return res
 
 
 def _reference_scores(a):
