@@ -1,4 +1,5 @@
-"""Atomic file writes and checksums: nothing is ever written half-way (temp file + rename)."""
+"""Atomic file writes and checksums: nothing is ever written half-way (temp file + rename). Reading a
+safetensors tensor into memory of its own without a resident memory map (read_tensor)."""
 from __future__ import annotations
 
 import contextlib
@@ -119,3 +120,35 @@ def sha256_tensor(t: torch.Tensor) -> str:
     h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
     h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+READ_BYTES = 16 << 20          # read_tensor copies a large range in parts of about this size
+
+
+def read_tensor(path: str | os.PathLike, name: str, r0: int = 0, r1: int | None = None) -> "torch.Tensor":
+    """Rows r0:r1 (first dimension) of tensor `name` of a safetensors file, as a fresh tensor of its stored dtype
+    that owns its memory. safetensors hands out tensors backed by a memory map of the file, whose pages count in
+    the resident set as long as the tensor lives; copying one out in a single piece holds it twice (measured: a
+    113 MB embedding raised the peak by 220 MB). Here the range is copied in parts of READ_BYTES, the file
+    opened for each part and closed right after, so the resident set grows by the tensor plus one part."""
+    import math
+
+    import torch
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        sl = f.get_slice(name)
+        shape = sl.get_shape()
+        if not shape:
+            return f.get_tensor(name).clone()
+        r1 = shape[0] if r1 is None else min(shape[0], r1)
+        probe = sl[r0:min(r0 + 1, r1)]
+        row_bytes = probe.element_size() * max(1, math.prod(shape[1:]))
+        step = max(1, READ_BYTES // row_bytes)
+        if r1 - r0 <= step:
+            return sl[r0:r1].clone()
+        out = torch.empty((r1 - r0, *shape[1:]), dtype=probe.dtype)
+    for a in range(r0, r1, step):
+        b = min(a + step, r1)
+        with safe_open(path, framework="pt") as f:
+            out[a - r0:b - r0].copy_(f.get_slice(name)[a:b])
+    return out

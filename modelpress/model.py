@@ -218,10 +218,12 @@ def _from_shards(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     quantization config, checkpoint names that differ from the model's). transformers' from_pretrained keeps
     the tensors in a memory map of the file: every page the model touches then counts in the process' resident
     set on top of any copy made of it (measured on SmolLM2: load + read every weight 999 MB of RSS, against
-    ~770 MB this way), and a stage that replaces a weight leaves the mapped pages resident beside the new one."""
+    ~770 MB this way), and a stage that replaces a weight leaves the mapped pages resident beside the new one.
+    Each tensor is copied out in parts (modelpress.io.read_tensor) and assigned before the next is read."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .io import read_tensor
     files = _shard_files(folder)
     config = AutoConfig.from_pretrained(folder)
     if files is None or getattr(config, "quantization_config", None) is not None:
@@ -233,13 +235,10 @@ def _from_shards(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     head = next((n + ".weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     if set(files) - want or want - set(files) - ({head} if tied else set()):
         return None                                        # renamed / extra / missing tensors: transformers maps them
-    state = {}
-    for name, file in files.items():
-        with safe_open(file, framework="pt") as f:
-            state[name] = f.get_tensor(name).to(dtype if f.get_slice(name).get_dtype() in ("F32", "F16", "BF16", "F64")
-                                                else None).clone()
-    model.load_state_dict(state, strict=False, assign=True)
-    del state
+    for name, file in files.items():          # one tensor at a time, each in memory of its own (no file map)
+        t = read_tensor(file, name)
+        model.load_state_dict({name: t.to(dtype) if t.is_floating_point() else t}, strict=False, assign=True)
+        del t
     if tied:
         model.tie_weights()
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):

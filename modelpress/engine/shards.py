@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
-from ..io import atomic_write
+from ..io import atomic_write, read_tensor
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -35,7 +35,6 @@ _TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 _SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
 _FLOAT = ("F32", "F16", "BF16", "F64")
 CHUNK_BYTES = 1 << 20          # rows read per step: about 1 MB (a multiple of 8 rows, so packed codes align)
-READ_BYTES = 16 << 20          # a whole-tensor read is copied in parts of about this size
 
 
 class SafeFile:
@@ -69,25 +68,13 @@ class SafeFile:
         return shape[0] if shape else 1
 
     def read(self, name: str, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-        """Rows r0:r1 (first dimension) of a tensor, as a fresh tensor of its stored dtype. A range larger than
-        READ_BYTES is copied in parts of that size, the file opened for each, so the resident set grows by the
-        tensor plus one part (in one piece, the slice and its copy would both be resident: 2x a 113 MB
-        embedding, measured)."""
-        shape = self.entries[name][1]
-        if not shape:
-            with self._open() as f:
-                return f.get_tensor(name).clone()
-        r1 = self.rows(name) if r1 is None else min(self.rows(name), r1)
-        step = max(1, self.chunk_rows(name) * (READ_BYTES // CHUNK_BYTES))
-        if r1 - r0 <= step:
-            with self._open() as f:
-                return f.get_slice(name)[r0:r1].clone()
-        out = torch.empty((r1 - r0, *shape[1:]), dtype=_TORCH_DTYPES[self.entries[name][0]])
-        for a in range(r0, r1, step):
-            b = min(a + step, r1)
-            with self._open() as f:
-                out[a - r0:b - r0].copy_(f.get_slice(name)[a:b])
-        return out
+        """Rows r0:r1 (first dimension) of a tensor, as a fresh tensor of its stored dtype (modelpress.io.read_tensor:
+        the map closed after each part, so the resident set grows by the tensor plus one part)."""
+        try:
+            return read_tensor(self.path, name, r0, r1)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{self.path} is not a readable safetensors file ({str(e).splitlines()[0]}): "
+                            "restore or re-download the file") from None
 
     def chunk_rows(self, name: str) -> int:
         dt, shape = self.entries[name]
