@@ -239,15 +239,8 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     export_notes = _export_preflight(shell, recipe)
     source_dtype = getattr(shell.config, "dtype", None)
     del shell
-    refs: dict[str, ReferenceScores] = {}
     e = recipe.evaluate
-    if evaluate_models:
-        for text in _texts(recipe):
-            refs[text] = timed(f"scoring the original on {text}, layer by layer", reference_scores_streamed, folder,
-                               windows_for(tok, text, e.seqlen, e.windows, e.protocol), e.batch_size, dtype,
-                               progress=f"original on {text}")
-        for r in refs.values():        # not resident while compressing: read again from the shards if needed
-            r.release_head()
+    windows = {t: windows_for(tok, t, e.seqlen, e.windows, e.protocol) for t in _texts(recipe)} if evaluate_models else {}
     c = recipe.calibration
     calib = (timed("calibration set", calibration_set, tok, c.source, c.select, c.samples, c.seqlen, c.seed, c.field,
                    None, c.protocol) if recipe.needs_calibration else None)
@@ -256,6 +249,13 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     gc.collect()
     work = Path(f"{dest}.partial")
     claim(work, fingerprint(recipe, calib, src), resume, "recipe, model or calibration set")
+    refs: dict[str, ReferenceScores] = {}
+    for j, (text, w) in enumerate(windows.items()):
+        r = timed(f"scoring the original on {text}, layer by layer", reference_scores_streamed, folder, w,
+                  e.batch_size, dtype, progress=f"original on {text}")
+        r.release_head()               # read again from the shards if the compressed model's output layer differs
+        r.park(work / f"reference{j}.safetensors")      # its hidden states wait on disk while compressing
+        refs[text] = r
     t0 = time.perf_counter()
     with large_allocations_mapped():
         shell, store, stages = compress_offloaded(folder, recipe, calib, work)
@@ -266,15 +266,16 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     timed(f"export {dest}", export_offloaded, shell, store, folder, dest, recipe.to_dict(), report,
           calib.provenance if calib is not None else None, storage)
     del shell, store
-    shutil.rmtree(work, ignore_errors=True)
     sized: dict = {}
 
     def score(text: str, ref: ReferenceScores) -> ReferenceScores:   # the compressed model, layer by layer
+        ref.unpark()
         sc, size = timed(f"scoring the compressed model on {text}, layer by layer", export_scores_streamed, dest,
                          ref.windows, e.batch_size, progress=f"compressed on {text}")
         sized.setdefault("size", size)
         return sc
     _evaluate_against(score, refs, report, src, recipe, protocol)
+    shutil.rmtree(work, ignore_errors=True)
     size = sized.get("size") or timed(f"size of {dest}", export_size, dest)
     head = {k: v for k, v in report.items() if k not in ("model", "recipe", "size")}
     report = {**_report(src, recipe, {**size, **report["size"]}, elapsed, stages), "streamed": True, **head}
@@ -311,6 +312,7 @@ def _evaluate_against(model, refs: dict[str, ReferenceScores], report: dict, src
         comp = _evaluate(comp_model, ref.windows, ref if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
         del comp_model
+        ref.hidden = ref.logits = None          # this text is done: its states can go
         entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0,
                                             "bytes": size["original_bytes"] if size else None}, "compressed": comp}
         if i == 0:

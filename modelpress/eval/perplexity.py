@@ -183,6 +183,21 @@ class ReferenceScores:
     def release_head(self) -> None:
         self.head = None
 
+    def park(self, path) -> None:
+        """Move the hidden states to a safetensors file at `path` (not resident until unpark())."""
+        from ..io import atomic_save_file
+        if self.hidden:
+            atomic_save_file({f"b{i}": h for i, h in enumerate(self.hidden)}, path)
+            self.hidden, self._parked = [], (path, len(self.hidden))
+
+    def unpark(self) -> None:
+        """Read back the hidden states park() wrote (a no-op when none are parked)."""
+        from ..io import read_tensor
+        parked = getattr(self, "_parked", None)
+        if parked is not None:
+            self.hidden = [read_tensor(parked[0], f"b{i}") for i in range(parked[1])]
+            self._parked = None
+
     def head_for(self, model: "nn.Module | ReferenceScores") -> nn.Module:
         """The output layer to apply to the stored hidden states when scoring against `model` (a model, or its
         scores): the kept one, or `model`'s own, whichever still hashes as the reference's did (compression may
