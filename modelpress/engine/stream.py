@@ -1,6 +1,8 @@
-"""The original model scored on the evaluation windows with one decoder layer resident at a time, read from its
-safetensors shards: the reference side of `evaluate` (modelpress.eval.perplexity.ReferenceScores) without ever
-holding the whole model.
+"""Models scored on the evaluation windows with one decoder layer resident at a time: the original read from its
+safetensors shards (reference_scores_streamed: the reference side of `evaluate`,
+modelpress.eval.perplexity.ReferenceScores) and a native export, its compressed modules rebuilt one layer at a
+time (export_scores_streamed: the compared side, which `evaluate` also takes as scores), so that neither model is
+ever held whole.
 
 The pass is modelpress.engine.layerwise.steps run over the evaluation windows instead of calibration samples,
 with a checkpoint object that materializes each layer from the shards and sends it back to the meta device
@@ -11,8 +13,9 @@ that replays them (and `inputs_embeds` of zeros, so the input embedding is not r
 after its stack (final norm, OPT's project_out, ...) runs as written; the output layer's input is captured by
 the same pre-hook modelpress.eval.perplexity uses. The figures are therefore bitwise those of
 `reference_scores(model, windows)` on the whole model (tests/test_stream.py checks it on every tiny
-architecture). Resident at any time: one decoder layer, the windows' hidden states, the output layer while the
-scores are computed."""
+architecture, and that a streamed `compress` reports exactly the in-memory run's figures). Resident at any time:
+one decoder layer, the windows' hidden states, the output layer (and for an export, everything outside the
+decoder stack) while the scores are computed."""
 from __future__ import annotations
 
 import math
