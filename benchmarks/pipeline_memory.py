@@ -56,7 +56,7 @@ def run(tree: Path, args: list[str], env: dict, code: str | None = None) -> dict
 FLOOR = ("import modelpress.cli, modelpress.api, torch, transformers\n"
          "from modelpress.api import load\n"
          "m, _ = load({src!r})\n"
-         "print(sum(float(p.detach().double().sum()) for p in m.parameters()))   # every weight page touched\n")
+         "print(sum(float(p.detach().sum()) for p in m.parameters()))   # every weight read (no copy of it)\n")
 
 
 def pipeline(tree: Path, model: str, out: Path, env: dict, sizes: dict, key: str | None = None) -> dict:

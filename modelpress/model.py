@@ -224,6 +224,8 @@ def _from_shards(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from .io import read_tensor
+    if not isinstance(dtype, torch.dtype):
+        return None                                        # e.g. "auto": transformers reads it from the checkpoint
     files = _shard_files(folder)
     config = AutoConfig.from_pretrained(folder)
     if files is None or getattr(config, "quantization_config", None) is not None:
