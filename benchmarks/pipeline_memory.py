@@ -59,12 +59,26 @@ FLOOR = ("import modelpress.cli, modelpress.api, torch, transformers\n"
          "print(sum(float(p.detach().sum()) for p in m.parameters()))   # every weight read (no copy of it)\n")
 
 
+def fp32_mb(model: str) -> float:
+    """The reference model's fp32 weight bytes (MB), from its safetensors header: every stored tensor once (a
+    tied output layer is not stored), 4 bytes per element."""
+    import math
+
+    from safetensors import safe_open
+    from modelpress.model import reference_dir
+    total = 0
+    for f in sorted(reference_dir(model).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            total += sum(math.prod(h.get_slice(k).get_shape()) for k in h.keys())
+    return total * 4 / 1e6
+
+
 def pipeline(tree: Path, model: str, out: Path, env: dict, sizes: dict, key: str | None = None) -> dict:
     """`compress MODEL --recipe w4a16-gptq-g128` in `tree`: peak RSS, wall, the report's figures; records the
-    model's fp32 weight MB in sizes[key or model]."""
+    model's fp32 weight MB in sizes[key or model] (from the checkpoint, not from the report)."""
     r = run(tree, ["compress", model, "--recipe", "w4a16-gptq-g128", "--out", str(out)], env)
     rep = json.loads((out / "report.json").read_text())
-    sizes[key or model] = rep["size"]["params"] * 4 / 1e6
+    sizes[key or model] = fp32_mb(model)
     ev = rep["eval"]
     r["figures"] = {"original perplexity": ev["original"]["perplexity"], "perplexity": ev["compressed"]["perplexity"],
                     "top-1 agreement": ev["compressed"]["agreement"], "mean KL": ev["compressed"]["kl"]}
@@ -138,6 +152,10 @@ def main(argv=None) -> None:
             from benchmarks._md import write_section
             write_section("pipeline memory", cmd, report(res, sizes, a))
 
+    if "pipeline" in cases or "eval-smollm2" in cases:      # from the checkpoint (also for cached rows)
+        sizes["smollm2"] = fp32_mb("smollm2")
+    if "pipeline-qwen" in cases:
+        sizes["qwen"] = fp32_mb("qwen2.5-coder-0.5b")
     work = Path(tempfile.mkdtemp(prefix="mp-mem-"))
     try:
         if "pipeline" in cases or "eval-smollm2" in cases:

@@ -141,7 +141,9 @@ def run_recipe(recipe: Recipe, model_src: str | None = None, out: str | Path | N
     lock = check_before_loading(recipe, dest, resume, evaluate_models) if dest else None
     why = "streaming off" if streaming is False else _why_not_streamed(recipe, src, dest, checkpoint)
     if why is None:
-        return _run_streamed(recipe, src, dest, evaluate_models, resume, lock, return_model)
+        from .engine.memory import large_allocations_mapped
+        with large_allocations_mapped():   # freed temporaries >= 1 MB go back to the OS in every phase
+            return _run_streamed(recipe, src, dest, evaluate_models, resume, lock, return_model)
     if streaming:
         raise UserError(f"this run cannot go layer by layer from the shards: {why}")
     model, tok = timed(f"load {src}", load, src, recipe.dtype)

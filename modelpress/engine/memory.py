@@ -24,8 +24,9 @@ def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
     By default glibc raises that threshold (up to 32 MB) after the first large free, so the full-size
     temporaries of a layer (GPTQ's W and H copies, 1-30 MB each here) land in the heap and stay resident
     after they are freed; measured on the benchmark's GPTQ run: peak 1.70 GB -> 1.09 GB, and faster.
-    On exit the threshold is set to 32 MB, glibc's dynamic ceiling (setting it ends the dynamic scheme
-    for the process). A no-op where libc has no mallopt."""
+    On exit of the outermost block the threshold is set to 32 MB, glibc's dynamic ceiling (setting it ends the
+    dynamic scheme for the process); nested blocks leave it to the outermost (the allocator setting is
+    process-wide, so the nesting depth is too: _DEPTH). A no-op where libc has no mallopt."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
@@ -33,10 +34,16 @@ def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
         return
     m_mmap_threshold = -3
     mallopt(m_mmap_threshold, threshold)
+    _DEPTH[0] += 1
     try:
         yield
     finally:
-        mallopt(m_mmap_threshold, 32 << 20)
+        _DEPTH[0] -= 1
+        if _DEPTH[0] == 0:
+            mallopt(m_mmap_threshold, 32 << 20)
+
+
+_DEPTH = [0]       # open large_allocations_mapped blocks in this process (mallopt's setting is process-wide)
 
 
 def release_memory() -> None:

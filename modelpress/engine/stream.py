@@ -249,11 +249,11 @@ def _export_pass(folder: Path, windows: Tensor | None, batch_size: int, chunk_el
     from ..model import count_params
     with large_allocations_mapped():
         model, manifest, dtype = export_skeleton(folder, check)
-        params = count_params(model)
         export = _Export(folder, manifest, dtype)
         prefix, layers = decoder_layers(model)
         tensors, mods, aliases = export.part(None, outside=prefix + ".")
         apply_state(model, tensors, mods, aliases, export.where, missing_ok=prefix + ".")
+        params = count_params(model)             # (after the outside is applied: a tied output layer counts once)
         extras = {n: module_extras(model.get_submodule(n)) for n in mods}
         del tensors
         with bar(progress and f"{progress}: layers", len(layers)) as advance:
