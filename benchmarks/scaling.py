@@ -255,7 +255,8 @@ The 0.5B and 1.5B Qwen checkpoints are GGUF Q5_0/Q4_K/Q6_K mixes dequantized to 
     if reused:
         notes += ("\nRows reused from an earlier run of this command (`--reuse`: its result.json, finished at the "
                   "time given; the code has changed since in ways that can lower in-memory peak RSS, see \"pipeline "
-                  "memory\"): " + "; ".join(reused) + ". The other rows were run at " + (", ".join(fresh) or "?") + ".\n")
+                  "memory\"): " + "; ".join(reused) + ". The other rows were run " + (f"at {', '.join(fresh)}" if fresh else "from a copy of the tree outside git "
+                                                "(commit not recorded)") + ".\n")
     return (notes.strip() + "\n\n### Measured\n\n" + table(hdr, out_rows) + "\n\n### Cost per size\n\n"
             + table(hdr2, rate_rows) + "\n\n### Extrapolation to 7B and 70B\n\n" + proj)
 
