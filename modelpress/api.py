@@ -307,14 +307,17 @@ def _evaluate_against(model, refs: dict[str, ReferenceScores], report: dict, src
     scored against the original's scores, per evaluation text, into report["eval"]."""
     e = recipe.evaluate
     head = None
+    streamed = callable(model) and not isinstance(model, nn.Module)
     for i, (text, ref) in enumerate(refs.items()):
-        comp_model = model(text, ref) if callable(model) and not isinstance(model, nn.Module) else model
+        comp_model = model(text, ref) if streamed else model
         if e.agreement:
             head = restore_reference_head(ref, comp_model, src, recipe.dtype, head)
         comp = _evaluate(comp_model, ref.windows, ref if e.agreement else None, e.batch_size)
         comp.pop("per_token", None)
         del comp_model
         ref.hidden = ref.logits = None          # this text is done: its states can go
+        if streamed:                            # and its output layer: read again for the next text, so that it
+            ref.head = head = None              # is not resident while the compressed model is scored
         entry = {"text": text, "original": {**ref.evaluation(), "bits_per_weight": 16.0,
                                             "bytes": size["original_bytes"] if size else None}, "compressed": comp}
         if i == 0:

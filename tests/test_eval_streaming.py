@@ -228,3 +228,38 @@ def test_cli_eval_with_reference_scores_it_first(one_thread, tmp_path, capsys, m
     original, tok = mp.load(model_dir)
     want = whole_tensor_evaluate(rep["_model"], api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
     assert f"{want['kl']:.4g}" in out and f"{want['agreement']:.4g}" in out and f"{want['perplexity']:.4g}" in out
+
+
+def test_cli_eval_of_a_folder_streams_it_too(one_thread, tmp_path, capsys, monkeypatch):
+    """`eval FOLDER --reference MODEL` with FOLDER an uncompressed HF folder: scored layer by layer as well (never
+    loaded whole), the same figures and the same size rows as evaluating the loaded model."""
+    import modelpress as mp
+    import modelpress.api as api
+    from modelpress.cli import main
+    from modelpress.eval.size import plain_size, size_report
+    from .conftest import tiny_model_dir
+    model_dir = tiny_model_dir(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(TEXT)
+    other, tok = mp.load(model_dir)
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if "layers" in n:
+                p.mul_(1 + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    other.save_pretrained(tmp_path / "other")
+    tok.save_pretrained(tmp_path / "other")
+    loads = []
+    real = api.load
+    monkeypatch.setattr(api, "load", lambda src, *a, **k: loads.append(str(src)) or real(src, *a, **k))
+    assert main(["eval", str(tmp_path / "other"), "--reference", str(model_dir), "--text", str(tmp_path / "text.txt"),
+                 "--seqlen", "32", "--windows", "4"]) == 0
+    out = capsys.readouterr().out
+    assert loads == []
+    original, _ = real(model_dir)
+    compared, _ = real(tmp_path / "other")
+    want = whole_tensor_evaluate(compared, api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
+    assert f"{want['kl']:.4g}" in out and f"{want['agreement']:.4g}" in out and f"{want['perplexity']:.4g}" in out
+    size = size_report(compared)
+    assert f"{size['compressed_bytes'] / 1e6:.4g}" in out
+    from modelpress.engine.store import skeleton
+    shell, _ = skeleton(tmp_path / "other", torch.float32)
+    assert {k: v for k, v in plain_size(shell).items() if k != "layers"} == {k: v for k, v in size.items() if k != "layers"}

@@ -176,8 +176,11 @@ def cmd_eval(a) -> int:
                             include_defaults=a.tasks_dir is None, trust_code=a.trust_tasks_code))
         return 0
     ref = _reference_scores(a) if a.reference else None     # scored first: the two models are never both loaded
+    from ..api import streamable_folder
     if (Path(a.model) / "modelpress.json").exists() and (Path(a.model) / "tokenizer_config.json").exists():
-        res = _evaluate_export_streamed(a, ref)
+        res = _evaluate_streamed(a, ref, export=True)
+    elif streamable_folder(a.model) is not None:
+        res = _evaluate_streamed(a, ref, export=False)
     else:
         model, tok = timed(f"load {a.model}", load, a.model)
         if ref is not None:
@@ -195,17 +198,19 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def _evaluate_export_streamed(a, ref) -> dict:
-    """`eval EXPORT`: the export scored one decoder layer at a time (modelpress.engine.stream; the same figures
-    as loading it whole), against `ref` (ReferenceScores) if given."""
+def _evaluate_streamed(a, ref, export: bool) -> dict:
+    """`eval EXPORT` or `eval FOLDER` (a reference name or an HF folder with safetensors shards): the model
+    scored one decoder layer at a time (modelpress.engine.stream; the same figures as loading it whole),
+    against `ref` (ReferenceScores) if given."""
     from transformers import AutoTokenizer
-    from ..api import restore_reference_head, windows_for
-    from ..engine.stream import export_scores_streamed
+    from ..api import restore_reference_head, streamable_folder, windows_for
+    from ..engine.stream import export_scores_streamed, folder_scores_streamed
     from ..eval.perplexity import evaluate as evaluate_windows
     from ..progress import timed
-    w = windows_for(AutoTokenizer.from_pretrained(a.model), a.text, a.seqlen, a.windows, a.protocol)
-    sc, size = timed(f"scoring {a.model}, layer by layer", export_scores_streamed, a.model, w, 2,
-                     progress=str(a.model))
+    folder = a.model if export else streamable_folder(a.model)
+    w = windows_for(AutoTokenizer.from_pretrained(folder), a.text, a.seqlen, a.windows, a.protocol)
+    sc, size = timed(f"scoring {a.model}, layer by layer", export_scores_streamed if export else folder_scores_streamed,
+                     folder, w, 2, progress=str(a.model))
     if ref is not None:
         restore_reference_head(ref, sc, a.reference, "float32")
     res = timed("evaluation", evaluate_windows, sc, w, ref, 2, progress="evaluation batches")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..eval.perplexity import CHUNK_ELEMENTS, ReferenceScores, _post, scores_from_hidden
+from ..eval.size import plain_size
 from ..model import decoder_layers
 from ..progress import bar
 from .layerwise import StandIn, steps
@@ -145,6 +146,21 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
     safetensors shards) on `windows`, with one decoder layer resident at a time (see the module docstring).
     Raises UserError when the model's logits are not its output layer applied to the stack's output (then
     score the whole model instead)."""
+    return _folder_pass(Path(folder), windows, batch_size, dtype, chunk_elements, progress)[0]
+
+
+def folder_scores_streamed(folder: str | Path, windows: Tensor, batch_size: int = 2,
+                           dtype: torch.dtype = torch.float32, chunk_elements: int = CHUNK_ELEMENTS,
+                           progress: str | None = None) -> tuple[ReferenceScores, dict]:
+    """reference_scores_streamed plus the model's size report (modelpress.eval.size.plain_size: the folder's
+    tensors as an export would store them), for `eval` of an uncompressed HF folder."""
+    scores, model = _folder_pass(Path(folder), windows, batch_size, dtype, chunk_elements, progress)
+    return scores, plain_size(model)
+
+
+@torch.no_grad()
+def _folder_pass(folder: Path, windows: Tensor, batch_size: int, dtype: torch.dtype, chunk_elements: int,
+                 progress: str | None) -> tuple[ReferenceScores, nn.Module]:
     with large_allocations_mapped():
         model, shards = skeleton(Path(folder), dtype)
         prefix, layers = decoder_layers(model)
@@ -153,7 +169,7 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
             for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
                 pass
         return _scores(model, reader.finals, output_layer(model, shards, dtype), windows, batch_size, chunk_elements,
-                       progress)
+                       progress), model
 
 
 def _scores(model: nn.Module, finals: list[Tensor], head: nn.Module, windows: Tensor, batch_size: int,

@@ -71,7 +71,7 @@ def _device(model: nn.Module) -> torch.device:
 # the KL sum and lose that identity (KL is a small difference of large terms: fp32 reordering alone moves it
 # by ~1e-5 relative).
 
-CHUNK_ELEMENTS = 1 << 22        # logits per chunk (rows x vocab): 16 MB of float32 per model
+CHUNK_ELEMENTS = 1 << 20        # logits per chunk (rows x vocab): 4 MB of float32 per model
 
 
 class _Stop(Exception):

@@ -23,6 +23,20 @@ def size_report(model: nn.Module, storage: torch.dtype | str | None = None) -> d
                    {n: module_extras(m) for n, m in comp.items()}, count_params(model), storage)
 
 
+def plain_size(model: nn.Module, storage: torch.dtype | str | None = None) -> dict:
+    """size_report of a model without compressed modules from its tensors' shapes and dtypes alone (they may
+    sit on the meta device: modelpress.engine.store.skeleton): every stored tensor once, floating ones wider
+    than the storage dtype counted at it, as collect_tensors stores them."""
+    storage = storage_dtype(model, storage or "auto") if not isinstance(storage, torch.dtype) else storage
+    nbytes, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            wide = v.is_floating_point() and v.element_size() > storage.itemsize
+            nbytes[k] = v.numel() * (storage.itemsize if wide else v.element_size())
+    return size_of(nbytes, {}, {}, count_params(model), storage)
+
+
 def module_extras(m: nn.Module) -> dict:
     """What a compressed module adds to its size row: `code_bits` (per-head widths: the codes' mean width;
     `bits` counts everything stored) and `sparsity` (from its mask only, not weights that rounded to 0)."""
