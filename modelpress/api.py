@@ -256,7 +256,7 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
         r = timed(f"scoring the original on {text}, layer by layer", reference_scores_streamed, folder, w,
                   e.batch_size, dtype, progress=f"original on {text}")
         r.release_head()               # read again from the shards if the compressed model's output layer differs
-        r.park(work / f"reference{j}.safetensors")      # its hidden states wait on disk while compressing
+        r.park(work / f"reference{j}.safetensors")      # its hidden states wait on disk, read per batch when used
         refs[text] = r
     t0 = time.perf_counter()
     with large_allocations_mapped():
@@ -271,7 +271,6 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     sized: dict = {}
 
     def score(text: str, ref: ReferenceScores) -> ReferenceScores:   # the compressed model, layer by layer
-        ref.unpark()
         sc, size = timed(f"scoring the compressed model on {text}, layer by layer", export_scores_streamed, dest,
                          ref.windows, e.batch_size, progress=f"compressed on {text}")
         sized.setdefault("size", size)

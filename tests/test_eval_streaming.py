@@ -112,7 +112,7 @@ def test_large_vocabulary_same_figures(one_thread):
     assert_same(evaluate(comp, w, scores, chunk_elements=262_144 * 4), want)
 
 
-def test_reference_scores_replace_the_model(one_thread):
+def test_reference_scores_replace_the_model(one_thread, tmp_path):
     ref = tiny_llama(tie=False)
     w = windows(VOCAB)
     scores = reference_scores(ref, w, 2)
@@ -127,6 +127,12 @@ def test_reference_scores_replace_the_model(one_thread):
     want = whole_tensor_evaluate(comp, w, oracle_ref)
     assert_same(evaluate(comp, w, scores), want)
     scores.release_head()
+    assert_same(evaluate(comp, w, scores), want)
+    scores.park(tmp_path / "parked.safetensors")                      # on disk, read back one batch at a time
+    assert not isinstance(scores.hidden, list) and len(scores.hidden) == 3
+    assert_same(evaluate(comp, w, scores), want)
+    scores.unpark()
+    assert isinstance(scores.hidden, list)
     assert_same(evaluate(comp, w, scores), want)
     with torch.no_grad():
         comp.lm_head.weight.mul_(1.01)                                 # now the head differs: refused

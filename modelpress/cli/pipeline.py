@@ -204,6 +204,7 @@ def _evaluate_streamed(a, ref, export: bool) -> dict:
     against `ref` (ReferenceScores) if given."""
     from transformers import AutoTokenizer
     from ..api import restore_reference_head, streamable_folder, windows_for
+    from ..engine.memory import large_allocations_mapped
     from ..engine.stream import export_scores_streamed, folder_scores_streamed
     from ..eval.perplexity import evaluate as evaluate_windows
     from ..progress import timed
@@ -213,7 +214,8 @@ def _evaluate_streamed(a, ref, export: bool) -> dict:
                      folder, w, 2, progress=str(a.model))
     if ref is not None:
         restore_reference_head(ref, sc, a.reference, "float32")
-    res = timed("evaluation", evaluate_windows, sc, w, ref, 2, progress="evaluation batches")
+    with large_allocations_mapped():       # the logits chunks are unmapped when freed, not kept in the heap
+        res = timed("evaluation", evaluate_windows, sc, w, ref, 2, progress="evaluation batches")
     res["size"] = {k: v for k, v in size.items() if k != "layers"}
     return res
 

@@ -146,21 +146,22 @@ def reference_scores_streamed(folder: str | Path, windows: Tensor, batch_size: i
     safetensors shards) on `windows`, with one decoder layer resident at a time (see the module docstring).
     Raises UserError when the model's logits are not its output layer applied to the stack's output (then
     score the whole model instead)."""
-    return _folder_pass(Path(folder), windows, batch_size, dtype, chunk_elements, progress)[0]
+    return _folder_pass(Path(folder), windows, batch_size, dtype, chunk_elements, progress, True)[0]
 
 
 def folder_scores_streamed(folder: str | Path, windows: Tensor, batch_size: int = 2,
                            dtype: torch.dtype = torch.float32, chunk_elements: int = CHUNK_ELEMENTS,
                            progress: str | None = None) -> tuple[ReferenceScores, dict]:
     """reference_scores_streamed plus the model's size report (modelpress.eval.size.plain_size: the folder's
-    tensors as an export would store them), for `eval` of an uncompressed HF folder."""
-    scores, model = _folder_pass(Path(folder), windows, batch_size, dtype, chunk_elements, progress)
+    tensors as an export would store them), for `eval` of an uncompressed HF folder: the compared side of
+    `evaluate`, so without its own NLL (evaluate computes it)."""
+    scores, model = _folder_pass(Path(folder), windows, batch_size, dtype, chunk_elements, progress, False)
     return scores, plain_size(model)
 
 
 @torch.no_grad()
 def _folder_pass(folder: Path, windows: Tensor, batch_size: int, dtype: torch.dtype, chunk_elements: int,
-                 progress: str | None) -> tuple[ReferenceScores, nn.Module]:
+                 progress: str | None, with_nll: bool) -> tuple[ReferenceScores, nn.Module]:
     with large_allocations_mapped():
         model, shards = skeleton(Path(folder), dtype)
         prefix, layers = decoder_layers(model)
@@ -169,11 +170,11 @@ def _folder_pass(folder: Path, windows: Tensor, batch_size: int, dtype: torch.dt
             for _ in steps(model, _Windows(windows), batch_size, checkpoint=reader):
                 pass
         return _scores(model, reader.finals, output_layer(model, shards, dtype), windows, batch_size, chunk_elements,
-                       progress), model
+                       progress, with_nll), model
 
 
 def _scores(model: nn.Module, finals: list[Tensor], head: nn.Module, windows: Tensor, batch_size: int,
-            chunk_elements: int, progress: str | None) -> ReferenceScores:
+            chunk_elements: int, progress: str | None, with_nll: bool) -> ReferenceScores:
     """The scores from the last decoder layer's outputs per batch: the stack's tail replayed, then
     scores_from_hidden with `head`; checks on a short prefix that logits = post(head(hidden))."""
     post = _post(model)
@@ -186,7 +187,7 @@ def _scores(model: nn.Module, finals: list[Tensor], head: nn.Module, windows: Te
         raise UserError(f"{type(model).__name__} does more after its output layer than modelpress can replay "
                         "layer by layer: score the whole model (run without streaming)")
     return scores_from_hidden(windows, batch_size, hidden, head, post, chunk_elements,
-                              progress and f"{progress}: batches")
+                              progress and f"{progress}: batches", with_nll)
 
 
 class _Export:
@@ -253,8 +254,9 @@ def export_scores_streamed(folder: str | Path, windows: Tensor, batch_size: int 
                            check: bool = True) -> tuple[ReferenceScores, dict]:
     """A native export scored on `windows` one decoder layer at a time (its compressed modules rebuilt per
     layer, every tensor checked against the manifest's sha256, the files' checksums first when `check`), as
-    (its scores, output layer kept: evaluate(scores, windows, reference) compares it; its size report, as
-    modelpress.eval.size.size_report of the loaded export gives it)."""
+    (its scores, output layer kept: evaluate(scores, windows, reference) compares it (the scores hold no NLL
+    of their own: evaluate computes it); its size report, as modelpress.eval.size.size_report of the loaded
+    export gives it)."""
     return _export_pass(Path(folder), windows, batch_size, chunk_elements, progress, check)
 
 
@@ -288,4 +290,4 @@ def _export_pass(folder: Path, windows: Tensor | None, batch_size: int, chunk_el
         if windows is None:
             return None, size
         return _scores(model, reader.finals, model.get_output_embeddings(), windows, batch_size, chunk_elements,
-                       progress), size
+                       progress, False), size

@@ -152,8 +152,10 @@ class _Rows:
         return int(self.post(self.head(self.hidden[:1].to(_device(self.head)))).shape[-1])
 
     def __call__(self, a: int, b: int) -> Tensor:
+        """Rows a..b of the logits, in memory of their own (evaluate changes them in place)."""
         if self.logits is not None:
-            return self.logits[a:b].float().cpu()
+            out = self.logits[a:b].float().cpu()
+            return out.clone() if out.untyped_storage().data_ptr() == self.logits.untyped_storage().data_ptr() else out
         return self.post(self.head(self.hidden[a:b].to(_device(self.head)))).float().cpu()
 
 
@@ -162,6 +164,22 @@ def _model_rows(model: nn.Module, ids: Tensor, streaming: bool) -> _Rows:
     if streaming:
         return _Rows(_head_hidden(model, dev_ids)[:, :-1], model.get_output_embeddings(), _post(model))
     return _Rows(logits=model(input_ids=dev_ids, use_cache=False).logits[:, :-1])
+
+
+class _Parked:
+    """Per-batch hidden states in a safetensors file (ReferenceScores.park), read one batch per access."""
+
+    def __init__(self, path, n: int):
+        self.path, self.n = path, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Tensor:
+        from ..io import read_tensor
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return read_tensor(self.path, f"b{i}")
 
 
 @dataclass
@@ -173,9 +191,9 @@ class ReferenceScores:
     is then used, which evaluate() allows only when its hash is the same (unchanged by compression)."""
     windows: Tensor
     batch_size: int
-    hidden: list[Tensor] | None     # None: the reference had no separable output layer (logits kept instead)
+    hidden: "list[Tensor] | _Parked | None"     # None: no separable output layer (logits kept instead)
     logits: list[Tensor] | None
-    nll: Tensor
+    nll: Tensor | None              # None: scores of a compared model (scores_from_hidden with_nll=False)
     head: nn.Module | None
     head_sha256: str | None
     post: object = None
@@ -184,19 +202,17 @@ class ReferenceScores:
         self.head = None
 
     def park(self, path) -> None:
-        """Move the hidden states to a safetensors file at `path` (not resident until unpark())."""
+        """Move the hidden states to a safetensors file at `path`: from then on each batch's states are read
+        back from it when used (evaluate holds one batch at a time), or all at once by unpark()."""
         from ..io import atomic_save_file
-        if self.hidden:
+        if self.hidden and not isinstance(self.hidden, _Parked):
             atomic_save_file({f"b{i}": h for i, h in enumerate(self.hidden)}, path)
-            self.hidden, self._parked = [], (path, len(self.hidden))
+            self.hidden = _Parked(path, len(self.hidden))
 
     def unpark(self) -> None:
-        """Read back the hidden states park() wrote (a no-op when none are parked)."""
-        from ..io import read_tensor
-        parked = getattr(self, "_parked", None)
-        if parked is not None:
-            self.hidden = [read_tensor(parked[0], f"b{i}") for i in range(parked[1])]
-            self._parked = None
+        """Make the hidden states park() wrote resident again (a no-op when none are parked)."""
+        if isinstance(self.hidden, _Parked):
+            self.hidden = [self.hidden[i] for i in range(len(self.hidden))]
 
     def head_for(self, model: "nn.Module | ReferenceScores") -> nn.Module:
         """The output layer to apply to the stored hidden states when scoring against `model` (a model, or its
@@ -211,6 +227,9 @@ class ReferenceScores:
 
     def evaluation(self) -> dict:
         """The reference model's own evaluate() result (perplexity, tokens, windows, seqlen)."""
+        if self.nll is None:
+            raise UserError("these scores were computed without their NLL (with_nll=False): score the model with "
+                            "reference_scores to use it as a reference")
         return _summary(self.nll, self.windows)
 
 
@@ -251,21 +270,27 @@ def _score_reference_batch(reference: nn.Module, ids: Tensor, streaming: bool, c
 
 @torch.no_grad()
 def scores_from_hidden(windows: Tensor, batch_size: int, hidden: list[Tensor], head: nn.Module, post,
-                       chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None) -> ReferenceScores:
+                       chunk_elements: int = CHUNK_ELEMENTS, progress: str | None = None,
+                       with_nll: bool = True) -> ReferenceScores:
     """ReferenceScores from the output layer's inputs of each batch of `windows` ((b, seqlen, hidden) each, as
     the model's forward hands them to `head`; `post`: what the model applies to the head's result, see _post),
     computed by the same operations as reference_scores (modelpress.engine.stream computes the inputs layer by
-    layer). The entries of `hidden` are released as they are scored."""
+    layer). The entries of `hidden` are released as they are scored. with_nll=False: the output layer is not
+    applied (scores of a compared model, for which evaluate computes the NLL itself; nll is then None)."""
     hid: list[Tensor] = []
     nll: list[Tensor] = []
     with bar(progress, len(hidden)) as advance:
         for i in range(len(hidden)):
             h, hidden[i] = hidden[i], None          # the caller's list is consumed: one copy of the states at a time
             ids = windows[i * batch_size:(i + 1) * batch_size]
-            _append_scores(_Rows(h[:, :-1], head, post), ids, True, chunk_elements, hid, [], nll)
+            if with_nll:
+                _append_scores(_Rows(h[:, :-1], head, post), ids, True, chunk_elements, hid, [], nll)
+            else:
+                hid.append(h[:, :-1].contiguous())
             del h
             advance()
-    return ReferenceScores(windows, batch_size, hid, None, torch.cat(nll), head, head_sha256(head), post)
+    return ReferenceScores(windows, batch_size, hid, None, torch.cat(nll) if with_nll else None, head,
+                           head_sha256(head), post)
 
 
 def _append_scores(rows: _Rows, ids: Tensor, streaming: bool, chunk_elements: int, hidden: list, logits: list,
@@ -326,13 +351,21 @@ def evaluate(model: nn.Module | ReferenceScores, windows: Tensor, reference: nn.
                 lp = F.log_softmax(logits, -1)
                 o_nll[a:a + step] = -lp.gather(-1, t)[:, 0]
                 if rrows is not None:
+                    # at most four (rows, vocab) tensors live at once: in-place steps compute the very values
+                    # of the out-of-place expressions they replace (logits - rlogits, rlp.exp() * (rlp - lp))
                     rlogits = rrows(a, a + step)
-                    rlp = F.log_softmax(rlogits, -1)
-                    o_rnll[a:a + step] = -rlp.gather(-1, t)[:, 0]
                     o_agree[a:a + step] = logits.argmax(-1) == rlogits.argmax(-1)
-                    o_kl[a:a + step] = (rlp.exp() * (rlp - lp)).sum(-1).clamp(min=0)
-                    o_linf[a:a + step] = (logits - rlogits).abs().amax(-1)
-                del logits, lp
+                    o_linf[a:a + step] = logits.sub_(rlogits).abs_().amax(-1)
+                    del logits
+                    rlp = F.log_softmax(rlogits, -1)
+                    del rlogits
+                    o_rnll[a:a + step] = -rlp.gather(-1, t)[:, 0]
+                    p = rlp.exp()
+                    o_kl[a:a + step] = p.mul_(rlp.sub_(lp)).sum(-1).clamp(min=0)
+                    del p, rlp
+                else:
+                    del logits
+                del lp
             nll.append(o_nll.reshape(shape))
             if rrows is not None:
                 ref_nll.append(o_rnll.reshape(shape))
