@@ -217,31 +217,36 @@ def test_cli_eval_with_reference_scores_it_first(one_thread, tmp_path, capsys, m
     """`eval EXPORT --reference MODEL`: the reference is scored first, one decoder layer at a time from its
     shards, then the export likewise (neither is loaded whole); same figures."""
     import modelpress as mp
-    import modelpress.api as api
-    from modelpress.cli import main
     from .conftest import tiny_model_dir
     model_dir = tiny_model_dir(tmp_path / "model")
     (tmp_path / "text.txt").write_text(TEXT)
     recipe = mp.Recipe.from_dict({"stages": [{"quantize": {"method": "rtn", "bits": 3, "group_size": 32}}]})
     rep = mp.run_recipe(recipe, str(model_dir), tmp_path / "out", evaluate_models=False)
+    _cli_eval_streamed(tmp_path / "out", model_dir, rep["_model"], tmp_path, capsys, monkeypatch)
+
+
+def _cli_eval_streamed(model, reference, compared, tmp_path, capsys, monkeypatch) -> str:
+    """`eval MODEL --reference REFERENCE` on tmp_path/text.txt: neither side loaded whole (both streamed layer
+    by layer), figures those of the whole-tensor oracle on `compared` (the loaded MODEL); the printed table."""
+    import modelpress.api as api
+    from modelpress.cli import main
     loads = []
     real = api.load
     monkeypatch.setattr(api, "load", lambda src, *a, **k: loads.append(str(src)) or real(src, *a, **k))
-    assert main(["eval", str(tmp_path / "out"), "--reference", str(model_dir), "--text", str(tmp_path / "text.txt"),
+    assert main(["eval", str(model), "--reference", str(reference), "--text", str(tmp_path / "text.txt"),
                  "--seqlen", "32", "--windows", "4"]) == 0
     out = capsys.readouterr().out
-    assert loads == []              # both streamed layer by layer: the reference from its shards, the export
-    original, tok = mp.load(model_dir)
-    want = whole_tensor_evaluate(rep["_model"], api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
+    assert loads == []
+    original, tok = real(reference)
+    want = whole_tensor_evaluate(compared, api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
     assert f"{want['kl']:.4g}" in out and f"{want['agreement']:.4g}" in out and f"{want['perplexity']:.4g}" in out
+    return out
 
 
 def test_cli_eval_of_a_folder_streams_it_too(one_thread, tmp_path, capsys, monkeypatch):
     """`eval FOLDER --reference MODEL` with FOLDER an uncompressed HF folder: scored layer by layer as well (never
     loaded whole), the same figures and the same size rows as evaluating the loaded model."""
     import modelpress as mp
-    import modelpress.api as api
-    from modelpress.cli import main
     from modelpress.eval.size import plain_size, size_report
     from .conftest import tiny_model_dir
     model_dir = tiny_model_dir(tmp_path / "model")
@@ -253,17 +258,8 @@ def test_cli_eval_of_a_folder_streams_it_too(one_thread, tmp_path, capsys, monke
                 p.mul_(1 + 0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     other.save_pretrained(tmp_path / "other")
     tok.save_pretrained(tmp_path / "other")
-    loads = []
-    real = api.load
-    monkeypatch.setattr(api, "load", lambda src, *a, **k: loads.append(str(src)) or real(src, *a, **k))
-    assert main(["eval", str(tmp_path / "other"), "--reference", str(model_dir), "--text", str(tmp_path / "text.txt"),
-                 "--seqlen", "32", "--windows", "4"]) == 0
-    out = capsys.readouterr().out
-    assert loads == []
-    original, _ = real(model_dir)
-    compared, _ = real(tmp_path / "other")
-    want = whole_tensor_evaluate(compared, api.windows_for(tok, str(tmp_path / "text.txt"), 32, 4), original)
-    assert f"{want['kl']:.4g}" in out and f"{want['agreement']:.4g}" in out and f"{want['perplexity']:.4g}" in out
+    compared, _ = mp.load(tmp_path / "other")
+    out = _cli_eval_streamed(tmp_path / "other", model_dir, compared, tmp_path, capsys, monkeypatch)
     size = size_report(compared)
     assert f"{size['compressed_bytes'] / 1e6:.4g}" in out
     from modelpress.engine.store import skeleton
