@@ -65,12 +65,6 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
 
     >>> stats = modelpress.compress(model, Recipe.from_yaml("w4a16-gptq-g128"), calib)
     """
-    from .engine.memory import large_allocations_mapped
-    with large_allocations_mapped():   # the stages' freed temporaries (>= 1 MB) go back to the OS
-        return _compress(model, recipe, calib, run)
-
-
-def _compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None, run: Run | None) -> list[dict]:
     stages = recipe.stages
     if recipe.order == "auto":
         from .plan import order_stages
