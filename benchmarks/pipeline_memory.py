@@ -15,6 +15,8 @@ this checkout. Both get the same environment (OMP_NUM_THREADS). Cases:
 - eval-smollm2: `eval EXPORT --reference smollm2` on 32 windows x 512 (EXPORT from the pipeline case).
 - pipeline-qwen: the pipeline case on Qwen2.5-Coder-0.5B-Instruct (`compress qwen2.5-coder-0.5b`), this
   checkout only (the before code has no Qwen reference).
+- eval-qwen: `eval EXPORT --reference qwen2.5-coder-0.5b` on 32 windows x 512 (EXPORT from the pipeline-qwen
+  case of the same invocation), this checkout only.
 
     .venv/bin/python benchmarks/pipeline_memory.py --before DIR          # all cases, before and after (~30 min)
     .venv/bin/python benchmarks/pipeline_memory.py --cases eval-262k     # one case
@@ -34,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = ("pipeline", "eval-262k", "eval-smollm2", "pipeline-qwen")
+CASES = ("pipeline", "eval-262k", "eval-smollm2", "pipeline-qwen", "eval-qwen")
 ROWS = ("perplexity", "reference perplexity", "top-1 agreement", "mean KL")
 
 
@@ -154,7 +156,7 @@ def main(argv=None) -> None:
 
     if "pipeline" in cases or "eval-smollm2" in cases:      # from the checkpoint (also for cached rows)
         sizes["smollm2"] = fp32_mb("smollm2")
-    if "pipeline-qwen" in cases:
+    if "pipeline-qwen" in cases or "eval-qwen" in cases:
         sizes["qwen"] = fp32_mb("qwen2.5-coder-0.5b")
     work = Path(tempfile.mkdtemp(prefix="mp-mem-"))
     try:
@@ -172,9 +174,14 @@ def main(argv=None) -> None:
                                    "--seqlen", "512"], env)
                     r["figures"] = table_values(r["stdout"])
                     done("eval-smollm2", tag, r)
-        if "pipeline-qwen" in cases and ("pipeline-qwen", "after") not in res:
+        if ("pipeline-qwen" in cases and ("pipeline-qwen", "after") not in res) or "eval-qwen" in cases:
             out = work / "w4-qwen"
             done("pipeline-qwen", "after", pipeline(ROOT, "qwen2.5-coder-0.5b", out, env, sizes, "qwen"))
+            if "eval-qwen" in cases:
+                r = run(ROOT, ["eval", str(out), "--reference", "qwen2.5-coder-0.5b", "--windows", "32",
+                               "--seqlen", "512"], env)
+                r["figures"] = table_values(r["stdout"])
+                done("eval-qwen", "after", r)
         if "eval-262k" in cases:
             orig, copy, nb = big_vocab_models(work)
             sizes["262k"] = nb / 1e6
@@ -198,11 +205,11 @@ def report(res: dict, sizes: dict, a) -> str:
     from benchmarks._md import table
     fp32_smol, fp32_big = sizes.get("smollm2"), sizes.get("262k")
     rows = []
-    for case in ("floor: load smollm2", "pipeline", "eval-smollm2", "pipeline-qwen", "floor: load 262k model",
-                 "eval-262k --reference", "eval-262k"):
+    for case in ("floor: load smollm2", "pipeline", "eval-smollm2", "pipeline-qwen", "eval-qwen",
+                 "floor: load 262k model", "eval-262k --reference", "eval-262k"):
         if (case, "after") not in res:
             continue
-        fp32 = (fp32_big if "262k" in case else sizes.get("qwen") if case == "pipeline-qwen" else fp32_smol)
+        fp32 = (fp32_big if "262k" in case else sizes.get("qwen") if case.endswith("-qwen") else fp32_smol)
         b, f = res.get((case, "before")), res[case, "after"]
         same = ("n/a" if case.startswith("floor") or b is None else
                 "yes" if b is not None and b["figures"] == f["figures"] else "NO")
@@ -216,6 +223,7 @@ def report(res: dict, sizes: dict, a) -> str:
     cmds = {"pipeline": "compress smollm2 --recipe w4a16-gptq-g128 --out OUT",
             "pipeline-qwen": "compress qwen2.5-coder-0.5b --recipe w4a16-gptq-g128 --out OUT",
             "eval-smollm2": "eval OUT --reference smollm2 --windows 32 --seqlen 512",
+            "eval-qwen": "eval OUT-QWEN --reference qwen2.5-coder-0.5b --windows 32 --seqlen 512",
             "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
             "eval-262k": "eval COPY --windows 4 --seqlen 512"}
     label = a.before_label or subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"],
