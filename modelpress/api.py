@@ -227,7 +227,6 @@ def streamable_folder(src) -> Path | None:
 
 def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool, lock, return_model: bool) -> dict:
     """run_recipe layer by layer from the shards (see run_recipe)."""
-    from transformers import AutoTokenizer
     from .engine.checkpoint import claim
     from .engine.memory import large_allocations_mapped
     from .engine.offload import compress_offloaded, export_offloaded, fingerprint
@@ -236,7 +235,7 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
     from .export.native import storage_dtype_of
     folder = streamable_folder(src)
     dtype = getattr(torch, recipe.dtype)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = _model.load_tokenizer(folder)
     shell, _ = skeleton(folder, dtype)             # the shapes, for the export formats' checks
     export_notes = _export_preflight(shell, recipe)
     source_dtype = getattr(shell.config, "dtype", None)

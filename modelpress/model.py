@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,26 +191,56 @@ def load(src: str | os.PathLike = REFERENCE, dtype: torch.dtype = torch.float32)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(path if path.exists() else src, dtype=dtype, **kw)
     except Exception as e:                 # anything in a user's folder: a one-line error, never a traceback
-        e = e.__cause__ or e               # e.g. a config validator's ValueError inside transformers' wrapper
-        first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
-        raise UserError(f"cannot load model {src}: {first} (modelpress supports causal LMs that "
-                        "transformers' AutoModelForCausalLM loads)") from None
+        raise _cannot_load(src, e) from None
     if getattr(model.config, "quantization_config", None) is not None and gguf:
         del model.config.quantization_config
     normalize(model)
     return model.eval(), tok
 
 
-def _shard_files(folder: Path) -> dict[str, Path] | None:
-    """Tensor name -> safetensors file of an HF folder (None: no safetensors weights)."""
+def _cannot_load(src, e: Exception) -> UserError:
+    e = e.__cause__ or e               # e.g. a config validator's ValueError inside transformers' wrapper
+    first = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[:200]
+    return UserError(f"cannot load model {src}: {first} (modelpress supports causal LMs that "
+                     "transformers' AutoModelForCausalLM loads)")
+
+
+def load_config(folder: Path):
+    """transformers' AutoConfig of an HF folder; a config it refuses is a one-line error."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise _cannot_load(folder, e) from None
+
+
+def load_tokenizer(folder: Path):
+    """transformers' AutoTokenizer of a local folder; files (or a config) it refuses are a one-line error."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise _cannot_load(folder, e) from None
+
+
+def shard_files(folder: Path, keys: Callable[[Path], Iterable[str]] | None = None) -> dict[str, Path] | None:
+    """Tensor name -> safetensors file of an HF folder (model.safetensors.index.json's weight map, or every
+    tensor of model.safetensors); None: no safetensors weights. `keys` lists a single file's tensor names
+    (default: safetensors' safe_open; modelpress.engine.shards passes its own reader, which turns a truncated
+    file into a one-line error)."""
     idx = folder / "model.safetensors.index.json"
     if idx.is_file():
         return {k: folder / v for k, v in json.loads(idx.read_text())["weight_map"].items()}
-    if (folder / "model.safetensors").is_file():
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        return None
+    if keys is None:
         from safetensors import safe_open
-        with safe_open(folder / "model.safetensors", framework="pt") as f:
-            return {k: folder / "model.safetensors" for k in f.keys()}
-    return None
+
+        def keys(path: Path) -> list[str]:
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+    return {k: single for k in keys(single)}
 
 
 def _from_shards(folder: Path, dtype: torch.dtype) -> nn.Module | None:
@@ -226,7 +257,7 @@ def _from_shards(folder: Path, dtype: torch.dtype) -> nn.Module | None:
     from .io import read_tensor
     if not isinstance(dtype, torch.dtype):
         return None                                        # e.g. "auto": transformers reads it from the checkpoint
-    files = _shard_files(folder)
+    files = shard_files(folder)
     config = AutoConfig.from_pretrained(folder)
     if files is None or getattr(config, "quantization_config", None) is not None:
         return None

@@ -202,14 +202,14 @@ def _evaluate_streamed(a, ref, export: bool) -> dict:
     """`eval EXPORT` or `eval FOLDER` (a reference name or an HF folder with safetensors shards): the model
     scored one decoder layer at a time (modelpress.engine.stream; the same figures as loading it whole),
     against `ref` (ReferenceScores) if given."""
-    from transformers import AutoTokenizer
     from ..api import restore_reference_head, streamable_folder, windows_for
     from ..engine.memory import large_allocations_mapped
     from ..engine.stream import export_scores_streamed, folder_scores_streamed
     from ..eval.perplexity import evaluate as evaluate_windows
+    from ..model import load_tokenizer
     from ..progress import timed
     folder = a.model if export else streamable_folder(a.model)
-    w = windows_for(AutoTokenizer.from_pretrained(folder), a.text, a.seqlen, a.windows, a.protocol)
+    w = windows_for(load_tokenizer(folder), a.text, a.seqlen, a.windows, a.protocol)
     sc, size = timed(f"scoring {a.model}, layer by layer", export_scores_streamed if export else folder_scores_streamed,
                      folder, w, 2, progress=str(a.model))
     if ref is not None:
@@ -228,10 +228,10 @@ def _reference_scores(a):
     from ..eval.perplexity import reference_scores
     folder = streamable_folder(a.reference)
     if folder is not None:                   # a safetensors model: scored one decoder layer at a time
-        from transformers import AutoTokenizer
         from ..engine.stream import reference_scores_streamed
+        from ..model import load_tokenizer
         from ..progress import timed
-        w = windows_for(AutoTokenizer.from_pretrained(folder), a.text, a.seqlen, a.windows, a.protocol)
+        w = windows_for(load_tokenizer(folder), a.text, a.seqlen, a.windows, a.protocol)
         scores = timed(f"scoring {a.reference}, layer by layer", reference_scores_streamed, folder, w, 2,
                        progress=f"{a.reference}")
         scores.release_head()       # read again from the shards only if the compared model's output layer differs

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import UserError
 from ..io import atomic_write, read_tensor
+from ..model import shard_files
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -112,17 +113,17 @@ class Shards:
     """Tensor name -> shard file of an HF folder (model.safetensors or a sharded index)."""
 
     def __init__(self, folder: Path):
-        idx = folder / "model.safetensors.index.json"
-        if idx.exists():
-            wm = json.loads(idx.read_text())["weight_map"]
-            files = {v: SafeFile(folder / v) for v in sorted(set(wm.values()))}
-            self.files = {k: files[v] for k, v in wm.items()}
-        elif (folder / "model.safetensors").exists():
-            f = SafeFile(folder / "model.safetensors")
-            self.files = {k: f for k in f.keys()}
-        else:
+        opened: dict[Path, SafeFile] = {}
+
+        def open_(path: Path) -> SafeFile:
+            if path not in opened:
+                opened[path] = SafeFile(path)
+            return opened[path]
+        names = shard_files(folder, keys=lambda path: open_(path).keys())
+        if names is None:
             raise UserError(f"--offload reads safetensors shards, but {folder} has no model.safetensors "
                             "(or model.safetensors.index.json): convert the model to safetensors first")
+        self.files = {k: open_(path) for k, path in names.items()}
 
     def src(self, name: str, dtype: torch.dtype) -> Src:
         if name not in self.files:

@@ -306,10 +306,10 @@ def skeleton(folder: Path, dtype: torch.dtype) -> tuple[nn.Module, Shards]:
     embedding, which is read from the shards only while the model runs (the layer-0 input capture) and
     released after, and the output projection, which is never needed before the export."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from ..model import decoder_layers, normalize
-    config = AutoConfig.from_pretrained(folder)
+    from ..model import decoder_layers, load_config, normalize
+    config = load_config(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     normalize(model)
