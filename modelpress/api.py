@@ -273,6 +273,7 @@ def _run_streamed(recipe: Recipe, src, dest, evaluate_models: bool, resume: bool
         sc, size = timed(f"scoring the compressed model on {text}, layer by layer", export_scores_streamed, dest,
                          ref.windows, e.batch_size, progress=f"compressed on {text}")
         sized.setdefault("size", size)
+        sc.park(work / "compressed.safetensors")      # its states too are read back one batch at a time
         return sc
     _evaluate_against(score, refs, report, src, recipe, protocol)
     shutil.rmtree(work, ignore_errors=True)
