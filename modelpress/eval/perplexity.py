@@ -351,7 +351,7 @@ def evaluate(model: nn.Module | ReferenceScores, windows: Tensor, reference: nn.
                 lp = F.log_softmax(logits, -1)
                 o_nll[a:a + step] = -lp.gather(-1, t)[:, 0]
                 if rrows is not None:
-                    # at most four (rows, vocab) tensors live at once: in-place steps compute the very values
+                    # at most three (rows, vocab) tensors live at once: in-place steps compute the very values
                     # of the out-of-place expressions they replace (logits - rlogits, rlp.exp() * (rlp - lp))
                     rlogits = rrows(a, a + step)
                     o_agree[a:a + step] = logits.argmax(-1) == rlogits.argmax(-1)
