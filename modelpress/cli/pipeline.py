@@ -177,10 +177,11 @@ def cmd_eval(a) -> int:
         return 0
     ref = _reference_scores(a) if a.reference else None     # scored first: the two models are never both loaded
     from ..api import streamable_folder
+    folder = streamable_folder(a.model)
     if (Path(a.model) / "modelpress.json").exists() and (Path(a.model) / "tokenizer_config.json").exists():
-        res = _evaluate_streamed(a, ref, export=True)
-    elif streamable_folder(a.model) is not None:
-        res = _evaluate_streamed(a, ref, export=False)
+        res = _evaluate_streamed(a, ref, Path(a.model), export=True)
+    elif folder is not None:
+        res = _evaluate_streamed(a, ref, folder, export=False)
     else:
         model, tok = timed(f"load {a.model}", load, a.model)
         if ref is not None:
@@ -198,17 +199,16 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def _evaluate_streamed(a, ref, export: bool) -> dict:
-    """`eval EXPORT` or `eval FOLDER` (a reference name or an HF folder with safetensors shards): the model
+def _evaluate_streamed(a, ref, folder: Path, export: bool) -> dict:
+    """`eval EXPORT` or `eval FOLDER` (the safetensors folder of a reference name or an HF folder): the model
     scored one decoder layer at a time (modelpress.engine.stream; the same figures as loading it whole),
     against `ref` (ReferenceScores) if given."""
-    from ..api import restore_reference_head, streamable_folder, windows_for
+    from ..api import restore_reference_head, windows_for
     from ..engine.memory import large_allocations_mapped
     from ..engine.stream import export_scores_streamed, folder_scores_streamed
     from ..eval.perplexity import evaluate as evaluate_windows
     from ..model import load_tokenizer
     from ..progress import timed
-    folder = a.model if export else streamable_folder(a.model)
     w = windows_for(load_tokenizer(folder), a.text, a.seqlen, a.windows, a.protocol)
     sc, size = timed(f"scoring {a.model}, layer by layer", export_scores_streamed if export else folder_scores_streamed,
                      folder, w, 2, progress=str(a.model))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..export.native import collect_tensors, compressed_modules, storage_dtype
+from ..export.native import collect_tensors, compressed_modules, storage_dtype, storage_names
 from ..model import count_params
 
 
@@ -28,12 +28,13 @@ def plain_size(model: nn.Module, storage: torch.dtype | str | None = None) -> di
     sit on the meta device: modelpress.engine.store.skeleton): every stored tensor once, floating ones wider
     than the storage dtype counted at it, as collect_tensors stores them."""
     storage = storage_dtype(model, storage or "auto") if not isinstance(storage, torch.dtype) else storage
-    nbytes, seen = {}, set()
+    tensors, seen = {}, set()
     for k, v in model.state_dict(keep_vars=True).items():
         if id(v) not in seen:
             seen.add(id(v))
-            wide = v.is_floating_point() and v.element_size() > storage.itemsize
-            nbytes[k] = v.numel() * (storage.itemsize if wide else v.element_size())
+            tensors[k] = v
+    cast = set(storage_names(tensors, {}, storage))
+    nbytes = {k: v.numel() * (storage.itemsize if k in cast else v.element_size()) for k, v in tensors.items()}
     return size_of(nbytes, {}, {}, count_params(model), storage)
 
 
