@@ -161,6 +161,19 @@ def run_theirs(model_dir: Path, ids: Path, scheme: dict, out: Path, threads: int
     return json.loads((out / "result.json").read_text())
 
 
+def reused(out: Path, ids_path: Path, old_ids) -> dict | None:
+    """llm-compressor's result of an earlier run in `out` (--reuse-theirs), marked with the time it finished, when
+    that run saw the very calibration ids of this one; None (run it) otherwise."""
+    import torch
+    res_file = out / "result.json"
+    if old_ids is None or not res_file.exists() or not (out / "model").is_dir() \
+            or not torch.equal(old_ids, torch.load(ids_path)):
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(res_file.stat().st_mtime))
+    print(f"    reusing llm-compressor's run of {when} ({out})", flush=True)
+    return {**json.loads(res_file.read_text()), "reused": when}
+
+
 def ensure_llmc() -> None:
     ok = LLMC_PY.exists() and subprocess.run([str(LLMC_PY), "-c", "import llmcompressor"], capture_output=True).returncode == 0
     if not ok:
@@ -218,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run ours with refit_scales: true for GPTQ (least-squares scales for the final codes)")
     ap.add_argument("--work", default=None,
                     help="scratch folder for models and logs (default /tmp/modelpress-vs-llmc[-MODEL])")
+    ap.add_argument("--reuse-theirs", action="store_true",
+                    help="take llm-compressor's result and model from WORK of an earlier run with the same calibration "
+                         "ids instead of running it again (the section says so and when it ran)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     ap.add_argument("--report-only", action="store_true",
                     help="re-render the section from WORK/rows.json of an earlier run with the same flags")
@@ -259,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     orig, tok = load(str(model_dir))
     calib = calibration_set(tok, "wiki", "random", a.samples, a.seqlen, 0)
     ids_path = work / f"calib_{a.samples}x{a.seqlen}.pt"
+    old_ids = torch.load(ids_path) if ids_path.exists() else None
     torch.save(calib.input_ids, ids_path)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
     print(f"calibration {tuple(calib.input_ids.shape)} sha256 {calib.provenance['sha256'][:12]}; "
@@ -293,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    ppl {rows[-1]['perplexity']:.3f}  {res['compress_seconds']:.1f} s  {res['peak_rss_mb']:.0f} MB", flush=True)
         print(f"[{name}] llm-compressor: compressing ...", flush=True)
         try:
-            res = run_theirs(model_dir, ids_path, {**st["theirs"], "batch_size": a.batch_size},
-                             work / f"{name}-llmc", a.threads)
+            res = reused(work / f"{name}-llmc", ids_path, old_ids) if a.reuse_theirs else None
+            res = res or run_theirs(model_dir, ids_path, {**st["theirs"], "batch_size": a.batch_size},
+                                    work / f"{name}-llmc", a.threads)
             from transformers import AutoModelForCausalLM
             m = AutoModelForCausalLM.from_pretrained(work / f"{name}-llmc" / "model", dtype=torch.float32).eval()
             rows.append({**res, "setting": name, "tool": "llm-compressor", **ev(m)})
@@ -395,6 +413,9 @@ def report(a, calib, windows, base, rows) -> str:
     hdr = ["setting", "tool", "ppl", "Δppl", "top-1 agree", "KL", "wall s", "CPU s", "peak RSS MB",
            "ppl ours/theirs", "wall ours/theirs", "RSS ours/theirs"]
     llmc = next((r for r in rows if r["tool"] == "llm-compressor" and "version" in r), {})
+    reuse = sorted({r["reused"] for r in rows if r.get("reused")})
+    reuse_note = (f" Its rows were reused (`--reuse-theirs`) from a run of the same calibration ids on "
+                  f"{', '.join(reuse)}; ours and the baselines were run again." if reuse else "")
     emb = ", ".join(f"{r['setting']} {r['embedding_unchanged']}" for r in rows if "embedding_unchanged" in r) or "n/a"
     h = a.hidden
     w4g128 = (f"| GPTQ w4 g128 | last group of a {h}-wide row is partial ({h // 128} x 128 + {h % 128}) | fails: hidden size "
@@ -408,7 +429,7 @@ Uncompressed {a.label}: perplexity **{p0:.3f}** on {windows.shape[0]} windows x 
 ({protocol}: `windows_for(tok, "wiki-eval", {windows.shape[1]}, {windows.shape[0]})`, `evaluate(model, windows,
 reference=original)`). Calibration: {calib.input_ids.shape[0]} samples x {calib.input_ids.shape[1]} tokens from
 `calibration_set(tok, "wiki", "random", seed=0)` (sha256 `{calib.provenance['sha256'][:16]}`), the very same ids
-handed to both tools. llm-compressor {llmc.get('version', '?')} (torch {llmc.get('torch', '?')}) in `.venv-llmc`.
+handed to both tools. llm-compressor {llmc.get('version', '?')} (torch {llmc.get('torch', '?')}) in `.venv-llmc`.{reuse_note}
 
 How each number is taken: each compression runs in a fresh subprocess (ours: `vs_llmcompressor.py --worker`, theirs:
 `benchmarks/_llmc_runner.py` under `.venv-llmc/bin/python`), strictly one after the other, with

@@ -77,3 +77,54 @@ def test_run_recipe_and_shipped_recipe(setup, tmp_path):
     rep = mp.run_recipe(recipe, str(model_dir), tmp_path / "out", evaluate_models=False)
     assert rep["export"] == str(tmp_path / "out") and (tmp_path / "out" / "modelpress.json").exists()
     assert rep["size"]["bits_per_weight"] < 5.0
+
+
+def _resident_mapped(path) -> int:
+    """Resident bytes of this process' memory maps of `path` (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split()[0] and len(line.split()) >= 5:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_maps_only_the_embeddings_and_never_writes_the_file(tmp_path, tied):
+    """mp.load of a safetensors folder copies every tensor out of the file except the input embedding and an
+    untied output layer, which stay in a private map (only the rows a run touches become resident); a write to
+    them goes to private pages, never to the file; values are the file's."""
+    import gc
+
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modelpress.io import sha256_file
+
+    from .conftest import tiny_tokenizer
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    file = (tmp_path / "model.safetensors").resolve()
+    before = sha256_file(file)
+    stored = {k: v.clone() for k, v in load_file(file).items()}
+    gc.collect()
+    model, _ = mp.load(tmp_path)
+    emb = model.get_input_embeddings().weight
+    table_bytes = emb.numel() * 4 * (1 if tied else 2)
+    slack = 2 * 64 * 1024                   # the kernel faults pages in around each touch (16 pages)
+    assert _resident_mapped(file) <= slack                                  # nothing read yet
+    for t in {id(t): t for t in (emb, model.get_output_embeddings().weight)}.values():
+        float(t.detach().sum())
+    assert table_bytes <= _resident_mapped(file) <= table_bytes + slack     # the tables, nothing else
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, stored.get(name, stored["model.embed_tokens.weight"]))
+    with torch.no_grad():
+        emb.add_(1.0)
+        model.get_output_embeddings().weight.mul_(2.0)
+    assert sha256_file(file) == before
+    del model, emb, t
+    gc.collect()
+    assert _resident_mapped(file) == 0                                        # the maps go with the tensors
