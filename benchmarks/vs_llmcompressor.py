@@ -482,7 +482,15 @@ Settings, made apples to apples (everything else is each tool's default):
                        "which multiplies wall and CPU time by an order of magnitude and swamps the comparison.")
     if caveats:
         notes = notes.rstrip() + "\n\n" + "\n\n".join(caveats)
-    return (notes.strip() + "\n\n### Results\n\n" + table(hdr, res_rows)
+    split = "; ".join(f"{r['setting']} {r['tool']}: {r['rss_before_mb']:.0f} MB after load, peak "
+                      f"+{r['peak_rss_mb'] - r['rss_before_mb']:.0f} MB above it"
+                      for r in rows if r.get("rss_before_mb") and r.get("peak_rss_mb"))
+    if split:
+        res_rows_note = ("\n\nPeak RSS split (what is resident when the compression starts, then what the compression "
+                         "adds; the model's pages count once touched, whether copied or mapped): " + split + ".")
+    else:
+        res_rows_note = ""
+    return (notes.strip() + "\n\n### Results\n\n" + table(hdr, res_rows) + res_rows_note
             + "\n\n### Targets (issue 2)\n\n" + table(["ours", "target", "measured", "needed", "status"], tgt_rows))
 
 
