@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import modelpress as mp
 from modelpress.calib import sources
@@ -35,6 +36,26 @@ def test_domain_labels():
     assert _domain("novels-eval", "novels") == " (in-domain)"
     assert _domain("/a/b-c.txt", "/a/b-c.txt") == " (in-domain)" and _domain("/a/b-c.txt", "wiki") == " (off-domain)"
     assert _domain("wiki-eval", None) == ""
+    assert _domain("wiki-eval", "wiki+novels") == _domain("novels-eval", "wiki+novels") == " (in-domain)"
+
+
+def test_composite_source_draws_equal_shares_from_its_parts():
+    """'wiki+novels' is the concatenation of the parts' own calibration sets (part i of k: samples
+    (i+1)//k - samples i//k, same selector and seed), with its own provenance."""
+    from .conftest import tiny_tokenizer
+    tok = tiny_tokenizer()
+    mix = mp.calibration_set(tok, "wiki+novels", samples=5, seqlen=16, seed=3)
+    a = mp.calibration_set(tok, "wiki", samples=2, seqlen=16, seed=3)
+    b = mp.calibration_set(tok, "novels", samples=3, seqlen=16, seed=3)
+    assert mix.input_ids.shape == (5, 16)
+    assert mix.input_ids.equal(torch.cat([a.input_ids, b.input_ids]))
+    assert mix.provenance["source"] == "wiki+novels" and mix.provenance["samples"] == 5
+    assert mix.provenance["source_sha256"] not in (a.provenance["source_sha256"], b.provenance["source_sha256"])
+    assert sources.texts("wiki+novels") == sources.texts("wiki") + sources.texts("novels")
+    with pytest.raises(mp.UserError, match="at least 2 samples"):
+        mp.calibration_set(tok, "wiki+novels", samples=1, seqlen=16)
+    with pytest.raises(mp.UserError, match="empty part"):
+        sources.texts("wiki+")
 
 
 def test_default_evaluation_reports_both_domains(one_thread, tmp_path, capsys):

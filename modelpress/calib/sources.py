@@ -137,9 +137,23 @@ def text_list(items) -> list[str]:
     return out
 
 
+def parts(source) -> list[str] | None:
+    """The parts of a composite source "A+B[+...]" (e.g. "wiki+novels": calibration_set draws equal shares of
+    its samples from each part's pool), or None for a single source (a file whose name holds "+" stays a file)."""
+    if not isinstance(source, (str, Path)) or "+" not in str(source) or Path(source).exists():
+        return None
+    out = str(source).split("+")
+    if any(not p.strip() for p in out):
+        raise UserError(f"calibration source {str(source)!r} has an empty part: write parts as 'wiki+novels'")
+    return out
+
+
 def texts(source, split: str = "calib", field: str = "text") -> list[str]:
     """Resolve a source: "wiki" / "novels" (the split given), "wiki-calib"/"wiki-eval",
-    "novels-calib"/"novels-eval", a .txt/.jsonl path, a list of strings, or a datasets object."""
+    "novels-calib"/"novels-eval", a .txt/.jsonl path, a list of strings, or a datasets object; a composite
+    "A+B" gives its parts' texts one after the other."""
+    if parts(source):
+        return [t for p in parts(source) for t in texts(p, split, field)]
     if isinstance(source, (list, tuple)):
         return text_list(source)
     if not isinstance(source, (str, Path)):
@@ -168,6 +182,8 @@ def source_sha256(source, split: str = "calib") -> str:
     if not isinstance(source, (str, Path)):
         fp = getattr(source, "_fingerprint", None) or repr(source)
         return hashlib.sha256(str(fp).encode()).hexdigest()
+    if parts(source):
+        return hashlib.sha256("+".join(source_sha256(p, split) for p in parts(source)).encode()).hexdigest()
     s = str(source)
     if s in NOVELS_SOURCES:
         return novels_sha256(split if s == "novels" else s.split("-")[1])

@@ -118,7 +118,7 @@ def _domain(text: str | None, calib_source: str | None) -> str:
     def corpus(x) -> str:                      # "wiki-eval" -> "wiki"; a file path stays itself
         head = str(x).split("-")[0]
         return head if head in ("wiki", "novels") else str(x)
-    same = corpus(text) == corpus(calib_source)
+    same = corpus(text) in {corpus(p) for p in str(calib_source).split("+")}     # "wiki+novels": either part
     return " (in-domain)" if same else " (off-domain)"
 
 
