@@ -11,8 +11,9 @@ Damage = perplexity - the uncompressed model's perplexity on the same text; "dam
 1 - damage(GPTQ) / damage(RTN); "SparseGPT / Wanda damage" < 1 means SparseGPT is better.
 
 Factors (one at a time from the shipped setting, same 3 seeds): GPTQ observer mse / minmax, act_order false,
-damp 0.1, 32 samples, a half-and-half calibration mix (N/2 windows from "wiki" and N/2 from "novels", each
-`calibration_set(..., N/2, 512, seed)`); SparseGPT damp 0.1, 32 samples, the mix.
+damp 0.1, 32 samples, a half-and-half calibration mix (the composite source "wiki+novels": N/2 windows
+from each part's calibration pool, `calibration_set(tok, "wiki+novels", "random", N, 512, seed)`); SparseGPT
+damp 0.1, 32 samples, the mix.
 
 Every finished run is kept in a JSON cache (--cache), so an interrupted run continues; the section is rewritten
 after each run from the cache.
@@ -38,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._md import table, write_section  # noqa: E402
 from modelpress.api import calibration_set, compress, load, windows_for  # noqa: E402
-from modelpress.calib import CalibrationSet  # noqa: E402
 from modelpress.eval.perplexity import evaluate, reference_scores  # noqa: E402
 from modelpress.recipe import Recipe  # noqa: E402
 
@@ -68,14 +68,10 @@ NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Code
 BASE_OF = {k: ("GPTQ (shipped)" if k.startswith("GPTQ") else "SparseGPT 2:4 (shipped)") for k in FACTORS}
 
 
-def calib_for(tok, kind: str | None, samples: int, seqlen: int, seed: int) -> CalibrationSet | None:
+def calib_for(tok, kind: str | None, samples: int, seqlen: int, seed: int):
     if kind is None:
         return None
-    if kind == "wiki":
-        return calibration_set(tok, "wiki", "random", samples, seqlen, seed)
-    a = calibration_set(tok, "wiki", "random", samples // 2, seqlen, seed)
-    b = calibration_set(tok, "novels", "random", samples - samples // 2, seqlen, seed)
-    return CalibrationSet.from_ids(torch.cat([a.input_ids, b.input_ids]), source="wiki+novels", seed=seed)
+    return calibration_set(tok, "wiki" if kind == "wiki" else "wiki+novels", "random", samples, seqlen, seed)
 
 
 def mine(cache: dict, tag: str, a) -> dict:
