@@ -82,11 +82,12 @@ def test_run_recipe_and_shipped_recipe(setup, tmp_path):
 def _resident_mapped(path) -> int:
     """Resident bytes of this process' memory maps of `path` (from /proc/self/smaps)."""
     total, inside = 0, False
-    for line in open("/proc/self/smaps"):
-        if "-" in line.split()[0] and len(line.split()) >= 5:
-            inside = line.rstrip().endswith(str(path))
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split()[0] and len(line.split()) >= 5:
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1]) * 1024
     return total
 
 
