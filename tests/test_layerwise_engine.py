@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modelpress.engine import layerwise
-from modelpress.algos.gptq import inverse_hessian_chol, tril_inverse
+from modelpress.algos.gptq import inverse_hessian_chol, tril_inverse_
 from modelpress.errors import UserError
 from modelpress.recipe import Recipe
 from modelpress.targets import Target
@@ -42,9 +42,21 @@ def test_tril_inverse_is_the_inverse(n):
     g = torch.Generator().manual_seed(n)
     A = torch.randn(n, n, generator=g, dtype=torch.float64)
     L = torch.linalg.cholesky(A @ A.t() + n * torch.eye(n, dtype=torch.float64))
-    Li = tril_inverse(L, leaf=32)
+    Lt = L.clone()
+    Li = tril_inverse_(Lt, leaf=32)
+    assert Li is Lt                                                  # written over its argument
     assert torch.equal(Li, Li.tril())
     assert (Li @ L - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("n", [1, 5, 384, 385, 1000])
+def test_symmetrize_in_place_equals_the_whole_matrix_expression(n):
+    from modelpress.engine.layerwise import symmetrize_
+    H = torch.randn(n, n, generator=torch.Generator().manual_seed(n))
+    H[0, -1] = -0.0
+    want = H.triu() + H.triu(1).t()
+    symmetrize_(H)
+    assert torch.equal(H.view(torch.int32), want.view(torch.int32))            # bitwise, signs of zero included
 
 
 def test_inverse_hessian_factor_reproduces_the_inverse():

@@ -52,19 +52,32 @@ class HessianNotPD(ValueError):
     """The damped Hessian is not positive definite (too few or degenerate calibration inputs)."""
 
 
-def tril_inverse(L: Tensor, leaf: int = 128) -> Tensor:
-    """L^-1 of a lower-triangular L (n, n) by 2x2 blocks, [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]:
-    about n^3/3 flops in GEMMs (LAPACK trtri's count), where a triangular solve against the identity costs n^3."""
+def tril_inverse_(L: Tensor, leaf: int = 128) -> Tensor:
+    """L^-1 of a lower-triangular L (n, n), written over L (returned), by 2x2 blocks,
+    [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]: about n^3/3 flops in GEMMs (LAPACK trtri's
+    count), where a triangular solve against the identity costs n^3; temporaries of one (n/2, n/2) block."""
     n = L.shape[0]
     if n <= leaf:
-        return torch.linalg.solve_triangular(L, torch.eye(n, device=L.device, dtype=L.dtype), upper=False)
+        return L.copy_(torch.linalg.solve_triangular(L, torch.eye(n, device=L.device, dtype=L.dtype), upper=False))
     h = n // 2
-    out = torch.zeros_like(L)
-    Ai, Di = tril_inverse(L[:h, :h], leaf), tril_inverse(L[h:, h:], leaf)    # (h, h), (n-h, n-h)
-    out[:h, :h], out[h:, h:] = Ai, Di
-    torch.mm(Di, L[h:, :h] @ Ai, out=out[h:, :h])
-    out[h:, :h].neg_()
-    return out
+    tril_inverse_(L[:h, :h], leaf)                                            # A^-1, (h, h)
+    tril_inverse_(L[h:, h:], leaf)                                            # D^-1, (n-h, n-h)
+    T = L[h:, :h] @ L[:h, :h]                                                 # C A^-1, (n-h, h)
+    torch.mm(L[h:, h:], T, out=L[h:, :h])
+    L[h:, :h].neg_()
+    return L
+
+
+def _flip_(M: Tensor, step: int = 1 << 20) -> Tensor:
+    """M.flip(0, 1) of a row- or column-major matrix, in place (its storage reversed `step` elements at a time)."""
+    v = (M if M.is_contiguous() else M.t()).view(-1)
+    m = v.numel()
+    for a in range(0, m // 2, step):
+        b = min(a + step, m // 2)
+        lo = v[a:b].clone()
+        v[a:b] = v[m - b:m - a].flip(0)
+        v[m - b:m - a] = lo.flip(0)
+    return M
 
 
 def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None, tries: int = 4) -> tuple[Tensor, float]:
@@ -73,25 +86,28 @@ def inverse_hessian_chol(H: Tensor, percdamp: float, perm: Tensor | None = None,
     H_jj = 1. The damping grows x10 per failed try. Returns (U, percdamp used); raises HessianNotPD when
     every try fails. H is not modified. One factorization: with J the reversal permutation,
     J H_p J = L L^T gives H_p = R R^T with R = J L J upper, so H_p^-1 = R^-T R^-1 and U = R^-1 = J L^-1 J.
-    Memory: about three (cols, cols) matrices besides H."""
+    Memory: one (cols, cols) matrix besides H (permuted, factored, inverted and flipped in place) plus
+    temporaries of a quarter of it."""
     cols = H.shape[0]
     idx = (torch.arange(cols, device=H.device) if perm is None else perm).flip(0)
-    Hd = H.float().index_select(0, idx).index_select(1, idx)                  # J H_p J, (cols, cols)
-    diag = Hd.diagonal()
-    base = diag.clone()
+    base = H.diagonal().float().index_select(0, idx)                          # diag of J H_p J
     base[base == 0] = 1                                                       # dead inputs
     mean_diag = base.mean()
     for t in range(tries):
         d = percdamp * (10 ** t)
-        diag.copy_(base + d * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        Hd = H.float().index_select(0, idx)                                   # rows of J H_p J, (cols, cols)
+        for a in range(0, cols, 256):                                         # its columns, a strip at a time
+            Hd[a:a + 256] = Hd[a:a + 256].index_select(1, idx)
+        L = Hd.t()            # symmetric: the same matrix, column-major (LAPACK's layout, as cholesky_ex returns it)
+        del Hd
+        L.diagonal().copy_(base + d * mean_diag)
+        _, info = torch.linalg.cholesky_ex(L, out=(L, torch.empty((), dtype=torch.int32, device=L.device)))
         if info == 0:
-            del Hd, diag
-            Linv = tril_inverse(L)                                            # (cols, cols) lower
-            del L
-            if torch.isfinite(Linv).all():
-                return Linv.flip(0, 1), d
+            tril_inverse_(L)                                                  # L^-1, lower
+            if torch.isfinite(L).all():
+                return _flip_(L), d
             raise HessianNotPD(f"inverse Hessian factor not finite with damping {d:g}")
+        del L
     raise HessianNotPD(f"Hessian not positive definite even with damping {percdamp * 10 ** (tries - 1):g}")
 
 

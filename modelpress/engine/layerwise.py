@@ -40,9 +40,17 @@ def gram_add_(H: Tensor, x: Tensor, strip: int = 384) -> None:
         H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
 
 
-def symmetrize_(H: Tensor) -> None:
-    """Fill the lower triangle of H from its upper triangle, in place."""
-    H.copy_(H.triu() + H.triu(1).t())
+def symmetrize_(H: Tensor, strip: int = 384) -> None:
+    """Fill the lower triangle of H from its upper triangle, in place, one block column at a time (temporaries
+    of one (strip, strip) block: H.triu() + H.triu(1).t() held three (cols, cols) copies, the peak of a GPTQ
+    layer on a 4864-wide down_proj). Bitwise that expression's result, -0.0 turned +0.0 as its "+ 0" did."""
+    cols = H.shape[0]
+    for a in range(0, cols, strip):
+        b = min(a + strip, cols)
+        D = H[a:b, a:b]
+        D.copy_(D.triu() + D.triu(1).t())
+        H[b:, a:b].copy_(H[a:b, b:].t())            # below the diagonal block <- right of it (disjoint)
+    H.add_(0.0)
 
 
 def _to(x, dev):
