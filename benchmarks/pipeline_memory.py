@@ -129,6 +129,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--before", default="/work/main", help="checkout with the pre-change code")
     ap.add_argument("--before-label", help="what --before holds, for the table (default: its git HEAD)")
+    ap.add_argument("--label", help="the commit this checkout holds, recorded with each row it measures "
+                    "(default: its git HEAD; give it when running from a `git archive` copy)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-md", action="store_true")
     ap.add_argument("--cache", default="/tmp/modelpress-pipeline-memory.json",
@@ -144,8 +146,13 @@ def main(argv=None) -> None:
     argv_s = " ".join(sys.argv[1:])
     cmd = "python benchmarks/pipeline_memory.py" + (f" {argv_s}" if argv_s else "")
 
+    label = a.label or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                      capture_output=True, text=True).stdout.strip()
+
     def done(case, tag, r):
         r.pop("stdout", None)
+        if tag == "after" and label:
+            r["commit"] = label
         res[case, tag] = r
         cache[f"{case}|{tag}"] = r
         cache_path.write_text(json.dumps(cache, indent=1))
@@ -217,7 +224,8 @@ def report(res: dict, sizes: dict, a) -> str:
             if r is None:
                 continue
             figs = ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in r["figures"].items())
-            rows.append([case, tag, f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / fp32:.2f}x" if fp32 else "n/a",
+            code = f"{tag} ({r['commit']})" if r.get("commit") else tag
+            rows.append([case, code, f"{r['rss_mb']:.0f}", f"{r['rss_mb'] / fp32:.2f}x" if fp32 else "n/a",
                          f"{r['rss_mb'] - fp32:+.0f}" if fp32 else "n/a", f"{r['wall']:.0f}", figs,
                          same if tag == "after" else ""])
     cmds = {"pipeline": "compress smollm2 --recipe w4a16-gptq-g128 --out OUT",
@@ -233,7 +241,8 @@ def report(res: dict, sizes: dict, a) -> str:
              "recipe allows (modelpress.engine.stream scores the original, the offload engine compresses and "
              "exports, the export is scored layer by layer too; neither whole model is ever resident), `eval` "
              "streams an export, a safetensors reference and a safetensors model likewise, tensors copied out of the "
-             f"safetensors files on load), OMP_NUM_THREADS={a.threads}; the machine's 2 cores were shared with other jobs "
+             "safetensors files on load but for the input embedding and an untied output layer, which stay mapped; "
+             f"each after row names the commit it ran on), OMP_NUM_THREADS={a.threads}; the machine's 2 cores were shared with other jobs "
              "(benchmarks, tests), so wall times are indicative. "
              f"fp32 weight bytes: SmolLM2 {fp32_smol or float('nan'):.0f} MB, Qwen2.5-Coder-0.5B "
              f"{sizes.get('qwen') or float('nan'):.0f} MB, synthetic 262k-vocabulary Llama "
