@@ -483,9 +483,10 @@ def test_compress_help_explains_calibration_options(capsys):
     with pytest.raises(SystemExit):
         main(["compress", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for flag in ("--calib-select", "--calib-samples", "--calib-seqlen", "--calib-seed"):
+    for flag in ("--calib-source", "--calib-select", "--calib-samples", "--calib-seqlen", "--calib-seed"):
         assert flag in out
     assert "number of calibration windows" in out and "tokens per calibration window" in out
+    assert "wiki+novels" in out
 
 
 # -- 5. long runs talk, also in logs ----------------------------------------------------------------

@@ -84,3 +84,24 @@ def test_default_evaluation_reports_both_domains(one_thread, tmp_path, capsys):
     print_report(rep)
     out = capsys.readouterr().out
     assert "perplexity, wiki-eval (off-domain)" in out and "perplexity, novels-eval (off-domain)" in out
+
+
+def test_cli_calib_source_overrides_the_recipe(one_thread, tmp_path):
+    """compress --calib-source A+B: the run calibrates on the composite source (calibration.json records it and
+    its ids are the parts' own sets, concatenated)."""
+    import json
+
+    from modelpress.cli import main
+    model_dir = tiny_model_dir(tmp_path / "model")
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(["the quick brown fox jumps over the lazy dog"] * 50))
+    b.write_text("\n\n".join(["it is a truth universally acknowledged that compression keeps"] * 50))
+    (tmp_path / "r.yaml").write_text(
+        f"calibration: {{source: {a}, samples: 2, seqlen: 16}}\n"
+        "stages:\n  - prune: {method: wanda, sparsity: 0.5}\n")
+    assert main(["compress", str(model_dir), "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o"),
+                 "--calib-source", f"{a}+{b}", "--calib-samples", "4", "--no-eval", "--in-memory"]) == 0
+    prov = json.loads((tmp_path / "o" / "calibration.json").read_text())
+    _, tok = mp.load(model_dir)
+    want = mp.calibration_set(tok, f"{a}+{b}", samples=4, seqlen=16)
+    assert prov["source"] == f"{a}+{b}" and prov["samples"] == 4 and prov["sha256"] == want.sha256()

@@ -14,6 +14,9 @@ def add_parser(sub) -> tuple[str, ...]:
     c.add_argument("model", help='"smollm2", an HF folder, a .gguf file or a hub id')
     c.add_argument("--recipe", required=True, help="recipe YAML file or shipped recipe name")
     c.add_argument("--out", required=True, help="export folder")
+    c.add_argument("--calib-source", metavar="SOURCE",
+                   help="override calibration.source: wiki, novels, a .txt/.jsonl file, or parts joined by + "
+                        "(wiki+novels: equal shares from each)")
     c.add_argument("--calib-select", metavar="METHOD",
                    help="override the recipe's calibration.select: how calibration windows are chosen "
                         "(random, or another selector of modelpress.calib.select)")
@@ -135,10 +138,11 @@ def cmd_compress(a) -> int:
     from ..api import run_recipe
     from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
-    if any(v is not None for v in (a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)) or a.protocol:
+    if any(v is not None for v in (a.calib_source, a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)) \
+            or a.protocol:
         d = recipe.to_dict()
         c = d["calibration"]
-        for k, v in (("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
+        for k, v in (("source", a.calib_source), ("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
                      ("seed", a.calib_seed), ("protocol", a.protocol)):
             if v is not None:
                 c[k] = v
