@@ -136,6 +136,9 @@ def report(cache: dict, a, base: dict) -> str:
     if rows:
         lines += ["### SparseGPT 2:4: damage relative to Wanda 2:4 (Δppl / Δppl Wanda (mean over seeds); < 1 = better)",
                   "", table(["setting", "seeds", "wiki-eval (in domain)", "novels-eval (off domain)"], rows), ""]
+    def by_seed(name, dom):
+        return {k.split("|")[-1]: v[dom]["perplexity"] for k, v in cache.items() if k.split("|")[0] == name}
+
     rows = []
     for name, b in BASE_OF.items():
         if not runs(name) or not runs(b):
@@ -146,12 +149,23 @@ def report(cache: dict, a, base: dict) -> str:
             diff = statistics.fmean(x) - statistics.fmean(y)
             noise = max(statistics.stdev(x) if len(x) > 1 else 0.0, statistics.stdev(y) if len(y) > 1 else 0.0)
             verdict = "noise" if abs(diff) <= 2 * noise or len(x) < 2 else ("better" if diff < 0 else "worse")
-            cells += [f"{diff:+.3f}", f"{noise:.3f}", verdict]
+            fx, fy = by_seed(name, dom), by_seed(b, dom)
+            paired = [fx[s] - fy[s] for s in sorted(fx) if s in fy]
+            pm = (f"{statistics.fmean(paired):+.3f} ± {statistics.stdev(paired):.3f}" if len(paired) > 1 else
+                  f"{paired[0]:+.3f}" if paired else "n/a")
+            cells += [f"{diff:+.3f}", f"{noise:.3f}", verdict, f"{pm} ({len(paired)})"]
         rows.append(cells)
     if rows:
         lines += ["### One factor at a time: Δ mean perplexity vs the shipped setting (negative = better)", "",
-                  "Verdict: better / worse only where |Δ| > 2 x the larger seed sd of the two settings, else noise.", "",
-                  table(["factor", "vs", "wiki Δ", "wiki sd", "wiki", "novels Δ", "novels sd", "novels"], rows), ""]
+                  "Verdict: better / worse only where |Δ| > 2 x the larger seed sd of the two settings, else noise. "
+                  "*paired*: the difference seed by seed (the same calibration windows where the factor keeps the "
+                  "source), mean ± sd (number of seeds): a consistent sign with a small sd is a small but real effect "
+                  "the unpaired verdict may call noise.", "",
+                  table(["factor", "vs", "wiki Δ", "wiki sd", "wiki", "wiki paired", "novels Δ", "novels sd",
+                         "novels", "novels paired"], rows), ""]
+        cand = [f"{r[0]} (wiki paired {r[5]})" for r in rows if r[8] == "better" and r[4] != "worse"]
+        lines += ["Candidates for a default change (better off domain, in domain not worse by the rule above): "
+                  + (", ".join(cand) if cand else "none") + ".", ""]
     return "\n".join(lines)
 
 
@@ -167,23 +181,35 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="/tmp/modelpress-offdomain.json")
     ap.add_argument("--no-md", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write the section from the cache (every run and the uncompressed perplexities in it)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cache_path = Path(a.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     t0 = time.perf_counter()
-    model, tok = load(a.model)
     tag = "" if a.model == "smollm2" else f"{a.model}|"       # cache keys: the SmolLM2 ones unprefixed
     section = "off-domain quality" + ("" if a.model == "smollm2" else f": {NAMES.get(a.model, a.model)}")
+    argv_s = " ".join(x for x in sys.argv[1:] if x != "--report-only")
+    cmd = "python benchmarks/offdomain.py" + (f" {argv_s}" if argv_s else "")
+    base_key = f"_base|{tag}{a.seqlen}|{a.windows}"
+    if a.report_only:
+        if base_key not in cache:
+            raise SystemExit(f"--report-only: {a.cache} has no uncompressed perplexities ({base_key}): run once without it")
+        body = report(mine(cache, tag, a), a, cache[base_key])
+        print(body)
+        if not a.no_md:
+            write_section(section, cmd, __doc__.split("\n\n")[1] + "\n\n" + body)
+        return
+    model, tok = load(a.model)
     wins = {d: windows_for(tok, d, a.seqlen, a.windows) for d in DOMAINS}
     refs = {d: reference_scores(model, w, 2) for d, w in wins.items()}
     base = {d: r.evaluation()["perplexity"] for d, r in refs.items()}
+    cache[base_key] = base
     print(f"[{time.perf_counter() - t0:6.0f} s] uncompressed {base}", flush=True)
     todo = dict(SETTINGS) if a.no_factors else {**SETTINGS, **FACTORS}
     if a.only:
         todo = {k: v for k, v in todo.items() if k in a.only.split(",")}
-    argv_s = " ".join(sys.argv[1:])
-    cmd = "python benchmarks/offdomain.py" + (f" {argv_s}" if argv_s else "")
     phases = [{k: v for k, v in todo.items() if k in SETTINGS}, {k: v for k, v in todo.items() if k in FACTORS}]
     for seed, name, (stage, cfg, kind, mult) in ((s, n, v) for ph in phases for s in a.seeds for n, v in ph.items()):
         if True:
