@@ -55,7 +55,10 @@ def run_model(src: str, method: str, samples: int, calib_seqlen: int, windows: i
     t0 = time.perf_counter()
     model, tok = mp.load(src)
     params = mp.model.count_params(model)
-    name = Path(src).stem if src != "smollm2" else "SmolLM2-135M-Instruct"
+    refs = mp.model.REFERENCES
+    name = refs[src].title.split(" (")[0] if src in refs else Path(src).name
+    head, emb_mod = model.get_output_embeddings(), model.get_input_embeddings()
+    untied = 0 if head is None or head.weight is emb_mod.weight else head.weight.numel()
     w = windows_for(tok, "wiki-eval", seqlen, windows)
     ppl0 = evaluate(model, w)["perplexity"]
     q = {"method": method, "bits": 4, "group_size": 128, "sym": True, "observer": "hessian" if method == "gptq" else "minmax"}
@@ -91,7 +94,7 @@ def run_model(src: str, method: str, samples: int, calib_seqlen: int, windows: i
                      "ppl": ppl, "dppl": ppl - base_ppl if base_ppl is not None else float("nan"), "exact": exact})
         shutil.rmtree(out)
         del m
-    return {"name": name, "params": params, "ppl0": ppl0, "rows": rows, "ct_bytes": ct, "ct_diff": ct_diff, "method": method,
+    return {"name": name, "params": params, "untied_head": untied, "ppl0": ppl0, "rows": rows, "ct_bytes": ct, "ct_diff": ct_diff, "method": method,
             "seconds": time.perf_counter() - t0}
 
 
@@ -125,7 +128,10 @@ def main() -> None:
             f"{r['name']}: {p / 1e6:.1f}M parameters as loaded; 16-bit original {2 * p / 1e6:.1f} MB, fp32 source "
             f"{4 * p / 1e6:.1f} MB; fp32 perplexity {r['ppl0']:.3f}. {r['method'].upper()} w4 g128 sym on the linears "
             f"(lm_head excluded; {calib}evaluation {a.windows} x {a.seqlen} wiki-eval windows), then the embedding "
-            "variant (quantize_embedding; an untied lm_head is quantized with it). MB = model.safetensors of the "
+            "variant (quantize_embedding; an untied lm_head is quantized with it). "
+            + (f"The output layer is untied: {r['untied_head'] / 1e6:.1f}M parameters ({r['untied_head'] / p:.0%} of "
+               "the model) stored beside the embedding, at 16 bits in the first row. " if r["untied_head"] else "")
+            + "MB = model.safetensors of the "
             "native export as written. One run: the perplexity differences between variants are deterministic for "
             "the one compressed model (no seeds involved).\n\n"
             + table(["variant", "MB", "x 16-bit original", "x fp32 source", "perplexity", "ppl vs 16-bit emb.",
