@@ -55,6 +55,12 @@ def run(tree: Path, args: list[str], env: dict, code: str | None = None) -> dict
     return {"rss_mb": kb * 1024 / 1e6, "wall": time.perf_counter() - t0, "stdout": p.stdout, "figures": {}}
 
 
+def git_head(tree) -> str:
+    """The short commit of a checkout ('' for a tree outside git, e.g. a `git archive` copy)."""
+    return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+
+
 FLOOR = ("import modelpress.cli, modelpress.api, torch, transformers\n"
          "from modelpress.api import load\n"
          "m, _ = load({src!r})\n"
@@ -146,8 +152,7 @@ def main(argv=None) -> None:
     argv_s = " ".join(sys.argv[1:])
     cmd = "python benchmarks/pipeline_memory.py" + (f" {argv_s}" if argv_s else "")
 
-    label = a.label or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                                      capture_output=True, text=True).stdout.strip()
+    label = a.label or git_head(ROOT)
 
     def done(case, tag, r):
         r.pop("stdout", None)
@@ -234,8 +239,7 @@ def report(res: dict, sizes: dict, a) -> str:
             "eval-qwen": "eval OUT-QWEN --reference qwen2.5-coder-0.5b --windows 32 --seqlen 512",
             "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
             "eval-262k": "eval COPY --windows 4 --seqlen 512"}
-    label = a.before_label or subprocess.run(["git", "-C", a.before, "rev-parse", "--short", "HEAD"],
-                                             capture_output=True, text=True).stdout.strip() or a.before
+    label = a.before_label or git_head(a.before) or a.before
     lines = [f"Peak RSS (`/usr/bin/time -v`: the one `python -m modelpress.cli` process' own high-water mark) before (the pre-change "
              f"code: {label}) and after (this checkout: `compress` goes layer by layer from the shards where the "
              "recipe allows (modelpress.engine.stream scores the original, the offload engine compresses and "

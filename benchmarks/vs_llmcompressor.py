@@ -161,13 +161,11 @@ def run_theirs(model_dir: Path, ids: Path, scheme: dict, out: Path, threads: int
     return json.loads((out / "result.json").read_text())
 
 
-def reused(out: Path, ids_path: Path, old_ids) -> dict | None:
+def reused(out: Path, same_ids: bool) -> dict | None:
     """llm-compressor's result of an earlier run in `out` (--reuse-theirs), marked with the time it finished, when
-    that run saw the very calibration ids of this one; None (run it) otherwise."""
-    import torch
+    that run saw the very calibration ids of this one (same_ids); None (run it) otherwise."""
     res_file = out / "result.json"
-    if old_ids is None or not res_file.exists() or not (out / "model").is_dir() \
-            or not torch.equal(old_ids, torch.load(ids_path)):
+    if not same_ids or not res_file.exists() or not (out / "model").is_dir():
         return None
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(res_file.stat().st_mtime))
     print(f"    reusing llm-compressor's run of {when} ({out})", flush=True)
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     orig, tok = load(str(model_dir))
     calib = calibration_set(tok, "wiki", "random", a.samples, a.seqlen, 0)
     ids_path = work / f"calib_{a.samples}x{a.seqlen}.pt"
-    old_ids = torch.load(ids_path) if ids_path.exists() else None
+    same_ids = ids_path.exists() and torch.equal(torch.load(ids_path), calib.input_ids)   # an earlier run's ids
     torch.save(calib.input_ids, ids_path)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
     print(f"calibration {tuple(calib.input_ids.shape)} sha256 {calib.provenance['sha256'][:12]}; "
@@ -310,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    ppl {rows[-1]['perplexity']:.3f}  {res['compress_seconds']:.1f} s  {res['peak_rss_mb']:.0f} MB", flush=True)
         print(f"[{name}] llm-compressor: compressing ...", flush=True)
         try:
-            res = reused(work / f"{name}-llmc", ids_path, old_ids) if a.reuse_theirs else None
+            res = reused(work / f"{name}-llmc", same_ids) if a.reuse_theirs else None
             res = res or run_theirs(model_dir, ids_path, {**st["theirs"], "batch_size": a.batch_size},
                                     work / f"{name}-llmc", a.threads)
             from transformers import AutoModelForCausalLM

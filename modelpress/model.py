@@ -271,12 +271,12 @@ def _from_shards(folder: Path, dtype: torch.dtype) -> nn.Module | None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     want = set(model.state_dict())
     tied = getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None
-    head = next((n + ".weight" for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    names = {m: n + ".weight" for n, m in model.named_modules()}
+    head = names.get(model.get_output_embeddings())
     if set(files) - want or want - set(files) - ({head} if tied else set()):
         return None                                        # renamed / extra / missing tensors: transformers maps them
-    mapped = {n + ".weight" for n, m in model.named_modules()
-              if m is model.get_input_embeddings() or (m is model.get_output_embeddings() and not tied)}
-    for name, file in files.items():          # one tensor at a time, each in memory of its own (no file map)
+    mapped = {names.get(model.get_input_embeddings()), None if tied else head}
+    for name, file in files.items():          # one tensor at a time, each in memory of its own (the tables: mapped)
         t = _mapped_tensor(file, name, dtype) if name in mapped else None
         t = read_tensor(file, name) if t is None else t
         model.load_state_dict({name: t.to(dtype) if t.is_floating_point() else t}, strict=False, assign=True)

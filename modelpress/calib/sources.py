@@ -152,8 +152,8 @@ def texts(source, split: str = "calib", field: str = "text") -> list[str]:
     """Resolve a source: "wiki" / "novels" (the split given), "wiki-calib"/"wiki-eval",
     "novels-calib"/"novels-eval", a .txt/.jsonl path, a list of strings, or a datasets object; a composite
     "A+B" gives its parts' texts one after the other."""
-    if parts(source):
-        return [t for p in parts(source) for t in texts(p, split, field)]
+    if ps := parts(source):
+        return [t for p in ps for t in texts(p, split, field)]
     if isinstance(source, (list, tuple)):
         return text_list(source)
     if not isinstance(source, (str, Path)):
@@ -182,8 +182,8 @@ def source_sha256(source, split: str = "calib") -> str:
     if not isinstance(source, (str, Path)):
         fp = getattr(source, "_fingerprint", None) or repr(source)
         return hashlib.sha256(str(fp).encode()).hexdigest()
-    if parts(source):
-        return hashlib.sha256("+".join(source_sha256(p, split) for p in parts(source)).encode()).hexdigest()
+    if ps := parts(source):
+        return hashlib.sha256("+".join(source_sha256(p, split) for p in ps).encode()).hexdigest()
     s = str(source)
     if s in NOVELS_SOURCES:
         return novels_sha256(split if s == "novels" else s.split("-")[1])

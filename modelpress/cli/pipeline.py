@@ -121,7 +121,8 @@ def _domain(text: str | None, calib_source: str | None) -> str:
     def corpus(x) -> str:                      # "wiki-eval" -> "wiki"; a file path stays itself
         head = str(x).split("-")[0]
         return head if head in ("wiki", "novels") else str(x)
-    same = corpus(text) in {corpus(p) for p in str(calib_source).split("+")}     # "wiki+novels": either part
+    from ..calib.sources import parts
+    same = corpus(text) in {corpus(p) for p in parts(calib_source) or [calib_source]}   # "wiki+novels": either part
     return " (in-domain)" if same else " (off-domain)"
 
 
@@ -138,14 +139,12 @@ def cmd_compress(a) -> int:
     from ..api import run_recipe
     from ..recipe import Recipe
     recipe = Recipe.from_yaml(a.recipe)
-    if any(v is not None for v in (a.calib_source, a.calib_select, a.calib_samples, a.calib_seqlen, a.calib_seed)) \
-            or a.protocol:
+    over = {k: v for k, v in (("source", a.calib_source), ("select", a.calib_select), ("samples", a.calib_samples),
+                              ("seqlen", a.calib_seqlen), ("seed", a.calib_seed), ("protocol", a.protocol))
+            if v is not None}
+    if over:
         d = recipe.to_dict()
-        c = d["calibration"]
-        for k, v in (("source", a.calib_source), ("select", a.calib_select), ("samples", a.calib_samples), ("seqlen", a.calib_seqlen),
-                     ("seed", a.calib_seed), ("protocol", a.protocol)):
-            if v is not None:
-                c[k] = v
+        d["calibration"].update(over)
         if a.protocol:
             d["evaluate"]["protocol"] = a.protocol
         recipe = Recipe.from_dict(d, str(a.recipe))
