@@ -4,7 +4,8 @@ original and the fp32 source, with each variant's perplexity. One run per model:
 
   * the original is loaded in fp32 (the "fp32 source"); its 16-bit size is 2 bytes x parameters;
   * GPTQ w4 g128 sym (observer hessian, the shipped w4a16-gptq-g128 settings; small calibration set) runs once,
-    then each embedding variant is applied to a copy;
+    then each embedding variant is applied to a copy; where the output layer is untied (Qwen2.5-Coder-0.5B:
+    22% of the parameters), variants that quantize it alone too (RTN w4 g128 or w6 g64);
   * every variant is exported (native format, default 16-bit storage; one row with export dtype float32, the
     old behaviour) and the bytes of model.safetensors are measured on disk; the reload is checked to give
     logits identical to the evaluated in-memory model on one window;
@@ -13,7 +14,7 @@ original and the fp32 source, with each variant's perplexity. One run per model:
   * perplexity on wiki-eval windows for every variant, in the same run.
 
     python benchmarks/export_size.py                       # SmolLM2-135M: 16 x 256 calibration, 8 x 512 eval
-    python benchmarks/export_size.py --model /path/to/qwen2.5-coder-0.5b-instruct.gguf --method rtn
+    python benchmarks/export_size.py --model qwen2.5-coder-0.5b --method rtn --windows 2 --seqlen 256
 """
 from __future__ import annotations
 
@@ -38,12 +39,24 @@ from modelpress.recipe import Recipe                                          # 
 
 from benchmarks._md import table, write_section                               # noqa: E402
 
-VARIANTS = [  # (label, quantize_embedding config or None, export dtype)
-    ("16-bit embedding", None, "auto"),
-    ("8-bit embedding (per row)", {"bits": 8, "group_size": None}, "auto"),
-    ("6-bit embedding (g32)", {"bits": 6, "group_size": 32}, "auto"),
-    ("4-bit embedding (g32)", {"bits": 4, "group_size": 32}, "auto"),
-    ("16-bit embedding, export dtype float32 (before)", None, "float32"),
+
+def head(bits: int, group: int) -> dict:
+    """RTN of the output layer alone (an untied lm_head: the quantize stage with include lm_head)."""
+    return {"quantize": {"method": "rtn", "bits": bits, "group_size": group, "observer": "mse",
+                         "include": ["lm_head"], "exclude": []}}
+
+
+EMB8 = {"quantize_embedding": {"bits": 8, "group_size": None}}
+VARIANTS = [  # (label, stages applied after the w4 quantization, export dtype, only for an untied output layer)
+    ("16-bit embedding", [], "auto", False),
+    ("8-bit embedding (per row)", [EMB8], "auto", False),
+    ("6-bit embedding (g32)", [{"quantize_embedding": {"bits": 6, "group_size": 32}}], "auto", False),
+    ("4-bit embedding (g32)", [{"quantize_embedding": {"bits": 4, "group_size": 32}}], "auto", False),
+    ("16-bit embedding, output layer w4 g128", [head(4, 128)], "auto", True),
+    ("16-bit embedding, output layer w6 g64", [head(6, 64)], "auto", True),
+    ("8-bit embedding, output layer w6 g64",
+     [{"quantize_embedding": {"bits": 8, "group_size": None, "output": False}}, head(6, 64)], "auto", True),
+    ("16-bit embedding, export dtype float32 (before)", [], "float32", False),
 ]
 
 
@@ -67,10 +80,12 @@ def run_model(src: str, method: str, samples: int, calib_seqlen: int, windows: i
     mp.compress(model, recipe, calib)
     rows, ct, ct_diff = [], None, float("nan")
     base_ppl = None
-    for label, emb, dtype in VARIANTS:
+    for label, stages, dtype, untied_only in VARIANTS:
+        if untied_only and not untied:
+            continue
         m = copy.deepcopy(model)
-        if emb is not None:
-            mp.compress(m, Recipe.from_dict({"stages": [{"quantize_embedding": emb}]}), None)
+        if stages:
+            mp.compress(m, Recipe.from_dict({"stages": stages}), None)
         storage = storage_dtype(m, dtype)
         to_storage(m, storage)
         ppl = evaluate(m, w)["perplexity"]
@@ -81,7 +96,7 @@ def run_model(src: str, method: str, samples: int, calib_seqlen: int, windows: i
         with torch.no_grad():
             exact = torch.equal(back(w[:1]).logits, m(w[:1]).logits)
         del back
-        if emb is None and dtype == "auto":
+        if not stages and dtype == "auto":
             base_ppl = ppl
             ctp = save_compressed_tensors(m, tok, out / "compressed-tensors", dtype=storage)
             ct = folder_bytes(ctp)
@@ -130,7 +145,9 @@ def main() -> None:
             f"(lm_head excluded; {calib}evaluation {a.windows} x {a.seqlen} wiki-eval windows), then the embedding "
             "variant (quantize_embedding; an untied lm_head is quantized with it). "
             + (f"The output layer is untied: {r['untied_head'] / 1e6:.1f}M parameters ({r['untied_head'] / p:.0%} of "
-               "the model) stored beside the embedding, at 16 bits in the first row. " if r["untied_head"] else "")
+               "the model) stored beside the embedding, at 16 bits in the first row; the rows 'output layer ...' "
+               "quantize it alone by RTN (quantize stage, include lm_head, observer mse), the embedding at 16 bits "
+               "or 8 bits per row (quantize_embedding output false). " if r["untied_head"] else "")
             + "MB = model.safetensors of the "
             "native export as written. One run: the perplexity differences between variants are deterministic for "
             "the one compressed model (no seeds involved).\n\n"
@@ -141,6 +158,11 @@ def main() -> None:
             f"transformers, max |logit difference| to the evaluated model on one window {r['ct_diff']:.2g}.  \n"
             f"Targets: w4 g128 + 8-bit embedding <= 0.35x: {hit8:.3f}x ({'met' if hit8 <= 0.35 else 'NOT met'}); "
             f"w4 g128 + 16-bit embedding <= 0.45x: {hit16:.3f}x ({'met' if hit16 <= 0.45 else 'NOT met'}). "
+            + ("With the untied output layer quantized as well (a linear like the others; llama.cpp's Q4_K_M stores "
+               "output.weight at Q6_K): " + "; ".join(
+                   f"{x['label']} {x['vs16']:.3f}x ({'met' if x['vs16'] <= (0.35 if x['label'].startswith('8') else 0.45) else 'NOT met'}, "
+                   f"ppl {x['dppl']:+.3f})" for x in r["rows"] if "output layer" in x["label"]) + ". "
+               if r["untied_head"] else "")
             f"Run time {r['seconds']:.0f} s.")
         print(body)
         if not a.no_write:

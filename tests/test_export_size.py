@@ -177,3 +177,21 @@ def test_constraints_checked_before_compression(model_dir, tmp_path, monkeypatch
     with pytest.raises(UserError, match="cannot store the `lowrank`"):
         mp.run_recipe(_recipe([{"lowrank": {}}]), str(model_dir), tmp_path / "o")
     assert not called and not (tmp_path / "o").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_untied_output_layer_alone_by_rtn_and_calibrated_stages_refuse_it(tmp_path, ids, calib):
+    """The export-size recipe for an untied output layer (Qwen2.5-Coder-0.5B): 8-bit embedding, the output
+    layer alone by RTN w6 g64; it exports and reloads exactly. A calibrated stage (GPTQ) that matches lm_head
+    says so instead of leaving it silently unquantized."""
+    m = tiny_llama(tie=False)
+    stages = [W4, {"quantize_embedding": {"bits": 8, "group_size": None, "output": False}},
+              {"quantize": {"method": "rtn", "bits": 6, "group_size": 64, "observer": "mse", "include": ["lm_head"],
+                            "exclude": []}}]
+    mp.compress(m, mp.Recipe.from_dict({"stages": stages}), None)
+    assert isinstance(m.lm_head, QuantLinear) and m.lm_head.bits == 6 and m.lm_head.group_size == 64
+    assert isinstance(m.model.embed_tokens, QuantEmbedding) and m.model.embed_tokens.bits == 8
+    save(m, None, tmp_path / "e")
+    assert torch.equal(_logits(load_compressed(tmp_path / "e")[0], ids), _logits(m, ids))
+    g = {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "include": ["lm_head"], "exclude": []}}
+    with pytest.raises(UserError, match="lm_head matched but lies outside the decoder layers.*method rtn"):
+        mp.compress(tiny_llama(tie=False), mp.Recipe.from_dict({"stages": [g]}), calib)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..calib import CalibrationSet
+from ..errors import UserError
 from .memory import trim_heap
 from ..model import compute_device, decoder_layers, layer_linears
 from ..targets import Target
@@ -513,6 +514,11 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     Returns the merged per-linear results (those of layers restored from a checkpoint included)."""
     from ..progress import bar
     prefix, layers = decoder_layers(model)
+    outside = [n for n in target.select(model) if not n.startswith(f"{prefix}.")]
+    if outside:
+        raise UserError(f"{', '.join(outside)} matched but lies outside the decoder layers, which calibrated stages "
+                        "walk: compress it in a stage of its own without calibration (e.g. quantize with method rtn "
+                        "and include: [lm_head]), or exclude it")
     out: dict = dict(checkpoint.progress["stats"]) if checkpoint is not None else {}
     touched = [i for i, layer in enumerate(layers) if target.filter(layer_linears(layer, f"{prefix}.{i}"))]
     if not touched:
