@@ -21,6 +21,8 @@ after each run from the cache.
     .venv/bin/python benchmarks/offdomain.py                      # everything (~40 min on 2 cores)
     .venv/bin/python benchmarks/offdomain.py --seeds 0 --no-factors
     .venv/bin/python benchmarks/offdomain.py --model qwen2.5-coder-0.5b --no-factors
+    .venv/bin/python benchmarks/offdomain.py --samples 128 --only "RTN w4 g128,GPTQ (shipped),GPTQ wiki+novels mix"
+        # the shipped calibration size (its own section): the default change's before / after
 """
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def report(cache: dict, a, base: dict) -> str:
 
     lines = [f"{NAMES.get(a.model, a.model)} fp32; evaluation {a.windows} windows x {a.seqlen} tokens per text "
              f"(`wiki-eval`: the calibration domain; `novels-eval`: Austen, *Pride and Prejudice*, off-domain); "
-             f"calibration `wiki` random, {a.samples} x {a.seqlen} tokens (smaller than the shipped 128 x 512), "
+             f"calibration `wiki` random, {a.samples} x {a.seqlen} tokens"
+             f"{' (smaller than the shipped 128 x 512)' if a.samples < 128 else ''}, "
              f"seeds {', '.join(map(str, a.seeds))}; mean ± sd over seeds. Uncompressed perplexity: wiki-eval "
              f"{base['wiki-eval']:.3f}, novels-eval {base['novels-eval']:.3f}. torch threads {a.threads}.", ""]
     rows = []
@@ -189,7 +192,8 @@ def main(argv=None) -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     t0 = time.perf_counter()
     tag = "" if a.model == "smollm2" else f"{a.model}|"       # cache keys: the SmolLM2 ones unprefixed
-    section = "off-domain quality" + ("" if a.model == "smollm2" else f": {NAMES.get(a.model, a.model)}")
+    section = ("off-domain quality" + ("" if a.model == "smollm2" else f": {NAMES.get(a.model, a.model)}")
+               + ("" if a.samples == 16 else f", {a.samples} calibration samples"))
     argv_s = " ".join(x for x in sys.argv[1:] if x != "--report-only")
     cmd = "python benchmarks/offdomain.py" + (f" {argv_s}" if argv_s else "")
     base_key = f"_base|{tag}{a.seqlen}|{a.windows}"
@@ -212,28 +216,27 @@ def main(argv=None) -> None:
         todo = {k: v for k, v in todo.items() if k in a.only.split(",")}
     phases = [{k: v for k, v in todo.items() if k in SETTINGS}, {k: v for k, v in todo.items() if k in FACTORS}]
     for seed, name, (stage, cfg, kind, mult) in ((s, n, v) for ph in phases for s in a.seeds for n, v in ph.items()):
-        if True:
-            if kind is None and seed != a.seeds[0]:
-                continue                                   # no calibration: one run
-            key = f"{tag}{name}|{a.samples}|{a.seqlen}|{a.windows}|{seed}"
-            if key in cache:
-                continue
-            calib = calib_for(tok, kind, a.samples * mult, a.seqlen, seed)
-            m = copy.deepcopy(model)
-            t = time.perf_counter()
-            compress(m, Recipe.from_dict({"stages": [{stage: cfg}]}), calib)
-            took = time.perf_counter() - t
-            res = {"seconds": took}
-            for d in DOMAINS:
-                r = evaluate(m, wins[d], refs[d], 2)
-                res[d] = {k: r[k] for k in ("perplexity", "agreement", "kl")}
-            del m
-            cache[key] = res
-            cache_path.write_text(json.dumps(cache, indent=1))
-            print(f"[{time.perf_counter() - t0:6.0f} s] {name} seed {seed}: {took:.0f} s, "
-                  f"wiki {res['wiki-eval']['perplexity']:.3f} novels {res['novels-eval']['perplexity']:.3f}", flush=True)
-            if not a.no_md:
-                write_section(section, cmd, __doc__.split("\n\n")[1] + "\n\n" + report(mine(cache, tag, a), a, base))
+        if kind is None and seed != a.seeds[0]:
+            continue                                   # no calibration: one run
+        key = f"{tag}{name}|{a.samples}|{a.seqlen}|{a.windows}|{seed}"
+        if key in cache:
+            continue
+        calib = calib_for(tok, kind, a.samples * mult, a.seqlen, seed)
+        m = copy.deepcopy(model)
+        t = time.perf_counter()
+        compress(m, Recipe.from_dict({"stages": [{stage: cfg}]}), calib)
+        took = time.perf_counter() - t
+        res = {"seconds": took}
+        for d in DOMAINS:
+            r = evaluate(m, wins[d], refs[d], 2)
+            res[d] = {k: r[k] for k in ("perplexity", "agreement", "kl")}
+        del m
+        cache[key] = res
+        cache_path.write_text(json.dumps(cache, indent=1))
+        print(f"[{time.perf_counter() - t0:6.0f} s] {name} seed {seed}: {took:.0f} s, "
+              f"wiki {res['wiki-eval']['perplexity']:.3f} novels {res['novels-eval']['perplexity']:.3f}", flush=True)
+        if not a.no_md:
+            write_section(section, cmd, __doc__.split("\n\n")[1] + "\n\n" + report(mine(cache, tag, a), a, base))
     body = report(mine(cache, tag, a), a, base)
     print(body)
     if not a.no_md:
