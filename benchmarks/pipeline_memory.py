@@ -9,14 +9,15 @@ this checkout. Both get the same environment (OMP_NUM_THREADS). Cases:
 - pipeline: `compress smollm2 --recipe w4a16-gptq-g128` (the shipped default: 128 x 512 calibration tokens,
   evaluation on 32 windows x 512), figures read from the export's report.json (identical results checked).
 - eval-262k: a synthetic Llama with a 262,144-token tied vocabulary (hidden 640, 2 layers, about 180 M
-  parameters, so the fp32 weights are dominated by the embedding as in the 270M model of issue 25) and a
-  perturbed copy of it as "compressed", both with SmolLM2's tokenizer; `eval COPY --reference ORIG` and
-  `eval COPY` on 4 windows x 512.
-- eval-smollm2: `eval EXPORT --reference smollm2` on 32 windows x 512 (EXPORT from the pipeline case).
+  parameters, so the fp32 weights are dominated by the embedding: 671 of 710 MB) and a perturbed copy of it
+  as "compressed", both with SmolLM2's tokenizer; `eval COPY --reference ORIG` and `eval COPY` on 4 windows x 512.
+- eval-262k-270m: the same with issue 25's model shape (Gemma-3-270M-like: hidden 640, 18 layers, 4 heads of
+  256, 1 KV head, intermediate 2048, tied 262,144-token vocabulary: about 268 M parameters), this checkout only.
+- eval-smollm2 / eval-qwen: the real models, this checkout only: `eval EXPORT --reference MODEL` on 32 windows
+  x 512, EXPORT written first by `compress MODEL --recipe w4a16-gptq-g128 --calib-samples 16 --no-eval` (its
+  own memory is not what is measured; 16 calibration windows keep it short).
 - pipeline-qwen: the pipeline case on Qwen2.5-Coder-0.5B-Instruct (`compress qwen2.5-coder-0.5b`), this
   checkout only (the before code has no Qwen reference).
-- eval-qwen: `eval EXPORT --reference qwen2.5-coder-0.5b` on 32 windows x 512 (EXPORT from the pipeline-qwen
-  case of the same invocation), this checkout only.
 
     .venv/bin/python benchmarks/pipeline_memory.py --before DIR          # all cases, before and after (~30 min)
     .venv/bin/python benchmarks/pipeline_memory.py --cases eval-262k     # one case
@@ -36,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = ("pipeline", "eval-262k", "eval-smollm2", "pipeline-qwen", "eval-qwen")
+CASES = ("pipeline", "eval-262k", "eval-262k-270m", "eval-smollm2", "pipeline-qwen", "eval-qwen")
 ROWS = ("perplexity", "reference perplexity", "top-1 agreement", "mean KL")
 
 
@@ -103,21 +104,26 @@ def table_values(stdout: str) -> dict:
     return vals
 
 
-def big_vocab_models(d: Path) -> tuple[Path, Path, int]:
-    """ORIG and a perturbed COPY (every decoder weight x (1 + 30% noise)): 262k tied vocabulary."""
+SHAPES = {"262k": {"num_hidden_layers": 2, "num_attention_heads": 10, "num_key_value_heads": 2},
+          "262k-270m": {"num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}}
+
+
+def big_vocab_models(d: Path, shape: str = "262k") -> tuple[Path, Path, int]:
+    """ORIG and a perturbed COPY (every decoder weight x (1 + 30% noise)): 262k tied vocabulary, hidden 640,
+    intermediate 2048, the layers and heads of SHAPES[shape]."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from modelpress.model import smollm2_dir
     tok = AutoTokenizer.from_pretrained(smollm2_dir())
-    cfg = LlamaConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=2,
-                      num_attention_heads=10, num_key_value_heads=2, tie_word_embeddings=True,
-                      max_position_embeddings=1024, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(vocab_size=262_144, hidden_size=640, intermediate_size=2048, **SHAPES[shape],
+                      tie_word_embeddings=True, max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         m.model.embed_tokens.weight.normal_(0, 0.1)       # logits with a spread of a few units
     nbytes = sum(p.numel() * 4 for p in m.parameters())
-    orig, copy = d / "big-orig", d / "big-copy"
+    orig, copy = d / f"{shape}-orig", d / f"{shape}-copy"
     m.save_pretrained(orig)
     tok.save_pretrained(orig)
     g = torch.Generator().manual_seed(1)
@@ -172,39 +178,35 @@ def main(argv=None) -> None:
         sizes["qwen"] = fp32_mb("qwen2.5-coder-0.5b")
     work = Path(tempfile.mkdtemp(prefix="mp-mem-"))
     try:
-        if "pipeline" in cases or "eval-smollm2" in cases:
+        if "pipeline" in cases:
             if ("floor: load smollm2", "after") not in res:
                 done("floor: load smollm2", "after", run(ROOT, [], env, FLOOR.format(src="smollm2")))
             for tag, tree in trees.items():
-                out = work / f"w4-{tag}"
-                if ("pipeline", tag) in res and "eval-smollm2" not in cases:     # eval-smollm2 reads each tree's own export
-                    continue
-                done("pipeline", tag, pipeline(tree, "smollm2", out, env, sizes))
-            if "eval-smollm2" in cases:
-                for tag, tree in trees.items():
-                    r = run(tree, ["eval", str(work / f"w4-{tag}"), "--reference", "smollm2", "--windows", "32",
-                                   "--seqlen", "512"], env)
-                    r["figures"] = table_values(r["stdout"])
-                    done("eval-smollm2", tag, r)
-        if ("pipeline-qwen" in cases and ("pipeline-qwen", "after") not in res) or "eval-qwen" in cases:
-            out = work / "w4-qwen"
-            done("pipeline-qwen", "after", pipeline(ROOT, "qwen2.5-coder-0.5b", out, env, sizes, "qwen"))
-            if "eval-qwen" in cases:
-                r = run(ROOT, ["eval", str(out), "--reference", "qwen2.5-coder-0.5b", "--windows", "32",
-                               "--seqlen", "512"], env)
+                if ("pipeline", tag) not in res:
+                    done("pipeline", tag, pipeline(tree, "smollm2", work / f"w4-{tag}", env, sizes))
+        if "pipeline-qwen" in cases and ("pipeline-qwen", "after") not in res:
+            done("pipeline-qwen", "after", pipeline(ROOT, "qwen2.5-coder-0.5b", work / "w4-qwen", env, sizes, "qwen"))
+        for case, model in (("eval-smollm2", "smollm2"), ("eval-qwen", "qwen2.5-coder-0.5b")):
+            if case in cases and (case, "after") not in res:
+                out = work / f"quick-{model}"
+                run(ROOT, ["compress", model, "--recipe", "w4a16-gptq-g128", "--calib-samples", "16", "--no-eval",
+                           "--out", str(out)], env)
+                r = run(ROOT, ["eval", str(out), "--reference", model, "--windows", "32", "--seqlen", "512"], env)
                 r["figures"] = table_values(r["stdout"])
-                done("eval-qwen", "after", r)
-        if "eval-262k" in cases:
-            orig, copy, nb = big_vocab_models(work)
-            sizes["262k"] = nb / 1e6
-            done("floor: load 262k model", "after", run(ROOT, [], env, FLOOR.format(src=str(copy))))
-            for tag, tree in trees.items():
+                done(case, "after", r)
+        for shape in ("262k", "262k-270m"):
+            if f"eval-{shape}" not in cases:
+                continue
+            orig, copy, nb = big_vocab_models(work, shape)
+            sizes[shape] = nb / 1e6
+            done(f"floor: load {shape} model", "after", run(ROOT, [], env, FLOOR.format(src=str(copy))))
+            for tag, tree in (trees.items() if shape == "262k" else [("after", ROOT)]):
                 for ref in (True, False):
                     args = ["eval", str(copy), "--windows", "4", "--seqlen", "512"]
                     args += ["--reference", str(orig)] if ref else []
                     r = run(tree, args, env)
                     r["figures"] = table_values(r["stdout"])
-                    done("eval-262k" + (" --reference" if ref else ""), tag, r)
+                    done(f"eval-{shape}" + (" --reference" if ref else ""), tag, r)
     finally:
         subprocess.run(["rm", "-rf", str(work)])
     print(report(res, sizes, a))
@@ -218,10 +220,12 @@ def report(res: dict, sizes: dict, a) -> str:
     fp32_smol, fp32_big = sizes.get("smollm2"), sizes.get("262k")
     rows = []
     for case in ("floor: load smollm2", "pipeline", "eval-smollm2", "pipeline-qwen", "eval-qwen",
-                 "floor: load 262k model", "eval-262k --reference", "eval-262k"):
+                 "floor: load 262k model", "eval-262k --reference", "eval-262k", "floor: load 262k-270m model",
+                 "eval-262k-270m --reference", "eval-262k-270m"):
         if (case, "after") not in res:
             continue
-        fp32 = (fp32_big if "262k" in case else sizes.get("qwen") if case.endswith("-qwen") else fp32_smol)
+        fp32 = (sizes.get("262k-270m") if "270m" in case else fp32_big if "262k" in case
+                else sizes.get("qwen") if case.endswith("-qwen") else fp32_smol)
         b, f = res.get((case, "before")), res[case, "after"]
         same = ("n/a" if case.startswith("floor") or b is None else
                 "yes" if b is not None and b["figures"] == f["figures"] else "NO")
@@ -235,10 +239,12 @@ def report(res: dict, sizes: dict, a) -> str:
                          same if tag == "after" else ""])
     cmds = {"pipeline": "compress smollm2 --recipe w4a16-gptq-g128 --out OUT",
             "pipeline-qwen": "compress qwen2.5-coder-0.5b --recipe w4a16-gptq-g128 --out OUT",
-            "eval-smollm2": "eval OUT --reference smollm2 --windows 32 --seqlen 512",
-            "eval-qwen": "eval OUT-QWEN --reference qwen2.5-coder-0.5b --windows 32 --seqlen 512",
+            "eval-smollm2": "eval QUICK --reference smollm2 --windows 32 --seqlen 512",
+            "eval-qwen": "eval QUICK --reference qwen2.5-coder-0.5b --windows 32 --seqlen 512",
             "eval-262k --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512",
-            "eval-262k": "eval COPY --windows 4 --seqlen 512"}
+            "eval-262k": "eval COPY --windows 4 --seqlen 512",
+            "eval-262k-270m --reference": "eval COPY --reference ORIG --windows 4 --seqlen 512 (the 270M shape)",
+            "eval-262k-270m": "eval COPY --windows 4 --seqlen 512 (the 270M shape)"}
     label = a.before_label or git_head(a.before) or a.before
     lines = [f"Peak RSS (`/usr/bin/time -v`: the one `python -m modelpress.cli` process' own high-water mark) before (the pre-change "
              f"code: {label}) and after (this checkout: `compress` goes layer by layer from the shards where the "
@@ -250,7 +256,9 @@ def report(res: dict, sizes: dict, a) -> str:
              "(benchmarks, tests), so wall times are indicative. "
              f"fp32 weight bytes: SmolLM2 {fp32_smol or float('nan'):.0f} MB, Qwen2.5-Coder-0.5B "
              f"{sizes.get('qwen') or float('nan'):.0f} MB, synthetic 262k-vocabulary Llama "
-             f"{fp32_big or float('nan'):.0f} MB (hidden 640, 2 layers, tied). Targets: pipeline <= 1.6x fp32 "
+             f"{fp32_big or float('nan'):.0f} MB (hidden 640, 2 layers, tied), the same with issue 25's 270M shape "
+             f"{sizes.get('262k-270m') or float('nan'):.0f} MB (18 layers). QUICK = `compress MODEL --recipe "
+             "w4a16-gptq-g128 --calib-samples 16 --no-eval --out QUICK` (not measured). Targets: pipeline <= 1.6x fp32 "
              "weights; eval <= fp32 weights + 500 MB. Figures: perplexity / agreement / KL from report.json "
              "(pipeline, full precision) or as `eval` prints them (4 significant digits); `same` = identical "
              "before and after (the after code stores unquantized tensors in bf16 and evaluates exactly what it "
