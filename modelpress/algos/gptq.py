@@ -136,7 +136,7 @@ def refit_scales(W: Tensor, H: Tensor, Qc: Tensor, scale: Tensor, group_size: in
 
     def f(x: Tensor) -> Tensor:                                          # f_r up to its constant, (rows,)
         return (x[:, None] @ A @ x[:, :, None]).view(rows) - 2 * (x * b).sum(1)
-    ok = torch.isfinite(s).all(1) & (s > 0).all(1) & (f(s.double()) < f(s0))
+    ok = torch.isfinite(s).all(1) & (s * scale > 0).all(1) & (f(s.double()) < f(s0))     # no scale changes sign
     return torch.where(ok[:, None], s, scale)
 
 
