@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (fp32, dequantized from the official Q4_1 GGUF). Written w
   * the float base (F32) that llama-quantize starts from;
   * GPTQ / RTN on the Q4_K grid (quantize.format q4_k; rows of 576 inputs are not whole 256-superblocks, so
     those linears keep the int grid 4-bit g32 asym -> Q4_1, as llama-quantize falls back for them too);
-  * GPTQ 4-bit g32 sym -> Q4_0.
+  * GPTQ 4-bit g32 sym -> Q4_0, with modelpress's symmetric scale (2 max|w| / 15) and with llama.cpp's signed one
+    (quantize.format q4_0: the block's largest-magnitude weight on code -8).
 Against llama-quantize Q4_K_M / Q4_K_S / Q4_0 of the same F32 base, with and without an importance matrix
 (llama-imatrix on the calibration windows GPTQ uses, never on the evaluation text).
 Every file: size, llama-perplexity on the evaluation text (modelpress's wiki eval split, -c CTX, --chunks N);
@@ -150,6 +151,8 @@ def main() -> None:
         "modelpress GPTQ q4_k grid (hessian)": {"method": "gptq", "bits": 4, "format": "q4_k", "observer": "hessian"},
         "modelpress RTN q4_k grid (mse)": {"method": "rtn", "bits": 4, "format": "q4_k", "observer": "mse"},
         "modelpress GPTQ w4 g32 sym (hessian)": {"method": "gptq", "bits": 4, "group_size": 32, "sym": True, "observer": "hessian"},
+        "modelpress GPTQ q4_0 grid, signed scales (hessian)": {"method": "gptq", "bits": 4, "format": "q4_0",
+                                                               "observer": "hessian"},
     }
     from transformers import AutoModelForCausalLM
     for i, (name, q) in enumerate(variants.items()):

@@ -30,8 +30,9 @@ CASES = [
      {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "sym": True}}],
     [{"prune": {"method": "sparsegpt", "pattern": "2:4", "sparsity": 0.5}}],
     [{"prune": {"method": "wanda", "sparsity": 0.5}}],
+    [{"quantize": {"method": "gptq", "bits": 4, "format": "q4_0", "observer": "hessian"}}],
 ]
-IDS = ["w4g32sym", "w4g32asym", "w8ch", "2of4-w4asym", "2of4-w4sym", "2of4", "wanda50"]
+IDS = ["w4g32sym", "w4g32asym", "w8ch", "2of4-w4asym", "2of4-w4sym", "2of4", "wanda50", "q4_0-signed"]
 WNA16_BITS, MARLIN_GROUPS = (4, 8), (None, -1, 32, 64, 128)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

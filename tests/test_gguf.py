@@ -42,6 +42,9 @@ CASES = {
                        {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "sym": True}}], "Q4_0", True),
     "w4g32asym": ([{"quantize": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False}}], "Q4_1", False),
     "w4g64sym-requant": ([{"quantize": {"method": "rtn", "bits": 4, "group_size": 64, "sym": True}}], "Q8_0", False),
+    "q4_0-gptq-signed": ([{"quantize": {"method": "gptq", "bits": 4, "format": "q4_0", "observer": "hessian"}}],
+                         "Q4_0", True),
+    "q8_0-rtn-signed": ([{"quantize": {"method": "rtn", "bits": 8, "format": "q8_0", "observer": "mse"}}], "Q8_0", True),
 }
 
 

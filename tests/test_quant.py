@@ -161,3 +161,49 @@ def test_hessian_observer_needs_gptq():
     with pytest.raises(UserError, match="quantize.observer hessian .* method gptq"):
         Quantize(method="rtn", observer="hessian")
     Quantize(method="gptq", observer="hessian")
+
+
+@pytest.mark.parametrize("bits", [4, 5, 8])
+def test_signed_scales_put_the_extreme_on_code_zero(bits):
+    """llama.cpp's Q4_0 convention: s = w_e / -2^(b-1) with w_e the block's largest-magnitude value (s < 0 when
+    w_e > 0), so w_e sits on code 0 (its fp16-rounded self); only the opposite side's top level is missing (an
+    error of at most one step there (and the fp16 rounding of s), half a step elsewhere); on Gaussian weights the grid is finer than the unsigned symmetric one (higher SQNR)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(64, 256, generator=g)
+    q, s, z = Q.rtn(w, bits, 32, sym=True, signed=True)
+    blocks = w.reshape(64, 8, 32)
+    ext = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0]         # (rows, blocks) signed
+    assert torch.equal(torch.sign(s), -torch.sign(ext)) and torch.equal(s, s.half().float())
+    assert bool((z == 1 << (bits - 1)).all())
+    w_hat = Q.dequantize_groups(q, s, z, 32)
+    codes = q.reshape(64, 8, 32).gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0]
+    assert bool((codes == 0).all())
+    assert torch.allclose(w_hat.reshape(64, 8, 32).gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0], ext,
+                          rtol=1e-3, atol=0)
+    step = s.abs().repeat_interleave(32, 1)
+    err = (w - w_hat).abs()
+    assert bool((err <= 1.05 * step).all()) and bool((err <= step / 2 + 1e-6).float().mean() > 0.99)   # (fp16 s)
+    plain = Q.dequantize_groups(*Q.rtn(w, bits, 32, sym=True), 32)
+    assert Q.sqnr(w, w_hat) > Q.sqnr(w, plain) + 0.2
+    with pytest.raises(ValueError, match="symmetric"):
+        Q.rtn(w, bits, 32, sym=False, signed=True)
+
+
+def test_signed_format_in_the_stage_and_gptq():
+    """quantize.format q4_0: group 32, symmetric, signed scales, through GPTQ (the codes' error feedback works on
+    the negative scales too: lower output error than RTN on the same grid)."""
+    from modelpress.errors import UserError
+    from modelpress.stages.quantize import Quantize
+    c = Quantize(method="gptq", bits=4, format="q4_0", group_size=128, sym=False)
+    assert (c.group_size, c.sym, c.signed) == (32, True, True) and not Quantize().signed
+    with pytest.raises(UserError, match="format q4_0 stores 4-bit codes"):
+        Quantize(bits=3, format="q4_0")
+    X = _correlated()
+    W = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
+    H = 2 * X.t() @ X / X.shape[0]
+    r = G.gptq(W, H, 4, 32, sym=True, act_order=True, observer="hessian", signed=True)
+    assert bool((r.scale < 0).any()) and bool((r.scale > 0).any())
+    assert torch.equal(r.w_hat, Q.dequantize_groups(r.q, r.scale, r.zero, 32))
+    w_rtn = Q.dequantize_groups(*Q.rtn(W, 4, 32, sym=True, signed=True), 32)
+    err = lambda wh: (X @ (W - wh).t()).pow(2).sum()
+    assert err(r.w_hat) < 0.6 * err(w_rtn)

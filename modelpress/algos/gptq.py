@@ -154,12 +154,13 @@ class GPTQResult:
 def gptq(W: Tensor, H: Tensor, bits: int | Tensor, group_size: int | None = None, sym: bool = False,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
          keep: Tensor | None = None, observer: str = "minmax", refit: bool = False,
-         grid: tuple[Tensor, Tensor] | None = None) -> GPTQResult:
+         grid: tuple[Tensor, Tensor] | None = None, signed: bool = False) -> GPTQResult:
     """Quantize W (rows, cols) given H (cols, cols). keep: optional bool mask (rows, cols); refit: re-solve
     the scales for the final codes (refit_scales); grid: fixed (scale, zero) (rows, n_groups) to choose the codes
     on instead of the observer's, the zero point possibly fractional (a k-quant grid, algos.kquant): codes
     q = clamp(round(w / s + z), 0, maxq), w_hat = (q - z) s (the caller recomputes w_hat in its format's
     arithmetic); not with keep or refit. bits: an int, or the width of each column group (n_groups,) int tensor.
+    signed: symmetric scales signed as llama.cpp's Q4_0 (algos.quant's docstring).
     Rows are independent given H: linears that read the same input (q/k/v, gate/up) can be stacked
     into one W and quantized in one pass (one Cholesky, one column loop)."""
     rows, cols = W.shape
@@ -189,7 +190,7 @@ def gptq(W: Tensor, H: Tensor, bits: int | Tensor, group_size: int | None = None
     if frac:
         s_all, z_all = grid[0].float().to(W.device), grid[1].float().to(W.device)
     elif static:  # group parameters from the original (masked) weights
-        s_all, z_all = quant.group_params(WT[inv].t(), bits, group_size, sym, observer, hd)
+        s_all, z_all = quant.group_params(WT[inv].t(), bits, group_size, sym, observer, hd, signed)
     else:
         s_all = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device)
         z_all = torch.zeros_like(s_all)
@@ -229,7 +230,7 @@ def gptq(W: Tensor, H: Tensor, bits: int | Tensor, group_size: int | None = None
                         c = perm[i1 + i:i1 + j]
                         g = (i1 + i) // gs
                         bg = int(bits[g]) if mixed else bits
-                        s, z = quant.group_params(wg.t(), bg, None, sym, observer, hd[c])
+                        s, z = quant.group_params(wg.t(), bg, None, sym, observer, hd[c], signed)
                         s, z = s[:, 0], z[:, 0]
                         s_all[:, g], z_all[:, g] = s, z
                         S1[i:j], Z1[i:j], L1[i:j], H1[i:j] = s, z, -z, quant.maxq(bg) - z

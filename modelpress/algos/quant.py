@@ -5,6 +5,9 @@ Conventions (shared by GPTQ, SparseGPT and the QuantLinear module):
   codes q are unsigned in [0, 2^b - 1]; w_hat = s * (q - z);
   asymmetric: s = (max - min) / (2^b - 1), z = round(-min / s)  (range always contains 0);
   symmetric:  s = 2 max|w| / (2^b - 1),   z = 2^(b-1)          (signed codes q - z in [-2^(b-1), 2^(b-1) - 1]);
+  signed (symmetric, llama.cpp's Q4_0/Q5_0/Q8_0 convention, quantize_row_q4_0_ref): s = w_e / -2^(b-1) with w_e
+              the group's value of largest magnitude, so s < 0 when w_e > 0 and w_e lands exactly on code 0: the
+              full 2^b levels with a step of max|w| / 2^(b-1) (finer than 2 max|w| / (2^b - 1)), no clipping of w_e;
   scales are rounded to fp16 where they are computed, so stored fp16 scales reproduce w_hat exactly.
 Mixed widths (per-head bit widths, "Capability-Guided Compression", arXiv 2603.16440): `bits` may be a tensor of
 widths per column group (n_groups,) in group_params / rtn (and broadcastable to w in quantize), each group on its
@@ -32,22 +35,29 @@ def _range(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.minimum(w.min(dim=1).values, zero_t), torch.maximum(w.max(dim=1).values, zero_t)
 
 
-def _params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of the range [xmin, xmax] (rows,) each."""
+def _params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool, signed: bool = False) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of the range [xmin, xmax] (rows,) each (signed: see the module docstring)."""
     mq = maxq(bits)
+    if signed:
+        if not sym:
+            raise ValueError("signed scales are a symmetric grid: set sym")
+        ext = torch.where(xmax >= -xmin, xmax, xmin)            # the value of largest magnitude, with its sign
+        s = ext / -float(1 << (bits - 1))
+        s = torch.copysign(s.abs().clamp(min=1e-7).half().float(), s)
+        return s, torch.full_like(s, float(1 << (bits - 1)))
     s = 2 * torch.maximum(xmin.abs(), xmax) / mq if sym else (xmax - xmin) / mq
     s = s.clamp(min=1e-7).half().float()                       # fp16-exact scales
     z = torch.full_like(s, float(1 << (bits - 1))) if sym else torch.round(-xmin / s).clamp(0, mq)
     return s, z
 
 
-def scale_zero(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
+def scale_zero(w: Tensor, bits: int, sym: bool, signed: bool = False) -> tuple[Tensor, Tensor]:
     """Per-row min/max scale and zero point of w (rows, cols) -> (rows,), (rows,)."""
-    return _params(*_range(w.float()), bits, sym)
+    return _params(*_range(w.float()), bits, sym, signed)
 
 
 def scale_zero_mse(w: Tensor, bits: int, sym: bool, grid: int = 40, max_shrink: float = 0.8,
-                   norm: float = 2.4, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   norm: float = 2.4, weight: Tensor | None = None, signed: bool = False) -> tuple[Tensor, Tensor]:
     """Per-row clipping search: the shrink of the min/max range (1, 1 - 1/grid, ..., 1 - max_shrink) with the
     lowest sum_j c_j |w_j - w_hat_j|^norm, c = weight (same shape as w, e.g. the inputs' second moments) or 1."""
     w = w.float()
@@ -57,7 +67,7 @@ def scale_zero_mse(w: Tensor, bits: int, sym: bool, grid: int = 40, max_shrink: 
     best_s = best_z = best_err = None
     for i in range(int(max_shrink * grid) + 1):
         f = 1 - i / grid
-        s, z = _params(xmin * f, xmax * f, bits, sym)
+        s, z = _params(xmin * f, xmax * f, bits, sym, signed)
         s2, z2 = s[:, None], z[:, None]
         # w_hat - w with w_hat = s (clamp(round(w / s), -z, maxq - z)): quantize's codes shifted by the integer z
         torch.div(w, s2, out=e).round_().clamp_(min=-z2, max=mq - z2).mul_(s2).sub_(w)
@@ -89,10 +99,11 @@ def quant_dequant(w: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
 
 
 OBSERVERS = ("minmax", "mse", "hessian")
+SIGNED_FORMATS = {"q4_0": 4, "q5_0": 5, "q8_0": 8}   # llama.cpp's block grids: 32 weights, one signed fp16 scale
 
 
 def group_params(w: Tensor, bits: int | Tensor, group_size: int | None, sym: bool, observer: str = "minmax",
-                 h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 h: Tensor | None = None, signed: bool = False) -> tuple[Tensor, Tensor]:
     """Scales and zeros per (row, group) of w (rows, cols) -> (rows, n_groups) each. observer: minmax (the range),
     mse (clipping search, |err|^2.4), hessian (clipping search, squared error weighted by h (cols,), the inputs'
     second moments diag H: the error that reaches the layer's output, without input correlations).
@@ -100,7 +111,7 @@ def group_params(w: Tensor, bits: int | Tensor, group_size: int | None, sym: boo
     if isinstance(bits, Tensor):
         s = z = None
         for b in torch.unique(bits).tolist():
-            sb, zb = group_params(w, int(b), group_size, sym, observer, h)       # (rows, n_groups) each
+            sb, zb = group_params(w, int(b), group_size, sym, observer, h, signed)    # (rows, n_groups) each
             sel = (bits == b).to(sb.device)[None, :]
             s, z = (sb, zb) if s is None else (torch.where(sel, sb, s), torch.where(sel, zb, z))
         return s, z
@@ -113,9 +124,10 @@ def group_params(w: Tensor, bits: int | Tensor, group_size: int | None, sym: boo
         if h is None:
             raise ValueError("observer 'hessian' needs the inputs' second moments h (calibration data)")
         hg = torch.nn.functional.pad(h.float(), (0, ng * gs - cols)).reshape(1, ng, gs)
-        s, z = scale_zero_mse(wg, bits, sym, norm=2.0, weight=hg.expand(rows, ng, gs).reshape(rows * ng, gs))
+        s, z = scale_zero_mse(wg, bits, sym, norm=2.0, weight=hg.expand(rows, ng, gs).reshape(rows * ng, gs),
+                              signed=signed)
     else:
-        s, z = (scale_zero_mse if observer == "mse" else scale_zero)(wg, bits, sym)
+        s, z = (scale_zero_mse if observer == "mse" else scale_zero)(wg, bits, sym, signed=signed)
     return s.reshape(rows, -1), z.reshape(rows, -1)
 
 
@@ -125,14 +137,14 @@ def expand(p: Tensor, group_size: int | None, cols: int) -> Tensor:
 
 
 def rtn(w: Tensor, bits: int | Tensor, group_size: int | None = None, sym: bool = False,
-        keep: Tensor | None = None, observer: str = "minmax") -> tuple[Tensor, Tensor, Tensor]:
+        keep: Tensor | None = None, observer: str = "minmax", signed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest. w (rows, cols); keep: optional bool mask of surviving weights (pruned weights
     do not widen the range and dequantize to exactly 0); bits: an int or the width of each column group
     (n_groups,). Returns codes (rows, cols) uint8, scales and zeros (rows, n_groups)."""
     rows, cols = w.shape
     check_groups(cols, group_size)
     wk = w.float() if keep is None else w.float() * keep
-    s, z = group_params(wk, bits, group_size, sym, observer)
+    s, z = group_params(wk, bits, group_size, sym, observer, signed=signed)
     qb = bits if isinstance(bits, int) else expand(bits[None, :], group_size, cols)        # (1, cols) widths
     q = quantize(wk, expand(s, group_size, cols), expand(z, group_size, cols), qb)
     return q.to(torch.uint8), s, z

@@ -54,6 +54,8 @@ class Quantize:
     format: str = "int"                   # int | q4_k | q5_k | q6_k: codes and scales on llama.cpp's k-quant grid
                                           # (algos/kquant.py; sets group_size/sym to the format's sub-block; linears
                                           # whose inputs are not a multiple of 256 keep the int grid, same bits/group)
+                                          # | q4_0 | q5_0 | q8_0: symmetric group 32 with llama.cpp's signed scale
+                                          # (the block's largest-magnitude weight on code -2^(b-1); algos/quant.py)
 
     def __post_init__(self):
         _check.choice("quantize", "method", self.method, ("rtn", "gptq"))
@@ -77,8 +79,15 @@ class Quantize:
         _check.patterns("quantize", "include", self.include)
         _check.patterns("quantize", "exclude", self.exclude)
         _check.budget("quantize", self.budget, self.budget_spread, 6.0)
-        _check.choice("quantize", "format", self.format, ("int", *K.FORMATS))
-        if self.format != "int":
+        _check.choice("quantize", "format", self.format, ("int", *K.FORMATS, *quant.SIGNED_FORMATS))
+        if self.format in quant.SIGNED_FORMATS:
+            b = quant.SIGNED_FORMATS[self.format]
+            if self.bits != b or self.budget != "uniform":
+                raise UserError(f"quantize.format {self.format} stores {b}-bit codes: set bits: {b} and budget: "
+                                "uniform (or format: int)")
+            object.__setattr__(self, "group_size", 32)
+            object.__setattr__(self, "sym", True)
+        elif self.format != "int":
             f = K.FORMATS[self.format]
             if self.bits != f.bits or self.budget != "uniform" or self.refit_scales:
                 raise UserError(f"quantize.format {self.format} stores {f.bits}-bit codes on fixed grid scales: set "
@@ -102,6 +111,11 @@ class Quantize:
     def budget_map(self, model, calib) -> dict[str, float]:
         """{linear name: mean width} of budget_specs (an integer for linears of one width)."""
         return {n: float(sp.double().mean()) for n, sp in self.budget_specs(model, calib).items()}
+
+    @property
+    def signed(self) -> bool:
+        """Symmetric scales signed as llama.cpp's Q4_0/Q5_0/Q8_0 (format q4_0 | q5_0 | q8_0)."""
+        return self.format in quant.SIGNED_FORMATS
 
     @property
     def target(self) -> Target:
@@ -128,7 +142,7 @@ class Quantize:
         Ws = [lin.weight.detach().float() for _, lin in items]          # (rows_i, cols) each
         keeps = [lin.keep if isinstance(lin, SparseLinear) else None for _, lin in items]
         res: list[tuple] = []
-        if self.format != "int" and K.fits(Ws[0].shape[1]):
+        if self.format in K.FORMATS and K.fits(Ws[0].shape[1]):
             if any(k is not None for k in keeps):
                 raise UserError(f"quantize.format {self.format}: {items[0][0]} is pruned, and a k-quant grid cannot "
                                 "hold pruned weights at exactly 0: use format int after pruning")
@@ -140,7 +154,8 @@ class Quantize:
                 keep = None if all(k is None for k in keeps) else torch.cat(
                     [torch.ones_like(W, dtype=torch.bool) if k is None else k for W, k in zip(Ws, keeps)])
                 r = G.gptq(torch.cat(Ws) if len(Ws) > 1 else Ws[0], H, self.bits, self.group_size, self.sym,
-                           self.damp, self.block_size, self.act_order, keep, self.observer, self.refit_scales)
+                           self.damp, self.block_size, self.act_order, keep, self.observer, self.refit_scales,
+                           signed=self.signed)
                 rows = [W.shape[0] for W in Ws]
                 for q, sc, z, rl, wh in zip(r.q.split(rows), r.scale.split(rows), r.zero.split(rows),
                                             r.row_loss.split(rows), r.w_hat.split(rows)):
@@ -149,10 +164,11 @@ class Quantize:
                 log.warning("%s: %s; fell back to RTN (add calibration samples or raise quantize.damp)",
                             ", ".join(n for n, _ in items), e)
                 obs = "mse" if self.observer == "hessian" else self.observer
-                res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, obs), {"fallback": "rtn"})
+                res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, obs, self.signed), {"fallback": "rtn"})
                        for W, k in zip(Ws, keeps)]
         else:
-            res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer), {}) for W, k in zip(Ws, keeps)]
+            res = [(*quant.rtn(W, self.bits, self.group_size, self.sym, k, self.observer, self.signed), {})
+                   for W, k in zip(Ws, keeps)]
         out = {}
         for (name, lin), W, k, (q, sc, z, info) in zip(items, Ws, keeps, res):
             w_hat = info.pop("w_hat", None)                                                      # (rows, cols)
