@@ -8,12 +8,14 @@ SmolLM2-135M-Instruct (fp32, dequantized from the official Q4_1 GGUF). Written w
     (quantize.format q4_0: the block's largest-magnitude weight on code -8).
 Against llama-quantize Q4_K_M / Q4_K_S / Q4_0 of the same F32 base, with and without an importance matrix
 (llama-imatrix on the calibration windows GPTQ uses, never on the evaluation text).
-Every file: size, llama-perplexity on the evaluation text (modelpress's wiki eval split, -c CTX, --chunks N);
-for modelpress's files also the same statistic (chunks of CTX tokens, second half scored) computed in PyTorch
-fp32 from the GGUF's weights (transformers' GGUF loader), and greedy text from llama-simple vs transformers.
+Every file: size, llama-perplexity on the evaluation text (modelpress's wiki eval split, -c CTX, --chunks N),
+and the same statistic (chunks of CTX tokens, second half scored) computed per token in PyTorch fp32 from the
+GGUF's weights (transformers' GGUF loader), which pairs every modelpress file with the llama-quantize files of
+about its size on the very same tokens (mean NLL difference, standard error over the independent chunks); for
+modelpress's files also modelpress's own evaluation, and greedy text from llama-simple vs transformers.
 NOTE: SmolLM2's linears already sit on a 4-bit g32 grid (the source is Q4_1), which favours 4-bit g32 schemes.
 
-    flock /work/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py --llama /work/llama/bin
+    flock /work/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py --write-md --chunks 24 --out /tmp/mp-gguf-24
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,17 +64,24 @@ def llama_greedy(bin_: Path, gguf: Path, n: int, out: Path) -> str:
 
 
 @torch.no_grad()
-def torch_llama_ppl(model, ids: torch.Tensor, ctx: int, chunks: int) -> float:
-    """llama-perplexity's statistic in PyTorch: chunk i = tokens [i ctx, (i+1) ctx), no BOS (SmolLM2's
-    add_bos_token is false), NLL of tokens ctx/2 + 1 .. ctx - 1 given their prefix in the chunk."""
-    first, nll, n = ctx // 2, 0.0, 0
+def torch_nll(model, ids: torch.Tensor, ctx: int, chunks: int) -> np.ndarray:
+    """llama-perplexity's statistic in PyTorch, per token: chunk i = tokens [i ctx, (i+1) ctx), no BOS (SmolLM2's
+    add_bos_token is false), NLL of tokens ctx/2 + 1 .. ctx - 1 given their prefix in the chunk ->
+    (chunks, ctx/2 - 1) float64; perplexity = exp(mean)."""
+    first, out = ctx // 2, []
     for i in range(chunks):
         x = ids[i * ctx:(i + 1) * ctx][None]
         lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits[0].double(), -1)
         tgt = x[0, first + 1:]
-        nll -= float(lp[first:ctx - 1].gather(-1, tgt[:, None]).sum())
-        n += tgt.numel()
-    return math.exp(nll / n)
+        out.append(-lp[first:ctx - 1].gather(-1, tgt[:, None])[:, 0].numpy())
+    return np.stack(out)
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean per-token NLL difference a - b (= log perplexity ratio) and its standard error over chunks (the
+    chunks are independent texts; tokens within one are not)."""
+    d = (a - b).mean(1)                                               # (chunks,)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 @torch.no_grad()
@@ -84,7 +94,8 @@ def torch_greedy(model, tok, n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama", default="/work/llama/bin")
-    ap.add_argument("--out", default="/tmp/modelpress-gguf-bench")
+    ap.add_argument("--out", default="/tmp/modelpress-gguf-bench",
+                    help="work folder; finished rows are kept there (use a new one when changing --ctx/--chunks/--calib)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows of CTX tokens (GPTQ and imatrix)")
@@ -95,6 +106,11 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     bin_, out = Path(a.llama), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"ctx": a.ctx, "chunks": a.chunks, "calib": a.calib}
+    sfile = out / "settings.json"
+    if sfile.exists() and json.loads(sfile.read_text()) != settings:
+        raise SystemExit(f"{out} holds rows measured with {sfile.read_text()}: give another --out for {settings}")
+    sfile.write_text(json.dumps(settings))
     model, tok = mp.load("smollm2")
 
     # evaluation text: modelpress's eval split, whole texts until CHUNKS x CTX tokens (+1 chunk of margin)
@@ -115,6 +131,15 @@ def main() -> None:
     def done(name: str, row: dict) -> None:
         res[name] = row
         rfile.write_text(json.dumps(res, indent=1))
+
+    def scored(name: str, f: Path, model=None) -> float:
+        """Per-token NLL of the GGUF `f` in PyTorch (transformers' GGUF loader, fp32; or `model`), kept in
+        nll-<stem>.npy for the paired comparisons; returns its perplexity."""
+        g = model if model is not None else AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name,
+                                                                                 dtype=torch.float32).eval()
+        nll = torch_nll(g, ids, a.ctx, a.chunks)
+        np.save(out / f"nll-{f.stem}.npy", nll)
+        return math.exp(float(nll.mean()))
     base = out / "base-f32.gguf"
     if not base.exists():
         save_gguf(model, tok, base, float_type="f32", embed_type="float")
@@ -124,11 +149,12 @@ def main() -> None:
     llama_ids = json.loads(o[o.index("["):o.index("]") + 1])
     same_tokens = llama_ids == ids.tolist()
     print(f"tokens: llama {len(llama_ids)}, transformers {len(ids)}, identical {same_tokens}", flush=True)
+    from transformers import AutoModelForCausalLM
     if "F32 (base)" not in res:
         ref_ppl = evaluate(model, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]
-        done("F32 (base)", {"src": "modelpress", "size": base.stat().st_size,
+        done("F32 (base)", {"src": "modelpress", "file": base.name, "size": base.stat().st_size,
                             "llama_ppl": llama_ppl(bin_, base, out / "eval.txt", a.ctx, a.chunks, out),
-                            "torch_ppl": torch_llama_ppl(model, ids, a.ctx, a.chunks), "mp_ppl": ref_ppl})
+                            "torch_ppl": scored("F32 (base)", base, model), "mp_ppl": ref_ppl})
 
     # llama.cpp's own quantization, with and without an importance matrix from the calibration windows
     imat = out / "imatrix.gguf"
@@ -143,8 +169,9 @@ def main() -> None:
             f = out / f"llama-{qt}{'-imat' if im else ''}.gguf"
             run([str(bin_ / "llama-quantize")] + (["--imatrix", str(imat)] if im else []) + [str(base), str(f), qt, "2"],
                 out / f"quant_{f.stem}.log")
-            done(name, {"src": "llama.cpp", "size": f.stat().st_size,
-                        "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out)})
+            done(name, {"src": "llama.cpp", "file": f.name, "size": f.stat().st_size,
+                        "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out),
+                        "torch_ppl": scored(name, f)})
 
     # modelpress
     variants = {
@@ -154,7 +181,6 @@ def main() -> None:
         "modelpress GPTQ q4_0 grid, signed scales (hessian)": {"method": "gptq", "bits": 4, "format": "q4_0",
                                                                "observer": "hessian"},
     }
-    from transformers import AutoModelForCausalLM
     for i, (name, q) in enumerate(variants.items()):
         if name in res:
             continue
@@ -165,19 +191,37 @@ def main() -> None:
         rep = save_gguf(m, tok, f)
         print(f"  {name}: {time.time() - t0:.0f}s; {rep['summary'][:160]}", flush=True)
         g = AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name, dtype=torch.float32).eval()
-        row = {"src": "modelpress", "size": f.stat().st_size, "summary": rep["summary"],
+        row = {"src": "modelpress", "file": f.name, "size": f.stat().st_size, "summary": rep["summary"],
                "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out),
-               "torch_ppl": torch_llama_ppl(g, ids, a.ctx, a.chunks),
+               "torch_ppl": scored(name, f, g),
                "mp_ppl": evaluate(m, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]}
         if i == 0:
             row["greedy_llama"] = llama_greedy(bin_, f, a.gen, out)
             row["greedy_torch"] = torch_greedy(g, tok, a.gen)
         done(name, row)
         del m, g
-    report(res, a, same_tokens, len(ids))
+    report(res, a, same_tokens, len(ids), out)
 
 
-def report(res: dict, a, same_tokens: bool, n_ids: int) -> None:
+def versus(res: dict, out: Path) -> list[list[str]]:
+    """Each modelpress file against the llama-quantize files of about its size (within 12%), with and without
+    an importance matrix: the paired per-token difference on the same evaluation tokens (PyTorch statistic)."""
+    rows = []
+    nll = {n: np.load(out / f"nll-{Path(r['file']).stem}.npy") for n, r in res.items() if "file" in r}
+    for name, r in res.items():
+        if r["src"] != "modelpress" or name.startswith("F32") or name not in nll:
+            continue
+        for other, o in sorted(res.items(), key=lambda kv: kv[1]["size"]):
+            if o["src"] != "llama.cpp" or other not in nll or abs(o["size"] / r["size"] - 1) > 0.12:
+                continue
+            d, se = paired(nll[name], nll[other])
+            verdict = "inside noise" if abs(d) <= 2 * se else ("modelpress better" if d < 0 else "llama.cpp better")
+            rows.append([name, other, f"{r['size'] / o['size']:.3f}", f"{math.exp(d):.4f}", f"{d:+.4f} ± {se:.4f}",
+                         verdict])
+    return rows
+
+
+def report(res: dict, a, same_tokens: bool, n_ids: int, out: Path) -> None:
     from benchmarks import _md
     rows = []
     for name, r in sorted(res.items(), key=lambda kv: kv[1]["size"]):
@@ -195,13 +239,20 @@ def report(res: dict, a, same_tokens: bool, n_ids: int) -> None:
             "(4-bit g32 asym = Q4_1).\n\n"
             + _md.table(["file", "MB", "llama-perplexity", "same statistic, PyTorch fp32 from the GGUF's weights",
                          "modelpress eval (protocol modelpress-eval/1, model in memory)"], rows))
+    vs = versus(res, out)
+    if vs:
+        body += ("\n\nPaired on the same tokens (PyTorch statistic, per-token NLL from each GGUF's weights; the "
+                 f"{a.chunks} chunks are the independent units): perplexity ratio modelpress / llama.cpp = exp(mean "
+                 "NLL difference); verdict only where |difference| > 2 standard errors over chunks.\n\n"
+                 + _md.table(["modelpress", "llama.cpp", "size ratio", "ppl ratio", "NLL difference ± SE",
+                              "verdict"], vs))
     g = next((r for r in res.values() if "greedy_llama" in r), None)
     if g:
         body += f"\n\nGreedy {a.gen} tokens, GPTQ q4_k file: llama-simple `{g['greedy_llama']!r}`; transformers `{g['greedy_torch']!r}`."
     print(body)
     if a.write_md:
-        _md.write_section("GGUF in llama.cpp vs llama-quantize (issue 24)",
-                          "flock /work/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py --write-md", body)
+        cmd = " ".join(["flock /work/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py", *sys.argv[1:]])
+        _md.write_section("GGUF in llama.cpp vs llama-quantize (issue 24)", cmd, body)
 
 
 if __name__ == "__main__":
