@@ -179,7 +179,7 @@ def test_constraints_checked_before_compression(model_dir, tmp_path, monkeypatch
     assert not called and not (tmp_path / "o").exists() and not list(tmp_path.glob("*.partial"))
 
 
-def test_untied_output_layer_alone_by_rtn_and_calibrated_stages_refuse_it(tmp_path, ids, calib):
+def test_untied_output_layer_alone_by_rtn_and_calibrated_stages_refuse_it(tmp_path, ids, calib, caplog):
     """The export-size recipe for an untied output layer (Qwen2.5-Coder-0.5B): 8-bit embedding, the output
     layer alone by RTN w6 g64; it exports and reloads exactly. A calibrated stage (GPTQ) that matches lm_head
     says so instead of leaving it silently unquantized."""
@@ -195,3 +195,9 @@ def test_untied_output_layer_alone_by_rtn_and_calibrated_stages_refuse_it(tmp_pa
     g = {"quantize": {"method": "gptq", "bits": 4, "group_size": 32, "include": ["lm_head"], "exclude": []}}
     with pytest.raises(UserError, match="lm_head matched but lies outside the decoder layers.*method rtn"):
         mp.compress(tiny_llama(tie=False), mp.Recipe.from_dict({"stages": [g]}), calib)
+    m2 = tiny_llama(tie=False)                 # not named, only not excluded: skipped with a warning
+    g["quantize"]["include"] = []
+    with caplog.at_level("WARNING", logger="modelpress"):
+        mp.compress(m2, mp.Recipe.from_dict({"stages": [g]}), calib)
+    assert "left uncompressed (outside the decoder layers" in caplog.text and "lm_head" in caplog.text
+    assert type(m2.lm_head) is torch.nn.Linear and isinstance(m2.model.layers[0].mlp.up_proj, QuantLinear)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from ..errors import UserError
 from .memory import trim_heap
 from ..model import compute_device, decoder_layers, layer_linears
 from ..targets import Target
+
+log = logging.getLogger("modelpress")
 
 
 class _Stop(Exception):
@@ -515,10 +518,13 @@ def run(model: nn.Module, calib: CalibrationSet, target: Target,
     from ..progress import bar
     prefix, layers = decoder_layers(model)
     outside = [n for n in target.select(model) if not n.startswith(f"{prefix}.")]
-    if outside:
+    if outside and target.include:             # asked for by name: say so rather than leave it uncompressed
         raise UserError(f"{', '.join(outside)} matched but lies outside the decoder layers, which calibrated stages "
                         "walk: compress it in a stage of its own without calibration (e.g. quantize with method rtn "
                         "and include: [lm_head]), or exclude it")
+    if outside:                                # the default target (e.g. OPT's project_in/out, a vision tower)
+        log.warning("left uncompressed (outside the decoder layers that calibrated stages walk): %s",
+                    ", ".join(outside))
     out: dict = dict(checkpoint.progress["stats"]) if checkpoint is not None else {}
     touched = [i for i, layer in enumerate(layers) if target.filter(layer_linears(layer, f"{prefix}.{i}"))]
     if not touched:
