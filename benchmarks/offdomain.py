@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -194,7 +195,7 @@ def main(argv=None) -> None:
     tag = "" if a.model == "smollm2" else f"{a.model}|"       # cache keys: the SmolLM2 ones unprefixed
     section = ("off-domain quality" + ("" if a.model == "smollm2" else f": {NAMES.get(a.model, a.model)}")
                + ("" if a.samples == 16 else f", {a.samples} calibration samples"))
-    argv_s = " ".join(x for x in sys.argv[1:] if x != "--report-only")
+    argv_s = shlex.join(x for x in sys.argv[1:] if x != "--report-only")
     cmd = "python benchmarks/offdomain.py" + (f" {argv_s}" if argv_s else "")
     base_key = f"_base|{tag}{a.seqlen}|{a.windows}"
     if a.report_only:
