@@ -8,7 +8,9 @@ scored with modelpress.eval.evaluate against the uncompressed model. Calibration
 Settings are the shipped recipes' stage configs (w4a16-gptq-g128: GPTQ w4 g128 sym act_order observer hessian;
 sparsegpt-2of4: SparseGPT 2:4), compared with RTN w4 g128 (no calibration) and Wanda 2:4 (same calibration).
 Damage = perplexity - the uncompressed model's perplexity on the same text; "damage removed vs RTN" =
-1 - damage(GPTQ) / damage(RTN); "SparseGPT / Wanda damage" < 1 means SparseGPT is better.
+1 - damage(GPTQ) / damage(RTN); "SparseGPT / Wanda damage" < 1 means SparseGPT is better. Since this study
+w4a16-gptq-g128 calibrates on wiki+novels: its setting is the "GPTQ wiki+novels mix" row, and "GPTQ (shipped)"
+is its stage config with the former `wiki` calibration (the default before the change).
 
 Factors (one at a time from the shipped setting, same 3 seeds): GPTQ observer mse / minmax, act_order false,
 damp 0.1, 32 samples, a half-and-half calibration mix (the composite source "wiki+novels": N/2 windows
