@@ -132,12 +132,14 @@ def main() -> None:
         res[name] = row
         rfile.write_text(json.dumps(res, indent=1))
 
-    def scored(name: str, f: Path, model=None) -> float:
-        """Per-token NLL of the GGUF `f` in PyTorch (transformers' GGUF loader, fp32; or `model`), kept in
+    def from_gguf(f: Path):
+        """The GGUF `f` read back by transformers' GGUF loader, fp32."""
+        return AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name, dtype=torch.float32).eval()
+
+    def scored(f: Path, model=None) -> float:
+        """Per-token NLL of the GGUF `f` in PyTorch (from_gguf(f), or `model` when given), kept in
         nll-<stem>.npy for the paired comparisons; returns its perplexity."""
-        g = model if model is not None else AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name,
-                                                                                 dtype=torch.float32).eval()
-        nll = torch_nll(g, ids, a.ctx, a.chunks)
+        nll = torch_nll(from_gguf(f) if model is None else model, ids, a.ctx, a.chunks)
         np.save(out / f"nll-{f.stem}.npy", nll)
         return math.exp(float(nll.mean()))
     base = out / "base-f32.gguf"
@@ -154,7 +156,7 @@ def main() -> None:
         ref_ppl = evaluate(model, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]
         done("F32 (base)", {"src": "modelpress", "file": base.name, "size": base.stat().st_size,
                             "llama_ppl": llama_ppl(bin_, base, out / "eval.txt", a.ctx, a.chunks, out),
-                            "torch_ppl": scored("F32 (base)", base, model), "mp_ppl": ref_ppl})
+                            "torch_ppl": scored(base, model), "mp_ppl": ref_ppl})
 
     # llama.cpp's own quantization, with and without an importance matrix from the calibration windows
     imat = out / "imatrix.gguf"
@@ -171,7 +173,7 @@ def main() -> None:
                 out / f"quant_{f.stem}.log")
             done(name, {"src": "llama.cpp", "file": f.name, "size": f.stat().st_size,
                         "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out),
-                        "torch_ppl": scored(name, f)})
+                        "torch_ppl": scored(f)})
 
     # modelpress
     variants = {
@@ -190,10 +192,10 @@ def main() -> None:
         f = out / f"mp-{i}.gguf"
         rep = save_gguf(m, tok, f)
         print(f"  {name}: {time.time() - t0:.0f}s; {rep['summary'][:160]}", flush=True)
-        g = AutoModelForCausalLM.from_pretrained(out, gguf_file=f.name, dtype=torch.float32).eval()
+        g = from_gguf(f)
         row = {"src": "modelpress", "file": f.name, "size": f.stat().st_size, "summary": rep["summary"],
                "llama_ppl": llama_ppl(bin_, f, out / "eval.txt", a.ctx, a.chunks, out),
-               "torch_ppl": scored(name, f, g),
+               "torch_ppl": scored(f, g),
                "mp_ppl": evaluate(m, eval_windows(tok, texts, a.ctx, a.chunks))["perplexity"]}
         if i == 0:
             row["greedy_llama"] = llama_greedy(bin_, f, a.gen, out)

@@ -167,19 +167,19 @@ def test_hessian_observer_needs_gptq():
 def test_signed_scales_put_the_extreme_on_code_zero(bits):
     """llama.cpp's Q4_0 convention: s = w_e / -2^(b-1) with w_e the block's largest-magnitude value (s < 0 when
     w_e > 0), so w_e sits on code 0 (its fp16-rounded self); only the opposite side's top level is missing (an
-    error of at most one step there (and the fp16 rounding of s), half a step elsewhere); on Gaussian weights the grid is finer than the unsigned symmetric one (higher SQNR)."""
+    error of at most one step there (and the fp16 rounding of s), half a step elsewhere); on Gaussian weights
+    the grid is finer than the unsigned symmetric one (higher SQNR)."""
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(64, 256, generator=g)
     q, s, z = Q.rtn(w, bits, 32, sym=True, signed=True)
     blocks = w.reshape(64, 8, 32)
-    ext = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0]         # (rows, blocks) signed
+    at = blocks.abs().argmax(-1, keepdim=True)                                      # each block's extreme
+    ext = blocks.gather(-1, at)[..., 0]                                             # (rows, blocks) signed
     assert torch.equal(torch.sign(s), -torch.sign(ext)) and torch.equal(s, s.half().float())
     assert bool((z == 1 << (bits - 1)).all())
     w_hat = Q.dequantize_groups(q, s, z, 32)
-    codes = q.reshape(64, 8, 32).gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0]
-    assert bool((codes == 0).all())
-    assert torch.allclose(w_hat.reshape(64, 8, 32).gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0], ext,
-                          rtol=1e-3, atol=0)
+    assert bool((q.reshape(64, 8, 32).gather(-1, at) == 0).all())
+    assert torch.allclose(w_hat.reshape(64, 8, 32).gather(-1, at)[..., 0], ext, rtol=1e-3, atol=0)
     step = s.abs().repeat_interleave(32, 1)
     err = (w - w_hat).abs()
     assert bool((err <= 1.05 * step).all()) and bool((err <= step / 2 + 1e-6).float().mean() > 0.99)   # (fp16 s)
