@@ -53,7 +53,10 @@ def add_parser(subparsers) -> tuple[str, ...]:
     m.add_argument("--windows", type=int, default=64, help="token windows taken from --data")
     m.add_argument("--val-fraction", type=float, default=0.1)
     m.add_argument("--steps", type=int, default=100)
-    m.add_argument("--lr", type=float, default=1e-2)
+    m.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (official: 2e-5; ~1e-2 for --init magnitude)")
+    m.add_argument("--warmup", type=float, default=0.03, help="share of the steps spent in linear warmup")
+    m.add_argument("--init", choices=("random", "magnitude"), default="random",
+                   help="scores: random N(0, initializer_range) as the official code, or |W| (magnitude mask)")
     m.add_argument("--batch-size", type=int, default=4)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--threads", type=int, default=None)
@@ -139,6 +142,8 @@ def run_mft(a) -> int:
         _positive(name.replace("_", "-"), getattr(a, name))
     if not 0 < a.keep <= 1:
         raise UserError(f"--keep must be in (0, 1], got {a.keep}")
+    if not 0 <= a.warmup < 1:
+        raise UserError(f"--warmup must be in [0, 1), got {a.warmup}")
     if not 0 <= a.val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
     model, tok = load_model(a.model)
@@ -154,22 +159,23 @@ def run_mft(a) -> int:
             return float(mft.lm_loss(model, windows)) if windows.shape[0] else float("nan")
 
     val_base = ce(val)
-    masked = mft.apply_masks(model, layers, a.keep, a.include)
+    masked = mft.apply_masks(model, layers, a.keep, a.include, a.init, a.seed)
     val_init = ce(val)
-    losses = mft.train_masks(model, train, a.steps, a.lr, a.batch_size, a.seed, log=print)
+    losses = mft.train_masks(model, train, a.steps, a.lr, a.batch_size, a.seed, log=print, warmup_ratio=a.warmup)
     val_after = ce(val)
     stats = mft.mask_stats(model)
     mft.bake(model)
     zeros = sum(s["pruned"] for s in stats.values())
     meta = {"method": "mask fine-tuning (arXiv 2503.22764)", "model": a.model, "data": a.data, "layers": layers,
             "keep": a.keep, "include": a.include, "steps": a.steps, "lr": a.lr, "batch_size": a.batch_size,
-            "seqlen": a.seqlen, "train_windows": int(train.shape[0]), "val_windows": int(val.shape[0]),
-            "val_ce_base": val_base, "val_ce_magnitude_init": val_init, "val_ce_after": val_after,
+            "init": a.init, "warmup": a.warmup, "seqlen": a.seqlen, "train_windows": int(train.shape[0]),
+            "val_windows": int(val.shape[0]),
+            "val_ce_base": val_base, "val_ce_init": val_init, "val_ce_after": val_after,
             "first_loss": losses[0], "last_loss": losses[-1], "masked_layers": len(masked), "zeros": zeros,
             "layers_stats": stats}
     save_pretrained_atomic(model, tok, a.out, meta, "mft.json")
     print(f"mft on {len(masked)} linears of layers {a.layers} (keep {a.keep}): {zeros} weights zeroed; "
-          f"val CE base {val_base:.4f} -> magnitude mask {val_init:.4f} -> learned mask {val_after:.4f}")
+          f"val CE base {val_base:.4f} -> {a.init} mask {val_init:.4f} -> learned mask {val_after:.4f}")
     print(f"wrote {a.out}")
     return 0
 
