@@ -17,6 +17,7 @@ import copy
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,7 +73,7 @@ PROBES = ("scramble", "rank-preserving", "exp-gap stress")
 
 def probe(model, layer_ids, kind: str, affine: bool, seed: int = 0):
     """Copy of a clustered model with the codebooks of the given decoder layers scrambled, replaced rank-
-    preservingly (sorted resamples of the matrix's own fitted centroids, all its codebooks pooled), or
+    preservingly (sorted resamples of each codebook's own fitted centroids, so each keeps its distribution), or
     stress-randomised (Exp(1) gaps), optionally affinely corrected back to each matrix's mean and std."""
     m = copy.deepcopy(model)
     mods = clustered_layers(m)
@@ -82,8 +83,9 @@ def probe(model, layer_ids, kind: str, affine: bool, seed: int = 0):
             sd = seed * 1_000_003 + 1000 * i + j
             if kind == "scramble":
                 new = C.scramble_centroids(cb, seed=sd)
-            elif kind == "rank-preserving":
-                new = C.rank_preserving_resample(cb, seed=sd)
+            elif kind == "rank-preserving":       # each codebook from its own centroids (G = 1: the matrix's)
+                new = torch.cat([C.rank_preserving_resample(cb[g:g + 1], seed=sd * 7919 + g)
+                                 for g in range(cb.shape[0])])
             else:
                 new = C.rank_preserving_randomise(cb, seed=sd)
             if affine:
@@ -129,7 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-batch", type=int, default=1)
     ap.add_argument("--lowrank-budgets", default="0.8")
     ap.add_argument("--probe-seeds", type=int, default=3)
-    ap.add_argument("--probe-group-rows", type=int, default=16, help="rows per codebook of the probed model")
+    ap.add_argument("--probe-group-rows", default="0,16",
+                    help="rows per codebook of the probed models, comma list; 0 = one codebook per matrix (the paper's)")
+    ap.add_argument("--model", default="smollm2", help="reference name or HF folder (section 'clustering: NAME' unless smollm2)")
     ap.add_argument("--speed-n", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed,ft,rtn,probes,lowrank")
@@ -142,11 +146,12 @@ def main(argv=None) -> int:
     sections = []
     cmd = "python -m benchmarks.clustering " + " ".join(argv if argv is not None else sys.argv[1:])
     state = {"ppl_fp": float("nan")}
+    label = "SmolLM2-135M-Instruct" if args.model == "smollm2" else Path(args.model).name
 
     def flush(done: bool = False) -> None:
         """Write the sections measured so far (a partial run still leaves its numbers)."""
         total = time.perf_counter() - t_start
-        head = (f"SmolLM2-135M-Instruct, calibration {args.samples} x {args.seqlen} tokens (wiki), evaluation "
+        head = (f"{label}, calibration {args.samples} x {args.seqlen} tokens (wiki), evaluation "
                 f"{args.windows} windows x {args.eval_seqlen} tokens (modelpress-eval/1, wiki-eval), "
                 f"{args.threads} thread(s); fp32 perplexity {state['ppl_fp']:.3f}. "
                 + (f"Whole run {total / 60:.1f} min." if done else f"Partial run: {total / 60:.1f} min so far."))
@@ -154,7 +159,7 @@ def main(argv=None) -> int:
         if done:
             log("\n" + body)
         if not args.no_write:
-            write_section("clustering", cmd.strip(), body)
+            write_section("clustering" if args.model == "smollm2" else f"clustering: {label}", cmd.strip(), body)
 
     if "speed" not in skip:
         sec, load = kmeans_speed(args.speed_n, 16)
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
                         f"**{sec:.2f} s** (target < 2 s; best of 2; 1-minute load average of the shared 2-core "
                         f"machine {load:.1f}).")
 
-    base, tok = modelpress.load("smollm2")
+    base, tok = modelpress.load(args.model)
     calib = modelpress.calibration_set(tok, "wiki", samples=args.samples, seqlen=args.seqlen)
     windows = windows_for(tok, seqlen=args.eval_seqlen, windows=args.windows)
     off = austen_windows(tok, args.eval_seqlen, args.windows)
@@ -203,51 +208,56 @@ def main(argv=None) -> int:
     # ---- rank probes --------------------------------------------------------------------------------------
     if "probes" not in skip:
         import statistics
-        pm_cfg = Cluster(k=16, group_rows=args.probe_group_rows, weighting="hessian-diag")
-        kp, _, _ = run_stage(base, pm_cfg, calib, "cluster")
-        pp = ppl(kp, windows)
-        n = len(decoder_layers(kp)[1])
-        sets = {"early": [0, 1, 2], "middle": [n // 2 - 1, n // 2, n // 2 + 1], "late": [n - 3, n - 2, n - 1],
-                "all": list(range(n))}
-        rows = []
-        for where, ids in sets.items():
-            for kind in PROBES:
-                for affine in ((False, True) if kind != "scramble" else (False,)):
-                    vals = []
-                    for sd in range(args.probe_seeds):
-                        pm = probe(kp, ids, kind, affine=affine, seed=sd)
-                        vals.append(ppl(pm, windows))
-                        del pm
-                    mu = statistics.fmean(vals)
-                    sdv = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                    rows.append([f"{where} (layers {ids[0]}-{ids[-1]})", kind, "yes" if affine else "no",
-                                 f"{mu:.4g} +- {sdv:.3g}", f"{mu / pp:.3g}x"])
-                    log(f"probe {where} {kind} affine={affine}: {mu:.3f} +- {sdv:.3f}")
-        verdict = []
-        for where in sets:
-            rp = [r for r in rows if r[0].startswith(where) and r[1] == "rank-preserving"]
-            sc = [r for r in rows if r[0].startswith(where) and r[1] == "scramble"]
-            best_rp = min(float(r[3].split()[0]) for r in rp)
-            sc_v = float(sc[0][3].split()[0])
-            verdict.append(f"- {where}: rank-preserving (best of plain / affine) {best_rp:.4g} = {best_rp / pp:.3g}x the "
-                           f"clustered perplexity, scramble {sc_v:.4g} = {sc_v / pp:.3g}x. Claim 'only relative ranks "
-                           f"matter' (rank-preserving costs little, scrambling is catastrophic): "
-                           + ("**reproduced**" if best_rp <= 1.1 * pp and sc_v >= 2 * pp else
-                              "**contradicted**" if best_rp >= sc_v else "**not reproduced**")
-                           + " (thresholds fixed in advance: rank-preserving <= 1.1x, scramble >= 2x).")
-        sections.append(f"### Rank probes (K=16, one codebook per {args.probe_group_rows} output rows, hessian-diag; "
-                        f"clustered perplexity {pp:.4g}; mean +- sd over {args.probe_seeds} seeds)\n\n"
-                        "Scramble: each codebook's values randomly permuted (same set, ranks destroyed). Rank-"
-                        "preserving (the paper's probe): each codebook gets K values drawn from the matrix's own "
-                        "fitted centroids (all its codebooks pooled), sorted and placed in the original rank order. "
-                        "Exp-gap stress: each gap between sorted centroids scaled by Exp(1), range kept (not the "
-                        "paper's probe: it moves the dense middle). Affine: w' = a w + b (a > 0) restoring each "
-                        "matrix's mean and std. Perturbed: every clustered linear of the listed decoder layers.\n\n"
-                        + table(["layers perturbed", "probe", "affine", "perplexity", "vs clustered"], rows)
-                        + "\n\nVerdict per depth (SmolLM2 only; the second LM is not in this run):\n\n"
-                        + "\n".join(verdict))
-        del kp
-        flush()
+        for gr in [int(x) for x in str(args.probe_group_rows).split(",") if x != ""]:
+            pm_cfg = Cluster(k=16, group_rows=gr or None, weighting="hessian-diag")
+            kp = k16s[0] if (gr == 0 and k16s is not None) else run_stage(base, pm_cfg, calib, "cluster")[0]
+            pp = ppl(kp, windows)
+            n = len(decoder_layers(kp)[1])
+            sets = {"early, one layer": [1], "middle, one layer": [n // 2], "late, one layer": [n - 2],
+                    "early": [0, 1, 2], "middle": [n // 2 - 1, n // 2, n // 2 + 1], "late": [n - 3, n - 2, n - 1],
+                    "all": list(range(n))}
+            rows = []
+            for where, ids in sets.items():
+                for kind in PROBES:
+                    for affine in ((False, True) if kind != "scramble" else (False,)):
+                        vals = []
+                        for sd in range(args.probe_seeds):
+                            pm = probe(kp, ids, kind, affine=affine, seed=sd)
+                            vals.append(ppl(pm, windows))
+                            del pm
+                        mu = statistics.fmean(vals)
+                        sdv = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                        span = f"layer {ids[0]}" if len(ids) == 1 else f"layers {ids[0]}-{ids[-1]}"
+                        rows.append([f"{where} ({span})", kind, "yes" if affine else "no",
+                                     f"{mu:.4g} +- {sdv:.3g}", f"{mu / pp:.3g}x"])
+                        log(f"probe g{gr} {where} {kind} affine={affine}: {mu:.3f} +- {sdv:.3f}")
+            verdict = []
+            for where in sets:
+                rp = [r for r in rows if r[0].startswith(where + " (") and r[1] == "rank-preserving"]
+                sc = [r for r in rows if r[0].startswith(where + " (") and r[1] == "scramble"]
+                best_rp = min(float(r[3].split()[0]) for r in rp)
+                sc_v = float(sc[0][3].split()[0])
+                verdict.append(f"- {where}: rank-preserving (best of plain / affine) {best_rp:.4g} = {best_rp / pp:.3g}x the "
+                               f"clustered perplexity, scramble {sc_v:.4g} = {sc_v / pp:.3g}x. Claim 'only relative ranks "
+                               f"matter' (rank-preserving costs little, scrambling is catastrophic): "
+                               + ("**reproduced**" if best_rp <= 1.1 * pp and sc_v >= 2 * pp else
+                                  "**contradicted**" if best_rp >= sc_v else "**not reproduced**")
+                               + " (thresholds fixed in advance: rank-preserving <= 1.1x, scramble >= 2x).")
+            what = "one codebook per matrix (the paper's setting)" if not gr else f"one codebook per {gr} output rows"
+            sections.append(f"### Rank probes (K=16, {what}, hessian-diag; clustered perplexity {pp:.4g}; mean +- sd "
+                            f"over {args.probe_seeds} seeds)\n\n"
+                            "Scramble: each codebook's values randomly permuted (same set, ranks destroyed). Rank-"
+                            "preserving (the paper's probe): each codebook gets K values drawn with replacement from "
+                            "its own fitted centroids, sorted and placed in the original rank order (the centroid "
+                            "distribution is kept). Exp-gap stress: each gap between sorted centroids scaled by "
+                            "Exp(1), range kept (not the paper's probe: it moves the dense middle). Affine: w' = a w "
+                            "+ b (a > 0) restoring each matrix's mean and std. Perturbed: every clustered linear of "
+                            "the listed decoder layers.\n\n"
+                            + table(["layers perturbed", "probe", "affine", "perplexity", "vs clustered"], rows)
+                            + f"\n\nVerdict per depth ({label} only; the second LM is not in this run):\n\n"
+                            + "\n".join(verdict))
+            del kp
+            flush()
 
     # ---- K series with / without centroid fine-tuning --------------------------------------------------
     if ks:
