@@ -41,12 +41,13 @@ from modelpress.eval import evaluate  # noqa: E402
 METHODS = ("random", "zipcal-words", "zipcal-coverage", "perplexity")
 STAGE_RECIPES = {
     "wanda": {"prune": {"method": "wanda", "sparsity": 0.5}},
+    "sparsegpt": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
     "gptq": {"quantize": {"method": "gptq", "bits": 3, "group_size": 64, "sym": False}},
     # the clustering benchmark's best setting (K=16, one codebook per 16 output rows, hessian-diag weighted
     # k-means), so the calibration set matters (the stage's default, weighting none, ignores it)
     "cluster": {"cluster": {"k": 16, "group_rows": 16, "weighting": "hessian-diag"}},
 }
-STAGE_LABELS = {"wanda": "Wanda 50% unstructured", "gptq": "GPTQ w3 g64 asym", "cluster": "cluster K=16 /16 rows hessian-diag"}
+STAGE_LABELS = {"wanda": "Wanda 50% unstructured", "sparsegpt": "SparseGPT 50% unstructured", "gptq": "GPTQ w3 g64 asym", "cluster": "cluster K=16 /16 rows hessian-diag"}
 VERDICT_METHODS = ("zipcal-coverage", "zipcal-words", "perplexity")
 
 T0 = time.perf_counter()
@@ -148,13 +149,13 @@ def report(a, argv, load_s, methods, pool, pool_desc, windows, base, sel_time, s
         verdicts.append("Paper claim (ZipCal beats uniform random sampling): " + "; ".join(claims) + ".")
     if pending:
         verdicts.append(f"PARTIAL: stages {', '.join(pending)} had not finished when this section was written.")
-    return (f"SmolLM2-135M-Instruct (float32), calibration pool: {pool_desc} "
+    return (f"{a.label} (float32), calibration pool: {pool_desc} "
             f"({len(pool)} summaries, the same pool for every selector); {a.samples} samples x {a.seqlen} tokens per calibration set; held-out "
             f"evaluation: {windows.shape[0]} windows x {windows.shape[1]} tokens of the Wikipedia evaluation split "
             f"(uncompressed perplexity {base:.3f}); seeds per compression: {seeds} (first seeds of 0..{a.seeds - 1}); "
             f"{a.threads} CPU thread(s), shared machine. The perplexity baseline scores every sentence of the pool "
             f"with the model and keeps the lowest-perplexity ones (deterministic: one set, so one run per compression); zipcal-coverage and perplexity pack whole "
-            f"sentences into the windows. Reduced scope: one LM (SmolLM2), no SparseGPT.\n\n"
+            f"sentences into the windows. One LM per run (section per model).\n\n"
             f"### Held-out quality after compression\n\n{q}\n\n### Selection time\n\n"
             f"Mean over the seeds of `calibration_set` on the in-memory pool; reading and hashing the pool once "
             f"(`wiki_texts` + `source_sha256`) took a further {load_s:.2f} s, common to every method.\n\n{sel}\n\n"
@@ -171,13 +172,15 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--stages", default="wanda,gptq")
+    ap.add_argument("--stages", default="wanda,sparsegpt,gptq")
+    ap.add_argument("--model", default="smollm2", help="reference name or HF folder")
     ap.add_argument("--scaling-repeats", type=int, default=3, help="best-of repeats for the scaling timings")
-    ap.add_argument("--stage-seeds", default="gptq=3", help="fewer seeds for slow stages, e.g. gptq=3")
+    ap.add_argument("--stage-seeds", default="gptq=3,sparsegpt=3", help="fewer seeds for slow stages, e.g. gptq=3")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--section", default="calibration", help="BENCHMARKS.md section to (re)write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     a = ap.parse_args(argv)
+    a.label = "SmolLM2-135M-Instruct" if a.model == "smollm2" else Path(a.model).name
     torch.set_num_threads(a.threads)
     methods = [m for m in a.methods.split(",") if m]
     stages = [s for s in a.stages.split(",") if s]
@@ -189,8 +192,8 @@ def main(argv=None) -> int:
             stages.remove(s)
             notes.append(f"Stage `{name}` is not registered in modelpress.STAGES in this run, so it was skipped.")
 
-    say("loading SmolLM2 and the Wikipedia pool")
-    orig, tok = modelpress.load("smollm2")
+    say(f"loading {a.label} and the Wikipedia pool")
+    orig, tok = modelpress.load(a.model)
     t = time.perf_counter()
     pool = sources.wiki_texts("calib")
     sources.source_sha256("wiki")
