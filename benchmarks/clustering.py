@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     # ---- K=16 sensitivity-weighted vs RTN 4-bit at equal bits per weight -------------------------------
     if "rtn" not in skip:
         rows = [["fp32 (reference)", "-", 32.0, ppl_fp, "-"]]
-        for label, name, cfg in [
+        for what, name, cfg in [
             ("RTN 4-bit sym, per channel", "quantize", Quantize(method="rtn", bits=4, group_size=None)),
             ("cluster K=16, 16 rows/codebook, hessian-diag", "cluster", Cluster(k=16, group_rows=16, weighting="hessian-diag")),
             ("cluster K=16, 16 rows/codebook, unweighted", "cluster", Cluster(k=16, group_rows=16)),
@@ -188,8 +188,8 @@ def main(argv=None) -> int:
             m, st, sec = run_stage(base, cfg, calib, name)
             p = ppl(m, windows)
             bpw = size_report(m)["bits_per_weight"]
-            rows.append([label, name, bpw, p, f"{sec:.0f}"])
-            log(f"{label}: bpw {bpw:.4f} ppl {p:.3f} ({sec:.0f} s)")
+            rows.append([what, name, bpw, p, f"{sec:.0f}"])
+            log(f"{what}: bpw {bpw:.4f} ppl {p:.3f} ({sec:.0f} s)")
             del m
         sections.append("### K=16 clustering vs RTN 4-bit at equal bits per weight\n\nBits per weight from the "
                         "export's stored tensors (packed indices + fp16 codebooks; packed codes + fp16 scales). "
