@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +193,7 @@ def fit(model: nn.Module, params: list[Tensor], ids: Tensor, labels: Tensor | No
     n, bs = ids.shape[0], min(batch_size, ids.shape[0])
     order: list[int] = []
     losses = []
+    t0 = time.perf_counter()
     model.train()
     try:
         for step in range(steps):
@@ -206,7 +208,8 @@ def fit(model: nn.Module, params: list[Tensor], ids: Tensor, labels: Tensor | No
             sched.step()
             losses.append(float(loss.detach()))
             if log is not None and (step % 10 == 0 or step == steps - 1):
-                log(f"step {step + 1}/{steps}: loss {losses[-1]:.4f}")
+                eta = (time.perf_counter() - t0) / (step + 1) * (steps - step - 1)
+                log(f"step {step + 1}/{steps}: loss {losses[-1]:.4f}, ETA {eta:.0f} s")
     finally:
         model.eval()
     if not all(math.isfinite(x) for x in losses):
