@@ -12,7 +12,7 @@ headline is ever trained on. The prompt is the example's own system + user messa
 template; the response is the answer character + the end-of-turn token; the loss covers the response only.
 
 Settings are the official code's (configs/train_configs/*_fft.yaml and *_local_masktune.yaml of
-github.com/Ming-K9/MFT): full fine-tuning (FFT) with AdamW, lr 2e-5, weight decay 0, linear schedule with 3%
+Ming-K9/MFT on GitHub): full fine-tuning (FFT) with AdamW, lr 2e-5, weight decay 0, linear schedule with 3%
 warmup, 2 epochs; then MFT on the FFT model with the same optimiser and schedule over the same data, masks on
 all linears of decoder layers 4-7 (the official choice for 32-layer LLaMA2-7B; SmolLM2 has 30 layers), keep
 90% of each matrix, scores initialised N(0, initializer_range) - a random 10% cut that training must repair.

@@ -1,5 +1,5 @@
 """Mask fine-tuning (MFT, "Boosting LLMs with Mask Fine-Tuning", arXiv 2503.22764; official code
-github.com/Ming-K9/MFT).
+Ming-K9/MFT on GitHub).
 
 The weights of a (fully fine-tuned) model stay frozen; the linear layers of chosen decoder layers get one
 real-valued score per weight, and the forward uses W * M with M the binary mask of the top-k |scores| over
