@@ -55,16 +55,21 @@ def load_tabular(name: str, seed: int = 0):
     return t(Xtr), torch.tensor(ytr), t(Xte), torch.tensor(yte), t(lo), t(hi)
 
 
+def fit_full_batch(net: nn.Sequential, X, y, epochs: int = 300) -> nn.Sequential:
+    """Adam (lr 3e-3, weight decay 1e-4), full-batch cross entropy, `epochs` steps; returns the net in eval mode."""
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(epochs):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(X), y).backward()
+        opt.step()
+    return net.eval()
+
+
 def train_mlp(Xtr, ytr, hidden: int, classes: int, seed: int = 0, epochs: int = 300) -> nn.Sequential:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(Xtr.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                         nn.Linear(hidden, classes))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    for _ in range(epochs):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(Xtr), ytr).backward()
-        opt.step()
-    return net.eval()
+    return fit_full_batch(net, Xtr, ytr, epochs)
 
 
 def train_cnn(Xtr, ytr, classes: int, seed: int = 0, epochs: int = 300) -> nn.Sequential:
@@ -73,13 +78,7 @@ def train_cnn(Xtr, ytr, classes: int, seed: int = 0, epochs: int = 300) -> nn.Se
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
                         nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, classes))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    X = Xtr.reshape(-1, 1, 8, 8)
-    for _ in range(epochs):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(X), ytr).backward()
-        opt.step()
-    return net.eval()
+    return fit_full_batch(net, Xtr.reshape(-1, 1, 8, 8), ytr, epochs)
 
 
 def compress_mlp(f: nn.Sequential, bits: int | None, sparsity: float) -> nn.Sequential:
