@@ -380,6 +380,31 @@ def test_capability_bits_plan_covers_every_linear_at_the_mean():
     assert abs(plan.achieved_mean() - 4.0) < 1e-6 and set(mm) == set(Target().select(model))
 
 
+@pytest.mark.parametrize("method", ["capability", "owl"])
+def test_replan_equals_a_fresh_plan_at_another_mean_and_kind(method):
+    """One measurement of the scores, allocated again at 60 % sparsity and at 3.5 bits, gives exactly what
+    plan_budget gives when it measures again; the first plan is unchanged."""
+    model, calib = tiny_llama(layers=2), correlated_calib(n=8)
+    cfg = S.SAEConfig(steps=30)
+    plan = B.plan_budget(model, calib, method, 0.5, sae_config=cfg)
+    first = plan.module_specs()
+    for mean, kind in ((0.6, "sparsity"), (3.5, "bits")):
+        again, fresh = B.replan(plan, mean, kind), B.plan_budget(model, calib, method, mean, kind, sae_config=cfg)
+        a, f = again.module_specs(), fresh.module_specs()
+        assert set(a) == set(f) and all(torch.allclose(a[n], f[n], atol=1e-9) for n in a)
+        assert abs(again.achieved_mean() - mean) < 1e-6
+        assert B.plan_bit_specs(model, again, 16)[0].keys() == a.keys() if kind == "bits" else True
+    assert all(torch.equal(first[n], plan.module_specs()[n]) for n in first)
+
+
+def test_replan_refuses_sensitivity_at_another_mean():
+    model, calib = tiny_llama(layers=2), correlated_calib(n=8)
+    plan = B.plan_budget(model, calib, "sensitivity", 0.5)
+    with pytest.raises(modelpress.UserError, match="plan_budget again"):
+        B.replan(plan, 0.6)
+    assert B.replan(plan, 0.5).module_specs().keys() == plan.module_specs().keys()
+
+
 # ---------------------------------------------------------------------------------------------- overcomplete SAEs
 
 def test_sae_overcomplete_seeded_with_recorded_error():

@@ -28,6 +28,7 @@ num_attention_heads for every layer, so per-layer head removal is not a reloadab
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -453,6 +454,26 @@ def plan_budget(model: nn.Module, calib, method: str, mean: float, kind: str = "
     return BudgetPlan(method, kind, mean, scope, comps, params, layouts)
 
 
+def replan(plan: BudgetPlan, mean: float, kind: str | None = None, spread: float | None = None,
+           lo: float | None = None, hi: float | None = None, head_hi: float | None = None) -> BudgetPlan:
+    """The same measured scores allocated again at another mean (and kind): a new plan, `plan` unchanged.
+    Capability densities and OWL outlier ratios do not depend on the mean or the kind, so one measurement
+    serves 50 % and 60 % sparsity and a mixed-bit plan alike. Sensitivity's probe is set by the mean and
+    the kind (magnitude pruning at the mean sparsity, RTN below the mean bits): re-measure it."""
+    kind = plan.kind if kind is None else kind
+    _sign(kind)
+    if plan.method == "sensitivity" and (kind != plan.kind or mean != plan.mean):
+        raise UserError("budget sensitivity probes at the plan's own mean and kind: call plan_budget again for "
+                        f"mean {mean} ({kind}) instead of replan")
+    comps = [dataclasses.replace(c, budget=float("nan"), metrics=dict(c.metrics), parts=dict(c.parts))
+             for c in plan.components]
+    if plan.scope == "layer" and plan.method == "capability":
+        allocate_capability(comps, mean, kind, spread, lo, hi, head_hi)
+    else:
+        allocate(comps, plan.method, mean, kind, plan.scope, spread, lo, hi)
+    return BudgetPlan(plan.method, kind, mean, plan.scope, comps, dict(plan.module_params), dict(plan.layouts))
+
+
 def owl_ratios(model: nn.Module, calib, target, m: float = 5.0) -> dict[int, float]:
     """Per decoder layer: fraction of Wanda scores above m x the layer's mean score (over its linears)."""
     from ..engine import layerwise
@@ -511,14 +532,20 @@ def bit_specs(model: nn.Module, calib, method: str, mean: float, target=None, sp
     q/k/v rows of each head (KV group) and the o_proj columns of each head their head's width; a spec with
     column blocks whose width is not a multiple of `group_size` (or group_size None: one scale per row) is
     first replaced by its mean (1, 1). Other methods: (1, 1) per linear. Rounded by round_bit_specs."""
-    plan = plan_budget(model, calib, method, mean, "bits", target, spread, **kw)
+    return plan_bit_specs(model, plan_budget(model, calib, method, mean, "bits", target, spread, **kw), group_size)
+
+
+def plan_bit_specs(model: nn.Module, plan: BudgetPlan, group_size: int | None = None) -> tuple[dict[str, Tensor], BudgetPlan]:
+    """bit_specs for a plan already measured (kind bits): ({linear name: whole-bit widths (R, G) int64}, plan)."""
+    if plan.kind != "bits":
+        raise UserError(f"plan_bit_specs needs a plan of kind bits, got {plan.kind}: plan with kind bits")
     specs = plan.module_specs()
     for n, sp in specs.items():
         G = sp.shape[1]
         cols = model.get_submodule(n).weight.shape[1]
         if G > 1 and (group_size is None or cols % G or (cols // G) % group_size):
             specs[n] = sp.mean().reshape(1, 1)
-    return round_bit_specs(specs, plan.module_params, mean), plan
+    return round_bit_specs(specs, plan.module_params, plan.mean), plan
 
 
 def budget_map(model: nn.Module, calib, method: str, mean: float, kind: str = "sparsity", target=None,
