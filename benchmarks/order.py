@@ -3,9 +3,10 @@ Progressive Intensity Hypothesis states it ("Prune-then-Quantize or Quantize-the
 arXiv 2603.18426): applying the weaker perturbation first is better, and (Theorem 2) the advantage grows
 with the intensity gap.
 
-Pairs: pruner {Wanda} x sparsity {0.3, 0.5} x RTN {w3, w4} (group 64, asymmetric; never 4-bit group 32,
-SmolLM2's native grid), both orders, over calibration seeds (each seed draws its own Wikipedia
-calibration sample; RTN needs none). Scored on fixed held-out Wikipedia windows: perplexity and KL to the
+Pairs: pruners (--pruners: Wanda at sparsities, and Wanda 2:4; default Wanda {0.3, 0.5}) x quantizer
+(--quant: RTN, or GPTQ, which calibrates per seed) x bits (default {w3, w4}; group 64, asymmetric; never
+4-bit group 32, SmolLM2's native grid), both orders, over calibration seeds (each seed draws its own
+Wikipedia calibration sample). Scored on fixed held-out Wikipedia windows: perplexity and KL to the
 uncompressed model. Intensity of a stage alone = compression-equivalent bits: its held-out KL mapped
 onto the RTN bits -> KL curve (8/6/4/3/2 bits) by interpolation in log(KL)
 (modelpress.plan.order.equivalent_bits); fewer bits = stronger.
@@ -20,9 +21,9 @@ stages never calibrated on, as plan order does) against the measured better orde
 outside noise, the within-noise pairs counted apart.
 
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
-    .venv/bin/python benchmarks/order.py --no-write --sparsities 0.5 --bits 4 --seeds 0
+    .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
 
-Quantization is RTN (GPTQ's CPU solve would multiply the run time); SparseGPT is left out because its
+SparseGPT is left out because its
 OBS update cannot run on quantized weights (the prune stage refuses quantize-then-SparseGPT), so the
 pair would have one order only. Joint semantics are the stages' own: prune-then-quantize takes scales
 from the surviving weights, quantize-then-prune masks the dequantized weights (Wanda statistics taken on
@@ -125,7 +126,8 @@ def pair_boot_rho(gaps: list[float], advs: list[float], reps: int, rng: random.R
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (default) or an HF folder (smoke tests)")
-    ap.add_argument("--sparsities", default="0.3,0.5")
+    ap.add_argument("--pruners", default="0.3,0.5", help="comma list: Wanda sparsities and/or N:M patterns (2:4)")
+    ap.add_argument("--quant", default="rtn", choices=("rtn", "gptq"))
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     ap.add_argument("--curve-bits", default="8,6,4,3,2")
@@ -140,7 +142,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    sparsities = [float(x) for x in a.sparsities.split(",")]
+    sparsities = [x if ":" in x else float(x) for x in a.pruners.split(",")]     # pruner keys: 0.5 or "2:4"
     bits = [int(x) for x in a.bits.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     curve_bits = sorted({int(x) for x in a.curve_bits.split(",")} | set(bits), reverse=True)
@@ -159,13 +161,17 @@ def main() -> None:
         calibs[seed] = CalibrationSet(full.input_ids[:a.samples], full.attention_mask[:a.samples], full.provenance)
         planners[seed] = Scorer(model, full.input_ids[a.samples:])         # never calibrated on
 
-    def quant(b):
-        return Quantize(method="rtn", bits=b, group_size=a.group_size, sym=False)
+    def quant(b, method="rtn"):
+        return Quantize(method=method, bits=b, group_size=a.group_size, sym=False)
 
     def prune(s):
-        return Prune(method="wanda", sparsity=s)
+        return Prune(method="wanda", pattern=s) if isinstance(s, str) else Prune(method="wanda", sparsity=s)
 
-    curve, pcurve, quantized = {}, {seed: {} for seed in seeds}, {}
+    def pname(s):
+        return f"Wanda {s}" if isinstance(s, str) else f"Wanda {s:.0%}"
+
+    curve, pcurve, quantized = {}, {seed: {} for seed in seeds}, {}      # RTN: the yardstick of eq. bits
+    qname = a.quant.upper()
     for b in curve_bits:
         m = copy.deepcopy(model)
         quant(b).apply(m)
@@ -173,10 +179,23 @@ def main() -> None:
         for seed in seeds:
             pcurve[seed][b] = planners[seed](m)["kl"]
         say(f"RTN w{b} g{a.group_size} asym: ppl {curve[b]['ppl']:.3f} KL {curve[b]['kl']:.4f}")
-        if b in bits:
-            quantized[b] = m
+        if b in bits and a.quant == "rtn":
+            for seed in seeds:
+                quantized[b, seed] = m
         else:
             del m
+    q_single, q_plan = {}, {}                  # (bits, seed) -> the quantizer alone: held-out score, planner KL
+    for b in bits:
+        for seed in seeds:
+            if a.quant == "gptq":
+                m = copy.deepcopy(model)
+                quant(b, "gptq").apply(m, calibs[seed])
+                quantized[b, seed] = m
+                q_single[b, seed] = score(m)
+                say(f"GPTQ w{b} seed {seed}: ppl {q_single[b, seed]['ppl']:.3f} KL {q_single[b, seed]['kl']:.4f}")
+            else:
+                q_single[b, seed] = curve[b]
+            q_plan[b, seed] = planners[seed](quantized[b, seed])["kl"]
     cb, ck = list(curve), [curve[b]["kl"] for b in curve]
 
     def eb(kl):
@@ -188,7 +207,7 @@ def main() -> None:
         for s in sparsities:
             for b in bits:
                 eb_p = statistics.fmean(eb(single[s, seed]["kl"]) for seed in done)
-                eb_q = eb(curve[b]["kl"])
+                eb_q = statistics.fmean(eb(q_single[b, seed]["kl"]) for seed in done)
                 prune_weaker = eb_p > eb_q                          # more equivalent bits = weaker perturbation
                 wf = [res[s, b, seed][0 if prune_weaker else 1] for seed in done]
                 sf = [res[s, b, seed][1 if prune_weaker else 0] for seed in done]
@@ -202,13 +221,13 @@ def main() -> None:
                 picks = []
                 for seed in done:
                     pb = [pcurve[seed][k] for k in cb]
-                    picks.append("P->Q" if equivalent_bits(cb, pb, p_single[s, seed]) > equivalent_bits(cb, pb, pcurve[seed][b])
+                    picks.append("P->Q" if equivalent_bits(cb, pb, p_single[s, seed]) > equivalent_bits(cb, pb, q_plan[b, seed])
                                  else "Q->P")
                 gap = abs(eb_p - eb_q)
                 gaps.append(gap)
                 advs.append(mean)
                 outcomes.append((noise, mean > 0, picks, better))
-                rows.append([f"Wanda {s:.0%}", f"w{b} g{a.group_size}", round(eb_p, 2), round(eb_q, 2),
+                rows.append([pname(s), f"{qname} w{b} g{a.group_size}", round(eb_p, 2), round(eb_q, 2),
                              "P->Q" if prune_weaker else "Q->P", round(gap, 2),
                              ms([x[0]["ppl"] for x in (res[s, b, sd_] for sd_ in done)], ".2f"),
                              ms([x[1]["ppl"] for x in (res[s, b, sd_] for sd_ in done)], ".2f"),
@@ -246,8 +265,11 @@ def main() -> None:
         tbl = table(header, rows)
         curve_tbl = table(["RTN g%d asym" % a.group_size, "ppl", "KL"],
                           [[f"w{b}", round(curve[b]["ppl"], 3), round(curve[b]["kl"], 4)] for b in curve] +
-                          [[f"Wanda {s:.0%} alone", ms([single[s, sd_]["ppl"] for sd_ in done]),
-                            ms([single[s, sd_]["kl"] for sd_ in done], ".4f")] for s in sparsities])
+                          [[f"{pname(s)} alone", ms([single[s, sd_]["ppl"] for sd_ in done]),
+                            ms([single[s, sd_]["kl"] for sd_ in done], ".4f")] for s in sparsities] +
+                          ([[f"GPTQ w{b} g{a.group_size} alone", ms([q_single[b, sd_]["ppl"] for sd_ in done]),
+                             ms([q_single[b, sd_]["kl"] for sd_ in done], ".4f")] for b in bits]
+                           if a.quant == "gptq" else []))
         summary = (f"Verdicts ({len(done)} seed(s), {n} pairs, {len(clear)} outside noise):\n\n"
                    f"- Weaker-first is better (the Progressive Intensity Hypothesis): {v1}.\n"
                    f"- Theorem 2, the advantage grows with the intensity gap: Spearman(gap, mean advantage) = {rho:+.2f}, "
@@ -257,7 +279,8 @@ def main() -> None:
                    f"noise; {noisy_picks} picks on pairs inside noise are not counted.\n\n"
                    f"Original perplexity {base['ppl']:.3f}.")
         print(curve_tbl, "\n\n", tbl, "\n\n", summary, sep="")
-        body = (f"SmolLM2-135M-Instruct, Wanda (unstructured) x RTN (asymmetric), seeds {', '.join(map(str, done))}"
+        body = (f"SmolLM2-135M-Instruct, Wanda ({', '.join(pname(s) for s in sparsities)}) x {qname} (asymmetric, "
+                f"{', '.join(f'w{b}' for b in bits)}), seeds {', '.join(map(str, done))}"
                 + ("" if len(done) == len(seeds) else f" (completed {len(done)} of the {len(seeds)} planned: "
                    f"{', '.join(map(str, seeds))}; the run was cut short)") + " "
                 f"(each its own {a.samples} x {a.seqlen}-token calibration sample), {windows.shape[0]} x "
@@ -266,12 +289,13 @@ def main() -> None:
                 "mean over seeds); fewer bits = stronger. Advantage = (KL stronger-first - KL weaker-first) / KL "
                 "weaker-first: positive means the hypothesis holds; mean +- sd over seeds, and a 95 % interval from "
                 "resampling evaluation windows. Better order: 'inside noise' when |mean| <= 2 sd or the window interval "
-                "contains 0. Reduced scope (2-core CPU shared by the team): one LM, Wanda only (SparseGPT cannot run after "
-                "quantization, 2:4 and GPTQ not run), w3/w4 only, sparsities 0.3/0.5 (no 0.7), small calibration and "
+                "contains 0. Reduced scope (2-core CPU shared by the team): one LM, Wanda only (SparseGPT cannot run "
+                f"after quantization), {qname} only (the other quantizer is its own run), small calibration and "
                 "evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
                 f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
         if not a.no_write:
-            write_section("Compression order (plan order)", "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
+            write_section("Compression order (plan order)" + ("" if a.quant == "rtn" else ": GPTQ"),
+                          "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
 
     single, p_single, res = {}, {}, {}
     done: list[int] = []
@@ -281,14 +305,14 @@ def main() -> None:
             prune(s).apply(pm, calibs[seed])
             single[s, seed] = score(pm)
             p_single[s, seed] = planners[seed](pm)["kl"]
-            say(f"Wanda {s:.0%} seed {seed}: ppl {single[s, seed]['ppl']:.3f} KL {single[s, seed]['kl']:.4f} "
+            say(f"{pname(s)} seed {seed}: ppl {single[s, seed]['ppl']:.3f} KL {single[s, seed]['kl']:.4f} "
                 f"-> {eb(single[s, seed]['kl']):.2f} eq. bits")
             for b in bits:
                 pq = copy.deepcopy(pm)
-                quant(b).apply(pq)
+                quant(b, a.quant).apply(pq, calibs[seed])
                 r_pq = score(pq)
                 del pq
-                qp = copy.deepcopy(quantized[b])
+                qp = copy.deepcopy(quantized[b, seed])
                 prune(s).apply(qp, calibs[seed])
                 r_qp = score(qp)
                 del qp
