@@ -33,6 +33,14 @@ def write_section(name: str, command: str, body_md: str) -> None:
     atomic_write_text(MD, text)
 
 
+def model_label(model: str) -> str:
+    """The display name of a reference model ("SmolLM2-135M-Instruct" for "smollm2", from
+    modelpress.model.REFERENCES without the family), else the folder's name."""
+    from modelpress.model import REFERENCES
+    ref = REFERENCES.get(model)
+    return ref.title.split(" (")[0] if ref else Path(model).name
+
+
 def table(header: list[str], rows: list[list]) -> str:
     def fmt(x):
         return f"{x:.4g}" if isinstance(x, float) else str(x)

@@ -41,7 +41,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import model_label, table, write_section  # noqa: E402
 from benchmarks.order import Scorer  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.io import atomic_write_text  # noqa: E402
@@ -217,7 +217,7 @@ def render(a, seeds: list[int], done: dict[int, dict], methods: list[str], setti
         sae = {k: [done[s]["sae"][k] for s in ok] for k in ("head", "mlp")}
         n_heads, n_mlp, f_head, f_mlp = done[ok[0]]["shape"]
         indep = all(p > 0.05 for p in rho["p"])
-        claims = (f"Paper's claims side by side (ours: {len(ok)} seed(s), SmolLM2-135M; paper: GPT-2 Medium).\n\n"
+        claims = (f"Paper's claims side by side (ours: {len(ok)} seed(s), {model_label(a.model)}; paper: GPT-2 Medium).\n\n"
                   f"- rho(capability density, Wanda importance) over attention heads: {ms(rho['heads'])} over {n_heads} "
                   f"heads (p per seed: {', '.join(f'{p:.3f}' for p in rho['p'])}); paper -0.054 over 384 heads, "
                   "\"statistically independent\". Verdict: "
@@ -241,7 +241,7 @@ def render(a, seeds: list[int], done: dict[int, dict], methods: list[str], setti
         claims += (f"- SAEs: overcomplete {a.sae_expansion:g}x ({f_head} features per head, {f_mlp} per MLP output), "
                    f"L1, seed 0, {a.sae_steps} Adam steps; normalised reconstruction error (1 - FVE) heads "
                    f"{ms(sae['head'])}, MLPs {ms(sae['mlp'])}.")
-    return (f"SmolLM2-135M-Instruct; seeds {', '.join(map(str, ok))}"
+    return (f"{model_label(a.model)}; seeds {', '.join(map(str, ok))}"
             + ("" if len(ok) == len(seeds) else f" (completed {len(ok)} of the {len(seeds)} planned: "
                f"{', '.join(map(str, seeds))}; the run was cut short)")
             + f" (each draws its own {a.samples} x {a.seqlen}-token Wikipedia calibration sample, used by the SAEs, "

@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import model_label, table, write_section  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import select as S  # noqa: E402
 from modelpress.calib import sources  # noqa: E402
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--section", default="calibration", help="BENCHMARKS.md section to (re)write")
     ap.add_argument("--no-write", action="store_true", help="print only, do not touch BENCHMARKS.md")
     a = ap.parse_args(argv)
-    a.label = "SmolLM2-135M-Instruct" if a.model == "smollm2" else Path(a.model).name
+    a.label = model_label(a.model)
     torch.set_num_threads(a.threads)
     methods = [m for m in a.methods.split(",") if m]
     stages = [s for s in a.stages.split(",") if s]

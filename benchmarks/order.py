@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import model_label, table, write_section  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import CalibrationSet  # noqa: E402
 from modelpress.plan.order import equivalent_bits  # noqa: E402
@@ -279,7 +279,7 @@ def main() -> None:
                    f"noise; {noisy_picks} picks on pairs inside noise are not counted.\n\n"
                    f"Original perplexity {base['ppl']:.3f}.")
         print(curve_tbl, "\n\n", tbl, "\n\n", summary, sep="")
-        body = (f"SmolLM2-135M-Instruct, Wanda ({', '.join(pname(s) for s in sparsities)}) x {qname} (asymmetric, "
+        body = (f"{model_label(a.model)}, Wanda ({', '.join(pname(s) for s in sparsities)}) x {qname} (asymmetric, "
                 f"{', '.join(f'w{b}' for b in bits)}), seeds {', '.join(map(str, done))}"
                 + ("" if len(done) == len(seeds) else f" (completed {len(done)} of the {len(seeds)} planned: "
                    f"{', '.join(map(str, seeds))}; the run was cut short)") + " "

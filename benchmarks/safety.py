@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import model_label, table, write_section  # noqa: E402
 from modelpress import model as M  # noqa: E402
 from modelpress.algos import prune as P  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     t_all = time.perf_counter()
     model, tok = M.load(a.model)
-    name = "SmolLM2-135M-Instruct" if a.model == "smollm2" else Path(a.model).name
+    name = model_label(a.model)
     judge = model                                  # never modified: pruning works on deep copies
     calib_pool = [r["text"] for r in SP.bundled_requests(("harmful",), "calib")]
     ev_h = [r["text"] for r in SP.bundled_requests(("harmful",), "eval")][: a.eval_harmful]
