@@ -3,7 +3,9 @@
 SmolLM2-135M-Instruct (fp32, dequantized from the official Q4_1 GGUF). Written with modelpress:
   * the float base (F32) that llama-quantize starts from;
   * GPTQ / RTN on the Q4_K grid (quantize.format q4_k; rows of 576 inputs are not whole 256-superblocks, so
-    those linears keep the int grid 4-bit g32 asym -> Q4_1, as llama-quantize falls back for them too);
+    those linears keep the int grid 4-bit g32 asym -> Q4_1), and GPTQ with kquant_fallback llama, which gives
+    them the type llama-quantize falls back to (Q5_0; Q5_1 for Q5_K), so its file is about the size of
+    llama-quantize's Q4_K_S;
   * GPTQ 4-bit g32 sym -> Q4_0, with modelpress's symmetric scale (2 max|w| / 15) and with llama.cpp's signed one
     (quantize.format q4_0: the block's largest-magnitude weight on code -8).
 Against llama-quantize Q4_K_M / Q4_K_S / Q4_0 of the same F32 base, with and without an importance matrix
@@ -182,6 +184,8 @@ def main() -> None:
         "modelpress GPTQ w4 g32 sym (hessian)": {"method": "gptq", "bits": 4, "group_size": 32, "sym": True, "observer": "hessian"},
         "modelpress GPTQ q4_0 grid, signed scales (hessian)": {"method": "gptq", "bits": 4, "format": "q4_0",
                                                                "observer": "hessian"},
+        "modelpress GPTQ q4_k grid, llama fallback (hessian)": {"method": "gptq", "bits": 4, "format": "q4_k",
+                                                                "observer": "hessian", "kquant_fallback": "llama"},
     }
     for i, (name, q) in enumerate(variants.items()):
         if name in res:
@@ -238,7 +242,7 @@ def report(res: dict, a, same_tokens: bool, n_ids: int, out: Path) -> None:
             "g32 asymmetric grid: 4-bit g32 schemes are favoured, and this says little about k-quants in general. "
             "SmolLM2's hidden size 576 is not a multiple of 256: only ffn_down (1536 inputs) can be a k-quant; "
             "llama-quantize falls back to Q5_0 (Q4_K) / Q8_0 (Q6_K) for the others, modelpress to the int grid "
-            "(4-bit g32 asym = Q4_1).\n\n"
+            "(4-bit g32 asym = Q4_1) or, with `kquant_fallback: llama`, to llama-quantize's own fallback types.\n\n"
             + _md.table(["file", "MB", "llama-perplexity", "same statistic, PyTorch fp32 from the GGUF's weights",
                          "modelpress eval (protocol modelpress-eval/1, model in memory)"], rows))
     vs = versus(res, out)

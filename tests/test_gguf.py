@@ -214,7 +214,31 @@ def test_kquant_ragged_rows_fall_back_to_int_grid(tok, tmp_path):
     assert types["token_embd.weight"] == "Q8_0"
 
 
+@pytest.mark.parametrize("fmt,want", [("q4_k", "Q5_0"), ("q5_k", "Q5_1"), ("q6_k", "Q8_0")])
+def test_kquant_llama_fallback_writes_llama_quantize_types(fmt, want, tok, tmp_path):
+    """kquant_fallback llama: ragged rows (64 inputs) get the type llama-quantize falls back to, written exactly
+    (logits identical after transformers reads the GGUF back); rows of 256 inputs stay k-quants."""
+    m = _llama(len(tok), tie=True, hidden=64, inter=256)
+    q = {"method": "gptq", "bits": int(fmt[1]), "format": fmt, "kquant_fallback": "llama"}
+    mp.compress(m, mp.Recipe.from_dict({"stages": [{"quantize": q}]}), correlated_calib(n=4, seqlen=32))
+    rep = save_gguf(m, tok, tmp_path / "model.gguf", embed_type="float")
+    types = {v["gguf"]: v["type"] for v in rep["tensors"].values()}
+    assert types["blk.0.attn_q.weight"] == want and types["blk.1.ffn_up.weight"] == want
+    assert types["blk.0.ffn_down.weight"] == fmt.upper()
+    exact = want != "Q5_1"                  # Q5_1 stores the offset m = -s z in fp16 (module docstring of export.gguf)
+    assert all(v["exact"] for v in rep["tensors"].values() if exact or v["type"] != "Q5_1")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32)
+    ids = torch.randint(0, len(tok), (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        d = (back(ids).logits - m(ids).logits).abs().max().item()
+    assert d == 0.0 if exact else d < 1e-3
+
+
 def test_kquant_config_errors():
+    with pytest.raises(UserError, match="kquant_fallback"):
+        mp.Quantize(bits=4, group_size=32, kquant_fallback="llama")
+    with pytest.raises(UserError, match="kquant_fallback"):
+        mp.Quantize(bits=4, format="q4_k", kquant_fallback="q5_0")
     with pytest.raises(UserError, match="format q4_k"):
         mp.Quantize(bits=3, format="q4_k")
     with pytest.raises(UserError, match="quantize.format"):

@@ -38,6 +38,11 @@ class Format:
 FORMATS = {"q4_k": Format("q4_k", 4, 32, False, 63), "q5_k": Format("q5_k", 5, 32, False, 63),
            "q6_k": Format("q6_k", 6, 16, True, 127)}
 
+# What llama-quantize writes for a tensor whose rows are not whole super-blocks (llama-quant.cpp's fallback:
+# Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), as modelpress quantize settings: (format, bits, group, sym).
+# Q5_1 is the int grid at 5-bit group 32 asymmetric (w = d q + m).
+LLAMA_FALLBACK = {"q4_k": ("q5_0", 5, 32, True), "q5_k": ("int", 5, 32, False), "q6_k": ("q8_0", 8, 32, True)}
+
 
 @dataclass
 class KParams:

@@ -56,6 +56,10 @@ class Quantize:
                                           # whose inputs are not a multiple of 256 keep the int grid, same bits/group)
                                           # | q4_0 | q5_0 | q8_0: symmetric group 32 with llama.cpp's signed scale
                                           # (the block's largest-magnitude weight on code -2^(b-1); algos/quant.py)
+    kquant_fallback: str = "int"          # format q*_k, linears whose inputs are not a multiple of 256: int = the int
+                                          # grid at the format's bits and sub-block (q4_k -> 4-bit g32 asym = Q4_1) |
+                                          # llama = the type llama-quantize falls back to (q4_k -> q5_0, q5_k -> 5-bit
+                                          # g32 asym = Q5_1, q6_k -> q8_0): its file size, one more bit on those linears
 
     def __post_init__(self):
         _check.choice("quantize", "method", self.method, ("rtn", "gptq"))
@@ -80,6 +84,11 @@ class Quantize:
         _check.patterns("quantize", "exclude", self.exclude)
         _check.budget("quantize", self.budget, self.budget_spread, 6.0)
         _check.choice("quantize", "format", self.format, ("int", *K.FORMATS, *quant.SIGNED_FORMATS))
+        _check.choice("quantize", "kquant_fallback", self.kquant_fallback, ("int", "llama"))
+        if self.kquant_fallback != "int" and self.format not in K.FORMATS:
+            raise UserError(f"quantize.kquant_fallback {self.kquant_fallback} chooses what k-quant formats write where a "
+                            f"row is not whole super-blocks; format is {self.format}: set format q4_k, q5_k or q6_k, or "
+                            "kquant_fallback: int")
         if self.format in quant.SIGNED_FORMATS:
             b = quant.SIGNED_FORMATS[self.format]
             if self.bits != b or self.budget != "uniform":
@@ -139,6 +148,10 @@ class Quantize:
             if isinstance(lin, QuantLinear):
                 raise UserError(f"{name} is already quantized: remove the second quantize stage or exclude it")
             _check.plain_or("quantize", name, lin, (SparseLinear,))
+        if self.format in K.FORMATS and self.kquant_fallback == "llama" and not K.fits(items[0][1].weight.shape[1]):
+            fmt, bits, group, sym = K.LLAMA_FALLBACK[self.format]
+            cfg = dataclasses.replace(self, format=fmt, bits=bits, group_size=group, sym=sym, kquant_fallback="int")
+            return cfg.quantize_group(items, H, in_place, bits_maps)
         Ws = [lin.weight.detach().float() for _, lin in items]          # (rows_i, cols) each
         keeps = [lin.keep if isinstance(lin, SparseLinear) else None for _, lin in items]
         res: list[tuple] = []
