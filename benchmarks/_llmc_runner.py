@@ -15,7 +15,6 @@ the process' VmHWM just after oneshot returns (before saving), RSS before = afte
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time

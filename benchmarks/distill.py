@@ -150,7 +150,7 @@ def main() -> int:
     for p in scratch.parameters():
         p.requires_grad_(True)
     t0 = time.perf_counter()
-    scratch_losses = scratch_train(scratch, train, a.steps, a.scratch_lr, a.batch_size, a.seed)
+    scratch_train(scratch, train, a.steps, a.scratch_lr, a.batch_size, a.seed)
     t_scratch = time.perf_counter() - t0
     t0 = time.perf_counter()
     pruned = width_pruned(teacher, big.hidden, channel_importance(teacher, train[:a.pca_windows]), a.seed)
@@ -174,7 +174,7 @@ def main() -> int:
     n_s = M.count_params(scratch)
     tokens = a.steps * a.batch_size * a.seqlen
     rows_main = [["teacher SmolLM2-135M", 576, n_t / 1e6, "-", teacher_ppl],
-                 [f"LRC student, PCA init, untrained", big.hidden, n_s / 1e6, 0, init_ppl],
+                 ["LRC student, PCA init, untrained", big.hidden, n_s / 1e6, 0, init_ppl],
                  [f"LRC student ({a.steps} steps)", big.hidden, n_s / 1e6, tokens, rows_sweep[-1][5]],
                  [f"scratch student ({a.steps} steps, same batches)", big.hidden, n_s / 1e6, tokens, scratch_ppl],
                  ["width-pruned teacher (top-activation channels), untrained", big.hidden,

@@ -60,7 +60,7 @@ def llama_ppl(bin_: Path, gguf: Path, text: Path, ctx: int, chunks: int, out: Pa
 
 
 def llama_greedy(bin_: Path, gguf: Path, n: int, out: Path) -> str:
-    o = run([str(bin_ / "llama-simple"), "-m", str(gguf), "-n", str(n), PROMPT], out / f"gen_{gguf.stem}.log")
+    run([str(bin_ / "llama-simple"), "-m", str(gguf), "-n", str(n), PROMPT], out / f"gen_{gguf.stem}.log")
     text = (out / f"gen_{gguf.stem}.log").read_text().split("\n----\n")[0]
     return text.strip()
 
