@@ -316,7 +316,7 @@ def main() -> None:
         body = render(a, seeds, done, methods, settings, base, windows.shape[0])
         print(body)
         if not a.no_write:              # after every seed: a run cut short still leaves its completed seeds
-            write_section("Per-component budgets (plan budget)", "python benchmarks/budgets.py " + " ".join(sys.argv[1:]),
+            write_section("Per-component budgets (plan budget)", " ".join(["python benchmarks/budgets.py", *sys.argv[1:]]),
                           body + f"\n\nTotal time of this invocation {time.perf_counter() - T0:.0f} s ({a.threads} "
                           "thread); seeds read from the cache took their own runs' time.")
 
