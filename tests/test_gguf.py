@@ -234,6 +234,26 @@ def test_kquant_llama_fallback_writes_llama_quantize_types(fmt, want, tok, tmp_p
     assert d == 0.0 if exact else d < 1e-3
 
 
+@pytest.mark.parametrize("fmt,fallback", [("q4_k", "int"), ("q4_k", "llama"), ("q6_k", "llama")])
+def test_kquant_native_export_reloads_exactly(fmt, fallback, tok, tmp_path):
+    """The native export of k-quant linears (kd/ksc/kdmin/km instead of scales/zeros) passes load's
+    consistency check and reloads with identical logits; a k-quant tensor of the wrong shape is refused."""
+    from modelpress.export import native
+    m = _llama(len(tok), tie=True, hidden=64, inter=256)
+    q = {"method": "gptq", "bits": int(fmt[1]), "format": fmt, "kquant_fallback": fallback}
+    mp.compress(m, mp.Recipe.from_dict({"stages": [{"quantize": q}]}), correlated_calib(n=4, seqlen=32))
+    native.save(m, tok, tmp_path / "out")
+    back, _ = mp.load(str(tmp_path / "out"))
+    assert back.model.layers[0].mlp.down_proj.fmt == fmt
+    ids = torch.randint(0, len(tok), (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (back(ids).logits - m(ids).logits).abs().max().item() == 0.0
+    t, cfg = m.model.layers[0].mlp.down_proj.to_state()
+    t["kd"] = t["kd"][:, :0]
+    with pytest.raises(UserError, match="tensor kd has shape"):
+        native.check_module_state("down_proj", "QuantLinear", t, cfg, "here")
+
+
 def test_kquant_config_errors():
     with pytest.raises(UserError, match="kquant_fallback"):
         mp.Quantize(bits=4, group_size=32, kquant_fallback="llama")

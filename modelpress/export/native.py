@@ -364,6 +364,20 @@ def check_module_state(name: str, kind: str, t: dict[str, torch.Tensor], cfg, wh
         if not isinstance(cfg.get("sym"), bool):
             raise UserError(f"{w}: config sym must be true or false: the export is corrupted; re-export it")
         groups = -(-cols // gs) if gs else 1
+        fmt = cfg.get("format")
+        if fmt is not None:                        # a k-quant grid: fp16 d (dmin) per 256 weights, sc (m) per sub-block
+            from ..algos import kquant
+            if fmt not in kquant.FORMATS or gs != kquant.FORMATS[fmt].sub or not kquant.fits(cols):
+                raise UserError(f"{w}: config format {str(fmt)[:20]} with group_size {gs} and {cols} inputs is not a "
+                                "k-quant layout modelpress writes: the export is corrupted; re-export it")
+            sup, sub = cols // 256, cols // gs
+            shape("kd", (rows, sup))
+            shape("ksc", (rows, sub))
+            if not cfg["sym"]:
+                shape("kdmin", (rows, sup))
+                shape("km", (rows, sub))
+            shape("qweight", packed(rows * cols, bits))
+            return
         shape("scales", (rows, groups))
         if "bits_map" in t:                        # mixed widths: one packed stream per width
             from ..modules.quant import check_bits_map, element_bits, group_bits, mixed_bytes, unpack_mask
