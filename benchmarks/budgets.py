@@ -311,14 +311,19 @@ def main() -> None:
             done[seed] = json.loads(f.read_text())
             say(f"seed {seed}: cached")
         else:
+            t = time.perf_counter()
             done[seed] = run_seed(a, model, tok, score, seed, methods, settings)
+            done[seed]["seconds"] = time.perf_counter() - t
             atomic_write_text(f, json.dumps(done[seed]))
         body = render(a, seeds, done, methods, settings, base, windows.shape[0])
         print(body)
         if not a.no_write:              # after every seed: a run cut short still leaves its completed seeds
             write_section("Per-component budgets (plan budget)", " ".join(["python benchmarks/budgets.py", *sys.argv[1:]]),
                           body + f"\n\nTotal time of this invocation {time.perf_counter() - T0:.0f} s ({a.threads} "
-                          "thread); seeds read from the cache took their own runs' time.")
+                          "thread); seeds read from the cache took their own runs' time"
+                          + (" (" + ", ".join(f"seed {s}: {done[s]['seconds']:.0f} s" for s in done
+                                              if "seconds" in done[s]) + ")" if any("seconds" in d for d in done.values())
+                             else "") + ".")
 
 
 if __name__ == "__main__":
