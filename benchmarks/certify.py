@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import model_label, table, write_section  # noqa: E402
 from modelpress.algos.prune import magnitude_mask  # noqa: E402
 from modelpress.algos.quant import fake_quant  # noqa: E402
 from modelpress.certify import bounds as B  # noqa: E402
@@ -135,11 +135,12 @@ def tabular_rows(dataset: str, boxes: int, arch: str = "mlp") -> tuple[list[list
 
 # ------------------------------------------------------------------------------------------------ LLM part
 
-def llm_rows(recipes: list[str], positions: int, seqlen: int, calib_samples: int) -> tuple[list[list], dict]:
+def llm_rows(recipes: list[str], positions: int, seqlen: int, calib_samples: int,
+             model: str = "smollm2") -> tuple[list[list], dict]:
     import modelpress
     from modelpress.calib.sources import texts
     from modelpress.eval import compare
-    orig, tok = modelpress.load("smollm2")
+    orig, tok = modelpress.load(model)
     rows_ = C.sample_positions(tok, texts("wiki-eval", "eval"), positions, seqlen, seed=0)   # (n, seqlen + 1)
     rows, info = [], {"positions": rows_.shape[0], "seqlen": seqlen, "calib_samples": calib_samples}
     for name in recipes:
@@ -195,8 +196,14 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=300, help="token positions drawn i.i.d.: the samples")
     ap.add_argument("--seqlen", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--model", default="smollm2", help="the LLM part's model (another than smollm2: LLM part only, "
+                                                       "its own section)")
+    ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    if a.model != "smollm2":
+        llm_section(a, [], f"certify: {model_label(a.model)}")
+        return
     parts = []
     head = ["dataset", "variant", "acc(g)", "max sampled d", "R indep.", "R joint", "R joint split",
             "boxes", "interval s", "mean d", "std d", "Bernstein E[d] bound", "Hoeffding E[d] bound",
@@ -228,22 +235,28 @@ def main() -> None:
                  "Bernstein and Hoeffding use the same samples and range.\n\n" + t1 + "\n\n"
                  + "\n".join(f"- {n}" for n in notes))
     if not a.skip_llm:
-        lrows, info = llm_rows(a.recipes.split(","), a.positions, a.seqlen, a.calib_samples)
-        head2 = ["recipe", "property", "compress s", "eval s", "observed", "eps", "Clopper-Pearson",
-                 "Hoeffding", "Bernstein", "auto (min of the 3, delta/3 each)", "result"]
-        t2 = table(head2, lrows)
-        print(t2)
-        print("\n".join(info.get("sequential", [])))
-        parts.append("### SmolLM2-135M-Instruct with the spine's recipes\n\n"
-                     f"{info['positions']} token positions drawn independently and uniformly (with replacement) "
-                     f"from the held-out Wikipedia text (wiki-eval), each predicted from its {info['seqlen']} "
-                     f"preceding tokens: the position is the i.i.d. unit, so the bounds hold for a position drawn "
-                     f"the same way, not for other text or for whole generations. agreement: P(top-1 mismatch); kl: E[min(KL, {C.DEFAULT_KL_CLIP:g} nat)]. Confidence "
-                     f"{1 - DELTA:g}. Calibration reduced to {info['calib_samples']} samples to fit the CPU budget; "
-                     f"claims fixed in advance: agreement eps = {EPS_AGREEMENT}, kl eps = {EPS_KL}.\n\n" + t2 + "\n\n"
-                     + "\n".join(f"- {s}" for s in info.get("sequential", [])))
-    cmd = "python benchmarks/certify.py" + (" --skip-llm" if a.skip_llm else "")
-    write_section("certify", cmd, "\n\n".join(parts))
+        llm_section(a, parts, "certify")
+    else:
+        write_section("certify", "python benchmarks/certify.py --skip-llm", "\n\n".join(parts))
+
+
+def llm_section(a, parts: list[str], section: str) -> None:
+    """The LLM certificates appended to `parts`, written as section `section` with the exact command."""
+    lrows, info = llm_rows(a.recipes.split(","), a.positions, a.seqlen, a.calib_samples, a.model)
+    head2 = ["recipe", "property", "compress s", "eval s", "observed", "eps", "Clopper-Pearson",
+             "Hoeffding", "Bernstein", "auto (min of the 3, delta/3 each)", "result"]
+    t2 = table(head2, lrows)
+    print(t2)
+    print("\n".join(info.get("sequential", [])))
+    parts.append(f"### {model_label(a.model)} with the spine's recipes\n\n"
+                 f"{info['positions']} token positions drawn independently and uniformly (with replacement) "
+                 f"from the held-out Wikipedia text (wiki-eval), each predicted from its {info['seqlen']} "
+                 f"preceding tokens: the position is the i.i.d. unit, so the bounds hold for a position drawn "
+                 f"the same way, not for other text or for whole generations. agreement: P(top-1 mismatch); kl: E[min(KL, {C.DEFAULT_KL_CLIP:g} nat)]. Confidence "
+                 f"{1 - DELTA:g}. Calibration reduced to {info['calib_samples']} samples to fit the CPU budget; "
+                 f"claims fixed in advance: agreement eps = {EPS_AGREEMENT}, kl eps = {EPS_KL}.\n\n" + t2 + "\n\n"
+                 + "\n".join(f"- {s}" for s in info.get("sequential", [])))
+    write_section(section, " ".join(["python benchmarks/certify.py", *sys.argv[1:]]), "\n\n".join(parts))
 
 
 if __name__ == "__main__":
