@@ -41,6 +41,13 @@ def model_label(model: str) -> str:
     return ref.title.split(" (")[0] if ref else Path(model).name
 
 
+def ms(xs: list[float], fmt: str = ".3f") -> str:
+    """mean +- sd over seeds in `fmt` (a sign flag such as "+.1f" is kept on the mean only); one value alone."""
+    import statistics
+    return (format(xs[0], fmt) if len(xs) == 1 else
+            f"{statistics.fmean(xs):{fmt}} +- {statistics.stdev(xs):{fmt.lstrip('+')}}")
+
+
 def table(header: list[str], rows: list[list]) -> str:
     def fmt(x):
         return f"{x:.4g}" if isinstance(x, float) else str(x)

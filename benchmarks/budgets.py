@@ -42,7 +42,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import model_label, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, table, write_section  # noqa: E402
 from benchmarks.order import Scorer  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.io import atomic_write_text  # noqa: E402
@@ -81,13 +81,6 @@ class PlannedQuantize(Quantize):
 def achieved_sparsity(model) -> float:
     lin = Target().select(model)
     return sum(float((m.weight == 0).sum()) for m in lin.values()) / sum(m.weight.numel() for m in lin.values())
-
-
-def ms(xs: list[float], digits: int = 3) -> str:
-    """mean +- sd (sd over seeds; n = 1: the value)."""
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{statistics.fmean(xs):.{digits}f} +- {statistics.stdev(xs):.{digits}f}"
 
 
 def verdict(diffs: list[float], better_if_negative: bool = True) -> str:
@@ -194,20 +187,21 @@ def render(a, seeds: list[int], done: dict[int, dict], methods: list[str], setti
             d = {k: [done[s]["rows"][lab][meth][k] for s in ok] for k in ("ppl", "top1", "kl", "achieved", "t")}
             lo = min(done[s]["rows"][lab][meth]["lo"] for s in ok)
             hi = max(done[s]["rows"][lab][meth]["hi"] for s in ok)
-            row = [meth, ms(d["achieved"], 4), f"{lo:.3f}..{hi:.3f}", ms(d["ppl"]), ms(d["top1"], 4), ms(d["kl"], 4)]
+            row = [meth, ms(d["achieved"], ".4f"), f"{lo:.3f}..{hi:.3f}", ms(d["ppl"]), ms(d["top1"], ".4f"),
+                   ms(d["kl"], ".4f")]
             if "uniform" in methods and meth != "uniform":
                 u = {k: [done[s]["rows"][lab]["uniform"][k] for s in ok] for k in ("ppl", "top1")}
                 dp = [x - y for x, y in zip(d["ppl"], u["ppl"])]
                 dt = [x - y for x, y in zip(d["top1"], u["top1"])]
-                row += [f"{ms(dp)} ({verdict(dp)})", f"{ms(dt, 4)} ({verdict(dt, better_if_negative=False)})"]
+                row += [f"{ms(dp)} ({verdict(dp)})", f"{ms(dt, '.4f')} ({verdict(dt, better_if_negative=False)})"]
             else:
                 row += ["--", "--"]
-            rows.append(row + [ms(d["t"], 0)])
+            rows.append(row + [ms(d["t"], ".0f")])
         if kind == "bits":
             for ref in (f"uniform w{int(a.bit_lo)}", f"uniform w{int(a.bit_hi)}"):
                 d = {k: [done[s]["refs"][ref][k] for s in ok] for k in ("ppl", "top1", "kl")}
-                rows.append([ref + " (bracket)", ref[-1], "--", ms(d["ppl"]), ms(d["top1"], 4), ms(d["kl"], 4), "--",
-                             "--", "--"])
+                rows.append([ref + " (bracket)", ref[-1], "--", ms(d["ppl"]), ms(d["top1"], ".4f"), ms(d["kl"], ".4f"),
+                             "--", "--", "--"])
         unit = "mean bits" if kind == "bits" else "achieved sparsity"
         parts.append(f"**{lab}**\n\n" + table(
             ["allocator", unit, "block range", "ppl", "top-1 agreement", "KL", "ppl - uniform (paired)",

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import table, write_section  # noqa: E402
+from benchmarks._md import ms, table, write_section  # noqa: E402
 from modelpress import model as M  # noqa: E402
 from modelpress.distill import mft  # noqa: E402
 from modelpress.errors import UserError  # noqa: E402
@@ -110,10 +110,6 @@ def paired_se(a: list[bool], b: list[bool], reps: int = 2000, seed: int = 0) -> 
     d = [int(y) - int(x) for x, y in zip(a, b)]
     vals = [sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps)]
     return statistics.stdev(vals)
-
-
-def ms(xs: list[float], fmt: str = ".3f") -> str:
-    return format(xs[0], fmt) if len(xs) == 1 else f"{statistics.fmean(xs):{fmt}} +- {statistics.stdev(xs):{fmt}}"
 
 
 def main() -> int:

@@ -45,7 +45,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import model_label, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, table, write_section  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import CalibrationSet  # noqa: E402
 from modelpress.plan.order import equivalent_bits  # noqa: E402
@@ -88,11 +88,6 @@ class Scorer:
             top1 += int((lp.argmax(-1) == r.argmax(-1)).sum())
             n += ids[:, 1:].numel()
         return {"ppl": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "kl_windows": kl_w}
-
-
-def ms(xs: list[float], fmt: str = ".3f") -> str:
-    return (format(xs[0], fmt) if len(xs) == 1 else
-            f"{statistics.fmean(xs):{fmt}} +- {statistics.stdev(xs):{fmt.lstrip('+')}}")
 
 
 def window_boot(wf: list[list[float]], sf: list[list[float]], reps: int, rng: random.Random) -> tuple[float, float]:
