@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..algos import kquant
 from ..errors import UserError
 
 BLOCK = 32
@@ -115,8 +116,8 @@ def k_blocks(q: Tensor, p) -> np.ndarray:
       Q5_K: as Q4_K with 32 high-bit bytes before the codes (bit j of byte i: sub-block j, weight i);
       Q6_K: 128 low-nibble bytes, 64 high-2-bit bytes, 16 int8 scales, d (fp16)."""
     rows, cols = q.shape
-    nsup = cols // 256
-    qb = q.to(torch.uint8).numpy().reshape(rows, nsup, 256)
+    nsup = cols // kquant.SUPER
+    qb = q.to(torch.uint8).numpy().reshape(rows, nsup, kquant.SUPER)
     d = p.d.to(torch.float16).numpy().reshape(rows, nsup, 1).view(np.uint8)
     if p.fmt in ("q4_k", "q5_k"):
         dmin = p.dmin.to(torch.float16).numpy().reshape(rows, nsup, 1).view(np.uint8)
@@ -247,7 +248,6 @@ def _embedding(w: Tensor, etype: str):
     """(data, GGMLQuantizationType or None, GGUF type name) of an embedding/output matrix (rows, cols) in etype:
     q8_0 (gguf's quantizer) or q6_k (round-to-nearest on the Q6_K grid with the clipping search, algos.kquant)."""
     import gguf
-    from ..algos import kquant
     w = w.detach().float().cpu()
     if etype == "q6_k":
         q, p = kquant.rtn(w, "q6_k", "mse")
@@ -409,8 +409,8 @@ def save_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, requantize: 
             et = embed_type
             if et == "auto":
                 et = "q6_k" if any(isinstance(x, QuantLinear) for x in comp.values()) else "float"
-            if et == "q6_k" and v.shape[1] % 256:
-                et = "q8_0"                      # llama-quantize's fallback for rows that are not whole super-blocks
+            if et in kquant.FORMATS and not kquant.fits(v.shape[1]):
+                et = kquant.LLAMA_FALLBACK[et][0]    # llama-quantize's type for rows that are not whole super-blocks
             if et != "float":
                 data, qt, tname = _embedding(v, et)
                 ref = v.detach().float().cpu().numpy()

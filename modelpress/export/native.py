@@ -370,7 +370,7 @@ def check_module_state(name: str, kind: str, t: dict[str, torch.Tensor], cfg, wh
             if fmt not in kquant.FORMATS or gs != kquant.FORMATS[fmt].sub or not kquant.fits(cols):
                 raise UserError(f"{w}: config format {str(fmt)[:20]} with group_size {gs} and {cols} inputs is not a "
                                 "k-quant layout modelpress writes: the export is corrupted; re-export it")
-            sup, sub = cols // 256, cols // gs
+            sup, sub = cols // kquant.SUPER, cols // gs
             shape("kd", (rows, sup))
             shape("ksc", (rows, sub))
             if not cfg["sym"]:
