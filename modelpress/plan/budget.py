@@ -446,17 +446,14 @@ def plan_budget(model: nn.Module, calib, method: str, mean: float, kind: str = "
     else:
         for c in comps:
             c.score = 0.0
-    scope = "layer" if per_head else "model"
-    if per_head:
-        allocate_capability(comps, mean, kind, spread, lo, hi, head_hi)
-    else:
-        allocate(comps, method, mean, kind, scope, spread, lo, hi)
-    return BudgetPlan(method, kind, mean, scope, comps, params, layouts)
+    measured = BudgetPlan(method, kind, mean, "layer" if per_head else "model", comps, params, layouts)
+    return replan(measured, mean, kind, spread, lo, hi, head_hi)
 
 
 def replan(plan: BudgetPlan, mean: float, kind: str | None = None, spread: float | None = None,
            lo: float | None = None, hi: float | None = None, head_hi: float | None = None) -> BudgetPlan:
-    """The same measured scores allocated again at another mean (and kind): a new plan, `plan` unchanged.
+    """The same measured scores allocated again at another mean (and kind): a new plan, `plan` unchanged
+    (plan_budget allocates its measurement through this too).
     Capability densities and OWL outlier ratios do not depend on the mean or the kind, so one measurement
     serves 50 % and 60 % sparsity and a mixed-bit plan alike. Sensitivity's probe is set by the mean and
     the kind (magnitude pruning at the mean sparsity, RTN below the mean bits): re-measure it."""
@@ -467,7 +464,7 @@ def replan(plan: BudgetPlan, mean: float, kind: str | None = None, spread: float
                         f"mean {mean} ({kind}) instead of replan")
     comps = [dataclasses.replace(c, budget=float("nan"), metrics=dict(c.metrics), parts=dict(c.parts))
              for c in plan.components]
-    if plan.scope == "layer" and plan.method == "capability":
+    if plan.method == "capability":          # per head, each decoder layer's mean kept (scope "layer")
         allocate_capability(comps, mean, kind, spread, lo, hi, head_hi)
     else:
         allocate(comps, plan.method, mean, kind, plan.scope, spread, lo, hi)
