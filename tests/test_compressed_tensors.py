@@ -175,6 +175,13 @@ def test_unsupported_layers_refused(tmp_path):
         preflight(m, mp.Recipe.from_dict({"stages": [{"cluster": {}}]}).stages)
     assert any("vLLM serves 4 and 8 bits only" in n for n in
                preflight(m, mp.Recipe.from_dict({"stages": [{"quantize": {"bits": 3, "group_size": 32}}]}).stages))
+    kq = mp.Recipe.from_dict({"stages": [{"quantize": {"bits": 4, "format": "q4_k"}}]}).stages
+    assert preflight(m, kq) == []                       # 64 / 128 inputs: no k-quant rows, the int grid is stored
+    from transformers import LlamaConfig, LlamaForCausalLM
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(UserError, match="format q4_k puts the linears"):   # down_proj: 256 inputs, a k-quant
+        preflight(wide, kq)
 
 
 def test_sparse24_compressed_form_is_not_offered_by_the_installed_library():

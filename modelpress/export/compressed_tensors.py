@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..algos import kquant
 from ..errors import UserError
 from ..io import atomic_dir, atomic_save_file
 from ..modules import QuantEmbedding, QuantLinear, SparseLinear
@@ -108,6 +109,11 @@ def preflight(model: nn.Module, stages) -> list[str]:
             notes.append(f"compressed-tensors: {'mixed ' if len(bits) > 1 else ''}{'/'.join(map(str, sorted(bits)))}"
                          "-bit weights load in transformers; vLLM serves 4 and 8 bits only")
         lins = cfg.target.select(model)
+        fmt = getattr(cfg, "format", "int")
+        if fmt in kquant.FORMATS and any(kquant.fits(lin.in_features) for lin in lins.values()):
+            raise UserError(f"quantize.format {fmt} puts the linears whose inputs are whole 256-weight super-blocks "
+                            "on a k-quant grid, which compressed-tensors cannot store: remove compressed-tensors from "
+                            "export.formats (gguf and native store it) or quantize with format int")
         plan = plan_groups([(n, lin.in_features, cfg.group_size, cfg.bits, cfg.sym)      # UserError here
                             for n, lin in lins.items()])
         moved: dict[tuple[int, int], list[int]] = {}
