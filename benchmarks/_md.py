@@ -54,3 +54,14 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_cache(root: str, args, exclude: tuple[str, ...] = ("threads", "cache", "no_write")) -> Path:
+    """The resume folder of one benchmark run: `root`/<sha256 of every argument but `exclude`>[:16], created.
+    Finished seeds (or rows) written there are reused by a later run with the same settings."""
+    import hashlib
+    import json
+    key = json.dumps({k: v for k, v in vars(args).items() if k not in exclude}, sort_keys=True)
+    folder = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

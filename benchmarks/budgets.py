@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import statistics
 import sys
@@ -42,7 +41,7 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import model_label, ms, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, run_cache, table, write_section  # noqa: E402
 from benchmarks.order import Scorer  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.io import atomic_write_text  # noqa: E402
@@ -288,10 +287,7 @@ def main() -> None:
     methods = a.methods.split(",")
     seeds = [int(s) for s in a.seeds.split(",")]
     settings = parse_settings(a.settings)
-    key = hashlib.sha256(json.dumps({k: v for k, v in vars(a).items() if k not in ("seeds", "threads", "cache",
-                                     "no_write")}, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(a.cache) / key
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = run_cache(a.cache, a, ("seeds", "threads", "cache", "no_write"))
 
     model, tok = modelpress.load(a.model)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)

@@ -45,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import ms, table, write_section  # noqa: E402
+from benchmarks._md import ms, run_cache, table, write_section  # noqa: E402
 from modelpress import model as M  # noqa: E402
 from modelpress.distill import mft  # noqa: E402
 from modelpress.errors import UserError  # noqa: E402
@@ -146,10 +146,7 @@ def main() -> int:
         f"({sum(r['answer'] == '1' for r in train)} sarcastic), test {len(test)} "
         f"({sum(r['answer'] == '1' for r in test)} sarcastic); {ids.shape[1]} tokens max; {steps} steps per run")
 
-    key = hashlib.sha256(json.dumps({k: v for k, v in vars(a).items() if k not in ("no_write", "threads", "cache",
-                                                                                  "mft_seeds")}).encode()).hexdigest()[:12]
-    cache = Path(a.cache) / key
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = run_cache(a.cache, a, ("no_write", "threads", "cache", "mft_seeds"))
     rows_path = cache / "rows.json"
     done: dict = json.loads(rows_path.read_text()) if rows_path.exists() else {}
 
