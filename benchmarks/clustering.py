@@ -84,8 +84,7 @@ def probe(model, layer_ids, kind: str, affine: bool, seed: int = 0):
             if kind == "scramble":
                 new = C.scramble_centroids(cb, seed=sd)
             elif kind == "rank-preserving":       # each codebook from its own centroids (G = 1: the matrix's)
-                new = torch.cat([C.rank_preserving_resample(cb[g:g + 1], seed=sd * 7919 + g)
-                                 for g in range(cb.shape[0])])
+                new = C.rank_preserving_resample(cb, seed=sd, own=True)
             else:
                 new = C.rank_preserving_randomise(cb, seed=sd)
             if affine:

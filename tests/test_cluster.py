@@ -260,3 +260,18 @@ def test_rank_preserving_resample_keeps_order_and_the_centroid_distribution():
     a = C.rank_preserving_resample(cb, pool=other, seed=5)
     assert torch.isin(a.reshape(-1), other).all()
     assert torch.equal(a, C.rank_preserving_resample(cb, pool=other, seed=5))
+
+
+def test_rank_preserving_resample_own_draws_each_codebook_from_its_own_centroids():
+    """own=True (the benchmark's per-codebook probe): codebook g's values come from codebook g only."""
+    W = _w(256, 64, seed=12)
+    cb, _ = C.cluster_matrix(W, 16, 8)                                    # 32 codebooks of K = 16
+    new = C.rank_preserving_resample(cb, seed=3, own=True)
+    assert new.shape == cb.shape and not torch.equal(new, cb)
+    for g in range(cb.shape[0]):
+        assert torch.isin(new[g], cb[g]).all()
+        o = torch.argsort(cb[g])
+        assert (new[g][o][1:] >= new[g][o][:-1]).all()
+        assert torch.equal(new[g:g + 1], C.rank_preserving_resample(cb[g:g + 1], seed=3 * 7919 + g))
+    with pytest.raises(ValueError, match="own=True"):
+        C.rank_preserving_resample(cb, pool=cb.reshape(-1), seed=3, own=True)

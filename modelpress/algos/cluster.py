@@ -242,12 +242,18 @@ def scramble_centroids(codebook: Tensor, seed: int = 0) -> Tensor:
     return codebook.gather(1, perm)
 
 
-def rank_preserving_resample(codebook: Tensor, pool: Tensor | None = None, seed: int = 0) -> Tensor:
+def rank_preserving_resample(codebook: Tensor, pool: Tensor | None = None, seed: int = 0, own: bool = False) -> Tensor:
     """Sorted resamples of the fitted centroids: for each codebook (G, K), K values drawn uniformly with
     replacement from `pool` (1-D; default all the codebooks' values), sorted, and assigned in the codebook's
     own rank order. Expected value distribution = the pool's; within-codebook order kept (Spearman with
     the original >= 0 always, = 1 without ties; draws can repeat a value, which merges two clusters, likelier
-    for a small pool: G = 1 with K = 16 resamples its own 16 values)."""
+    for a small pool: G = 1 with K = 16 resamples its own 16 values). `own=True`: every codebook g draws
+    from its own K values only (seed * 7919 + g), so each keeps its own distribution."""
+    if own:
+        if pool is not None:
+            raise ValueError("rank_preserving_resample: own=True draws from each codebook's own values; pass no pool")
+        return torch.cat([rank_preserving_resample(codebook[g:g + 1], seed=int(seed) * 7919 + g)
+                          for g in range(codebook.shape[0])])
     G, K = codebook.shape
     gen = torch.Generator().manual_seed(int(seed))
     cb = codebook.double().cpu()

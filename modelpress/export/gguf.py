@@ -160,7 +160,7 @@ def _quant_tensor(m, requantize: str | None, name: str, perm) -> tuple[np.ndarra
     """(bytes or float array, GGMLQuantizationType, our dequantized weight) for one QuantLinear."""
     import gguf
     Q = gguf.GGMLQuantizationType
-    rows, cols = m.out_features, m.in_features
+    cols = m.in_features
     q, z = (t.cpu() for t in m.widest())      # mixed widths: the codes on the widest width's grid (exact)
     s = m.scale.cpu()
     if m.fmt is not None:                      # codes on a k-quant grid: the k-quant type, exactly

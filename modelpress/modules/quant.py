@@ -275,8 +275,8 @@ class QuantLinear(_Packed, nn.Linear):
         if self.qpacked is None and not torch.equal(       # derived codes must reproduce the weight exactly
                 quant.dequantize_groups(q, self.scale.float(), self.zero.float(), self.group_size, keep)
                 .to(self.weight.dtype), self.weight.detach()):
-            raise RuntimeError(f"QuantLinear weight was changed after quantization (it no longer equals "
-                               f"scale * (code - zero)): re-run the quantize stage after modifying weights")
+            raise RuntimeError("QuantLinear weight was changed after quantization (it no longer equals "
+                               "scale * (code - zero)): re-run the quantize stage after modifying weights")
         eb = self.widths
         if eb is None:
             t = {"qweight": quant.pack(q if keep is None else q[keep], self.bits), "scales": self.scale.contiguous()}
