@@ -292,7 +292,8 @@ def main() -> None:
                 "evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
                 f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
         if not a.no_write:
-            write_section("Compression order (plan order)" + ("" if a.quant == "rtn" else ": GPTQ"),
+            write_section("Compression order (plan order)" + ("" if a.quant == "rtn" else ": GPTQ")
+                          + ("" if a.model == "smollm2" else f": {model_label(a.model)}"),
                           "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
 
     single, p_single, res = {}, {}, {}
