@@ -106,10 +106,19 @@ def test_rank_guideline_and_auto_hidden(teacher, calib):
     r, rows = LRC.auto_hidden(teacher, train, val, (16, 32), pilot_fraction=0.5, pilot_steps=3, batch_size=4,
                               multiple=8)
     assert [row["hidden"] for row in rows] == [16, 32]
-    best = min(rows, key=lambda x: x["val_ce"])["hidden"]
-    assert r == LRC.round_hidden(best * (8 / 4) ** 0.5, 64, 8)
+    assert r is None                                   # two candidates never bracket an optimum
     for row in rows:
         assert row["gap"] == pytest.approx(row["val_ce"] - row["train_ce"])
+        assert row["n"] == 4
+
+
+def test_pick_rank_fits_only_a_bracketed_optimum():
+    rows = [{"hidden": h, "n": 16, "val_ce": v} for h, v in ((64, 5.0), (128, 4.0), (256, 4.5))]
+    assert LRC.pick_rank(rows, 64, 576) == LRC.round_hidden(128 * 2.0, 576) == 256   # r0 sqrt(n / n0)
+    assert LRC.pick_rank(rows, 16, 576) == 128
+    ends = [{**r, "val_ce": -r["hidden"]} for r in rows]                                # best = the largest
+    assert LRC.pick_rank(ends, 64, 576) is None
+    assert LRC.pick_rank([{**r, "val_ce": r["hidden"]} for r in rows], 64, 576) is None  # best = the smallest
 
 
 def test_bad_hidden_and_architecture(teacher):
@@ -162,11 +171,19 @@ def test_cli_lowrank_and_auto(tiny_folder, tmp_path):
     assert re.config.hidden_size == 32
     meta = json.loads((tmp_path / "s" / "lrc.json").read_text())
     assert meta["gap"] == pytest.approx(meta["val_ce"] - meta["train_ce"])
-    assert _cli(["distill", "lowrank", str(d), "--hidden", "auto", "--candidates", "16,32", "--pilot-steps", "2",
-                 "--pilot-fraction", "0.5", "--out", str(tmp_path / "a"), *base]) == 0
+    with pytest.raises(UserError, match="not bracketed"):                    # two candidates: never inside
+        _cli(["distill", "lowrank", str(d), "--hidden", "auto", "--candidates", "16,32", "--pilot-steps", "2",
+              "--pilot-fraction", "0.5", "--out", str(tmp_path / "a"), *base])
+    assert not (tmp_path / "a").exists()
+    # a bracketed pilot (forced here: a tiny model's optimum is not ours to choose) trains the picked size
+    from modelpress.distill import lowrank_clone
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lowrank_clone, "pick_rank", lambda rows, n, d, multiple=32: 16)
+        assert _cli(["distill", "lowrank", str(d), "--hidden", "auto", "--candidates", "8,16,32", "--pilot-steps", "2",
+                     "--pilot-fraction", "0.5", "--out", str(tmp_path / "a"), *base]) == 0
     meta = json.loads((tmp_path / "a" / "lrc.json").read_text())
-    assert [r["hidden"] for r in meta["auto_sweep"]] == [16, 32]
-    assert LlamaForCausalLM.from_pretrained(tmp_path / "a").config.hidden_size == meta["hidden"]
+    assert [r["hidden"] for r in meta["auto_sweep"]] == [8, 16, 32] and meta["hidden"] == 16
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "a").config.hidden_size == 16
     with pytest.raises(UserError, match="--hidden"):
         _cli(["distill", "lowrank", str(d), "--hidden", "big", "--out", str(tmp_path / "b"), *base])
 

@@ -1,5 +1,6 @@
 """CLI plugin: `modelpress distill lowrank TEACHER --hidden D_S|auto --out DIR` (Low-Rank Clone,
-arXiv 2505.12781; `auto` = the r* = c sqrt(n) guideline of arXiv 2603.22355 fitted by a pilot sweep)
+arXiv 2505.12781; `auto` = the r* = c sqrt(n) guideline of arXiv 2603.22355 fitted by a pilot sweep, refused with
+the sweep printed when the pilot's optimum is not bracketed)
 and `modelpress mft MODEL --data FILE --layers 4-7 --keep 0.9 --out DIR` (mask fine-tuning,
 arXiv 2503.22764). Both write an ordinary Hugging Face folder (save_pretrained) plus a JSON record."""
 from __future__ import annotations
@@ -106,6 +107,12 @@ def run_lowrank(a) -> int:
         for r in sweep:
             print(f"  pilot D_S={r['hidden']} on n0={r['n']}: train CE {r['train_ce']:.3f}, val CE {r['val_ce']:.3f}, "
                   f"gap {r['gap']:+.3f}")
+        if hidden is None:
+            best = min(sweep, key=lambda r: r["val_ce"])["hidden"]
+            raise UserError(f"--hidden auto: the pilot's best validation CE is at D_S = {best}, an end of the "
+                            f"candidates {','.join(str(c) for c in cands)}, so the optimum is not bracketed and "
+                            "r* = c sqrt(n) cannot be fitted (LRC students usually improve up to the teacher's width): "
+                            "pass --hidden D_S for the size you need, or --candidates that bracket the optimum")
         print(f"--hidden auto: r* = c sqrt(n) -> D_S = {hidden} for n = {train.shape[0]} windows")
     else:
         try:

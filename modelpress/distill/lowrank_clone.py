@@ -410,13 +410,29 @@ def round_hidden(r: float, d_teacher: int, multiple: int = 32) -> int:
     return int(min(d_teacher, max(multiple, multiple * round(r / multiple))))
 
 
+def pick_rank(rows: list[dict], n: int, d_teacher: int, multiple: int = 32) -> int | None:
+    """r* = c sqrt(n) with c = r0 / sqrt(n0) from pilot rows {hidden, n, val_ce}, where r0 is the pilot's best
+    rank; None when r0 is not strictly inside the swept ranks (an optimum at an end is not bracketed: the
+    true one may lie beyond it, and a constant fitted there says nothing)."""
+    hs = sorted(r["hidden"] for r in rows)
+    best = min(rows, key=lambda r: r["val_ce"])
+    if not hs[0] < best["hidden"] < hs[-1]:
+        return None
+    return round_hidden(rank_guideline(best["hidden"], best["n"], n), d_teacher, multiple)
+
+
 def auto_hidden(teacher: nn.Module, train: Tensor, val: Tensor, candidates: tuple[int, ...], pilot_fraction: float = 0.25,
                 pilot_steps: int = 20, lr: float = 1e-4, batch_size: int = 4, weights: LossWeights = LossWeights(),
                 init: str = "pca", seed: int = 0, multiple: int = 32,
-                log: Callable[[str], None] | None = None) -> tuple[int, list[dict]]:
+                log: Callable[[str], None] | None = None) -> tuple[int | None, list[dict]]:
     """`--hidden auto`: a pilot sweep over `candidates` on n0 = pilot_fraction * n training windows picks
     the best rank r0 by validation CE; the guideline r* = c sqrt(n), c = r0 / sqrt(n0) (arXiv 2603.22355),
-    extrapolates to the full n. Returns (r*, sweep rows with train/val CE and gap)."""
+    extrapolates to the full n. Returns (r* or None when the pilot's optimum is not bracketed, see pick_rank;
+    sweep rows with train/val CE and gap).
+
+    Measured (benchmarks/lrc_rank.py, SmolLM2, 4-64 windows): the held-out CE of LRC students falls with D_S
+    all the way to D_T at every budget (a full-width clone *is* the teacher), so on real models the pilot's
+    best is usually its largest candidate and no r* is returned: choose D_S for the size you need."""
     n = train.shape[0]
     n0 = max(batch_size, int(round(pilot_fraction * n)))
     if n0 > n:
@@ -429,6 +445,4 @@ def auto_hidden(teacher: nn.Module, train: Tensor, val: Tensor, candidates: tupl
     for c in clones:
         tr, va = lm_ce(c, pilot, batch_size), lm_ce(c, val, batch_size)
         rows.append({"hidden": c.hidden, "n": n0, "train_ce": tr, "val_ce": va, "gap": va - tr})
-    best = min(rows, key=lambda r: r["val_ce"])
-    r_star = round_hidden(rank_guideline(best["hidden"], n0, n), clones[0].d_teacher, multiple)
-    return r_star, rows
+    return pick_rank(rows, n, clones[0].d_teacher, multiple), rows
