@@ -19,7 +19,7 @@ when its mean held-out CE beats both swept neighbours by more than the larger sd
 Each finished seed is cached (--cache, keyed by every setting but the seeds), so a run resumes and seeds can
 run in separate processes; a run whose seeds are all cached only renders the section.
 
-    .venv/bin/python benchmarks/lrc_rank.py            # ~35 min per seed on 1 CPU thread
+    .venv/bin/python benchmarks/lrc_rank.py            # ~30 min per seed on 1 CPU thread
 """
 from __future__ import annotations
 
