@@ -20,6 +20,10 @@ order`'s pick (weaker first by eq. bits measured on calibration text -- extra ca
 stages never calibrated on, as plan order does) against the measured better order: accuracy over pairs
 outside noise, the within-noise pairs counted apart.
 
+The RTN curve and every finished seed are cached (--cache, keyed by every setting but the seeds), so a
+run resumes, and seeds can run as separate processes (--no-write) before one run over all seeds renders
+the section from the cache, exactly as one process would have written it.
+
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import random
 import statistics
@@ -45,9 +50,10 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import model_label, ms, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, run_cache, table, write_section  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import CalibrationSet  # noqa: E402
+from modelpress.io import atomic_write_text  # noqa: E402
 from modelpress.plan.order import equivalent_bits  # noqa: E402
 from modelpress.stages.prune import Prune  # noqa: E402
 from modelpress.stages.quantize import Quantize  # noqa: E402
@@ -134,6 +140,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default="/tmp/modelpress-order", help="folder of the RTN curve and finished seeds (resume)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -145,6 +152,7 @@ def main() -> None:
         raise SystemExit("4-bit group 32 is SmolLM2's native grid: use another group size")
     rng = random.Random(0)
 
+    cache = run_cache(a.cache, a, ("seeds", "threads", "cache", "no_write", "boot"))
     model, tok = modelpress.load(a.model)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
     score = Scorer(model, windows)
@@ -167,21 +175,31 @@ def main() -> None:
 
     curve, pcurve, quantized = {}, {seed: {} for seed in seeds}, {}      # RTN: the yardstick of eq. bits
     qname = a.quant.upper()
+    cached = {seed: json.loads((cache / f"seed{seed}.json").read_text()) for seed in seeds
+              if (cache / f"seed{seed}.json").is_file()}
+    todo = [seed for seed in seeds if seed not in cached]
+    curve_file = cache / "curve.json"
+    curve_cached = {int(b): v for b, v in json.loads(curve_file.read_text()).items()} if curve_file.is_file() else {}
+    say(f"cache {cache}: seeds {sorted(cached)} and {'the' if curve_cached else 'no'} RTN curve cached")
     for b in curve_bits:
+        if b in curve_cached and not todo:
+            curve[b] = curve_cached[b]
+            continue
         m = copy.deepcopy(model)
         quant(b).apply(m)
-        curve[b] = score(m)
-        for seed in seeds:
+        curve[b] = curve_cached[b] if b in curve_cached else score(m)     # deterministic: RTN needs no data
+        for seed in todo:
             pcurve[seed][b] = planners[seed](m)["kl"]
         say(f"RTN w{b} g{a.group_size} asym: ppl {curve[b]['ppl']:.3f} KL {curve[b]['kl']:.4f}")
         if b in bits and a.quant == "rtn":
-            for seed in seeds:
+            for seed in todo:
                 quantized[b, seed] = m
         else:
             del m
+    atomic_write_text(curve_file, json.dumps(curve))
     q_single, q_plan = {}, {}                  # (bits, seed) -> the quantizer alone: held-out score, planner KL
     for b in bits:
-        for seed in seeds:
+        for seed in todo:
             if a.quant == "gptq":
                 m = copy.deepcopy(model)
                 quant(b, "gptq").apply(m, calibs[seed])
@@ -299,6 +317,18 @@ def main() -> None:
     single, p_single, res = {}, {}, {}
     done: list[int] = []
     for seed in seeds:
+        if seed in cached:                     # a finished seed: its rows, exactly as that run measured them
+            c = cached[seed]
+            pcurve[seed] = {int(b): v for b, v in c["pcurve"].items()}
+            for s in sparsities:
+                single[s, seed], p_single[s, seed] = c["single"][str(s)], c["p_single"][str(s)]
+                for b in bits:
+                    res[s, b, seed] = tuple(c["res"][f"{s}|{b}"])
+            for b in bits:
+                q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
+            done.append(seed)
+            report(done)
+            continue
         for s in sparsities:
             pm = copy.deepcopy(model)
             prune(s).apply(pm, calibs[seed])
@@ -319,6 +349,11 @@ def main() -> None:
                 say(f"  x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl {r_qp['ppl']:.3f} "
                     f"KL {r_qp['kl']:.4f}")
             del pm
+        atomic_write_text(cache / f"seed{seed}.json", json.dumps({
+            "pcurve": pcurve[seed], "single": {str(s): single[s, seed] for s in sparsities},
+            "p_single": {str(s): p_single[s, seed] for s in sparsities},
+            "res": {f"{s}|{b}": res[s, b, seed] for s in sparsities for b in bits},
+            "q_single": {str(b): q_single[b, seed] for b in bits}, "q_plan": {str(b): q_plan[b, seed] for b in bits}}))
         done.append(seed)
         report(done)                # after every seed: a run cut short still leaves its completed seeds
 
