@@ -208,12 +208,14 @@ def main() -> int:
     if bracketed:
         body.append(f"Rank guideline r* = c sqrt(n) (arXiv 2603.22355): best validation CE at D_S = {best[0]}, inside the "
                     f"sweep (bracketed), with n = {a.train_windows} gives c = {c_fit:.3g}; extrapolated r* (rounded to 32, "
-                    "capped at 576): " + ", ".join(f"n = {n}: {r}" for n, r in guide) + ". Checking r* = O(sqrt(n)) "
-                    "itself needs this sweep at three or more data budgets (not in this run).")
+                    "capped at 576): " + ", ".join(f"n = {n}: {r}" for n, r in guide) + ". r* = O(sqrt(n)) itself "
+                    "is tested over three data budgets in section 'distill: LRC rank vs data budget' "
+                    "(benchmarks/lrc_rank.py).")
     else:
         body.append(f"Rank guideline r* = c sqrt(n) (arXiv 2603.22355): NOT fitted: the best validation CE is at D_S = "
                     f"{best[0]}, an end of the swept range {rows_sweep[0][0]}-{rows_sweep[-1][0]}, so the optimum is not "
-                    "bracketed; extend --hidden past it.")
+                    "bracketed. The sweep up to the teacher's width at three data budgets is section 'distill: LRC rank vs "
+                    "data budget' (benchmarks/lrc_rank.py).")
     lrc_ppl = rows_sweep[-1][5]
     verdict = ("lower" if lrc_ppl < scratch_ppl else "higher")
     body.append(f"Reading: with {tokens} training tokens the LRC student's perplexity is {verdict} than the scratch "
