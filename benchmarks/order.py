@@ -191,11 +191,8 @@ def main() -> None:
         for seed in todo:
             pcurve[seed][b] = planners[seed](m)["kl"]
         say(f"RTN w{b} g{a.group_size} asym: ppl {curve[b]['ppl']:.3f} KL {curve[b]['kl']:.4f}")
-        if b in bits and a.quant == "rtn":
-            for seed in todo:
-                quantized[b, seed] = m
-        else:
-            del m
+        del m                                  # RTN is deterministic: rebuilt where needed (memory: a 0.5B
+                                               # model's copies and reference log-probs are ~2.5 GB each)
     atomic_write_text(curve_file, json.dumps(curve))
     q_single, q_plan = {}, {}                  # (bits, seed) -> the quantizer alone: held-out score, planner KL
     for b in bits:
@@ -208,7 +205,8 @@ def main() -> None:
                 say(f"GPTQ w{b} seed {seed}: ppl {q_single[b, seed]['ppl']:.3f} KL {q_single[b, seed]['kl']:.4f}")
             else:
                 q_single[b, seed] = curve[b]
-            q_plan[b, seed] = planners[seed](quantized[b, seed])["kl"]
+            q_plan[b, seed] = (planners[seed](quantized[b, seed])["kl"] if a.quant == "gptq" else
+                               pcurve[seed][b])             # the planner's KL of the same RTN model
     cb, ck = list(curve), [curve[b]["kl"] for b in curve]
 
     def eb(kl):
@@ -341,7 +339,11 @@ def main() -> None:
                 quant(b, a.quant).apply(pq, calibs[seed])
                 r_pq = score(pq)
                 del pq
-                qp = copy.deepcopy(quantized[b, seed])
+                if a.quant == "gptq":
+                    qp = copy.deepcopy(quantized[b, seed])
+                else:
+                    qp = copy.deepcopy(model)
+                    quant(b).apply(qp)
                 prune(s).apply(qp, calibs[seed])
                 r_qp = score(qp)
                 del qp
