@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import model_label, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, table, write_section  # noqa: E402
 from modelpress import model as M  # noqa: E402
 from modelpress.algos import prune as P  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
@@ -149,12 +149,6 @@ def wanda_control(model, prompts: SP.PromptSet, sparsity: float, pattern: str) -
             M.set_module(model, names[id(lin)], SparseLinear.from_linear(lin, keep))
 
 
-def msd(xs: list[float], fmt: str = "{:.1%}") -> str:
-    if len(xs) == 1:
-        return fmt.format(xs[0])
-    return f"{fmt.format(stats.mean(xs))} +- {fmt.format(stats.stdev(xs))}"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="an instruct LM modelpress.model.load accepts (name, folder, .gguf)")
@@ -227,8 +221,8 @@ def main() -> int:
     rows = []
     for label, rs in runs.items():
         col = {k: [r[k] for r in rs] for k in rs[0]}
-        rows.append([label, len(rs), msd(col["asr_kw"]), msd(col["asr_lm"]), msd(col["brr_kw"]), msd(col["brr_lm"]),
-                     msd(col["agree"], "{:.0%}"), msd(col["ppl"], "{:.4g}")])
+        rows.append([label, len(rs), *(ms(col[k], ".1%") for k in ("asr_kw", "asr_lm", "brr_kw", "brr_lm")),
+                     ms(col["agree"], ".0%"), ms(col["ppl"], ".4g")])
 
     def verdict(judge_key: str) -> str:
         base = runs["original + safety prompt"][0][f"asr_{judge_key}"]
