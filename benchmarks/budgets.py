@@ -19,8 +19,9 @@ against the best other allocator of each setting (lowest mean perplexity), paire
 importance over attention heads per seed (the paper: rho = -0.054 over GPT-2 Medium's 384 heads) and the
 SAEs' reconstruction error.
 
-Each finished seed is cached (--cache, keyed by every setting but the seeds), so a run cut short resumes,
-and seeds can run in separate processes; a run whose seeds are all cached only renders the section.
+Each finished seed, and within a seed each finished setting, is cached (--cache, keyed by every setting
+but the seeds), so a run cut short resumes, and seeds can run in separate processes; a run whose seeds
+are all cached only renders the section. A model other than SmolLM2 writes its own section (": <model>").
 
     .venv/bin/python benchmarks/budgets.py                    # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/budgets.py --no-write --methods uniform,owl --seeds 0 --windows 2"""
@@ -109,13 +110,21 @@ def label(setting: tuple[str, float]) -> str:
     return f"GPTQ {v:g}-bit mean" if name == "gptq" else f"{'Wanda' if name == 'wanda' else 'SparseGPT'} {v:.0%}"
 
 
-def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list[tuple[str, float]]) -> dict:
-    """Every (setting, allocator) on one calibration seed: {"rows": {setting: {allocator: metrics}}, ...}."""
+def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list[tuple[str, float]],
+             partial: Path) -> dict:
+    """Every (setting, allocator) on one calibration seed: {"rows": {setting: {allocator: metrics}}, ...}.
+    Each finished setting is saved to `partial` and skipped when the seed is run again (a measurement that
+    later settings reuse is then taken again: the plans are deterministic, so the rows are the same)."""
     calib = modelpress.calibration_set(tok, "wiki", samples=a.samples, seqlen=a.seqlen, seed=seed)
     sae_cfg = SAEConfig(steps=a.sae_steps, expansion=a.sae_expansion)
     measured: dict[str, tuple[object, float]] = {}          # allocator -> (plan, seconds to measure its scores)
-    out: dict = {"rows": {}, "refs": {}}
+    out: dict = (json.loads(partial.read_text()) if partial.is_file() else
+                 {"rows": {}, "refs": {}, "done": [], "seconds": 0.0})
     for setting in settings:
+        if label(setting) in out["done"]:
+            say(f"seed {seed} {label(setting)}: cached")
+            continue
+        t_setting = time.perf_counter()
         name, mean = setting
         kind = "bits" if name == "gptq" else "sparsity"
         bound = {"lo": a.bit_lo, "hi": a.bit_hi} if kind == "bits" else {}
@@ -171,6 +180,9 @@ def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list
                 del m
                 out["refs"][f"uniform w{b}"] = {"ppl": r["ppl"], "top1": r["top1"], "kl": r["kl"]}
                 say(f"seed {seed} GPTQ w{b} g{a.group_size}: ppl {r['ppl']:.3f}, top-1 {r['top1']:.4f}")
+        out["done"].append(label(setting))
+        out["seconds"] += time.perf_counter() - t_setting
+        atomic_write_text(partial, json.dumps(out))
     return out
 
 
@@ -301,14 +313,13 @@ def main() -> None:
             done[seed] = json.loads(f.read_text())
             say(f"seed {seed}: cached")
         else:
-            t = time.perf_counter()
-            done[seed] = run_seed(a, model, tok, score, seed, methods, settings)
-            done[seed]["seconds"] = time.perf_counter() - t
+            done[seed] = run_seed(a, model, tok, score, seed, methods, settings, cache / f"seed{seed}.partial.json")
             atomic_write_text(f, json.dumps(done[seed]))
         body = render(a, seeds, done, methods, settings, base, windows.shape[0])
         print(body)
         if not a.no_write:              # after every seed: a run cut short still leaves its completed seeds
-            write_section("Per-component budgets (plan budget)", " ".join(["python benchmarks/budgets.py", *sys.argv[1:]]),
+            write_section("Per-component budgets (plan budget)" + ("" if a.model == "smollm2" else
+                                                                  f": {model_label(a.model)}"), " ".join(["python benchmarks/budgets.py", *sys.argv[1:]]),
                           body + f"\n\nTotal time of this invocation {time.perf_counter() - T0:.0f} s ({a.threads} "
                           "thread); seeds read from the cache took their own runs' time"
                           + (" (" + ", ".join(f"seed {s}: {done[s]['seconds']:.0f} s" for s in done
