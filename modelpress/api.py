@@ -66,7 +66,7 @@ def compress(model: nn.Module, recipe: Recipe, calib: CalibrationSet | None = No
     >>> stats = modelpress.compress(model, Recipe.from_yaml("w4a16-gptq-g128"), calib)
     """
     stages = recipe.stages
-    if recipe.order == "auto":
+    if recipe.order != "as-written":
         from .plan import order_stages
         stages = order_stages(model, recipe, calib)
     out = []

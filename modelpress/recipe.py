@@ -109,7 +109,7 @@ class Recipe:
     stages: tuple = ()                              # ((name, config), ...)
     model: str | None = None
     dtype: str = "float32"                          # float32 | bfloat16 | float16: the working/export dtype
-    order: str = "as-written"                       # as-written | auto
+    order: str = "as-written"                       # as-written | auto (weaker first) | measured (best of all)
     calibration: Calibration = field(default_factory=Calibration)
     evaluate: Evaluate = field(default_factory=Evaluate)
     certify: dict | None = None
@@ -118,8 +118,8 @@ class Recipe:
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise UserError(f"recipe dtype must be float32, bfloat16 or float16, got {excerpt(self.dtype)}")
-        if self.order not in ("as-written", "auto"):
-            raise UserError(f"recipe order must be 'as-written' or 'auto', got {excerpt(self.order)}")
+        if self.order not in ("as-written", "auto", "measured"):
+            raise UserError(f"recipe order must be 'as-written', 'auto' or 'measured', got {excerpt(self.order)}")
         if self.certify is not None:
             from .certify.certificate import RECIPE_KEYS
             if not isinstance(self.certify, dict):
@@ -182,7 +182,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.order == "auto" or any(
+        return self.order != "as-written" or any(
             getattr(cfg, "method", None) in ("gptq", "wanda", "sparsegpt") or getattr(cfg, "needs_calibration", False)
             for _, cfg in self.stages)
 

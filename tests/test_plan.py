@@ -462,3 +462,69 @@ def test_plan_order_repeats_measure_on_disjoint_windows():
     assert len(set(plan.intensities[0].per_repeat)) == 3
     with pytest.raises(ValueError, match="calibration samples"):
         plan_order(model, recipe, calib, windows=4, repeats=2)
+
+
+# ---------------------------------------------------------------------------------------------- measured order
+
+def test_plan_joint_scores_every_order_end_to_end():
+    from modelpress.plan.order import plan_joint
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    metric = _weight_error(model)
+    q = Quantize(method="rtn", bits=3, group_size=32, sym=False)
+    p = Prune(method="magnitude", sparsity=0.3)
+    plan = plan_joint(model, Recipe(stages=(("quantize", q), ("prune", p))), None, metric=metric)
+    assert plan.orders == ((0, 1), (1, 0)) and plan.metric == "weight_error"
+    for o, (loss,) in zip(plan.orders, plan.losses):                # each loss is that pipeline's own
+        m = copy.deepcopy(model)
+        for i in o:
+            (q, p)[i].apply(m, None)
+        assert loss == pytest.approx(metric(m), rel=1e-12)
+    assert plan.order == min(plan.orders, key=lambda o: plan.losses[plan.orders.index(o)][0])
+    assert plan.losses[0][0] != plan.losses[1][0]                   # the orders really differ
+    assert plan.confidence()["verdict"] == "not measured (1 repeat)"
+    assert "measured best: " in plan.table()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="2..3 stages"):
+        plan_joint(model, Recipe(stages=(("quantize", q),)), None, metric=metric)
+
+
+def test_joint_confidence_inside_and_outside_noise():
+    from modelpress.plan.order import JointPlan
+    names = ("prune: a", "quantize: b")
+    clear = JointPlan("KL", names, ((0, 1), (1, 0)), ((1.0, 1.1, 0.9), (1.5, 1.6, 1.45)))
+    c = clear.confidence()
+    assert clear.order == (0, 1) and c["verdict"] == "outside noise" and c["agree"] == 3
+    assert c["diff"] == pytest.approx((0.5 + 0.5 + 0.55) / 3)
+    noisy = JointPlan("KL", names, ((0, 1), (1, 0)), ((1.0, 1.3, 0.9), (1.1, 1.0, 1.2)))
+    assert noisy.order == (0, 1) and noisy.confidence()["verdict"] == "inside noise"
+    assert "not told apart" in noisy.table()
+
+
+def test_compress_order_measured_runs_the_measured_best():
+    from modelpress.plan.order import plan_joint
+    model, calib = tiny_llama(), correlated_calib(n=8)
+    recipe = Recipe(stages=(("quantize", Quantize(method="rtn", bits=2, group_size=32, sym=False)),
+                            ("prune", Prune(method="wanda", sparsity=0.3))), order="measured")
+    assert recipe.needs_calibration
+    best = plan_joint(model, recipe, calib).order
+    stats = modelpress.compress(model, recipe, calib)
+    assert [s["name"] for s in stats] == [recipe.stages[i][0] for i in best]
+    with pytest.raises(ValueError, match="'as-written', 'auto' or 'measured'"):
+        Recipe(order="best")
+
+
+def test_cli_plan_order_measured(tmp_path, capsys):
+    from modelpress.cli.plan import add_parser, run
+    d = tiny_model_dir(tmp_path / "m")
+    r = tmp_path / "r.yaml"
+    r.write_text("stages:\n  - quantize: {method: rtn, bits: 3, group_size: 32}\n"
+                 "  - prune: {method: wanda, sparsity: 0.5}\n")
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="cmd"))
+    assert run(p.parse_args(["plan", "order", str(r), "--model", str(d), "--samples", "8", "--seqlen", "32",
+                             "--windows", "2", "--repeats", "2", "--measured"])) == 0
+    out = capsys.readouterr().out
+    assert "measured best: " in out and "over 2 repeat(s)" in out and "`order: measured`" in out
+    rows = [ln for ln in out.splitlines() if " -> " in ln and not ln.startswith(("measured", "runner"))]
+    assert len(rows) == 2 and {rows[0].split()[0], rows[1].split()[0]} == {"quantize", "prune"}

@@ -1,5 +1,6 @@
-"""CLI plugin: `modelpress plan order RECIPE [--model M] [--repeats 3]` (stage order by compression-equivalent
-intensity, arXiv 2603.18426, with the intensity gap's sd over repeats and whether it is inside that noise) and `modelpress plan budget RECIPE [--model M] [--plot out.png]`
+"""CLI plugin: `modelpress plan order RECIPE [--model M] [--repeats 3] [--measured]` (stage order by
+compression-equivalent intensity, arXiv 2603.18426, with the intensity gap's sd over repeats and whether it
+is inside that noise; or, with --measured, every order run end to end and the best kept) and `modelpress plan budget RECIPE [--model M] [--plot out.png]`
 (per-component budgets of the recipe's prune/quantize stage: capability density from SAEs, arXiv
 2603.16440; sensitivity; OWL, arXiv 2310.05175), printed as a table and optionally plotted (PNG)."""
 from __future__ import annotations
@@ -31,6 +32,8 @@ def add_parser(subparsers) -> tuple[str, ...]:
         q.add_argument("--seqlen", type=int, default=256, help="calibration tokens per sample (default 256)")
         q.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     o.add_argument("--windows", type=int, default=4, help="calibration sequences scored by the KL metric (per repeat)")
+    o.add_argument("--measured", action="store_true", help="run the recipe in every order of its stages "
+                   "(2-3 stages) and keep the lowest KL, instead of predicting it from each stage alone")
     o.add_argument("--repeats", type=int, default=3, help="re-measure the intensities on this many disjoint "
                    "window blocks / calibration subsets and report the gap's sd (default 3; needs "
                    "--samples > windows x repeats)")
@@ -60,15 +63,15 @@ def _setup(a):
 
 
 def cmd_order(a) -> int:
-    from ..plan.order import plan_order
+    from ..plan.order import plan_joint, plan_order
     if a.repeats < 1 or a.windows < 1 or a.windows * a.repeats >= a.samples:
         raise UserError(f"--windows x --repeats must be below --samples={a.samples} (each repeat scores its own "
                         f"windows and calibrates on the rest), got {a.windows} x {a.repeats}")
     recipe, model, calib = _setup(a)
-    plan = plan_order(model, recipe, calib, windows=a.windows, seqlen=a.seqlen, samples=a.samples,
-                      repeats=a.repeats)
+    planner = plan_joint if a.measured else plan_order
+    plan = planner(model, recipe, calib, windows=a.windows, seqlen=a.seqlen, samples=a.samples, repeats=a.repeats)
     print(plan.table())
-    print("to apply it: `order: auto` in the recipe")
+    print(f"to apply it: `order: {'measured' if a.measured else 'auto'}` in the recipe")
     return 0
 
 

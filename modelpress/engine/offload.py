@@ -16,7 +16,7 @@ the last finished layer and writes the same export as an uninterrupted run.
     one decoder layer is materialized at a time; the input embedding only while the layer-0 inputs are
     captured; lm_head never. The inputs of the next layer are saved with each finished layer.
 Stages with a cross-layer budget (prune budget != uniform, cluster, lowrank, lossless, safety_prune) or
-`order: auto` need the whole model and are refused with a UserError.
+`order: auto` / `measured` need the whole model and are refused with a UserError.
 
 The native export is written by streaming: the safetensors header comes from the shapes, then every
 tensor is copied in row chunks (shards, layer files) into `model.safetensors`, so the whole model, or
@@ -49,7 +49,7 @@ SUPPORTED = ("quantize", "prune")
 
 
 def check_recipe(recipe) -> None:
-    if recipe.order == "auto":
+    if recipe.order != "as-written":
         raise UserError("--offload runs the stages as written: set `order: as-written` in the recipe")
     for name, cfg in recipe.stages:
         if name not in SUPPORTED:

@@ -22,6 +22,10 @@ Measured (benchmarks/order.py, SmolLM2-135M, 3 seeds): the hypothesis is contrad
 {30, 50, 70 %, 2:4} x RTN {w8, w4, w3} and Wanda {50 %, 2:4} x GPTQ {w4, w3}, prune-then-quantize is the
 better order in every pair outside noise (12 of 12), whichever stage is weaker, so this planner's pick was
 right in 9 of 36 seed-level picks there. It implements the paper's rule; treat its order as a hypothesis.
+
+`order: measured` (plan_joint) does not predict: it runs the whole recipe in every order of its stages
+(k! runs for k <= 3 stages) on copies, scores each on the held-back calibration windows, and keeps the
+best, with the runner-up's margin as mean +- sd over repeats and an inside/outside-noise verdict.
 """
 from __future__ import annotations
 
@@ -172,6 +176,32 @@ def reference_curve(model: nn.Module, metric: Callable[[nn.Module], float], stag
     return tuple(out)
 
 
+def _check(calib, metric, repeats: int, windows: int) -> str:
+    """Validate a planner's repeats against the calibration text; the metric's name."""
+    if repeats < 1:
+        raise UserError(f"order repeats must be >= 1, got {repeats}")
+    if metric is not None:
+        return getattr(metric, "__name__", "loss")
+    if calib is None:
+        raise UserError("order: auto / measured needs calibration text to score stages: add a `calibration:` block")
+    n = calib.input_ids.shape[0]
+    if n < repeats * windows + 1:
+        raise UserError(f"order: {repeats} repeat(s) x {windows} scoring windows need at least "
+                        f"{repeats * windows + 1} calibration samples, got {n}: add samples or lower windows")
+    return "KL"
+
+
+def _repeat(model: nn.Module, calib, metric, r: int, windows: int, seqlen: int, samples: int):
+    """(metric, calibration subset) of repeat r: by default KL to `model` on the r-th block of `windows`
+    sequences from the end, the stages calibrated on up to `samples` of the other sequences."""
+    n = calib.input_ids.shape[0] if calib is not None else 0
+    if metric is not None:
+        return metric, (_subset(calib, list(range(n)), samples) if calib is not None else None)
+    held = list(range(n - (r + 1) * windows, n - r * windows))
+    return (kl_metric(model, calib.input_ids[held, :seqlen]),
+            _subset(calib, [i for i in range(n) if i not in held], samples))
+
+
 def plan_order(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module], float] | None = None,
                windows: int = 4, seqlen: int = 256, samples: int = 16, bits: Sequence[int] = CURVE_BITS,
                group_size: int | None = 64, curve: tuple[tuple[float, float], ...] | None = None,
@@ -182,28 +212,11 @@ def plan_order(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module
     Calibrated stages see up to `samples` of the other sequences. `repeats` > 1 re-measures everything on
     another block (another calibration subset) and reports the spread (OrderPlan.confidence)."""
     stages = tuple(recipe.stages)
-    if repeats < 1:
-        raise UserError(f"order repeats must be >= 1, got {repeats}")
-    n = calib.input_ids.shape[0] if calib is not None else 0
-    if metric is None:
-        if calib is None:
-            raise UserError("order: auto needs calibration text to measure stage intensity: add a `calibration:` block")
-        if n < repeats * windows + 1:
-            raise UserError(f"order: {repeats} repeat(s) x {windows} scoring windows need at least "
-                            f"{repeats * windows + 1} calibration samples, got {n}: add samples or lower windows")
-        name = "KL"
-    else:
-        name = getattr(metric, "__name__", "loss")
+    name = _check(calib, metric, repeats, windows)
     per: list[list[tuple[float, float]]] = [[] for _ in stages]               # (loss, bits) per repeat
     curves = []
     for r in range(repeats):
-        if metric is None:
-            held = list(range(n - (r + 1) * windows, n - r * windows))
-            m_r = kl_metric(model, calib.input_ids[held, :seqlen])
-            probe = _subset(calib, [i for i in range(n) if i not in held], samples)
-        else:
-            m_r = metric
-            probe = _subset(calib, list(range(n)), samples) if calib is not None else None
+        m_r, probe = _repeat(model, calib, metric, r, windows, seqlen, samples)
         c_r = curve or reference_curve(model, m_r, recipe.stage, bits, group_size)
         curves.append(c_r)
         cb, cl = [b for b, _ in c_r], [v for _, v in c_r]
@@ -224,10 +237,83 @@ def plan_order(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module
     return OrderPlan(name, curve_mean, tuple(out), weaker_first([s.ratio for s in out]), repeats)
 
 
+@dataclass(frozen=True)
+class JointPlan:
+    """Every order of the recipe's stages run end to end on copies, scored by the same metric."""
+    metric: str
+    names: tuple[str, ...]                        # "name: describe" per stage, recipe order
+    orders: tuple[tuple[int, ...], ...]           # every permutation tried (recipe indices)
+    losses: tuple[tuple[float, ...], ...]         # per order, per repeat
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The permutation with the lowest mean loss (ties: the first tried, i.e. the recipe's own)."""
+        return min(zip(self.orders, self.losses), key=lambda p: sum(p[1]) / len(p[1]))[0]
+
+    def confidence(self) -> dict:
+        """The best order against the runner-up: their loss difference per repeat (runner-up minus best),
+        mean, sd, and "outside noise" when mean > 2 sd ("not measured" for one repeat)."""
+        ranked = sorted(zip(self.orders, self.losses), key=lambda p: sum(p[1]) / len(p[1]))
+        (best, lb), (second, ls) = ranked[0], ranked[1]
+        d = [y - x for x, y in zip(lb, ls)]
+        mean = sum(d) / len(d)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1)) if len(d) > 1 else float("nan")
+        verdict = ("not measured (1 repeat)" if len(d) < 2 else
+                   "outside noise" if mean > 2 * sd else "inside noise")
+        return {"best": best, "second": second, "diff": mean, "sd": sd, "n": len(d),
+                "agree": sum(x > 0 for x in d), "verdict": verdict}
+
+    def table(self) -> str:
+        arrow = lambda o: " -> ".join(self.names[i].split(":")[0] for i in o)
+        lines = [f"{'order':<40} {self.metric + ' (mean)':>12}  per repeat"]
+        for o, ls in sorted(zip(self.orders, self.losses), key=lambda p: sum(p[1]) / len(p[1])):
+            lines.append(f"{arrow(o):<40} {sum(ls) / len(ls):>12.5g}  " + ", ".join(f"{x:.4g}" for x in ls))
+        c = self.confidence()
+        sd = f" +- {c['sd']:.3g}" if c["n"] > 1 else ""
+        lines.append(f"measured best: {arrow(c['best'])} (stages: " + "; ".join(self.names) + ")")
+        lines.append(f"runner-up {arrow(c['second'])} loses {c['diff']:.3g}{sd} {self.metric} over {c['n']} "
+                     f"repeat(s), {c['agree']}/{c['n']} agree: {c['verdict']}"
+                     + (" -- the orders are not told apart by the measurement" if c["verdict"] == "inside noise"
+                        else ""))
+        return "\n".join(lines)
+
+
+MAX_JOINT_STAGES = 3
+
+
+def plan_joint(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module], float] | None = None,
+               windows: int = 4, seqlen: int = 256, samples: int = 16, repeats: int = 1) -> JointPlan:
+    """Run the whole recipe in every order of its stages on deep copies of `model` (not modified) and
+    score each result (default: KL to `model` on held-back calibration windows, as plan_order does;
+    repeat r uses the r-th block of windows and calibrates on the rest). Not the paper's rule: it measures
+    the joint outcome the hypothesis tries to predict, at k! pipeline runs for k stages (k <= 3)."""
+    import itertools
+    stages = tuple(recipe.stages)
+    if not 2 <= len(stages) <= MAX_JOINT_STAGES:
+        raise UserError(f"order: measured runs every order of the stages: it needs 2..{MAX_JOINT_STAGES} stages, "
+                        f"got {len(stages)}: use order: auto (intensity) or as-written")
+    name = _check(calib, metric, repeats, windows)
+    orders = tuple(itertools.permutations(range(len(stages))))
+    losses: list[list[float]] = [[] for _ in orders]
+    for r in range(repeats):
+        m_r, probe = _repeat(model, calib, metric, r, windows, seqlen, samples)
+        for k, o in enumerate(orders):
+            m = copy.deepcopy(model)
+            for i in o:
+                stages[i][1].apply(m, probe)
+            losses[k].append(m_r(m))
+            del m
+            log.info("order %d/%d, repeat %d/%d: %s %s %.5g", k + 1, len(orders), r + 1, repeats,
+                     " -> ".join(stages[i][0] for i in o), name, losses[k][-1])
+    names = tuple(f"{n}: {c.describe() if hasattr(c, 'describe') else n}" for n, c in stages)
+    return JointPlan(name, names, orders, tuple(tuple(x) for x in losses))
+
+
 def order_stages(model: nn.Module, recipe, calib=None) -> tuple:
-    """The recipe's ((name, config), ...) reordered weaker first (`order: auto`); `model` is unchanged."""
+    """The recipe's ((name, config), ...) reordered: weaker first by intensity (`order: auto`, the paper's
+    rule) or the best of every order run end to end (`order: measured`); `model` is unchanged."""
     if len(recipe.stages) < 2:
         return tuple(recipe.stages)
-    plan = plan_order(model, recipe, calib)
+    plan = plan_joint(model, recipe, calib) if recipe.order == "measured" else plan_order(model, recipe, calib)
     log.info("planned order:\n%s", plan.table())
     return tuple(recipe.stages[i] for i in plan.order)
