@@ -18,7 +18,8 @@ interval contains 0. Claims: (1) weaker-first wins -- counted over the pairs out
 2 -- Spearman(gap, advantage) over pairs with a bootstrap 95 % interval (resampling pairs); (3) `plan
 order`'s pick (weaker first by eq. bits measured on calibration text -- extra calibration sequences the
 stages never calibrated on, as plan order does) against the measured better order: accuracy over pairs
-outside noise, the within-noise pairs counted apart.
+outside noise, the within-noise pairs counted apart; and the pick of `plan order --measured` (the order
+with the lower KL on those same calibration sequences, both orders run end to end) scored the same way.
 
 The RTN curve and every finished seed are cached (--cache, keyed by every setting but the seeds), so a
 run resumes, and seeds can run as separate processes (--no-write) before one run over all seeds renders
@@ -229,15 +230,18 @@ def main() -> None:
                 noise = (len(adv) > 1 and abs(mean) <= 2 * sd) or lo <= 0 <= hi
                 better = "P->Q" if (mean > 0) == prune_weaker else "Q->P"
                 # the planner: weaker first by eq. bits on its calibration windows, per seed
-                picks = []
+                picks, joint = [], []
                 for seed in done:
                     pb = [pcurve[seed][k] for k in cb]
                     picks.append("P->Q" if equivalent_bits(cb, pb, p_single[s, seed]) > equivalent_bits(cb, pb, q_plan[b, seed])
                                  else "Q->P")
+                    r_pq, r_qp = res[s, b, seed]          # `plan order --measured`: both orders on the same windows
+                    if "plan_kl" in r_pq:
+                        joint.append("P->Q" if r_pq["plan_kl"] <= r_qp["plan_kl"] else "Q->P")
                 gap = abs(eb_p - eb_q)
                 gaps.append(gap)
                 advs.append(mean)
-                outcomes.append((noise, mean > 0, picks, better))
+                outcomes.append((noise, mean > 0, picks, better, joint))
                 rows.append([pname(s), f"{qname} w{b} g{a.group_size}", round(eb_p, 2), round(eb_q, 2),
                              "P->Q" if prune_weaker else "Q->P", round(gap, 2),
                              ms([x[0]["ppl"] for x in (res[s, b, sd_] for sd_ in done)], ".2f"),
@@ -245,7 +249,7 @@ def main() -> None:
                              ms([x[0]["kl"] for x in (res[s, b, sd_] for sd_ in done)], ".4f"),
                              ms([x[1]["kl"] for x in (res[s, b, sd_] for sd_ in done)], ".4f"),
                              ms([100 * v for v in adv], "+.1f") + " %", f"[{100 * lo:+.1f}, {100 * hi:+.1f}] %",
-                             "inside noise" if noise else better, "/".join(picks)])
+                             "inside noise" if noise else better, "/".join(picks), "/".join(joint) or "--"])
         n = len(rows)
         clear = [o for o in outcomes if not o[0]]
         wins = sum(o[1] for o in clear)
@@ -254,6 +258,9 @@ def main() -> None:
         right = sum(sum(p == o[3] for p in o[2]) for o in clear)
         tot = sum(len(o[2]) for o in clear)
         noisy_picks = sum(len(o[2]) for o in outcomes if o[0])
+        j_right = sum(sum(p == o[3] for p in o[4]) for o in clear)
+        j_tot = sum(len(o[4]) for o in clear)
+        j_seeds = [seed for seed in done if "plan_kl" in res[sparsities[0], bits[0], seed][0]]
         prune_first = sum(o[3] == "P->Q" for o in clear)      # the alternative reading: one order always wins
         if not clear:
             v1 = "not reproduced: no pair's better order is outside the noise"
@@ -273,7 +280,7 @@ def main() -> None:
             v2 = "not reproduced (interval contains 0)"
         header = ["prune", "quant", "eq. bits P", "eq. bits Q", "weaker first", "gap (bits)", "ppl P->Q", "ppl Q->P",
                   "KL P->Q", "KL Q->P", "weaker-first advantage (seeds)", "95 % (windows)", "better order",
-                  "plan order's pick per seed"]
+                  "plan order's pick per seed", "plan order --measured, per seed"]
         tbl = table(header, rows)
         curve_tbl = table(["RTN g%d asym" % a.group_size, "ppl", "KL"],
                           [[f"w{b}", round(curve[b]["ppl"], 3), round(curve[b]["kl"], 4)] for b in curve] +
@@ -289,7 +296,10 @@ def main() -> None:
                    f"- `plan order` (weaker first by eq. bits on {a.plan_windows} held-back calibration sequences, one "
                    f"measurement per seed): {right} of {tot} picks match the measured better order on the pairs outside "
                    f"noise; {noisy_picks} picks on pairs inside noise are not counted.\n"
-                   f"- Not a claim of the paper, read off the same pairs: prune-then-quantize (P->Q) is the better order in "
+                   + (f"- `plan order --measured` (both orders run, KL on the same {a.plan_windows} held-back sequences; "
+                      f"seeds {', '.join(map(str, j_seeds))}): {j_right} of {j_tot} picks match the measured better order "
+                      "on the pairs outside noise.\n" if j_seeds else "")
+                   + f"- Not a claim of the paper, read off the same pairs: prune-then-quantize (P->Q) is the better order in "
                    f"{prune_first} of {len(clear)} pairs outside noise, whichever stage is weaker.\n\n"
                    f"Original perplexity {base['ppl']:.3f}.")
         print(curve_tbl, "\n\n", tbl, "\n\n", summary, sep="")
@@ -337,7 +347,7 @@ def main() -> None:
             for b in bits:
                 pq = copy.deepcopy(pm)
                 quant(b, a.quant).apply(pq, calibs[seed])
-                r_pq = score(pq)
+                r_pq = dict(score(pq), plan_kl=planners[seed](pq)["kl"])      # plan_kl: what --measured sees
                 del pq
                 if a.quant == "gptq":
                     qp = copy.deepcopy(quantized[b, seed])
@@ -345,7 +355,7 @@ def main() -> None:
                     qp = copy.deepcopy(model)
                     quant(b).apply(qp)
                 prune(s).apply(qp, calibs[seed])
-                r_qp = score(qp)
+                r_qp = dict(score(qp), plan_kl=planners[seed](qp)["kl"])
                 del qp
                 res[s, b, seed] = (r_pq, r_qp)
                 say(f"  x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl {r_qp['ppl']:.3f} "
