@@ -105,7 +105,7 @@ def time_selector(method: str, pool: list[str], tok, samples: int, seqlen: int, 
 def report(a, argv, load_s, methods, pool, pool_desc, windows, base, sel_time, sel_types, scaling, notes, results, stages,
            pending) -> str:
     """The markdown section from the numbers gathered so far."""
-    seeds = sorted({len(v["ppl"]) for v in results.values()})
+    n_seeds = sorted({len(v["ppl"]) for (_, m), v in results.items() if m != "perplexity"})
     rows = []
     for st in stages:
         rnd = results.get((st, "random"))
@@ -175,12 +175,14 @@ def report(a, argv, load_s, methods, pool, pool_desc, windows, base, sel_time, s
     return (f"{a.label} (float32), calibration pool: {pool_desc} "
             f"({len(pool)} summaries, the same pool for every selector); {a.samples} samples x {a.seqlen} tokens per calibration set; held-out "
             f"evaluation: {windows.shape[0]} windows x {windows.shape[1]} tokens of the Wikipedia evaluation split "
-            f"(uncompressed perplexity {base:.3f}); seeds per compression: {seeds} (first seeds of 0..{a.seeds - 1}); "
+            f"(uncompressed perplexity {base:.3f}); seeds per compression and selector: "
+            f"{' or '.join(map(str, n_seeds)) or 0} (the first of 0..{a.seeds - 1}); "
             f"{a.threads} CPU thread(s), shared machine. The perplexity baseline scores every sentence of the pool "
             f"with the model and keeps the lowest-perplexity ones (deterministic: one set, so one run per compression); zipcal-coverage and perplexity pack whole "
             f"sentences into the windows. One LM per run (section per model).\n\n"
             f"### Held-out quality after compression\n\n{q}\n\n### Selection time\n\n"
-            f"Mean over the seeds of `calibration_set` on the in-memory pool; reading and hashing the pool once "
+            f"Mean over the seeds of `calibration_set` on the in-memory pool (each set timed when it was first "
+            f"selected; the sets are cached); reading and hashing the pool once "
             f"(`wiki_texts` + `source_sha256`) took a further {load_s:.2f} s, common to every method.\n\n{sel}\n\n"
             f"### Linear scaling (best of {a.scaling_repeats})\n\n{sc}\n\n### Verdict\n\n"
             + "\n".join(f"- {v}" for v in verdicts + notes))
