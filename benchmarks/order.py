@@ -338,17 +338,17 @@ def main() -> None:
             report(done)
             continue
         for s in sparsities:
-            pm = copy.deepcopy(model)
-            prune(s).apply(pm, calibs[seed])
-            single[s, seed] = score(pm)
-            p_single[s, seed] = planners[seed](pm)["kl"]
-            say(f"{pname(s)} seed {seed}: ppl {single[s, seed]['ppl']:.3f} KL {single[s, seed]['kl']:.4f} "
-                f"-> {eb(single[s, seed]['kl']):.2f} eq. bits")
-            for b in bits:
-                pq = copy.deepcopy(pm)
-                quant(b, a.quant).apply(pq, calibs[seed])
-                r_pq = dict(score(pq), plan_kl=planners[seed](pq)["kl"])      # plan_kl: what --measured sees
-                del pq
+            for j, b in enumerate(bits):       # one model copy at a time (a 0.5B run was OOM-killed holding three):
+                pm = copy.deepcopy(model)      # the pruned model is rebuilt per width (Wanda is deterministic)
+                prune(s).apply(pm, calibs[seed])
+                if j == 0:
+                    single[s, seed] = score(pm)
+                    p_single[s, seed] = planners[seed](pm)["kl"]
+                    say(f"{pname(s)} seed {seed}: ppl {single[s, seed]['ppl']:.3f} KL {single[s, seed]['kl']:.4f} "
+                        f"-> {eb(single[s, seed]['kl']):.2f} eq. bits")
+                quant(b, a.quant).apply(pm, calibs[seed])                       # P->Q, in place
+                r_pq = dict(score(pm), plan_kl=planners[seed](pm)["kl"])        # plan_kl: what --measured sees
+                del pm
                 if a.quant == "gptq":
                     qp = copy.deepcopy(quantized[b, seed])
                 else:
@@ -360,7 +360,6 @@ def main() -> None:
                 res[s, b, seed] = (r_pq, r_qp)
                 say(f"  x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl {r_qp['ppl']:.3f} "
                     f"KL {r_qp['kl']:.4f}")
-            del pm
         atomic_write_text(cache / f"seed{seed}.json", json.dumps({
             "pcurve": pcurve[seed], "single": {str(s): single[s, seed] for s in sparsities},
             "p_single": {str(s): p_single[s, seed] for s in sparsities},
