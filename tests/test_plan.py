@@ -232,14 +232,20 @@ def test_stage_budget_fields_when_wired():
 
 # ---------------------------------------------------------------------------------------------- CLI
 
-def test_cli_plan_budget_and_order(tmp_path, capsys):
+def _plan_cli(tmp_path, bits: int, sparsity: float):
+    """(run, parser, model folder, recipe file) for `modelpress plan ...` on a tiny model and an RTN + Wanda recipe."""
     from modelpress.cli.plan import add_parser, run
     d = tiny_model_dir(tmp_path / "m")
     r = tmp_path / "r.yaml"
-    r.write_text("stages:\n  - quantize: {method: rtn, bits: 8, group_size: 32}\n"
-                 "  - prune: {method: wanda, sparsity: 0.6}\n")
+    r.write_text(f"stages:\n  - quantize: {{method: rtn, bits: {bits}, group_size: 32}}\n"
+                 f"  - prune: {{method: wanda, sparsity: {sparsity}}}\n")
     p = argparse.ArgumentParser()
     add_parser(p.add_subparsers(dest="cmd"))
+    return run, p, d, r
+
+
+def test_cli_plan_budget_and_order(tmp_path, capsys):
+    run, p, d, r = _plan_cli(tmp_path, 8, 0.6)
     png = tmp_path / "b.png"
     assert run(p.parse_args(["plan", "budget", str(r), "--model", str(d), "--samples", "4", "--seqlen", "32",
                              "--method", "owl", "--stage", "2", "--plot", str(png)])) == 0
@@ -515,13 +521,7 @@ def test_compress_order_measured_runs_the_measured_best():
 
 
 def test_cli_plan_order_measured(tmp_path, capsys):
-    from modelpress.cli.plan import add_parser, run
-    d = tiny_model_dir(tmp_path / "m")
-    r = tmp_path / "r.yaml"
-    r.write_text("stages:\n  - quantize: {method: rtn, bits: 3, group_size: 32}\n"
-                 "  - prune: {method: wanda, sparsity: 0.5}\n")
-    p = argparse.ArgumentParser()
-    add_parser(p.add_subparsers(dest="cmd"))
+    run, p, d, r = _plan_cli(tmp_path, 3, 0.5)
     assert run(p.parse_args(["plan", "order", str(r), "--model", str(d), "--samples", "8", "--seqlen", "32",
                              "--windows", "2", "--repeats", "2", "--measured"])) == 0
     out = capsys.readouterr().out
