@@ -23,7 +23,8 @@ Measured (benchmarks/order.py, SmolLM2-135M, 3 seeds): the hypothesis is contrad
 better order in every pair outside noise (12 of 12), whichever stage is weaker, so this planner's pick was
 right in 9 of 36 seed-level picks there. On Qwen2.5-Coder-0.5B (Wanda {50 %, 2:4} x RTN {w4, w3}, 3 seeds)
 prune-then-quantize won 4 of 4 pairs, weaker-first lost 3 of 4, and this planner was right in 2 of 12 picks,
-plan_joint (below) in 10 of 12 (on SmolLM2's RTN grid: 23 of 24, weaker-first 9 of 24). It implements the paper's rule; treat its order as a hypothesis.
+plan_joint (below) in 10 of 12 (on SmolLM2's RTN grid: 23 of 24, weaker-first 9 of 24). This planner
+implements the paper's rule; treat its order as a hypothesis.
 
 `order: measured` (plan_joint) does not predict: it runs the whole recipe in every order of its stages
 (k! runs for k <= 3 stages) on copies, scores each on the held-back calibration windows, and keeps the
