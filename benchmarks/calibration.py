@@ -1,5 +1,6 @@
 """Calibration-data curation on an LM (SmolLM2-135M-Instruct by default; --model): random vs ZipCal
-("Frequency Matters", arXiv 2603.16105) vs the model-based baseline the paper compares with (lowest-perplexity selection), all on the same pool.
+("Frequency Matters", arXiv 2603.16105) vs the model-based baseline the paper compares with
+(lowest-perplexity selection), all on the same pool.
 
 Selectors (modelpress/calib/select.py, following the authors' code): zipcal-coverage = their
 `unique_tokens_sampling` over the pool's sentences (the sampler their scalability test times as theirs),
