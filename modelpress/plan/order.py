@@ -33,6 +33,7 @@ best, with the runner-up's margin as mean +- sd over repeats and an inside/outsi
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -290,7 +291,6 @@ def plan_joint(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module
     score each result (default: KL to `model` on held-back calibration windows, as plan_order does;
     repeat r uses the r-th block of windows and calibrates on the rest). Not the paper's rule: it measures
     the joint outcome the hypothesis tries to predict, at k! pipeline runs for k stages (k <= 3)."""
-    import itertools
     stages = tuple(recipe.stages)
     if not 2 <= len(stages) <= MAX_JOINT_STAGES:
         raise UserError(f"order: measured runs every order of the stages: it needs 2..{MAX_JOINT_STAGES} stages, "
