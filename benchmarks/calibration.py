@@ -1,15 +1,17 @@
 """Calibration-data curation on an LM (SmolLM2-135M-Instruct by default; --model): random vs ZipCal
-("Frequency Matters", arXiv 2603.16105) vs the model-based baseline the paper compares with
-(lowest-perplexity selection), all on the same pool.
+("Frequency Matters", arXiv 2603.16105) vs two model-based baselines: the one the authors' code ships
+(lowest-perplexity selection) and the one their result tables compare with (COLA, arXiv 2510.10618), all on
+the same pool.
 
 Selectors (modelpress/calib/select.py, following the authors' code): zipcal-coverage = their
 `unique_tokens_sampling` over the pool's sentences (the sampler their scalability test times as theirs),
 zipcal-words = their `words_dataset_sampling` (what their plots label ZipCal), perplexity = their
-`least_perplexity_sampling` (every candidate sentence scored by the model, lowest kept). For each
+`least_perplexity_sampling` (every candidate sentence scored by the model, lowest kept), cola = COLA's
+activation-clustering sample selection (one pool window per k-means cluster of mean layer activations). For each
 compression (Wanda 50%, SparseGPT 50%, GPTQ w3 g64 asym; `cluster` on request) and selector, over seeds
 (5 by default for every compression; the perplexity selector is deterministic, one run): held-out
 perplexity and top-1 agreement with the uncompressed model (mean, sd, min-max); selection time of each
-selector on the same pool (and its ratio to the perplexity baseline's); linear scaling of the model-free
+selector on the same pool (and its ratio to the model-based baselines'); linear scaling of the model-free
 selectors (time on the pool over time on a tenth of it, target < 15x for a 10x pool). Verdicts only where
 a gap exceeds one sd (the larger of the two selectors' seed sds).
 
@@ -48,7 +50,7 @@ from modelpress.calib import sources  # noqa: E402
 from modelpress.eval import evaluate  # noqa: E402
 from modelpress.io import atomic_save_file, atomic_write_text  # noqa: E402
 
-METHODS = ("random", "zipcal-words", "zipcal-coverage", "perplexity")
+METHODS = ("random", "zipcal-words", "zipcal-coverage", "perplexity", "cola")
 STAGE_RECIPES = {
     "wanda": {"prune": {"method": "wanda", "sparsity": 0.5}},
     "sparsegpt": {"prune": {"method": "sparsegpt", "sparsity": 0.5}},
@@ -58,7 +60,8 @@ STAGE_RECIPES = {
     "cluster": {"cluster": {"k": 16, "group_rows": 16, "weighting": "hessian-diag"}},
 }
 STAGE_LABELS = {"wanda": "Wanda 50% unstructured", "sparsegpt": "SparseGPT 50% unstructured", "gptq": "GPTQ w3 g64 asym", "cluster": "cluster K=16 /16 rows hessian-diag"}
-VERDICT_METHODS = ("zipcal-coverage", "zipcal-words", "perplexity")
+VERDICT_METHODS = ("zipcal-coverage", "zipcal-words", "perplexity", "cola")
+BASELINES = {"perplexity": "the authors' code's model-based sampler", "cola": "the paper's tables' model-based method"}
 
 T0 = time.perf_counter()
 
@@ -119,18 +122,19 @@ def report(a, argv, load_s, methods, pool, pool_desc, windows, base, sel_time, s
                          f"{p[2]:.3f}–{p[3]:.3f}", f"{dp:+.3f}", f"{g[0]:.4f} ± {g[1]:.4f}"])
     q = table(["compression", "selection", "seeds", "perplexity mean ± sd", "perplexity min–max",
                "Δ mean vs random", "top-1 agreement mean ± sd"], rows)
-    ppl_t = statistics.fmean(sel_time["perplexity"]) if "perplexity" in methods else float("nan")
-    srows = [[m, statistics.fmean(sel_time[m]), ppl_t / statistics.fmean(sel_time[m]),
+    base_t = {b: statistics.fmean(sel_time[b]) for b in BASELINES if b in methods}
+    srows = [[m, statistics.fmean(sel_time[m]), *(t / statistics.fmean(sel_time[m]) for t in base_t.values()),
               statistics.fmean(sel_types[m])] for m in methods]
-    sel = table(["selection", "seconds per set (the pool, in memory)", "perplexity time / this",
+    sel = table(["selection", "seconds per set (the pool, in memory)", *(f"{b} time / this" for b in base_t),
                  "types per sample"], srows)
     sc = table(["selection", "pool texts (1/10)", "seconds", "pool texts (all)", "seconds", "time ratio"], scaling)
     verdicts = []
-    for m in ("zipcal-coverage", "zipcal-words"):
-        if "perplexity" in methods and m in methods:
-            r = ppl_t / statistics.fmean(sel_time[m])
-            verdicts.append(f"Selection speed: {m} is {r:.0f}x faster than the perplexity baseline on the same pool "
-                            f"(paper: ~240x on average): {'reproduced' if r >= 100 else 'not reproduced'} (>= 100x).")
+    for b, t in base_t.items():
+        for m in ("zipcal-coverage", "zipcal-words"):
+            if m in methods:
+                r = t / statistics.fmean(sel_time[m])
+                verdicts.append(f"Selection speed: {m} is {r:.0f}x faster than {b} ({BASELINES[b]}) on the same pool "
+                                f"(paper: ~240x on average): {'reproduced' if r >= 100 else 'not reproduced'} (>= 100x).")
     for r in scaling:
         verdicts.append(f"Scaling {r[0]}: 10x pool -> {r[5]:.1f}x time (target < 15x): "
                         f"{'met' if r[5] < 15 else 'NOT met'}.")
@@ -154,18 +158,20 @@ def report(a, argv, load_s, methods, pool, pool_desc, windows, base, sel_time, s
                 verdicts.append(f"Quality {STAGE_LABELS[st]}, {m}: mean perplexity {zm:.3f} vs random {rm:.3f} "
                                 f"({'random' if det else 'larger'} seed sd {sd:.3f}"
                                 f"{'; the selector is deterministic' if det else ''}): {v}.")
-        if (st, "perplexity") in results:     # the paper: ZipCal is competitive with the model-based selection
-            pm = results[st, "perplexity"]["ppl"][0]
+        for b in BASELINES:                  # the paper: ZipCal is competitive with the model-based selection
+            if (st, b) not in results:
+                continue
+            pm, ps = spread(results[st, b]["ppl"])[:2]
             for m in ("zipcal-coverage", "zipcal-words"):
                 if (st, m) in results and len(results[st, m]["ppl"]) > 1:
                     zm, zs = spread(results[st, m]["ppl"])[:2]
-                    sd = max(zs, rs)
+                    sd = max(zs, rs if b == "perplexity" else ps)        # deterministic perplexity: random's sd
                     v = ("reproduced (better by more than one sd)" if zm < pm - sd else
                          "contradicted (worse by more than one sd)" if zm > pm + sd else
                          "reproduced (no difference beyond one sd)")
                     verdicts.append(f"Paper claim (ZipCal is competitive with the model-based selection), "
-                                    f"{STAGE_LABELS[st]}, {m}: {zm:.3f} vs perplexity-selected {pm:.3f} (larger "
-                                    f"seed sd of {m} and random {sd:.3f}): {v}.")
+                                    f"{STAGE_LABELS[st]}, {m}: {zm:.3f} vs {b}-selected {pm:.3f} (larger seed sd of "
+                                    f"{m} and {'random' if b == 'perplexity' else b} {sd:.3f}): {v}.")
     claims = [f"{x.split(':')[0].replace('Quality ', '')}: " + ("reproduced" if "better" in x else "contradicted"
                                                               if "WORSE" in x else "not reproduced")
               for x in verdicts if x.startswith("Quality") and "zipcal" in x and "no verdict" not in x]
@@ -180,7 +186,8 @@ def report(a, argv, load_s, methods, pool, pool_desc, windows, base, sel_time, s
             f"{' or '.join(map(str, n_seeds)) or 0} (the first of 0..{a.seeds - 1}); "
             f"{a.threads} CPU thread(s), shared machine. The perplexity baseline scores every sentence of the pool "
             f"with the model and keeps the lowest-perplexity ones (deterministic: one set, so one run per compression); zipcal-coverage and perplexity pack whole "
-            f"sentences into the windows. One LM per run (section per model).\n\n"
+            f"sentences into the windows; cola keeps one of the pool's windows per k-means cluster of their mean layer "
+            f"activations (seeded projection and k-means). One LM per run (section per model).\n\n"
             f"### Held-out quality after compression\n\n{q}\n\n### Selection time\n\n"
             f"Mean over the seeds of `calibration_set` on the in-memory pool (each set timed when it was first "
             f"selected; the sets are cached); reading and hashing the pool once "
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
 
     # ---- linear scaling: a tenth of the pool vs all of it (model-free selectors)
     scaling = []
-    for m in [m for m in methods if m != "perplexity"]:
+    for m in [m for m in methods if m not in S.MODEL_BASED]:
         small = time_selector(m, pool[::10], tok, a.samples, a.seqlen, a.scaling_repeats)
         full = time_selector(m, pool, tok, a.samples, a.seqlen, a.scaling_repeats)
         scaling.append([m, len(pool[::10]), small, len(pool), full, full / small])

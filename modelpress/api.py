@@ -197,8 +197,6 @@ def _why_not_streamed(recipe: Recipe, src, dest, checkpoint: bool) -> str | None
     from .engine.offload import check_recipe
     if not dest or not checkpoint:
         return "it needs an output folder (--out) with checkpoints"
-    if recipe.needs_calibration and recipe.calibration.select == "perplexity":
-        return "calibration.select perplexity scores the pool with the whole model"
     try:
         check_recipe(recipe)
     except UserError as e:

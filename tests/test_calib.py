@@ -264,3 +264,54 @@ def test_real_tokenizer_on_wikipedia_pool():
     assert jsd["zipcal-words"] < jsd["random"], jsd
     tps = {m: types_per_sample(v, tok) for m, v in ids.items()}
     assert tps["zipcal-words"] > tps["random"] and tps["zipcal-coverage"] > tps["random"], tps
+
+
+def test_kmeans_representatives_one_per_blob():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 8)) * 10
+    sizes = [30, 12, 5, 2]                                  # unbalanced: random picks would miss the small ones
+    x = np.concatenate([c + 0.01 * rng.normal(size=(n, 8)) for c, n in zip(centres, sizes)])
+    blob = np.repeat(np.arange(4), sizes)
+    rows = S.kmeans_representatives(x, 4, seed=0)
+    assert sorted(blob[rows].tolist()) == [0, 1, 2, 3]
+    # fewer distinct points than clusters: still k distinct rows (empty clusters take the nearest free row)
+    dup = np.repeat(np.eye(2), 3, axis=0)                    # (6, 2), two distinct points
+    rows = S.kmeans_representatives(dup, 3, seed=0)
+    assert len(set(rows)) == 3
+
+
+def test_cola_picks_one_window_per_activation_cluster(tok, tiny_lm):
+    with pytest.raises(UserError, match="needs the model"):
+        S.select_cola(["a b c"], tok, samples=1, seqlen=4, seed=0)
+    # four kinds of document with disjoint vocabularies, in unbalanced amounts: COLA's k-means over the
+    # windows' mean activations has one cluster per kind, so its 4 windows cover all four kinds
+    kinds = [[_word(100 * k + j) for j in range(12)] for k in range(4)]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(kinds[k], 400)) for k, n in enumerate([8, 4, 2, 1]) for _ in range(n)]
+    vocab = [set(tok(" ".join(w), add_special_tokens=False)["input_ids"]) for w in kinds]
+
+    def kind(row):
+        return max(range(4), key=lambda k: len(vocab[k] & set(row.tolist())))
+
+    for seed in range(3):
+        ids = S.select_cola(texts, tok, samples=4, seqlen=24, seed=seed, model=tiny_lm)
+        assert ids.shape == (4, 24)
+        cand = S.pool_windows(texts, tok, 24, seed, 4)
+        assert all(any(torch.equal(r, c) for c in cand) for r in ids)          # whole windows of the pool
+        assert sorted(kind(r) for r in ids) == [0, 1, 2, 3]
+    assert torch.equal(ids, S.select_cola(texts, tok, samples=4, seqlen=24, seed=2, model=tiny_lm))
+    act = S.window_activations(tiny_lm, cand[:3], bos=0)                        # (3, layers * hidden)
+    assert act.shape == (3, 2 * 32)
+    torch.testing.assert_close(act.reshape(3, 2, 32).norm(dim=-1), torch.ones(3, 2))
+    c = calibration_set(tok, texts, "cola", samples=4, seqlen=24, seed=1, model=tiny_lm)
+    assert c.input_ids.shape == (4, 24) and c.provenance["select"] == "cola"
+
+
+def test_model_based_selectors_cannot_stream():
+    from modelpress.engine.offload import check_recipe
+    from modelpress.recipe import Recipe
+    for sel in S.MODEL_BASED:
+        r = Recipe.from_dict({"stages": [{"prune": {"method": "wanda", "sparsity": 0.5}}],
+                              "calibration": {"select": sel}})
+        with pytest.raises(UserError, match=f"select {sel} .*--offload"):
+            check_recipe(r)

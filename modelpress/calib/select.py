@@ -27,7 +27,20 @@ model-free samplers, both here, as the authors' code does them:
 `perplexity`: the model-based baseline the paper compares with, the authors' `least_perplexity_sampling`:
     every candidate sentence (as in zipcal-coverage) is scored by the model's perplexity and the lowest-
     perplexity sentences are kept (packed like zipcal-coverage). `candidates` caps the scored sentences to
-    a seeded random subset (default: all of them, as the authors do). Needs `model`."""
+    a seeded random subset (default: all of them, as the authors do). Needs `model`.
+`cola`: the model-based method ZipCal's result tables compare with, COLA's sample selection (stage 3 of
+    "Preserving LLM Capabilities through Calibration Data Curation", arXiv 2510.10618; official code
+    github.com/BokwaiHo/COLA, cola/sample_selection.py): every candidate's activation vector is the mean over
+    its tokens of each decoder layer's output, L2-normalised per layer and concatenated; a Gaussian random
+    projection (N(0, 1/64)) takes it to 64 dimensions; k-means with k = `samples` (best of 10 k-means++
+    restarts, as their sklearn `KMeans(n_init=10)`) clusters the candidates, and the candidate closest to each
+    centroid is kept. Deviations, and why: candidates are the pool's non-overlapping `seqlen`-token windows
+    (COLA's stage-2 samples are whole documents padded to 2048; modelpress calibration windows are unpadded),
+    padding never enters the mean (their mean includes the pad positions); the activations are the decoder
+    layers' outputs (what their hook reads where its layer detection works, e.g. BERT's `layer.N.output`; on
+    Llama-style models their detection finds no layer); the projection and k-means are seeded by `seed`
+    (theirs: unseeded projection, fixed k-means seed 42); an empty cluster takes the nearest unchosen window.
+    COLA's stages 1-2 (choosing the dataset, formatting) are the user's `calibration.source`. Needs `model`."""
 from __future__ import annotations
 
 import re
@@ -259,9 +272,73 @@ def select_perplexity(texts: list[str], tokenizer, samples: int, seqlen: int, se
     return pack_sentences(sent, order, tokenizer, samples, seqlen)
 
 
+# -------------------------------------------------------------------------------------------------------- cola
+
+@torch.no_grad()
+def window_activations(model, windows: torch.Tensor, bos: int | None = None, batch_size: int = 8) -> torch.Tensor:
+    """COLA's per-sample activation vector: the mean over the window's tokens of every decoder layer's output
+    (the BOS position, when given, is fed but not averaged), each layer's mean L2-normalised, concatenated.
+    windows (n, T) -> (n, layers * hidden)"""
+    dev = next(model.parameters()).device
+    out = []
+    for b in range(0, windows.shape[0], batch_size):
+        ids = windows[b:b + batch_size]                                                    # (k, T)
+        if bos is not None:
+            ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], 1)
+        hs = model(input_ids=ids.to(dev), output_hidden_states=True, use_cache=False).hidden_states[1:]
+        means = [h[:, 0 if bos is None else 1:].float().mean(1) for h in hs]             # layers x (k, d)
+        out.append(torch.cat([m / (m.norm(dim=1, keepdim=True) + 1e-8) for m in means], 1).cpu())
+    return torch.cat(out)
+
+
+def kmeans_representatives(x: np.ndarray, k: int, seed: int, restarts: int = 10, iters: int = 300) -> list[int]:
+    """Row index of the point nearest each k-means centroid (best inertia of `restarts` k-means++ runs);
+    an empty cluster takes the nearest point not yet chosen, so exactly k distinct rows come back.  x (n, D)"""
+    import warnings
+
+    from scipy.cluster.vq import kmeans2
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(restarts):
+        with warnings.catch_warnings():            # empty clusters are handled below
+            warnings.simplefilter("ignore")
+            cent, lab = kmeans2(x, k, iter=iters, minit="++", missing="warn", seed=rng)
+        inertia = float(((x - cent[lab]) ** 2).sum())
+        if best is None or inertia < best[0]:
+            best = (inertia, cent, lab)
+    _, cent, lab = best
+    d = ((x[:, None, :] - cent[None]) ** 2).sum(-1)                                        # (n, k)
+    chosen: list[int] = []
+    for c in range(k):
+        members = np.flatnonzero(lab == c)
+        pick = members[np.argmin(d[members, c])] if members.size else None
+        if pick is None or pick in chosen:
+            free = np.setdiff1d(np.arange(x.shape[0]), chosen)
+            pick = free[np.argmin(d[free, c])]
+        chosen.append(int(pick))
+    return chosen
+
+
+def select_cola(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None,
+                bos: int | None = None, reduced_dim: int = 64, **_) -> torch.Tensor:
+    """COLA sample selection over the pool's `seqlen` windows: one representative per activation cluster.
+    # (samples, seqlen)"""
+    if model is None:
+        raise UserError("calibration.select cola needs the model to embed texts: pass model= to "
+                        "calibration_set, or choose random / zipcal-words / zipcal-coverage")
+    cand = pool_windows(texts, tokenizer, seqlen, seed, samples)                          # (n, seqlen)
+    act = window_activations(model, cand, bos)                                            # (n, D)
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(act.shape[1], reduced_dim, generator=g) / reduced_dim ** 0.5       # (D, 64)
+    x = (act @ proj).double().numpy()                                                      # (n, 64)
+    return cand[kmeans_representatives(x, samples, seed)]
+
+
 SELECTORS = {
     "random": select_random,
     "zipcal-words": select_zipcal_words,
     "zipcal-coverage": select_zipcal_coverage,
     "perplexity": select_perplexity,
+    "cola": select_cola,
 }
+MODEL_BASED = ("perplexity", "cola")     # selectors that run the model over the pool (need `model=`)

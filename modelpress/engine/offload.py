@@ -51,6 +51,10 @@ SUPPORTED = ("quantize", "prune")
 def check_recipe(recipe) -> None:
     if recipe.order != "as-written":
         raise UserError("--offload runs the stages as written: set `order: as-written` in the recipe")
+    from ..calib.select import MODEL_BASED
+    if recipe.needs_calibration and recipe.calibration.select in MODEL_BASED:
+        raise UserError(f"calibration.select {recipe.calibration.select} runs the whole model over the pool and "
+                        "cannot run with --offload: choose random, zipcal-coverage or zipcal-words")
     for name, cfg in recipe.stages:
         if name not in SUPPORTED:
             raise UserError(f"stage {name} needs the whole model in memory and cannot run with --offload "
