@@ -21,9 +21,10 @@ stages never calibrated on, as plan order does) against the measured better orde
 outside noise, the within-noise pairs counted apart; and the pick of `plan order --measured` (the order
 with the lower KL on those same calibration sequences, both orders run end to end) scored the same way.
 
-The RTN curve and every finished seed are cached (--cache, keyed by every setting but the seeds), so a
-run resumes, and seeds can run as separate processes (--no-write) before one run over all seeds renders
-the section from the cache, exactly as one process would have written it.
+The RTN curve, the original model's scores and every finished seed (with the wall time of the process that
+computed it) are cached (--cache, keyed by every setting but the seeds), so a run resumes, and seeds can run
+as separate processes (--no-write) before one run over all seeds renders the section from the cache, exactly
+as one process would have written it (the bootstrap draws its own fixed-seed resamples in every rendering).
 
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
@@ -151,16 +152,22 @@ def main() -> None:
     curve_bits = sorted({int(x) for x in a.curve_bits.split(",")} | set(bits), reverse=True)
     if a.group_size == 32 and 4 in curve_bits:
         raise SystemExit("4-bit group 32 is SmolLM2's native grid: use another group size")
-    rng = random.Random(0)
-
     cache = run_cache(a.cache, a, ("seeds", "threads", "cache", "no_write", "boot"))
     model, tok = modelpress.load(a.model)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
-    score = Scorer(model, windows)
-    base = score(model)
+    cached = {seed: json.loads((cache / f"seed{seed}.json").read_text()) for seed in seeds
+              if (cache / f"seed{seed}.json").is_file()}
+    todo = [seed for seed in seeds if seed not in cached]
+    curve_file, base_file = cache / "curve.json", cache / "original.json"
+    curve_cached = {int(b): v for b, v in json.loads(curve_file.read_text()).items()} if curve_file.is_file() else {}
+    say(f"cache {cache}: seeds {sorted(cached)} and {'the' if curve_cached else 'no'} RTN curve cached")
+    render_only = not todo and set(curve_bits) <= set(curve_cached) and base_file.is_file()
+    score = None if render_only else Scorer(model, windows)      # the reference log-probs: minutes on a 0.5B LM
+    base = json.loads(base_file.read_text()) if base_file.is_file() else score(model)
+    atomic_write_text(base_file, json.dumps(base))
     say(f"original: ppl {base['ppl']:.3f}")
     calibs, planners = {}, {}
-    for seed in seeds:
+    for seed in todo:
         full = modelpress.calibration_set(tok, "wiki", samples=a.samples + a.plan_windows, seqlen=a.seqlen, seed=seed)
         calibs[seed] = CalibrationSet(full.input_ids[:a.samples], full.attention_mask[:a.samples], full.provenance)
         planners[seed] = Scorer(model, full.input_ids[a.samples:])         # never calibrated on
@@ -176,12 +183,6 @@ def main() -> None:
 
     curve, pcurve, quantized = {}, {seed: {} for seed in seeds}, {}      # RTN: the yardstick of eq. bits
     qname = a.quant.upper()
-    cached = {seed: json.loads((cache / f"seed{seed}.json").read_text()) for seed in seeds
-              if (cache / f"seed{seed}.json").is_file()}
-    todo = [seed for seed in seeds if seed not in cached]
-    curve_file = cache / "curve.json"
-    curve_cached = {int(b): v for b, v in json.loads(curve_file.read_text()).items()} if curve_file.is_file() else {}
-    say(f"cache {cache}: seeds {sorted(cached)} and {'the' if curve_cached else 'no'} RTN curve cached")
     for b in curve_bits:
         if b in curve_cached and not todo:
             curve[b] = curve_cached[b]
@@ -215,6 +216,7 @@ def main() -> None:
 
     def report(done: list[int]) -> None:
         """Tables, verdicts and (unless --no-write) the BENCHMARKS.md section over the seeds done so far."""
+        rng = random.Random(0)                 # the same resamples however many reports ran before
         rows, gaps, advs, outcomes = [], [], [], []
         for s in sparsities:
             for b in bits:
@@ -316,14 +318,19 @@ def main() -> None:
                 "contains 0. Reduced scope (2-core CPU shared by the team): one LM, Wanda only (SparseGPT cannot run "
                 f"after quantization), {qname} only (the other quantizer is its own run), small calibration and "
                 "evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
-                f"\n\nTotal time {time.perf_counter() - T0:.0f} s ({a.threads} thread).")
+                f"\n\nTime: {time.perf_counter() - T0:.0f} s for this invocation ({a.threads} thread); seeds: "
+                + ", ".join(f"{sd_}: {seconds[sd_]:.0f} s" if sd_ in seconds else f"{sd_}: not recorded" for sd_ in done)
+                + " (each seed's computation when it ran; a process's first seed includes loading the model and "
+                "scoring the original and the RTN curve).")
         if not a.no_write:
             write_section("Compression order (plan order)" + ("" if a.quant == "rtn" else ": GPTQ")
                           + ("" if a.model == "smollm2" else f": {model_label(a.model)}"),
                           "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
 
     single, p_single, res = {}, {}, {}
+    seconds = {seed: c["seconds"] for seed, c in cached.items() if "seconds" in c}
     done: list[int] = []
+    t_prev = T0                             # a seed's time: since the previous one (the first: since start)
     for seed in seeds:
         if seed in cached:                     # a finished seed: its rows, exactly as that run measured them
             c = cached[seed]
@@ -335,7 +342,6 @@ def main() -> None:
             for b in bits:
                 q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
             done.append(seed)
-            report(done)
             continue
         for s in sparsities:
             for j, b in enumerate(bits):       # one model copy at a time (a 0.5B run was OOM-killed holding three):
@@ -360,13 +366,17 @@ def main() -> None:
                 res[s, b, seed] = (r_pq, r_qp)
                 say(f"  x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl {r_qp['ppl']:.3f} "
                     f"KL {r_qp['kl']:.4f}")
+        seconds[seed], t_prev = time.perf_counter() - t_prev, time.perf_counter()
         atomic_write_text(cache / f"seed{seed}.json", json.dumps({
             "pcurve": pcurve[seed], "single": {str(s): single[s, seed] for s in sparsities},
             "p_single": {str(s): p_single[s, seed] for s in sparsities},
             "res": {f"{s}|{b}": res[s, b, seed] for s in sparsities for b in bits},
-            "q_single": {str(b): q_single[b, seed] for b in bits}, "q_plan": {str(b): q_plan[b, seed] for b in bits}}))
+            "q_single": {str(b): q_single[b, seed] for b in bits}, "q_plan": {str(b): q_plan[b, seed] for b in bits},
+            "seconds": seconds[seed]}))
         done.append(seed)
-        report(done)                # after every seed: a run cut short still leaves its completed seeds
+        report(done)                # after every computed seed: a run cut short still leaves its completed seeds
+    if seeds[-1] in cached:                 # only cached seeds since the last report: render once
+        report(done)
 
 
 if __name__ == "__main__":
