@@ -280,7 +280,7 @@ def test_kmeans_representatives_one_per_blob():
     assert len(set(rows)) == 3
 
 
-def test_cola_picks_one_window_per_activation_cluster(tok, tiny_lm):
+def test_cola_picks_one_window_per_activation_cluster(tok, tiny_lm, caplog):
     with pytest.raises(UserError, match="needs the model"):
         S.select_cola(["a b c"], tok, samples=1, seqlen=4, seed=0)
     # four kinds of document with disjoint vocabularies, in unbalanced amounts: COLA's k-means over the
@@ -303,8 +303,11 @@ def test_cola_picks_one_window_per_activation_cluster(tok, tiny_lm):
     act = S.window_activations(tiny_lm, cand[:3], bos=0)                        # (3, layers * hidden)
     assert act.shape == (3, 2 * 32)
     torch.testing.assert_close(act.reshape(3, 2, 32).norm(dim=-1), torch.ones(3, 2))
+    caplog.set_level("INFO", logger="modelpress")
     c = calibration_set(tok, texts, "cola", samples=4, seqlen=24, seed=1, model=tiny_lm)
     assert c.input_ids.shape == (4, 24) and c.provenance["select"] == "cola"
+    n = S.pool_windows(texts, tok, 24, 1, 4).shape[0]                             # progress, also off a terminal
+    assert f"calibration.select cola: windows embedded: {n}/{n}" in caplog.text
 
 
 def test_model_based_selectors_cannot_stream():

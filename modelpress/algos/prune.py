@@ -129,10 +129,13 @@ def wanda_mask(w: Tensor, x_sq_norm: Tensor, sparsity: float | Tensor, pattern: 
 
 def sparsegpt(W: Tensor, H: Tensor, sparsity: float | Tensor, pattern: str = "unstructured", blocksize: int = 128,
               percdamp: float = 0.01, bits: int | None = None, group_size: int | None = None,
-              sym: bool = False) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+              sym: bool = False, grid: tuple[Tensor, Tensor] | None = None
+              ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
     """SparseGPT: prune W (rows, cols) with OBS updates of the surviving weights, mask chosen per block
     by w^2 / [H^-1]_jj^2. With bits set, survivors are quantized jointly (group parameters from the
-    current surviving weights). Returns (W_hat float32, keep mask, (codes, scales, zeros) or None).
+    current surviving weights; with `grid` = fixed (scales, zeros) (rows, n_groups), on that grid instead:
+    pruning a weight that is already quantized keeps its format). Returns (W_hat float32, keep mask,
+    (codes, scales, zeros) or None).
     sparsity may be a block spec (R, G): each block's share of a column block of the adaptive mask is
     pruned by its own threshold (round(entries * S[r, g]) per intersection of block and column block)."""
     rows, cols = W.shape
@@ -156,7 +159,11 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float | Tensor, pattern: str = "un
     QT = torch.zeros(cols, rows, dtype=torch.uint8, device=W.device) if bits else None
     S = torch.zeros(rows, quant.n_groups(cols, group_size), device=W.device) if bits else None
     Z = torch.zeros_like(S) if bits else None
-    if bits is not None and group_size is None:   # per-channel: one range per row, from the whole row
+    if grid is not None:
+        if bits is None or grid[0].shape != S.shape or grid[1].shape != S.shape:
+            raise ValueError(f"grid needs bits and (scales, zeros) of shape {tuple(S.shape) if bits else '?'}")
+        S.copy_(grid[0]), Z.copy_(grid[1])
+    elif bits is not None and group_size is None:  # per-channel: one range per row, from the whole row
         S[:, 0], Z[:, 0] = quant.scale_zero(WT.t(), bits, sym)
     sub = next((b for b in (32, 16, 8, 4, 2, 1) if (bits is None or group_size is None or gs % b == 0)
                 and (nm is None or b % nm[1] == 0)), blocksize)
@@ -187,7 +194,7 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float | Tensor, pattern: str = "un
                             K1[i:i + m] = _nm_keep(score.t(), n, m).t()
                         w, k = Wr[i], Kr[i]
                         col = i1 + i
-                        if group_size is not None and col % gs == 0:
+                        if grid is None and group_size is not None and col % gs == 0:
                             g_end = min(i + gs, i2 - i1)
                             s, z = quant.scale_zero((W1[i:g_end] * K1[i:g_end]).t(), bits, sym)
                             S[:, col // gs], Z[:, col // gs] = s, z

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..progress import bar
 
 SEARCH_POOL = 2000             # zipcal-coverage: candidates scored per greedy round (the authors' constant)
 
@@ -245,13 +246,15 @@ def sentence_log_perplexity(model, sent_ids: list[list[int]], batch_size: int = 
     for i, s in enumerate(sent_ids):
         if len(s) >= 2:
             by_len.setdefault(len(s), []).append(i)
-    for L, idx in by_len.items():
-        for b in range(0, len(idx), batch_size):
-            rows = idx[b:b + batch_size]
-            ids = torch.tensor([sent_ids[i] for i in rows], dtype=torch.long, device=dev)     # (k, L)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            out[rows] = nll.mean(1).cpu()
+    with bar("calibration.select perplexity: sentences scored", sum(map(len, by_len.values()))) as advance:
+        for L, idx in by_len.items():
+            for b in range(0, len(idx), batch_size):
+                rows = idx[b:b + batch_size]
+                ids = torch.tensor([sent_ids[i] for i in rows], dtype=torch.long, device=dev)     # (k, L)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+                out[rows] = nll.mean(1).cpu()
+                advance(len(rows))
     return out
 
 
@@ -281,13 +284,15 @@ def window_activations(model, windows: torch.Tensor, bos: int | None = None, bat
     windows (n, T) -> (n, layers * hidden)"""
     dev = next(model.parameters()).device
     out = []
-    for b in range(0, windows.shape[0], batch_size):
-        ids = windows[b:b + batch_size]                                                    # (k, T)
-        if bos is not None:
-            ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], 1)
-        hs = model(input_ids=ids.to(dev), output_hidden_states=True, use_cache=False).hidden_states[1:]
-        means = [h[:, 0 if bos is None else 1:].float().mean(1) for h in hs]             # layers x (k, d)
-        out.append(torch.cat([m / (m.norm(dim=1, keepdim=True) + 1e-8) for m in means], 1).cpu())
+    with bar("calibration.select cola: windows embedded", windows.shape[0]) as advance:
+        for b in range(0, windows.shape[0], batch_size):
+            ids = windows[b:b + batch_size]                                                # (k, T)
+            if bos is not None:
+                ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], 1)
+            hs = model(input_ids=ids.to(dev), output_hidden_states=True, use_cache=False).hidden_states[1:]
+            means = [h[:, 0 if bos is None else 1:].float().mean(1) for h in hs]         # layers x (k, d)
+            out.append(torch.cat([m / (m.norm(dim=1, keepdim=True) + 1e-8) for m in means], 1).cpu())
+            advance(ids.shape[0])
     return torch.cat(out)
 
 

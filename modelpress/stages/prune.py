@@ -1,6 +1,8 @@
 """Stage `prune`: magnitude, Wanda (arXiv 2306.11695) or SparseGPT (arXiv 2301.00774), unstructured
 or N:M; SparseGPT can quantize the survivors jointly (bits set). Pruning a quantized layer
-(quantize-then-prune) masks its dequantized weights so pruned weights are exactly zero.
+(quantize-then-prune) masks its dequantized weights so pruned weights are exactly zero; with SparseGPT the
+surviving weights also take the OBS update, snapped back onto the layer's own grid (its scales and zero
+points are kept: the layer stays the same QuantLinear, with fewer weights).
 
 `budget: capability` plans one sparsity per attention head and MLP ("Capability-Guided Compression", arXiv
 2603.16440) and applies each head's sparsity to its own weights: block masks inside q/k/v (row groups) and
@@ -104,10 +106,21 @@ class Prune:
         sp = self.sparsity if spec is None else spec
         _check.plain_or("prune", name, lin, (SparseLinear, QuantLinear))
         W = lin.weight.detach().float()       # may alias lin.weight: read before any in-place write
+        if self.method == "sparsegpt" and stat is not None and isinstance(lin, QuantLinear):
+            # after quantize: the OBS updates of the survivors snap to the layer's own grid (its scales and
+            # zero points), so the layer stays the QuantLinear it was, with fewer weights
+            if lin.fmt is not None or getattr(lin, "bits_map", None) is not None or self.bits:
+                raise UserError(f"prune.method sparsegpt after quantize needs {name} on one int grid (no k-quant "
+                                "format, no mixed widths) and no prune.bits: put prune before quantize")
+            old = lin.keep
+            _, keep, (q, S, Z) = P.sparsegpt(W, stat, sp, self.pattern, self.block_size, self.damp, lin.bits,
+                                             lin.group_size, lin.sym, grid=(lin.scale.float(), lin.zero.float()))
+            keep = keep if old is None else keep & old.to(keep.device)
+            W_hat = quant.dequantize_groups(q, S, Z, lin.group_size, keep).to(lin.weight.dtype)
+            info = {"sparsity": P.sparsity(W_hat), "sqnr": quant.sqnr(W, W_hat.float())}   # before in-place
+            new = QuantLinear.build(lin, q, S, Z, lin.bits, lin.group_size, lin.sym, keep, W_hat, in_place)
+            return new, {"kind": "QuantLinear", **info}
         if self.method == "sparsegpt" and stat is not None:
-            if isinstance(lin, QuantLinear):
-                raise UserError(f"prune.method sparsegpt cannot update the quantized {name}: put prune before "
-                                "quantize, or use wanda/magnitude after quantize")
             W_hat, keep, qparams = P.sparsegpt(W, stat, sp, self.pattern, self.block_size, self.damp,
                                                self.bits, self.group_size, self.sym)
             if qparams is not None:
