@@ -3,7 +3,8 @@ Progressive Intensity Hypothesis states it ("Prune-then-Quantize or Quantize-the
 arXiv 2603.18426): applying the weaker perturbation first is better, and (Theorem 2) the advantage grows
 with the intensity gap.
 
-Pairs: pruners (--pruners: Wanda at sparsities, and Wanda 2:4; default Wanda {0.3, 0.5}) x quantizer
+Pairs: pruners (--pruners: Wanda at sparsities or N:M patterns, e.g. 0.5 or 2:4; SparseGPT as sparsegpt:0.5
+or sparsegpt:2:4 -- after quantization its OBS updates snap to the quantized grid; default Wanda {0.3, 0.5}) x quantizer
 (--quant: RTN, or GPTQ, which calibrates per seed) x bits (default {w3, w4}; group 64, asymmetric; never
 4-bit group 32, SmolLM2's native grid), both orders, over calibration seeds (each seed draws its own
 Wikipedia calibration sample). Scored on fixed held-out Wikipedia windows: perplexity and KL to the
@@ -29,11 +30,10 @@ as one process would have written it (the bootstrap draws its own fixed-seed res
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
 
-SparseGPT is left out because its
-OBS update cannot run on quantized weights (the prune stage refuses quantize-then-SparseGPT), so the
-pair would have one order only. Joint semantics are the stages' own: prune-then-quantize takes scales
-from the surviving weights, quantize-then-prune masks the dequantized weights (Wanda statistics taken on
-the quantized model)."""
+Joint semantics are the stages' own: prune-then-quantize takes scales from the surviving weights;
+quantize-then-prune masks the dequantized weights (Wanda and SparseGPT statistics taken on the quantized
+model), and SparseGPT's OBS updates of the survivors are snapped back onto the quantized grid (its scales
+kept), so both orders end in the same format."""
 from __future__ import annotations
 
 import argparse
@@ -126,16 +126,29 @@ def pair_boot_rho(gaps: list[float], advs: list[float], reps: int, rng: random.R
     return (vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]) if vals else (math.nan, math.nan)
 
 
+def split_pruner(key: str) -> tuple[str, str]:
+    """"sparsegpt:2:4" -> ("sparsegpt", "2:4"); "0.5" -> ("wanda", "0.5")."""
+    return ("sparsegpt", key[len("sparsegpt:"):]) if key.startswith("sparsegpt:") else ("wanda", key)
+
+
+def pruner_key(token: str) -> str:
+    """The canonical key of a --pruners item (also the cache's): sparsities as str(float), so "0.50" is "0.5"."""
+    method, v = split_pruner(token.strip())
+    v = v if ":" in v else str(float(v))
+    return v if method == "wanda" else f"sparsegpt:{v}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (default) or an HF folder (smoke tests)")
-    ap.add_argument("--pruners", default="0.3,0.5", help="comma list: Wanda sparsities and/or N:M patterns (2:4)")
+    ap.add_argument("--pruners", default="0.3,0.5",
+                    help="comma list: Wanda sparsities and/or N:M patterns (2:4); sparsegpt:0.5, sparsegpt:2:4")
     ap.add_argument("--quant", default="rtn", choices=("rtn", "gptq"))
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--seeds", default="0,1,2", help="calibration seeds")
     ap.add_argument("--curve-bits", default="8,6,4,3,2")
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=16, help="calibration samples (Wanda)")
+    ap.add_argument("--samples", type=int, default=16, help="calibration samples (pruner; GPTQ)")
     ap.add_argument("--seqlen", type=int, default=256, help="calibration tokens per sample")
     ap.add_argument("--plan-windows", type=int, default=4, help="extra calibration sequences the planner scores")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows")
@@ -146,7 +159,7 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    sparsities = [x if ":" in x else float(x) for x in a.pruners.split(",")]     # pruner keys: 0.5 or "2:4"
+    sparsities = [pruner_key(x) for x in a.pruners.split(",")]      # "0.5", "2:4", "sparsegpt:0.5", ...
     bits = [int(x) for x in a.bits.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
     curve_bits = sorted({int(x) for x in a.curve_bits.split(",")} | set(bits), reverse=True)
@@ -176,10 +189,12 @@ def main() -> None:
         return Quantize(method=method, bits=b, group_size=a.group_size, sym=False)
 
     def prune(s):
-        return Prune(method="wanda", pattern=s) if isinstance(s, str) else Prune(method="wanda", sparsity=s)
+        method, v = split_pruner(s)
+        return Prune(method=method, pattern=v) if ":" in v else Prune(method=method, sparsity=float(v))
 
     def pname(s):
-        return f"Wanda {s}" if isinstance(s, str) else f"Wanda {s:.0%}"
+        method, v = split_pruner(s)
+        return f"{'Wanda' if method == 'wanda' else 'SparseGPT'} {v if ':' in v else format(float(v), '.0%')}"
 
     curve, pcurve, quantized = {}, {seed: {} for seed in seeds}, {}      # RTN: the yardstick of eq. bits
     qname = a.quant.upper()
@@ -305,7 +320,7 @@ def main() -> None:
                    f"{prune_first} of {len(clear)} pairs outside noise, whichever stage is weaker.\n\n"
                    f"Original perplexity {base['ppl']:.3f}.")
         print(curve_tbl, "\n\n", tbl, "\n\n", summary, sep="")
-        body = (f"{model_label(a.model)}, Wanda ({', '.join(pname(s) for s in sparsities)}) x {qname} (asymmetric, "
+        body = (f"{model_label(a.model)}, {', '.join(pname(s) for s in sparsities)} x {qname} (asymmetric, "
                 f"{', '.join(f'w{b}' for b in bits)}), seeds {', '.join(map(str, done))}"
                 + ("" if len(done) == len(seeds) else f" (completed {len(done)} of the {len(seeds)} planned: "
                    f"{', '.join(map(str, seeds))}; the run was cut short)") + " "
@@ -315,9 +330,9 @@ def main() -> None:
                 "mean over seeds); fewer bits = stronger. Advantage = (KL stronger-first - KL weaker-first) / KL "
                 "weaker-first: positive means the hypothesis holds; mean +- sd over seeds, and a 95 % interval from "
                 "resampling evaluation windows. Better order: 'inside noise' when |mean| <= 2 sd or the window interval "
-                "contains 0. Reduced scope (2-core CPU shared by the team): one LM, Wanda only (SparseGPT cannot run "
-                f"after quantization), {qname} only (the other quantizer is its own run), small calibration and "
-                "evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
+                "contains 0. SparseGPT after quantization: its OBS updates of the surviving weights are snapped to the "
+                "quantized grid (modelpress's prune stage). Reduced scope (2-core CPU shared by the team): one LM per "
+                f"section, {qname} only (the other quantizer is its own run), small calibration and evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
                 f"\n\nTime: {time.perf_counter() - T0:.0f} s for this invocation ({a.threads} thread); seeds: "
                 + ", ".join(f"{sd_}: {seconds[sd_]:.0f} s" if sd_ in seconds else f"{sd_}: not recorded" for sd_ in done)
                 + " (each seed's computation when it ran; a process's first seed includes loading the model and "
@@ -336,7 +351,7 @@ def main() -> None:
             c = cached[seed]
             pcurve[seed] = {int(b): v for b, v in c["pcurve"].items()}
             for s in sparsities:
-                single[s, seed], p_single[s, seed] = c["single"][str(s)], c["p_single"][str(s)]
+                single[s, seed], p_single[s, seed] = c["single"][s], c["p_single"][s]
                 for b in bits:
                     res[s, b, seed] = tuple(c["res"][f"{s}|{b}"])
             for b in bits:
@@ -345,7 +360,7 @@ def main() -> None:
             continue
         for s in sparsities:
             for j, b in enumerate(bits):       # one model copy at a time (a 0.5B run was OOM-killed holding three):
-                pm = copy.deepcopy(model)      # the pruned model is rebuilt per width (Wanda is deterministic)
+                pm = copy.deepcopy(model)      # the pruned model is rebuilt per width (pruning is deterministic)
                 prune(s).apply(pm, calibs[seed])
                 if j == 0:
                     single[s, seed] = score(pm)
@@ -368,8 +383,8 @@ def main() -> None:
                     f"KL {r_qp['kl']:.4f}")
         seconds[seed], t_prev = time.perf_counter() - t_prev, time.perf_counter()
         atomic_write_text(cache / f"seed{seed}.json", json.dumps({
-            "pcurve": pcurve[seed], "single": {str(s): single[s, seed] for s in sparsities},
-            "p_single": {str(s): p_single[s, seed] for s in sparsities},
+            "pcurve": pcurve[seed], "single": {s: single[s, seed] for s in sparsities},
+            "p_single": {s: p_single[s, seed] for s in sparsities},
             "res": {f"{s}|{b}": res[s, b, seed] for s in sparsities for b in bits},
             "q_single": {str(b): q_single[b, seed] for b in bits}, "q_plan": {str(b): q_plan[b, seed] for b in bits},
             "seconds": seconds[seed]}))
