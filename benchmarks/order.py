@@ -338,7 +338,11 @@ def main() -> None:
                 + " (each seed's computation when it ran; a process's first seed includes loading the model and "
                 "scoring the original and the RTN curve).")
         if not a.no_write:
-            write_section("Compression order (plan order)" + ("" if a.quant == "rtn" else ": GPTQ")
+            methods = {split_pruner(s)[0] for s in sparsities}
+            tag = " x ".join(([] if methods == {"wanda"} else ["SparseGPT" if methods == {"sparsegpt"} else
+                                                                 "Wanda and SparseGPT"])
+                             + ([] if a.quant == "rtn" else ["GPTQ"]))
+            write_section("Compression order (plan order)" + (f": {tag}" if tag else "")
                           + ("" if a.model == "smollm2" else f": {model_label(a.model)}"),
                           "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
 
