@@ -497,12 +497,12 @@ def test_plan_joint_scores_every_order_end_to_end():
 
 def test_joint_confidence_inside_and_outside_noise():
     from modelpress.plan.order import JointPlan
-    names = ("prune: a", "quantize: b")
-    clear = JointPlan("KL", names, ((0, 1), (1, 0)), ((1.0, 1.1, 0.9), (1.5, 1.6, 1.45)))
+    names = ("prune", "quantize"), ("a", "b")
+    clear = JointPlan("KL", *names, ((0, 1), (1, 0)), ((1.0, 1.1, 0.9), (1.5, 1.6, 1.45)))
     c = clear.confidence()
     assert clear.order == (0, 1) and c["verdict"] == "outside noise" and c["agree"] == 3
     assert c["diff"] == pytest.approx((0.5 + 0.5 + 0.55) / 3)
-    noisy = JointPlan("KL", names, ((0, 1), (1, 0)), ((1.0, 1.3, 0.9), (1.1, 1.0, 1.2)))
+    noisy = JointPlan("KL", *names, ((0, 1), (1, 0)), ((1.0, 1.3, 0.9), (1.1, 1.0, 1.2)))
     assert noisy.order == (0, 1) and noisy.confidence()["verdict"] == "inside noise"
     assert "not told apart" in noisy.table()
 

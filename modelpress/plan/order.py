@@ -245,7 +245,8 @@ def plan_order(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module
 class JointPlan:
     """Every order of the recipe's stages run end to end on copies, scored by the same metric."""
     metric: str
-    names: tuple[str, ...]                        # "name: describe" per stage, recipe order
+    names: tuple[str, ...]                        # stage name per stage, recipe order
+    described: tuple[str, ...]                    # its config's describe() (the name if none)
     orders: tuple[tuple[int, ...], ...]           # every permutation tried (recipe indices)
     losses: tuple[tuple[float, ...], ...]         # per order, per repeat
 
@@ -268,13 +269,14 @@ class JointPlan:
                 "agree": sum(x > 0 for x in d), "verdict": verdict}
 
     def table(self) -> str:
-        arrow = lambda o: " -> ".join(self.names[i].split(":")[0] for i in o)
+        arrow = lambda o: " -> ".join(self.names[i] for i in o)
         lines = [f"{'order':<40} {self.metric + ' (mean)':>12}  per repeat"]
         for o, ls in sorted(zip(self.orders, self.losses), key=lambda p: sum(p[1]) / len(p[1])):
             lines.append(f"{arrow(o):<40} {sum(ls) / len(ls):>12.5g}  " + ", ".join(f"{x:.4g}" for x in ls))
         c = self.confidence()
         sd = f" +- {c['sd']:.3g}" if c["n"] > 1 else ""
-        lines.append(f"measured best: {arrow(c['best'])} (stages: " + "; ".join(self.names) + ")")
+        lines.append(f"measured best: {arrow(c['best'])} (stages: "
+                     + "; ".join(f"{n}: {d}" for n, d in zip(self.names, self.described)) + ")")
         lines.append(f"runner-up {arrow(c['second'])} loses {c['diff']:.3g}{sd} {self.metric} over {c['n']} "
                      f"repeat(s), {c['agree']}/{c['n']} agree: {c['verdict']}"
                      + (" -- the orders are not told apart by the measurement" if c["verdict"] == "inside noise"
@@ -308,8 +310,9 @@ def plan_joint(model: nn.Module, recipe, calib=None, metric: Callable[[nn.Module
             del m
             log.info("order %d/%d, repeat %d/%d: %s %s %.5g", k + 1, len(orders), r + 1, repeats,
                      " -> ".join(stages[i][0] for i in o), name, losses[k][-1])
-    names = tuple(f"{n}: {c.describe() if hasattr(c, 'describe') else n}" for n, c in stages)
-    return JointPlan(name, names, orders, tuple(tuple(x) for x in losses))
+    return JointPlan(name, tuple(n for n, _ in stages),
+                     tuple(c.describe() if hasattr(c, "describe") else n for n, c in stages),
+                     orders, tuple(tuple(x) for x in losses))
 
 
 def order_stages(model: nn.Module, recipe, calib=None) -> tuple:
