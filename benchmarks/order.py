@@ -209,7 +209,7 @@ def main() -> None:
         method, v = split_pruner(s)
         return f"{'Wanda' if method == 'wanda' else 'SparseGPT'} {v if ':' in v else format(float(v), '.0%')}"
 
-    curve, pcurve, quantized = {}, {seed: {} for seed in seeds}, {}      # RTN: the yardstick of eq. bits
+    curve, pcurve = {}, {seed: {} for seed in seeds}                    # RTN: the yardstick of eq. bits
     qname = a.quant.upper()
     for b in curve_bits:
         if b in curve_cached and not todo:
@@ -225,18 +225,6 @@ def main() -> None:
                                                # model's copies and reference log-probs are ~2.5 GB each)
     atomic_write_text(curve_file, json.dumps(curve))
     q_single, q_plan = {}, {}                  # (bits, seed) -> the quantizer alone: held-out score, planner KL
-    for b in bits:
-        for seed in todo:
-            if a.quant == "gptq":
-                m = copy.deepcopy(model)
-                quant(b, "gptq").apply(m, calibs[seed])
-                quantized[b, seed] = m
-                q_single[b, seed] = score(m)
-                say(f"GPTQ w{b} seed {seed}: ppl {q_single[b, seed]['ppl']:.3f} KL {q_single[b, seed]['kl']:.4f}")
-            else:
-                q_single[b, seed] = curve[b]
-            q_plan[b, seed] = (planners[seed](quantized[b, seed])["kl"] if a.quant == "gptq" else
-                               pcurve[seed][b])             # the planner's KL of the same RTN model
     cb, ck = list(curve), [curve[b]["kl"] for b in curve]
 
     def eb(kl):
@@ -375,8 +363,15 @@ def main() -> None:
                 q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
             done.append(seed)
             continue
-        for s in sparsities:
-            for j, b in enumerate(bits):       # one model copy at a time (a 0.5B run was OOM-killed holding three):
+        for j, b in enumerate(bits):           # one quantized and one pruned copy at a time (memory: a 0.5B
+            if a.quant == "gptq":              # run was OOM-killed holding three, a GPTQ one held six)
+                qm = copy.deepcopy(model)
+                quant(b, "gptq").apply(qm, calibs[seed])
+                q_single[b, seed], q_plan[b, seed] = score(qm), planners[seed](qm)["kl"]
+                say(f"GPTQ w{b} seed {seed}: ppl {q_single[b, seed]['ppl']:.3f} KL {q_single[b, seed]['kl']:.4f}")
+            else:                              # RTN needs no data: the curve's model, the planner's KL of it
+                qm, q_single[b, seed], q_plan[b, seed] = None, curve[b], pcurve[seed][b]
+            for s in sparsities:
                 pm = copy.deepcopy(model)      # the pruned model is rebuilt per width (pruning is deterministic)
                 prune(s).apply(pm, calibs[seed])
                 if j == 0:
@@ -387,8 +382,8 @@ def main() -> None:
                 quant(b, a.quant).apply(pm, calibs[seed])                       # P->Q, in place
                 r_pq = dict(score(pm), plan_kl=planners[seed](pm)["kl"])        # plan_kl: what --measured sees
                 del pm
-                if a.quant == "gptq":
-                    qp = copy.deepcopy(quantized[b, seed])
+                if qm is not None:
+                    qp = copy.deepcopy(qm)
                 else:
                     qp = copy.deepcopy(model)
                     quant(b).apply(qp)
@@ -396,8 +391,9 @@ def main() -> None:
                 r_qp = dict(score(qp), plan_kl=planners[seed](qp)["kl"])
                 del qp
                 res[s, b, seed] = (r_pq, r_qp)
-                say(f"  x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl {r_qp['ppl']:.3f} "
-                    f"KL {r_qp['kl']:.4f}")
+                say(f"  {pname(s)} x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl "
+                    f"{r_qp['ppl']:.3f} KL {r_qp['kl']:.4f}")
+            del qm
         seconds[seed], t_prev = time.perf_counter() - t_prev, time.perf_counter()
         atomic_write_text(cache / f"seed{seed}.json", json.dumps({
             "pcurve": pcurve[seed], "single": {s: single[s, seed] for s in sparsities},
