@@ -19,7 +19,7 @@ against the best other allocator of each setting (lowest mean perplexity), paire
 importance over attention heads per seed (the paper: rho = -0.054 over GPT-2 Medium's 384 heads) and the
 SAEs' reconstruction error.
 
-Each finished seed, and within a seed each finished setting, is cached (--cache, keyed by every setting
+Each finished seed, and within a seed each finished (setting, allocator) row, is cached (--cache, keyed by every setting
 but the seeds), so a run cut short resumes, and seeds can run in separate processes; a run whose seeds
 are all cached only renders the section. A model other than SmolLM2 writes its own section (": <model>").
 
@@ -113,8 +113,9 @@ def label(setting: tuple[str, float]) -> str:
 def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list[tuple[str, float]],
              partial: Path) -> dict:
     """Every (setting, allocator) on one calibration seed: {"rows": {setting: {allocator: metrics}}, ...}.
-    Each finished setting is saved to `partial` and skipped when the seed is run again (a measurement that
-    later settings reuse is then taken again: the plans are deterministic, so the rows are the same)."""
+    Each finished (setting, allocator) row is saved to `partial` and skipped when the seed is run again (a
+    measurement that later rows reuse is then taken again: the plans are deterministic, so the rows are the
+    same); `seconds` sums the time of the rows and brackets that were saved."""
     calib = modelpress.calibration_set(tok, "wiki", samples=a.samples, seqlen=a.seqlen, seed=seed)
     sae_cfg = SAEConfig(steps=a.sae_steps, expansion=a.sae_expansion)
     measured: dict[str, tuple[object, float]] = {}          # allocator -> (plan, seconds to measure its scores)
@@ -124,13 +125,15 @@ def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list
         if label(setting) in out["done"]:
             say(f"seed {seed} {label(setting)}: cached")
             continue
-        t_setting = time.perf_counter()
         name, mean = setting
         kind = "bits" if name == "gptq" else "sparsity"
         bound = {"lo": a.bit_lo, "hi": a.bit_hi} if kind == "bits" else {}
         spread = a.bit_spread if kind == "bits" else a.spread
         rows = out["rows"].setdefault(label(setting), {})
         for meth in methods:
+            if meth in rows:
+                say(f"seed {seed} {label(setting)} {meth}: cached")
+                continue
             t = time.perf_counter()
             if meth in measured and meth != "sensitivity":
                 plan = replan(measured[meth][0], mean, kind, spread, **bound)
@@ -172,7 +175,10 @@ def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list
                               "mlp": statistics.fmean(c.metrics["nmse"] for c in mlps)}
                 out["shape"] = [len(heads), len(mlps), int(heads[0].metrics["features"]),
                                 int(mlps[0].metrics["features"])]
+            out["seconds"] += time.perf_counter() - t
+            atomic_write_text(partial, json.dumps(out))             # a cut run keeps its finished rows
         if kind == "bits":                                  # the uniform brackets: every linear at lo / hi bits
+            t = time.perf_counter()
             for b in (int(a.bit_lo), int(a.bit_hi)):
                 m = copy.deepcopy(model)
                 Quantize(method="gptq", bits=b, group_size=a.group_size, sym=False).apply(m, calib)
@@ -180,8 +186,8 @@ def run_seed(a, model, tok, score, seed: int, methods: list[str], settings: list
                 del m
                 out["refs"][f"uniform w{b}"] = {"ppl": r["ppl"], "top1": r["top1"], "kl": r["kl"]}
                 say(f"seed {seed} GPTQ w{b} g{a.group_size}: ppl {r['ppl']:.3f}, top-1 {r['top1']:.4f}")
+            out["seconds"] += time.perf_counter() - t
         out["done"].append(label(setting))
-        out["seconds"] += time.perf_counter() - t_setting
         atomic_write_text(partial, json.dumps(out))
     return out
 

@@ -296,17 +296,19 @@ def test_cola_picks_one_window_per_activation_cluster(tok, tiny_lm, caplog):
     for seed in range(3):
         ids = S.select_cola(texts, tok, samples=4, seqlen=24, seed=seed, model=tiny_lm)
         assert ids.shape == (4, 24)
-        cand = S.pool_windows(texts, tok, 24, seed, 4)
+        cand = S.pool_windows(texts, tok, 24, None, 4)                           # seed-free candidates
         assert all(any(torch.equal(r, c) for c in cand) for r in ids)          # whole windows of the pool
         assert sorted(kind(r) for r in ids) == [0, 1, 2, 3]
     assert torch.equal(ids, S.select_cola(texts, tok, samples=4, seqlen=24, seed=2, model=tiny_lm))
+    act = S.window_activations(tiny_lm, cand)                                   # the parts the benchmark reuses
+    assert torch.equal(ids, cand[S.cola_pick(act, 4, 2)])
     act = S.window_activations(tiny_lm, cand[:3], bos=0)                        # (3, layers * hidden)
     assert act.shape == (3, 2 * 32)
     torch.testing.assert_close(act.reshape(3, 2, 32).norm(dim=-1), torch.ones(3, 2))
     caplog.set_level("INFO", logger="modelpress")
     c = calibration_set(tok, texts, "cola", samples=4, seqlen=24, seed=1, model=tiny_lm)
     assert c.input_ids.shape == (4, 24) and c.provenance["select"] == "cola"
-    n = S.pool_windows(texts, tok, 24, 1, 4).shape[0]                             # progress, also off a terminal
+    n = cand.shape[0]                                                             # progress, also off a terminal
     assert f"calibration.select cola: windows embedded: {n}/{n}" in caplog.text
 
 

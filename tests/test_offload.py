@@ -20,6 +20,8 @@ CASES = {
                                         {"quantize": {"method": "rtn", "bits": 4, "group_size": 32, "exclude": []}}],
     "rtn-lm_head-then-magnitude": [{"quantize": {"method": "rtn", "bits": 8, "group_size": 32, "exclude": []}},
                                    {"prune": {"method": "magnitude", "sparsity": 0.25, "exclude": []}}],
+    "rtn-then-sparsegpt": [{"quantize": {"method": "rtn", "bits": 4, "group_size": 32}},
+                           {"prune": {"method": "sparsegpt", "sparsity": 0.5}}],
     "gptq-layer-0-only": [{"quantize": {"method": "gptq", "bits": 8, "group_size": None,
                                         "include": [r"layers\.0\."]}}],
 }

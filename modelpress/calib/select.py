@@ -34,8 +34,10 @@ model-free samplers, both here, as the authors' code does them:
     its tokens of each decoder layer's output, L2-normalised per layer and concatenated; a Gaussian random
     projection (N(0, 1/64)) takes it to 64 dimensions; k-means with k = `samples` (best of 10 k-means++
     restarts, as their sklearn `KMeans(n_init=10)`) clusters the candidates, and the candidate closest to each
-    centroid is kept. Deviations, and why: candidates are the pool's non-overlapping `seqlen`-token windows
-    (COLA's stage-2 samples are whole documents padded to 2048; modelpress calibration windows are unpadded),
+    centroid is kept. The candidates do not depend on the seed (COLA clusters one fixed processed pool): the
+    seed draws the projection and the k-means starts. Deviations, and why: candidates are the pool's
+    non-overlapping `seqlen`-token windows in pool order (COLA's stage-2 samples are whole documents padded
+    to 2048; modelpress calibration windows are unpadded),
     padding never enters the mean (their mean includes the pad positions); the activations are the decoder
     layers' outputs (what their hook reads where its layer detection works, e.g. BERT's `layer.N.output`; on
     Llama-style models their detection finds no layer); the projection and k-means are seeded by `seed`
@@ -115,12 +117,12 @@ def select_zipcal_words(texts: list[str], tokenizer, samples: int, seqlen: int, 
 
 # -------------------------------------------------------------------------------------- windows of the pool
 
-def pool_windows(texts: list[str], tokenizer, seqlen: int, seed: int, samples: int,
+def pool_windows(texts: list[str], tokenizer, seqlen: int, seed: int | None, samples: int,
                  limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping `seqlen` windows of the pool joined in a seeded random document order; with
-    `limit`, only as many documents are tokenized as give `limit` windows.  # (n, seqlen)"""
+    """Non-overlapping `seqlen` windows of the pool joined in a seeded random document order (seed None:
+    pool order); with `limit`, only as many documents are tokenized as give `limit` windows.  # (n, seqlen)"""
     _check_pool(texts)
-    order = np.random.default_rng(seed).permutation(len(texts)).tolist()
+    order = list(range(len(texts))) if seed is None else np.random.default_rng(seed).permutation(len(texts)).tolist()
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     ids: list[int] = []
     for i in order:
@@ -324,6 +326,15 @@ def kmeans_representatives(x: np.ndarray, k: int, seed: int, restarts: int = 10,
     return chosen
 
 
+def cola_pick(act: torch.Tensor, samples: int, seed: int, reduced_dim: int = 64) -> list[int]:
+    """COLA's choice among candidates with activation vectors act (n, D): seeded Gaussian projection to
+    `reduced_dim`, then one representative per k-means cluster (k = samples)."""
+    g = torch.Generator().manual_seed(seed)
+    proj = torch.randn(act.shape[1], reduced_dim, generator=g) / reduced_dim ** 0.5       # (D, 64)
+    x = (act @ proj).double().numpy()                                                      # (n, 64)
+    return kmeans_representatives(x, samples, seed)
+
+
 def select_cola(texts: list[str], tokenizer, samples: int, seqlen: int, seed: int, model=None,
                 bos: int | None = None, reduced_dim: int = 64, **_) -> torch.Tensor:
     """COLA sample selection over the pool's `seqlen` windows: one representative per activation cluster.
@@ -331,12 +342,8 @@ def select_cola(texts: list[str], tokenizer, samples: int, seqlen: int, seed: in
     if model is None:
         raise UserError("calibration.select cola needs the model to embed texts: pass model= to "
                         "calibration_set, or choose random / zipcal-words / zipcal-coverage")
-    cand = pool_windows(texts, tokenizer, seqlen, seed, samples)                          # (n, seqlen)
-    act = window_activations(model, cand, bos)                                            # (n, D)
-    g = torch.Generator().manual_seed(seed)
-    proj = torch.randn(act.shape[1], reduced_dim, generator=g) / reduced_dim ** 0.5       # (D, 64)
-    x = (act @ proj).double().numpy()                                                      # (n, 64)
-    return cand[kmeans_representatives(x, samples, seed)]
+    cand = pool_windows(texts, tokenizer, seqlen, None, samples)                          # (n, seqlen)
+    return cand[cola_pick(window_activations(model, cand, bos), samples, seed, reduced_dim)]
 
 
 SELECTORS = {
