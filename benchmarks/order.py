@@ -333,7 +333,8 @@ def main() -> None:
                 "resampling evaluation windows. Better order: 'inside noise' when |mean| <= 2 sd or the window interval "
                 "contains 0. SparseGPT after quantization: its OBS updates of the surviving weights are snapped to the "
                 "quantized grid (modelpress's prune stage). Reduced scope (2-core CPU shared by the team): one LM per "
-                f"section, {qname} only (the other quantizer is its own run), small calibration and evaluation sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
+                f"section, {qname} only (the other quantizer is its own run), small calibration and evaluation "
+                "sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
                 f"\n\nTime: {time.perf_counter() - T0:.0f} s for this invocation ({a.threads} thread); seeds: "
                 + ", ".join(f"{sd_}: {seconds[sd_]:.0f} s" if sd_ in seconds else f"{sd_}: not recorded" for sd_ in done)
                 + " (each seed's computation when it ran; a process's first seed includes loading the model and "
