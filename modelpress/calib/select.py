@@ -37,8 +37,8 @@ model-free samplers, both here, as the authors' code does them:
     centroid is kept. The candidates do not depend on the seed (COLA clusters one fixed processed pool): the
     seed draws the projection and the k-means starts. Deviations, and why: candidates are the pool's
     non-overlapping `seqlen`-token windows in pool order (COLA's stage-2 samples are whole documents padded
-    to 2048; modelpress calibration windows are unpadded),
-    padding never enters the mean (their mean includes the pad positions); the activations are the decoder
+    to 2048; modelpress calibration windows are unpadded), padding never enters the mean (their mean
+    includes the pad positions); the activations are the decoder
     layers' outputs (what their hook reads where its layer detection works, e.g. BERT's `layer.N.output`; on
     Llama-style models their detection finds no layer); the projection and k-means are seeded by `seed`
     (theirs: unseeded projection, fixed k-means seed 42); an empty cluster takes the nearest unchosen window.
@@ -52,6 +52,7 @@ import torch
 
 from ..errors import UserError
 from ..progress import bar
+from .protocol import prepend
 
 SEARCH_POOL = 2000             # zipcal-coverage: candidates scored per greedy round (the authors' constant)
 
@@ -289,8 +290,7 @@ def window_activations(model, windows: torch.Tensor, bos: int | None = None, bat
     with bar("calibration.select cola: windows embedded", windows.shape[0]) as advance:
         for b in range(0, windows.shape[0], batch_size):
             ids = windows[b:b + batch_size]                                                # (k, T)
-            if bos is not None:
-                ids = torch.cat([torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids], 1)
+            ids = prepend(ids, bos)
             hs = model(input_ids=ids.to(dev), output_hidden_states=True, use_cache=False).hidden_states[1:]
             means = [h[:, 0 if bos is None else 1:].float().mean(1) for h in hs]         # layers x (k, d)
             out.append(torch.cat([m / (m.norm(dim=1, keepdim=True) + 1e-8) for m in means], 1).cpu())

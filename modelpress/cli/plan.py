@@ -2,7 +2,8 @@
 compression-equivalent intensity, arXiv 2603.18426, with the intensity gap's sd over repeats and whether it
 is inside that noise; or, with --measured, every order run end to end and the best kept) and
 `modelpress plan budget RECIPE [--model M] [--plot out.png]` (per-component budgets of the recipe's
-prune/quantize stage: capability density from SAEs, arXiv 2603.16440; sensitivity; OWL, arXiv 2310.05175), printed as a table and optionally plotted (PNG)."""
+prune/quantize stage: capability density from SAEs, arXiv 2603.16440; sensitivity; OWL, arXiv 2310.05175),
+printed as a table and optionally plotted (PNG)."""
 from __future__ import annotations
 
 import io

@@ -106,25 +106,21 @@ class Prune:
         sp = self.sparsity if spec is None else spec
         _check.plain_or("prune", name, lin, (SparseLinear, QuantLinear))
         W = lin.weight.detach().float()       # may alias lin.weight: read before any in-place write
-        if self.method == "sparsegpt" and stat is not None and isinstance(lin, QuantLinear):
-            # after quantize: the OBS updates of the survivors snap to the layer's own grid (its scales and
-            # zero points), so the layer stays the QuantLinear it was, with fewer weights
-            if lin.fmt is not None or getattr(lin, "bits_map", None) is not None or self.bits:
-                raise UserError(f"prune.method sparsegpt after quantize needs {name} on one int grid (no k-quant "
-                                "format, no mixed widths) and no prune.bits: put prune before quantize")
-            old = lin.keep
-            _, keep, (q, S, Z) = P.sparsegpt(W, stat, sp, self.pattern, self.block_size, self.damp, lin.bits,
-                                             lin.group_size, lin.sym, grid=(lin.scale.float(), lin.zero.float()))
-            keep = keep if old is None else keep & old.to(keep.device)
-            W_hat = quant.dequantize_groups(q, S, Z, lin.group_size, keep).to(lin.weight.dtype)
-            info = {"sparsity": P.sparsity(W_hat), "sqnr": quant.sqnr(W, W_hat.float())}   # before in-place
-            new = QuantLinear.build(lin, q, S, Z, lin.bits, lin.group_size, lin.sym, keep, W_hat, in_place)
-            return new, {"kind": "QuantLinear", **info}
+        bits, gs, sym = self.bits, self.group_size, self.sym      # joint quantization (SparseGPT with bits)
         if self.method == "sparsegpt" and stat is not None:
-            W_hat, keep, qparams = P.sparsegpt(W, stat, sp, self.pattern, self.block_size, self.damp,
-                                               self.bits, self.group_size, self.sym)
+            grid = None
+            if isinstance(lin, QuantLinear):   # after quantize: the OBS updates of the survivors snap to the
+                # layer's own grid (its scales and zero points): it stays the QuantLinear it was, with fewer weights
+                if lin.fmt is not None or getattr(lin, "bits_map", None) is not None or self.bits:
+                    raise UserError(f"prune.method sparsegpt after quantize needs {name} on one int grid (no k-quant "
+                                    "format, no mixed widths) and no prune.bits: put prune before quantize")
+                bits, gs, sym, grid = lin.bits, lin.group_size, lin.sym, (lin.scale.float(), lin.zero.float())
+            W_hat, keep, qparams = P.sparsegpt(W, stat, sp, self.pattern, self.block_size, self.damp, bits, gs, sym,
+                                               grid=grid)
+            if grid is not None and lin.keep is not None:
+                keep = keep & lin.keep.to(keep.device)
             if qparams is not None:
-                W_hat = quant.dequantize_groups(*qparams, self.group_size, keep)
+                W_hat = quant.dequantize_groups(*qparams, gs, keep)
             W_hat = W_hat.to(lin.weight.dtype)
         else:
             keep = (P.wanda_mask(W, stat, sp, self.pattern) if self.method == "wanda"
@@ -133,11 +129,11 @@ class Prune:
         if W_hat is None:                      # = what set_keep / from_linear will hold
             W_hat = lin.weight.detach() * keep.to(lin.weight.device)
         info = {"sparsity": P.sparsity(W_hat), "sqnr": quant.sqnr(W, W_hat.float())}   # before any in-place write
-        if isinstance(lin, QuantLinear):
+        if qparams is not None:                # SparseGPT with joint quantization, or on the layer's own grid
+            new = QuantLinear.build(lin, *qparams, bits, gs, sym, keep, W_hat, in_place)
+        elif isinstance(lin, QuantLinear):
             lin.set_keep(keep)
             new = lin
-        elif qparams is not None:
-            new = QuantLinear.build(lin, *qparams, self.bits, self.group_size, self.sym, keep, W_hat, in_place)
         else:
             new = SparseLinear.from_linear(lin, keep, in_place, weight=W_hat)
         return new, {"kind": type(new).__name__, **info}
