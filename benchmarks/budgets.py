@@ -310,7 +310,7 @@ def main() -> None:
     model, tok = modelpress.load(a.model)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
     score = Scorer(model, windows)
-    base = score(model)
+    base = score.original()
     say(f"original: ppl {base['ppl']:.3f}; cache {cache}")
     done: dict[int, dict] = {}
     for seed in seeds:

@@ -55,6 +55,7 @@ import modelpress  # noqa: E402
 from benchmarks._md import model_label, ms, run_cache, table, write_section  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import CalibrationSet  # noqa: E402
+from modelpress.eval.perplexity import evaluate, reference_scores  # noqa: E402
 from modelpress.io import atomic_write_text  # noqa: E402
 from modelpress.plan.order import equivalent_bits  # noqa: E402
 from modelpress.stages.prune import Prune  # noqa: E402
@@ -68,47 +69,23 @@ def say(msg: str) -> None:
 
 
 class Scorer:
-    """Perplexity, top-1 agreement and mean KL(original || model) on fixed windows (per window too); the
-    original's log-probs cached."""
+    """Perplexity, top-1 agreement and mean KL(original || model) on fixed windows (per window too), by
+    modelpress.eval.evaluate against the original's scores computed once (reference_scores keeps the output
+    layer's inputs, a few MB, not the logits)."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 2):
         self.windows, self.bs = windows, batch_size
-        self.ref = self._logprobs(model)
+        self.ref = reference_scores(model, windows, batch_size)
 
-    @torch.no_grad()
-    def _logprobs(self, model) -> list[torch.Tensor]:
-        return [torch.log_softmax(model(input_ids=self.windows[b:b + self.bs], use_cache=False).logits[:, :-1].float(), -1)
-                for b in range(0, self.windows.shape[0], self.bs)]
+    def original(self) -> dict:
+        """What scoring the original itself returns: its perplexity, KL exactly 0, agreement 1."""
+        return {"ppl": self.ref.evaluation()["perplexity"], "kl": 0.0, "top1": 1.0,
+                "kl_windows": [0.0] * self.windows.shape[0]}
 
-    @torch.no_grad()
     def __call__(self, model) -> dict:
-        nll = kl = 0.0
-        n = top1 = 0
-        kl_w = []                                                       # mean KL of each window
-        for k, b in enumerate(range(0, self.windows.shape[0], self.bs)):
-            ids = self.windows[b:b + self.bs]
-            lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-            r = self.ref[k]
-            nll += float(-lp.gather(-1, ids[:, 1:, None]).double().sum())
-            klt = (r.exp() * (r - lp)).sum(-1).clamp(min=0).double()    # (batch, positions)
-            kl += float(klt.sum())
-            kl_w += klt.mean(1).tolist()
-            top1 += int((lp.argmax(-1) == r.argmax(-1)).sum())
-            n += ids[:, 1:].numel()
-        return {"ppl": math.exp(nll / n), "kl": kl / n, "top1": top1 / n, "kl_windows": kl_w}
-
-
-@torch.no_grad()
-def original_scores(model, windows: torch.Tensor, batch_size: int = 2) -> dict:
-    """What Scorer(model, windows)(model) returns (the same log-probs against themselves: KL exactly 0,
-    agreement 1), batch by batch, without holding the reference (~2.5 GB for a 0.5B LM's 16 windows)."""
-    nll, n = 0.0, 0
-    for b in range(0, windows.shape[0], batch_size):
-        ids = windows[b:b + batch_size]
-        lp = torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)
-        nll += float(-lp.gather(-1, ids[:, 1:, None]).double().sum())
-        n += ids[:, 1:].numel()
-    return {"ppl": math.exp(nll / n), "kl": 0.0, "top1": 1.0, "kl_windows": [0.0] * windows.shape[0]}
+        r = evaluate(model, self.windows, reference=self.ref, batch_size=self.bs)
+        return {"ppl": r["perplexity"], "kl": r["kl"], "top1": r["agreement"],
+                "kl_windows": r["per_token"]["kl"].double().mean(1).tolist()}     # mean KL of each window
 
 
 def window_boot(wf: list[list[float]], sf: list[list[float]], reps: int, rng: random.Random) -> tuple[float, float]:
@@ -188,8 +165,8 @@ def main() -> None:
     curve_cached = {int(b): v for b, v in json.loads(curve_file.read_text()).items()} if curve_file.is_file() else {}
     say(f"cache {cache}: seeds {sorted(cached)} and {'the' if curve_cached else 'no'} RTN curve cached")
     render_only = not todo and set(curve_bits) <= set(curve_cached)
-    score = None if render_only else Scorer(model, windows)      # the reference log-probs: minutes on a 0.5B LM
-    base = json.loads(base_file.read_text()) if base_file.is_file() else original_scores(model, windows)
+    score = None if render_only and base_file.is_file() else Scorer(model, windows)   # minutes on a 0.5B LM
+    base = json.loads(base_file.read_text()) if base_file.is_file() else score.original()
     atomic_write_text(base_file, json.dumps(base))
     say(f"original: ppl {base['ppl']:.3f}")
     calibs, planners = {}, {}
@@ -222,7 +199,7 @@ def main() -> None:
             pcurve[seed][b] = planners[seed](m)["kl"]
         say(f"RTN w{b} g{a.group_size} asym: ppl {curve[b]['ppl']:.3f} KL {curve[b]['kl']:.4f}")
         del m                                  # RTN is deterministic: rebuilt where needed (memory: a 0.5B
-                                               # model's copies and reference log-probs are ~2.5 GB each)
+                                               # model's copy is ~2 GB)
     atomic_write_text(curve_file, json.dumps(curve))
     q_single, q_plan = {}, {}                  # (bits, seed) -> the quantizer alone: held-out score, planner KL
     cb, ck = list(curve), [curve[b]["kl"] for b in curve]

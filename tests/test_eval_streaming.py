@@ -40,7 +40,7 @@ def whole_tensor_evaluate(model, windows, reference=None, batch_size=2) -> dict:
     out = {"perplexity": math.exp(float(nll_t.double().mean())), "tokens": nll_t.numel()}
     if reference is not None:
         a, k, li, rn = torch.cat(agree), torch.cat(kl), torch.cat(linf), torch.cat(ref_nll)
-        out.update(reference_perplexity=math.exp(float(rn.double().mean())), agreement=float(a.float().mean()),
+        out.update(reference_perplexity=math.exp(float(rn.double().mean())), agreement=float(a.double().mean()),
                    kl=float(k.double().mean()), linf=float(li.max()),
                    per_token={"agree": a, "kl": k, "linf": li, "nll": nll_t})
     return out

@@ -377,7 +377,7 @@ def evaluate(model: nn.Module | ReferenceScores, windows: Tensor, reference: nn.
     out = _summary(nll_t, windows)
     if reference is not None:
         a, k, li, rn = torch.cat(agree), torch.cat(kl), torch.cat(linf), torch.cat(ref_nll)
-        out.update(reference_perplexity=math.exp(float(rn.double().mean())), agreement=float(a.float().mean()),
+        out.update(reference_perplexity=math.exp(float(rn.double().mean())), agreement=float(a.double().mean()),
                    kl=float(k.double().mean()), linf=float(li.max()),
                    per_token={"agree": a, "kl": k, "linf": li, "nll": nll_t})
     return out
