@@ -46,12 +46,15 @@ from modelpress.io import atomic_write_text  # noqa: E402
 SECTION = "distill: LRC rank vs data budget"
 
 
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def run_seed(a, teacher, pool: torch.Tensor, val: torch.Tensor, seed: int) -> dict:
     """{str(n): {str(rank): {train, val, init_val}}} for one seed's nested budgets."""
     perm = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))
     out: dict[str, dict] = {}
-    ranks = [int(r) for r in a.ranks.split(",")]
-    budgets = [int(n) for n in a.budgets.split(",")]
+    ranks, budgets = int_list(a.ranks), int_list(a.budgets)
     t0 = time.perf_counter()
     for k, n in enumerate(budgets, 1):
         train = pool[perm[:n]]                                           # (n, seqlen)
@@ -75,8 +78,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def render(a, seeds: list[int], done: dict[int, dict], teacher_val: float, d_teacher: int) -> str:
-    ranks = [int(r) for r in a.ranks.split(",")]
-    budgets = [int(n) for n in a.budgets.split(",")]
+    ranks, budgets = int_list(a.ranks), int_list(a.budgets)
     runs = [done[s] for s in seeds if s in done]
 
     def sd(xs: list[float]) -> float:
@@ -196,11 +198,11 @@ def main() -> int:
     ap.add_argument("--cache", default="/tmp/modelpress-lrc-rank")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    budgets = [int(n) for n in a.budgets.split(",")]
+    budgets = int_list(a.budgets)
     if max(budgets) > a.pool or budgets != sorted(budgets):
         raise SystemExit(f"--budgets must be increasing and at most --pool ({a.pool}), got {a.budgets}")
     torch.set_num_threads(a.threads)
-    seeds = [int(s) for s in a.seeds.split(",")]
+    seeds = int_list(a.seeds)
     cache = run_cache(a.cache, a, ("seeds", "threads", "cache", "no_write"))
     teacher, tok = M.load(a.model)
     pool = eval_windows(tok, sources.wiki_texts("calib"), a.seqlen, a.pool)
