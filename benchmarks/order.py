@@ -22,10 +22,12 @@ stages never calibrated on, as plan order does) against the measured better orde
 outside noise, the within-noise pairs counted apart; and the pick of `plan order --measured` (the order
 with the lower KL on those same calibration sequences, both orders run end to end) scored the same way.
 
-The RTN curve, the original model's scores and every finished seed (with the wall time of the process that
-computed it) are cached (--cache, keyed by every setting but the seeds), so a run resumes, and seeds can run
-as separate processes (--no-write) before one run over all seeds renders the section from the cache, exactly
-as one process would have written it (the bootstrap draws its own fixed-seed resamples in every rendering).
+The RTN curve, the original model's scores and, per seed, every cell as it finishes (a pair's two orders, a
+stage alone, the planner's RTN curve; each with its computation time) are cached (--cache, keyed by every
+setting but the seeds and the grid --pruners/--bits), so a run resumes at the next cell, a larger grid reuses
+a smaller one's cells, and seeds can run as separate processes (--no-write; one process per seed at a time)
+before one run over all seeds renders the section from the cache, exactly as one process would have written it
+(the bootstrap draws its own fixed-seed resamples in every rendering).
 
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
@@ -128,7 +130,7 @@ def pruner_key(token: str) -> str:
     return v if method == "wanda" else f"sparsegpt:{v}"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2 (default) or an HF folder (smoke tests)")
     ap.add_argument("--pruners", default="0.3,0.5",
@@ -147,7 +149,29 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="/tmp/modelpress-order", help="folder of the RTN curve and finished seeds (resume)")
     ap.add_argument("--no-write", action="store_true")
-    a = ap.parse_args()
+    return ap
+
+
+CACHE_EXCLUDE = ("seeds", "threads", "cache", "no_write", "boot", "pruners", "bits")   # one cache per LM/quantizer
+FIELDS = ("pcurve", "single", "p_single", "res", "q_single", "q_plan", "seconds")
+
+
+def load_cells(cache: Path, seed: int) -> dict:
+    """One seed's cached cells, whichever grids computed them: pcurve {bits: planner KL of RTN}, single /
+    p_single {pruner: score / planner KL of the pruned model alone}, res {"pruner|bits": [P->Q, Q->P]},
+    q_single / q_plan {bits: the quantizer alone}, seconds {cell: computation time}; legacy_seconds {grid:
+    whole-seed time} for seeds cached before cells were (one file per grid)."""
+    f = cache / f"seed{seed}.json"
+    cells = json.loads(f.read_text()) if f.is_file() else {}
+    return {k: cells.get(k, {}) for k in (*FIELDS, "legacy_seconds")}
+
+
+def grid_name(sparsities: list[str], bits: list[int]) -> str:
+    return ",".join(sparsities) + "|" + ",".join(map(str, bits))
+
+
+def main() -> None:
+    a = parser().parse_args()
     torch.set_num_threads(a.threads)
     sparsities = [pruner_key(x) for x in a.pruners.split(",")]      # "0.5", "2:4", "sparsegpt:0.5", ...
     bits = [int(x) for x in a.bits.split(",")]
@@ -155,25 +179,36 @@ def main() -> None:
     curve_bits = sorted({int(x) for x in a.curve_bits.split(",")} | set(bits), reverse=True)
     if a.group_size == 32 and 4 in curve_bits:
         raise SystemExit("4-bit group 32 is SmolLM2's native grid: use another group size")
-    cache = run_cache(a.cache, a, ("seeds", "threads", "cache", "no_write", "boot"))
+    cache = run_cache(a.cache, a, CACHE_EXCLUDE)
     model, tok = modelpress.load(a.model)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
-    cached = {seed: json.loads((cache / f"seed{seed}.json").read_text()) for seed in seeds
-              if (cache / f"seed{seed}.json").is_file()}
-    todo = [seed for seed in seeds if seed not in cached]
+    cells = {seed: load_cells(cache, seed) for seed in seeds}
+    needed = {"pcurve": [str(b) for b in curve_bits], "single": sparsities, "p_single": sparsities,
+              "res": [f"{s}|{b}" for s in sparsities for b in bits], "q_single": [str(b) for b in bits],
+              "q_plan": [str(b) for b in bits]}
+    todo = [seed for seed in seeds if any(k not in cells[seed][f] for f, ks in needed.items() for k in ks)]
     curve_file, base_file = cache / "curve.json", cache / "original.json"
     curve_cached = {int(b): v for b, v in json.loads(curve_file.read_text()).items()} if curve_file.is_file() else {}
-    say(f"cache {cache}: seeds {sorted(cached)} and {'the' if curve_cached else 'no'} RTN curve cached")
+    say(f"cache {cache}: seeds {[sd_ for sd_ in seeds if sd_ not in todo]} complete for this grid, "
+        f"{'the' if set(curve_bits) <= set(curve_cached) else 'not all the'} RTN curve cached")
     render_only = not todo and set(curve_bits) <= set(curve_cached)
     score = None if render_only and base_file.is_file() else Scorer(model, windows)   # minutes on a 0.5B LM
     base = json.loads(base_file.read_text()) if base_file.is_file() else score.original()
     atomic_write_text(base_file, json.dumps(base))
     say(f"original: ppl {base['ppl']:.3f}")
     calibs, planners = {}, {}
-    for seed in todo:
-        full = modelpress.calibration_set(tok, "wiki", samples=a.samples + a.plan_windows, seqlen=a.seqlen, seed=seed)
-        calibs[seed] = CalibrationSet(full.input_ids[:a.samples], full.attention_mask[:a.samples], full.provenance)
-        planners[seed] = Scorer(model, full.input_ids[a.samples:])         # never calibrated on
+
+    def seed_data(seed: int) -> tuple[CalibrationSet, Scorer]:
+        """The seed's calibration set and its planner's scorer (extra calibration sequences never calibrated on)."""
+        if seed not in planners:
+            full = modelpress.calibration_set(tok, "wiki", samples=a.samples + a.plan_windows, seqlen=a.seqlen,
+                                              seed=seed)
+            calibs[seed] = CalibrationSet(full.input_ids[:a.samples], full.attention_mask[:a.samples], full.provenance)
+            planners[seed] = Scorer(model, full.input_ids[a.samples:])
+        return calibs[seed], planners[seed]
+
+    def save(seed: int) -> None:               # after every cell: a cut-off run resumes at the next one
+        atomic_write_text(cache / f"seed{seed}.json", json.dumps(cells[seed]))
 
     def quant(b, method="rtn"):
         return Quantize(method=method, bits=b, group_size=a.group_size, sym=False)
@@ -186,21 +221,23 @@ def main() -> None:
         method, v = split_pruner(s)
         return f"{'Wanda' if method == 'wanda' else 'SparseGPT'} {v if ':' in v else format(float(v), '.0%')}"
 
-    curve, pcurve = {}, {seed: {} for seed in seeds}                    # RTN: the yardstick of eq. bits
+    curve = {}                                  # RTN: the yardstick of eq. bits
     qname = a.quant.upper()
     for b in curve_bits:
-        if b in curve_cached and not todo:
+        need = [seed for seed in todo if str(b) not in cells[seed]["pcurve"]]
+        if b in curve_cached and not need:
             curve[b] = curve_cached[b]
             continue
         m = copy.deepcopy(model)
         quant(b).apply(m)
         curve[b] = curve_cached[b] if b in curve_cached else score(m)     # deterministic: RTN needs no data
-        for seed in todo:
-            pcurve[seed][b] = planners[seed](m)["kl"]
+        for seed in need:
+            cells[seed]["pcurve"][str(b)] = seed_data(seed)[1](m)["kl"]
+            save(seed)
         say(f"RTN w{b} g{a.group_size} asym: ppl {curve[b]['ppl']:.3f} KL {curve[b]['kl']:.4f}")
         del m                                  # RTN is deterministic: rebuilt where needed (memory: a 0.5B
                                                # model's copy is ~2 GB)
-    atomic_write_text(curve_file, json.dumps(curve))
+    atomic_write_text(curve_file, json.dumps({**curve_cached, **curve}))
     q_single, q_plan = {}, {}                  # (bits, seed) -> the quantizer alone: held-out score, planner KL
     cb, ck = list(curve), [curve[b]["kl"] for b in curve]
 
@@ -313,9 +350,10 @@ def main() -> None:
                 f"section, {qname} only (the other quantizer is its own run), small calibration and evaluation "
                 "sets.\n\n" + curve_tbl + "\n\n" + tbl + "\n\n" + summary +
                 f"\n\nTime: {time.perf_counter() - T0:.0f} s for this invocation ({a.threads} thread); seeds: "
-                + ", ".join(f"{sd_}: {seconds[sd_]:.0f} s" if sd_ in seconds else f"{sd_}: not recorded" for sd_ in done)
-                + " (each seed's computation when it ran; a process's first seed includes loading the model and "
-                "scoring the original and the RTN curve).")
+                + ", ".join(f"{sd_}: {seconds.get(sd_, 'not recorded')}" for sd_ in done)
+                + " (a seed's computation of this grid's cells, whichever runs computed them: the quantized and "
+                "pruned models alone and both orders of every pair; \"in one process\": cached before cells were, the "
+                "process's whole time for the seed, its first seed including loading and the RTN curve).")
         if not a.no_write:
             methods = {split_pruner(s)[0] for s in sparsities}
             tag = " x ".join(([] if methods == {"wanda"} else ["SparseGPT" if methods == {"sparsegpt"} else
@@ -325,65 +363,73 @@ def main() -> None:
                           + ("" if a.model == "smollm2" else f": {model_label(a.model)}"),
                           "python benchmarks/order.py " + " ".join(sys.argv[1:]), body)
 
-    single, p_single, res = {}, {}, {}
-    seconds = {seed: c["seconds"] for seed, c in cached.items() if "seconds" in c}
+    single, p_single, res, pcurve, seconds = {}, {}, {}, {}, {}
     done: list[int] = []
-    t_prev = T0                             # a seed's time: since the previous one (the first: since start)
     for seed in seeds:
-        if seed in cached:                     # a finished seed: its rows, exactly as that run measured them
-            c = cached[seed]
-            pcurve[seed] = {int(b): v for b, v in c["pcurve"].items()}
-            for s in sparsities:
-                single[s, seed], p_single[s, seed] = c["single"][s], c["p_single"][s]
-                for b in bits:
-                    res[s, b, seed] = tuple(c["res"][f"{s}|{b}"])
-            for b in bits:
-                q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
-            done.append(seed)
-            continue
-        for j, b in enumerate(bits):           # one quantized and one pruned copy at a time (memory: a 0.5B
-            if a.quant == "gptq":              # run was OOM-killed holding three, a GPTQ one held six)
+        c = cells[seed]
+        cal, plan = seed_data(seed) if seed in todo else (None, None)
+        for b in bits:           # one quantized and one pruned copy at a time (memory: a 0.5B
+            missing = [s for s in sparsities if f"{s}|{b}" not in c["res"]]    # run was OOM-killed holding
+            if not missing and str(b) in c["q_single"]:                        # three, a GPTQ one held six)
+                continue
+            t = time.perf_counter()
+            if a.quant == "gptq":
                 qm = copy.deepcopy(model)
-                quant(b, "gptq").apply(qm, calibs[seed])
-                q_single[b, seed], q_plan[b, seed] = score(qm), planners[seed](qm)["kl"]
-                say(f"GPTQ w{b} seed {seed}: ppl {q_single[b, seed]['ppl']:.3f} KL {q_single[b, seed]['kl']:.4f}")
+                quant(b, "gptq").apply(qm, cal)
+                if str(b) not in c["q_single"]:
+                    c["q_single"][str(b)], c["q_plan"][str(b)] = score(qm), plan(qm)["kl"]
+                    c["seconds"][f"q|{b}"] = time.perf_counter() - t
+                    save(seed)
+                    say(f"GPTQ w{b} seed {seed}: ppl {c['q_single'][str(b)]['ppl']:.3f} "
+                        f"KL {c['q_single'][str(b)]['kl']:.4f}")
             else:                              # RTN needs no data: the curve's model, the planner's KL of it
-                qm, q_single[b, seed], q_plan[b, seed] = None, curve[b], pcurve[seed][b]
-            for s in sparsities:
+                qm = None
+                c["q_single"][str(b)], c["q_plan"][str(b)] = curve[b], c["pcurve"][str(b)]
+                c["seconds"][f"q|{b}"] = 0.0
+                save(seed)
+            for s in missing:
+                t = time.perf_counter()
                 pm = copy.deepcopy(model)      # the pruned model is rebuilt per width (pruning is deterministic)
-                prune(s).apply(pm, calibs[seed])
-                if j == 0:
-                    single[s, seed] = score(pm)
-                    p_single[s, seed] = planners[seed](pm)["kl"]
-                    say(f"{pname(s)} seed {seed}: ppl {single[s, seed]['ppl']:.3f} KL {single[s, seed]['kl']:.4f} "
-                        f"-> {eb(single[s, seed]['kl']):.2f} eq. bits")
-                quant(b, a.quant).apply(pm, calibs[seed])                       # P->Q, in place
-                r_pq = dict(score(pm), plan_kl=planners[seed](pm)["kl"])        # plan_kl: what --measured sees
+                prune(s).apply(pm, cal)
+                if s not in c["single"]:
+                    c["single"][s], c["p_single"][s] = score(pm), plan(pm)["kl"]
+                    c["seconds"][f"p|{s}"], t = time.perf_counter() - t, time.perf_counter()
+                    say(f"{pname(s)} seed {seed}: ppl {c['single'][s]['ppl']:.3f} KL {c['single'][s]['kl']:.4f} "
+                        f"-> {eb(c['single'][s]['kl']):.2f} eq. bits")
+                quant(b, a.quant).apply(pm, cal)                       # P->Q, in place
+                r_pq = dict(score(pm), plan_kl=plan(pm)["kl"])        # plan_kl: what --measured sees
                 del pm
                 if qm is not None:
                     qp = copy.deepcopy(qm)
                 else:
                     qp = copy.deepcopy(model)
                     quant(b).apply(qp)
-                prune(s).apply(qp, calibs[seed])
-                r_qp = dict(score(qp), plan_kl=planners[seed](qp)["kl"])
+                prune(s).apply(qp, cal)
+                r_qp = dict(score(qp), plan_kl=plan(qp)["kl"])
                 del qp
-                res[s, b, seed] = (r_pq, r_qp)
+                c["res"][f"{s}|{b}"] = [r_pq, r_qp]
+                c["seconds"][f"{s}|{b}"] = time.perf_counter() - t
+                save(seed)
                 say(f"  {pname(s)} x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl "
                     f"{r_qp['ppl']:.3f} KL {r_qp['kl']:.4f}")
             del qm
-        seconds[seed], t_prev = time.perf_counter() - t_prev, time.perf_counter()
-        atomic_write_text(cache / f"seed{seed}.json", json.dumps({
-            "pcurve": pcurve[seed], "single": {s: single[s, seed] for s in sparsities},
-            "p_single": {s: p_single[s, seed] for s in sparsities},
-            "res": {f"{s}|{b}": res[s, b, seed] for s in sparsities for b in bits},
-            "q_single": {str(b): q_single[b, seed] for b in bits}, "q_plan": {str(b): q_plan[b, seed] for b in bits},
-            "seconds": seconds[seed]}))
+        pcurve[seed] = {b: c["pcurve"][str(b)] for b in curve_bits}
+        for s in sparsities:
+            single[s, seed], p_single[s, seed] = c["single"][s], c["p_single"][s]
+            for b in bits:
+                res[s, b, seed] = tuple(c["res"][f"{s}|{b}"])
+        for b in bits:
+            q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
+        parts = [f"q|{b}" for b in bits] + [f"p|{s}" for s in sparsities] + needed["res"]
+        if all(k in c["seconds"] for k in parts):
+            seconds[seed] = f"{sum(c['seconds'][k] for k in parts):.0f} s"
+        elif grid_name(sparsities, bits) in c["legacy_seconds"]:
+            seconds[seed] = f"{c['legacy_seconds'][grid_name(sparsities, bits)]:.0f} s in one process"
         done.append(seed)
-        report(done)                # after every computed seed: a run cut short still leaves its completed seeds
-    if seeds[-1] in cached:                 # only cached seeds since the last report: render once
+        if seed in todo:
+            report(done)            # after every computed seed: a run cut short still leaves its completed seeds
+    if seeds[-1] not in todo:               # only cached seeds since the last report: render once
         report(done)
-
 
 if __name__ == "__main__":
     main()
