@@ -368,9 +368,9 @@ def main() -> None:
     for seed in seeds:
         c = cells[seed]
         cal, plan = seed_data(seed) if seed in todo else (None, None)
-        for b in bits:           # one quantized and one pruned copy at a time (memory: a 0.5B
-            missing = [s for s in sparsities if f"{s}|{b}" not in c["res"]]    # run was OOM-killed holding
-            if not missing and str(b) in c["q_single"]:                        # three, a GPTQ one held six)
+        for b in bits:       # one quantized and one pruned copy at a time (memory: a 0.5B run was OOM-killed
+            missing = [s for s in sparsities if f"{s}|{b}" not in c["res"]]     # holding three, a GPTQ one six)
+            if not missing and str(b) in c["q_single"]:
                 continue
             t = time.perf_counter()
             if a.quant == "gptq":
