@@ -170,6 +170,21 @@ def grid_name(sparsities: list[str], bits: list[int]) -> str:
     return ",".join(sparsities) + "|" + ",".join(map(str, bits))
 
 
+def seed_time(cells: dict, sparsities: list[str], bits: list[int]) -> str:
+    """A seed's computation time for this grid: the sum over its cells (quantized and pruned models alone, both
+    orders of each pair); cells cached before cells were have only their grid's whole-process time."""
+    parts = [f"q|{b}" for b in bits] + [f"p|{s}" for s in sparsities] + [f"{s}|{b}" for s in sparsities for b in bits]
+    known = [cells["seconds"][k] for k in parts if k in cells["seconds"]]
+    legacy = cells["legacy_seconds"]
+    if len(known) == len(parts):
+        return f"{sum(known):.0f} s"
+    if grid_name(sparsities, bits) in legacy:
+        return f"{legacy[grid_name(sparsities, bits)]:.0f} s in one process"
+    older = [f"{t:.0f} s in one process for grid {g}" for g, t in legacy.items()
+             if set(g.split("|")[0].split(",")) & set(sparsities)]
+    return f"{sum(known):.0f} s for {len(known)} of {len(parts)} cells" + (f" (the rest: {'; '.join(older)})" if older else "")
+
+
 def main() -> None:
     a = parser().parse_args()
     torch.set_num_threads(a.threads)
@@ -420,11 +435,7 @@ def main() -> None:
                 res[s, b, seed] = tuple(c["res"][f"{s}|{b}"])
         for b in bits:
             q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
-        parts = [f"q|{b}" for b in bits] + [f"p|{s}" for s in sparsities] + needed["res"]
-        if all(k in c["seconds"] for k in parts):
-            seconds[seed] = f"{sum(c['seconds'][k] for k in parts):.0f} s"
-        elif grid_name(sparsities, bits) in c["legacy_seconds"]:
-            seconds[seed] = f"{c['legacy_seconds'][grid_name(sparsities, bits)]:.0f} s in one process"
+        seconds[seed] = seed_time(c, sparsities, bits)
         done.append(seed)
         if seed in todo:
             report(done)            # after every computed seed: a run cut short still leaves its completed seeds
