@@ -442,5 +442,6 @@ def main() -> None:
     if seeds[-1] not in todo:               # only cached seeds since the last report: render once
         report(done)
 
+
 if __name__ == "__main__":
     main()
