@@ -1,5 +1,4 @@
-"""Write one benchmark's section into BENCHMARKS.md (atomically), keeping the others; the benchmarks' shared
-run helpers (resume folder, library progress lines)."""
+"""Write one benchmark's section into BENCHMARKS.md (atomically), keeping the others."""
 from __future__ import annotations
 
 import datetime
@@ -66,11 +65,3 @@ def run_cache(root: str, args, exclude: tuple[str, ...] = ("threads", "cache", "
     folder = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-def log_progress() -> None:
-    """Show the library's progress lines (modelpress.progress: "label: i/N, elapsed, ETA") on stderr, as the CLI
-    does: long selections and scorings otherwise run silently in a benchmark's log."""
-    import logging
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("modelpress").setLevel(logging.INFO)

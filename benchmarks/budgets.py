@@ -275,8 +275,8 @@ def render(a, seeds: list[int], done: dict[int, dict], methods: list[str], setti
             "sensitivity move budget between layers. Block range: lowest..highest budget of any head block or "
             "linear. Score time: seconds to measure the allocator's scores (once per seed for capability and OWL). "
             "Paired differences: per seed, allocator minus uniform; verdict only where |mean| > 2 sd. Reduced "
-            "scope: one LM per section (each model writes its own), small calibration and evaluation sets (2-core CPU shared by the "
-            "team).\n\n" + "\n\n".join(parts) + "\n\n" + claims)
+            "scope: one LM per section (each model writes its own), small calibration and evaluation sets (2-core "
+            "CPU shared by the team).\n\n" + "\n\n".join(parts) + "\n\n" + claims)
 
 
 def main() -> None:

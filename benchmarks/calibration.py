@@ -46,8 +46,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import modelpress  # noqa: E402
-from benchmarks._md import log_progress, model_label, run_cache, table, write_section  # noqa: E402
+from benchmarks._md import model_label, run_cache, table, write_section  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
+from modelpress import progress  # noqa: E402
 from modelpress.calib import CalibrationSet  # noqa: E402
 from modelpress.calib import select as S  # noqa: E402
 from modelpress.calib import sources  # noqa: E402
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/tmp/modelpress-calibration",
                     help="folder of selected sets and finished runs (resume; parallel processes by --stages)")
     a = ap.parse_args(argv)
-    log_progress()
+    progress.show()                   # the model-based selectors' i/N, ETA lines in the log
     a.label = model_label(a.model)
     torch.set_num_threads(a.threads)
     cache = run_cache(a.cache, a, ("seeds", "stage_seeds", "methods", "stages", "scaling_repeats", "threads",

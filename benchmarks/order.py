@@ -170,18 +170,26 @@ def grid_name(sparsities: list[str], bits: list[int]) -> str:
     return ",".join(sparsities) + "|" + ",".join(map(str, bits))
 
 
-def seed_time(cells: dict, sparsities: list[str], bits: list[int]) -> str:
-    """A seed's computation time for this grid: the sum over its cells (quantized and pruned models alone, both
-    orders of each pair); cells cached before cells were have only their grid's whole-process time."""
-    parts = [f"q|{b}" for b in bits] + [f"p|{s}" for s in sparsities] + [f"{s}|{b}" for s in sparsities for b in bits]
+def grid_cells(sparsities: list[str], bits: list[int], curve_bits: list[int]) -> dict[str, list[str]]:
+    """The cells a grid needs, per field of load_cells."""
+    return {"pcurve": [str(b) for b in curve_bits], "single": sparsities, "p_single": sparsities,
+            "res": [f"{s}|{b}" for s in sparsities for b in bits], "q_single": [str(b) for b in bits],
+            "q_plan": [str(b) for b in bits]}
+
+
+def seed_time(cells: dict, needed: dict[str, list[str]], grid: str) -> str:
+    """A seed's computation time for the grid (`needed`: its grid_cells; `grid`: its grid_name): the sum over its
+    cells (quantized and pruned models alone, both orders of each pair); cells cached before cells were have
+    only their grid's whole-process time."""
+    parts = [f"q|{b}" for b in needed["q_single"]] + [f"p|{s}" for s in needed["single"]] + needed["res"]
     known = [cells["seconds"][k] for k in parts if k in cells["seconds"]]
     legacy = cells["legacy_seconds"]
     if len(known) == len(parts):
         return f"{sum(known):.0f} s"
-    if grid_name(sparsities, bits) in legacy:
-        return f"{legacy[grid_name(sparsities, bits)]:.0f} s in one process"
+    if grid in legacy:
+        return f"{legacy[grid]:.0f} s in one process"
     older = [f"{t:.0f} s in one process for grid {g}" for g, t in legacy.items()
-             if set(g.split("|")[0].split(",")) & set(sparsities)]
+             if set(g.split("|")[0].split(",")) & set(needed["single"])]
     return f"{sum(known):.0f} s for {len(known)} of {len(parts)} cells" + (f" (the rest: {'; '.join(older)})" if older else "")
 
 
@@ -198,9 +206,7 @@ def main() -> None:
     model, tok = modelpress.load(a.model)
     windows = windows_for(tok, "wiki-eval", a.eval_seqlen, a.windows)
     cells = {seed: load_cells(cache, seed) for seed in seeds}
-    needed = {"pcurve": [str(b) for b in curve_bits], "single": sparsities, "p_single": sparsities,
-              "res": [f"{s}|{b}" for s in sparsities for b in bits], "q_single": [str(b) for b in bits],
-              "q_plan": [str(b) for b in bits]}
+    needed = grid_cells(sparsities, bits, curve_bits)
     todo = [seed for seed in seeds if any(k not in cells[seed][f] for f, ks in needed.items() for k in ks)]
     curve_file, base_file = cache / "curve.json", cache / "original.json"
     curve_cached = {int(b): v for b, v in json.loads(curve_file.read_text()).items()} if curve_file.is_file() else {}
@@ -435,7 +441,7 @@ def main() -> None:
                 res[s, b, seed] = tuple(c["res"][f"{s}|{b}"])
         for b in bits:
             q_single[b, seed], q_plan[b, seed] = c["q_single"][str(b)], c["q_plan"][str(b)]
-        seconds[seed] = seed_time(c, sparsities, bits)
+        seconds[seed] = seed_time(c, needed, grid_name(sparsities, bits))
         done.append(seed)
         if seed in todo:
             report(done)            # after every computed seed: a run cut short still leaves its completed seeds

@@ -20,6 +20,13 @@ import time
 log = logging.getLogger("modelpress")
 
 
+def show(verbose: bool = False) -> None:
+    """Print the progress lines on stderr, as the CLI and the benchmarks do: the "modelpress" logger at INFO,
+    through a root handler that writes bare messages (other libraries' INFO lines too when `verbose`)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    log.setLevel(logging.INFO)
+
+
 def interval() -> float:
     try:
         return max(0.0, float(os.environ.get("MODELPRESS_PROGRESS_INTERVAL", "30")))

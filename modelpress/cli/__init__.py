@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
+from .. import progress
 from ..errors import UserError
 
 # command-group modules (each: add_parser(subparsers), run(args) -> int)
@@ -33,8 +33,7 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
 def main(argv: list[str] | None = None) -> int:
     p, handlers = parser()
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
-    logging.getLogger("modelpress").setLevel(logging.INFO)
+    progress.show(a.verbose)
     try:
         return handlers[a.cmd](a) or 0
     except UserError as err:
