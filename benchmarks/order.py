@@ -325,10 +325,11 @@ def main() -> None:
             v1 = f"not reproduced: weaker-first wins {wins} of {len(clear)} pairs outside noise"
         if math.isnan(rlo):
             v2 = "no verdict (too few pairs)"
-        elif rlo > 0 and clear and not wins:     # a rank trend whose values all sit at or below zero
+        elif rlo > 0 and clear and not wins:     # a rank trend with no weaker-first win outside the noise
             v2 = ("reproduced as a rank trend (interval above 0), not as the theorem means it: no pair has a "
                   "weaker-first advantage beyond the noise, so the advantage rises from below zero toward zero as the "
-                  "gap widens (stronger-first's edge fades when the weaker stage barely perturbs), never above it")
+                  "gap widens (stronger-first's edge fades when the weaker stage barely perturbs), not above it "
+                  "beyond the noise")
         elif rlo > 0:
             v2 = "reproduced (interval above 0)"
         elif rhi < 0:
