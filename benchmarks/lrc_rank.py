@@ -8,7 +8,7 @@ small data budget a mid rank should beat the largest one, and the best rank shou
 
 Protocol (every size is a flag). For each seed: a seeded permutation of a pool of Wikipedia *calib* windows
 (seqlen 64); the budgets are nested prefixes of it (n = 4 is inside n = 16, inside n = 64). At each budget
-the rank sweep (--ranks, up to the teacher's 576, where an LRC student is the teacher exactly) trains in
+the rank sweep (--ranks, up to the teacher's width D_T, where an LRC student is the teacher exactly) trains in
 lockstep on the same batches: LRC's loss (CE + T^2 KL + activation clone), PCA init from the budget's own
 windows, Adam lr 1e-4, the same --steps x --batch-size at every budget (equal compute: the smallest budget
 sees each window steps x batch / n times, so it is the one that can over-fit). Measured per rank: CE on the
@@ -17,7 +17,8 @@ held-out CE of the untrained (PCA-init) student. Mean +- sd over seeds; a best r
 when its mean held-out CE beats both swept neighbours by more than the larger sd.
 
 Each finished seed is cached (--cache, keyed by every setting but the seeds), so a run resumes and seeds can
-run in separate processes; a run whose seeds are all cached only renders the section.
+run in separate processes; a run whose seeds are all cached only renders the section. A model other than
+SmolLM2 writes its own section (": <model>").
 
     .venv/bin/python benchmarks/lrc_rank.py            # ~30 min per seed on 1 CPU thread
 """
@@ -182,7 +183,7 @@ def render(a, seeds: list[int], done: dict[int, dict], teacher_val: float, d_tea
 def main() -> int:
     T0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", default="64,128,256,448,576", help="student hidden sizes D_S (the teacher's is 576)")
+    ap.add_argument("--ranks", default="64,128,256,448,576", help="student hidden sizes D_S, up to the teacher's D_T (SmolLM2 576, Qwen2.5-0.5B 896)")
     ap.add_argument("--budgets", default="4,16,64", help="training windows n (nested)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--pool", type=int, default=64, help="calib windows the budgets are drawn from")
@@ -224,7 +225,7 @@ def main() -> int:
              + ", ".join(f"{s}: {done[s]['seconds']:.0f} s" for s in seeds if s in done) + ".")
     print(body)
     if not a.no_write:
-        write_section(SECTION, " ".join(["python benchmarks/lrc_rank.py", *sys.argv[1:]]), body)
+        write_section(SECTION + ("" if a.model == "smollm2" else f": {model_label(a.model)}"), " ".join(["python benchmarks/lrc_rank.py", *sys.argv[1:]]), body)
     return 0
 
 
