@@ -189,10 +189,14 @@ class LowRankClone(nn.Module):
     # -- construction helpers
     @staticmethod
     def _student_shell(teacher: nn.Module, hidden: int) -> nn.Module:
+        """The student's architecture with its parameters on the meta device (no memory): forward swaps
+        in the generated state, which covers every parameter; buffers (rotary frequencies) are real."""
+        from accelerate import init_empty_weights
         cfg = copy.deepcopy(teacher.config)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         cfg.hidden_size, cfg.head_dim, cfg.tie_word_embeddings = hidden, head_dim, False
-        return type(teacher)(cfg).eval()
+        with init_empty_weights(include_buffers=False):
+            return type(teacher)(cfg).eval()
 
     @property
     def teacher(self) -> nn.Module:
