@@ -46,6 +46,31 @@ def test_projected_forward_equals_merged_dense(teacher, calib, ids):
     assert n_student < n_teacher
 
 
+def test_gathered_embedding_and_reassociated_head_match_the_dense_student(ids):
+    """forward() never forms E_S or H_S; logits and gradients equal those of the fully generated student
+    (Qwen2: q/k/v biases, untied head)."""
+    from torch.func import functional_call
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    t = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in t.named_parameters():
+            p.uniform_(0.5, 1.5) if n.endswith("norm.weight") else p.add_(0.02 * torch.randn_like(p))
+    clone = LRC.LowRankClone(t, 32, "pca", ids)
+    _perturb(clone)
+    assert next(clone.student.parameters()).is_meta                       # the shell holds no weights
+    fast = clone(ids)                                                      # (batch, seq, V)
+    dense = functional_call(clone.student, clone.student_state(), (), {"input_ids": ids, "use_cache": False}).logits
+    torch.testing.assert_close(fast, dense, atol=1e-5, rtol=0)
+    params = list(clone.parameters())
+    g_fast = torch.autograd.grad(fast.square().mean(), params)
+    g_dense = torch.autograd.grad(dense.square().mean(), params)
+    for a, b in zip(g_fast, g_dense):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_identity_projections_zero_clone_loss(teacher, ids):
     clone = LRC.LowRankClone(teacher, 64, "identity")
     L = LRC.clone_losses(clone, ids, LRC.teacher_targets(clone, ids), LRC.LossWeights())
