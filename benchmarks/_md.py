@@ -65,3 +65,24 @@ def run_cache(root: str, args, exclude: tuple[str, ...] = ("threads", "cache", "
     folder = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def per_seed(cache: Path, seeds: list[int], run) -> dict[int, dict]:
+    """{seed: result} with each result read from `cache`/seed<N>.json, or computed by run(seed) (a JSON-able
+    dict), given its wall time under "seconds" and written there atomically as soon as it finishes."""
+    import json
+    import time
+    from modelpress.io import atomic_write_text
+    done: dict[int, dict] = {}
+    for seed in seeds:
+        f = cache / f"seed{seed}.json"
+        if f.is_file():
+            done[seed] = json.loads(f.read_text())
+            print(f"seed {seed}: cached ({f})", flush=True)
+            continue
+        t = time.perf_counter()
+        done[seed] = run(seed)
+        done[seed]["seconds"] = time.perf_counter() - t
+        atomic_write_text(f, json.dumps(done[seed]))
+        print(f"seed {seed}: done in {done[seed]['seconds']:.0f} s", flush=True)
+    return done

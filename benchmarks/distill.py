@@ -24,7 +24,6 @@ than SmolLM2 writes its own section ("distill: <model>").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -35,13 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import model_label, ms, run_cache, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, per_seed, run_cache, table, write_section  # noqa: E402
 from modelpress import model as M  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import sources  # noqa: E402
 from modelpress.distill import lowrank_clone as LRC  # noqa: E402
 from modelpress.eval import eval_windows, evaluate  # noqa: E402
-from modelpress.io import atomic_write_text  # noqa: E402
 
 
 def batches(train: torch.Tensor, steps: int, batch_size: int, seed: int):
@@ -127,16 +125,16 @@ def logits_of(model: torch.nn.Module):
 def run_seed(a, teacher, train: torch.Tensor, val: torch.Tensor, ev: torch.Tensor, seed: int) -> dict:
     """One seed: the LRC sweep, the scratch student and width pruning + KD, all on the same batches."""
     sizes = sorted(int(x) for x in a.hidden.split(","))
-    out: dict = {"seconds": {}}
+    out: dict = {"stage_seconds": {}}
     t0 = time.perf_counter()
     basis = LRC.residual_basis(teacher, train[:a.pca_windows])
     clones = [LRC.LowRankClone(teacher, h, "pca", None, seed, basis) for h in sizes]
-    out["seconds"]["pca"] = time.perf_counter() - t0
+    out["stage_seconds"]["pca"] = time.perf_counter() - t0
     out["init_ppl"] = evaluate(clones[-1].merge(), ev)["perplexity"]      # largest D_S before any training
     t0 = time.perf_counter()
     LRC.train_lockstep(clones, train, a.steps, a.lr, a.batch_size, LRC.LossWeights(), seed,
                        log=lambda m: print(f"seed {seed}, LRC: {m}", flush=True))
-    out["seconds"]["lrc"] = time.perf_counter() - t0
+    out["stage_seconds"]["lrc"] = time.perf_counter() - t0
     tr_sub = train[: min(16, train.shape[0])]
     out["sweep"] = {}
     for c in clones:
@@ -150,7 +148,7 @@ def run_seed(a, teacher, train: torch.Tensor, val: torch.Tensor, ev: torch.Tenso
     scratch = type(teacher)(config)                                    # same config, HF's own random init
     t0 = time.perf_counter()
     scratch_train(scratch, train, a.steps, a.scratch_lr, a.batch_size, seed)
-    out["seconds"]["scratch"] = time.perf_counter() - t0
+    out["stage_seconds"]["scratch"] = time.perf_counter() - t0
     out["scratch"] = {"params": M.count_params(scratch), "ppl": evaluate(scratch, ev)["perplexity"],
                       "train": LRC.lm_ce(logits_of(scratch), tr_sub, 4), "val": LRC.lm_ce(logits_of(scratch), val, 4)}
     del scratch
@@ -159,7 +157,7 @@ def run_seed(a, teacher, train: torch.Tensor, val: torch.Tensor, ev: torch.Tenso
     pruned = width_pruned(teacher, sizes[-1], channel_importance(teacher, train[:a.pca_windows]), seed)
     out["pruned_init_ppl"] = evaluate(pruned, ev)["perplexity"]
     kd_train(pruned, teacher, train, a.steps, a.prune_lr, a.batch_size, seed)
-    out["seconds"]["prune"] = time.perf_counter() - t0
+    out["stage_seconds"]["prune"] = time.perf_counter() - t0
     out["pruned"] = {"params": M.count_params(pruned), "ppl": evaluate(pruned, ev)["perplexity"]}
     print(f"seed {seed}: width-pruned + KD ppl {out['pruned']['ppl']:.4g}", flush=True)
     return out
@@ -202,7 +200,7 @@ def render(a, seeds: list[int], done: dict[int, dict], teacher, teacher_ppl: flo
     means = {h: statistics.fmean(col(lambda d: d["sweep"][str(h)]["val"])) for h in sizes}
     best = min(sizes, key=means.__getitem__)
     bracketed = sizes[0] < best < sizes[-1]
-    secs = {k: statistics.fmean(col(lambda d: d["seconds"][k])) for k in ("pca", "lrc", "scratch", "prune")}
+    secs = {k: statistics.fmean(col(lambda d: d["stage_seconds"][k])) for k in ("pca", "lrc", "scratch", "prune")}
     body = [f"Teacher {label} (D_T = {D_T}). Training text: {a.train_windows} windows x {a.seqlen} tokens of the "
             f"Wikipedia calib split (n = {a.train_windows}), validation {a.val_windows} other windows, the same for "
             f"every seed; {a.steps} steps x batch {a.batch_size} = {tokens} training tokens for every student. LRC: "
@@ -275,21 +273,10 @@ def main() -> int:
     w = eval_windows(tok, sources.wiki_texts("calib"), a.seqlen, a.train_windows + a.val_windows)
     train, val = w[: a.train_windows], w[a.train_windows:]
     ev = windows_for(tok, "wiki-eval", a.eval_seqlen, a.eval_windows)
-    done: dict[int, dict] = {}
-    for seed in seeds:
-        f = cache / f"seed{seed}.json"
-        if f.is_file():
-            done[seed] = json.loads(f.read_text())
-            print(f"seed {seed}: cached ({f})", flush=True)
-            continue
-        t = time.perf_counter()
-        done[seed] = run_seed(a, teacher, train, val, ev, seed)
-        done[seed]["seconds"]["total"] = time.perf_counter() - t
-        atomic_write_text(f, json.dumps(done[seed]))
-        print(f"seed {seed}: done in {done[seed]['seconds']['total']:.0f} s", flush=True)
+    done = per_seed(cache, seeds, lambda seed: run_seed(a, teacher, train, val, ev, seed))
     md = render(a, seeds, done, teacher, evaluate(teacher, ev)["perplexity"], ev)
     md += (f"\n\nTime: {time.perf_counter() - T0:.0f} s for this invocation; seeds: "
-           + ", ".join(f"{s}: {done[s]['seconds']['total']:.0f} s" for s in seeds if s in done) + ".")
+           + ", ".join(f"{s}: {done[s]['seconds']:.0f} s" for s in seeds if s in done) + ".")
     print(md)
     if not a.no_write:
         write_section("distill" + ("" if a.model == "smollm2" else f": {model_label(a.model)}"),

@@ -25,7 +25,6 @@ SmolLM2 writes its own section (": <model>").
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -36,13 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._md import model_label, ms, run_cache, table, write_section  # noqa: E402
+from benchmarks._md import model_label, ms, per_seed, run_cache, table, write_section  # noqa: E402
 from modelpress import model as M  # noqa: E402
 from modelpress.api import windows_for  # noqa: E402
 from modelpress.calib import sources  # noqa: E402
 from modelpress.distill import lowrank_clone as LRC  # noqa: E402
 from modelpress.eval import eval_windows  # noqa: E402
-from modelpress.io import atomic_write_text  # noqa: E402
 
 SECTION = "distill: LRC rank vs data budget"
 
@@ -209,17 +207,7 @@ def main() -> int:
     pool = eval_windows(tok, sources.wiki_texts("calib"), a.seqlen, a.pool)
     val = windows_for(tok, "wiki-eval", a.val_seqlen, a.val_windows)
     teacher_val = LRC.lm_ce(lambda x: teacher(input_ids=x, use_cache=False).logits, val, 4)
-    done: dict[int, dict] = {}
-    for seed in seeds:
-        f = cache / f"seed{seed}.json"
-        if f.is_file():
-            done[seed] = json.loads(f.read_text())
-            print(f"seed {seed}: cached ({f})", flush=True)
-            continue
-        t = time.perf_counter()
-        done[seed] = run_seed(a, teacher, pool, val, seed)
-        done[seed]["seconds"] = time.perf_counter() - t
-        atomic_write_text(f, json.dumps(done[seed]))
+    done = per_seed(cache, seeds, lambda seed: run_seed(a, teacher, pool, val, seed))
     body = render(a, seeds, done, teacher_val, teacher.config.hidden_size)
     body += (f"\n\nTime: {time.perf_counter() - T0:.0f} s for this invocation ({a.threads} thread); seeds: "
              + ", ".join(f"{s}: {done[s]['seconds']:.0f} s" for s in seeds if s in done) + ".")
