@@ -62,13 +62,30 @@ def test_gathered_embedding_and_reassociated_head_match_the_dense_student(ids):
     _perturb(clone)
     assert next(clone.student.parameters()).is_meta                       # the shell holds no weights
     fast = clone(ids)                                                      # (batch, seq, V)
-    dense = functional_call(clone.student, clone.student_state(), (), {"input_ids": ids, "use_cache": False}).logits
+    shell = LRC.LowRankClone._student_shell(t, 32)                         # plain linears, weights from student_state
+    dense = functional_call(shell, clone.student_state(), (), {"input_ids": ids, "use_cache": False}).logits
     torch.testing.assert_close(fast, dense, atol=1e-5, rtol=0)
     params = list(clone.parameters())
     g_fast = torch.autograd.grad(fast.square().mean(), params)
     g_dense = torch.autograd.grad(dense.square().mean(), params)
     for a, b in zip(g_fast, g_dense):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [8, 4096])
+def test_read_and_write_through_equal_the_generated_weight_in_both_associations(tokens):
+    """A few tokens take ((x P^T) * g) W^T and (x W^T + b) P; many tokens form W_S first. Both equal
+    x W_S^T (+ b), values and gradients in P."""
+    g = torch.Generator().manual_seed(0)
+    W_r, W_w = torch.randn(96, 64, generator=g), torch.randn(64, 96, generator=g)        # (out, D_T), (D_T, in)
+    gain, b_r, b_w = torch.rand(64, generator=g) + 0.5, torch.randn(96, generator=g), torch.randn(64, generator=g)
+    P = torch.randn(64, 16, generator=g, requires_grad=True)                               # (D_T, D_S)
+    x_r, x_w = torch.randn(tokens, 16, generator=g), torch.randn(tokens, 96, generator=g)
+    fast = LRC.read_through(x_r, W_r, gain, P, b_r).square().mean() + LRC.write_through(x_w, W_w, P, b_w).square().mean()
+    ref = ((x_r @ LRC.generate_reader(W_r, gain, P).t() + b_r).square().mean()
+           + (x_w @ LRC.generate_writer(W_w, P).t() + P.t() @ b_w).square().mean())
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(fast, P)[0], torch.autograd.grad(ref, P)[0], rtol=1e-4, atol=1e-6)
 
 
 def test_identity_projections_zero_clone_loss(teacher, ids):

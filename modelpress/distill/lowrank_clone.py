@@ -76,6 +76,28 @@ def generate_writer(W: Tensor, P: Tensor) -> Tensor:
     return P.t() @ W
 
 
+def read_through(x: Tensor, W: Tensor, g: Tensor, P: Tensor, b: Tensor | None = None) -> Tensor:
+    """x W_S^T + b with W_S = (W diag(g)) P: x (.., D_S), W (out, D_T), g (D_T,), P (D_T, D_S) -> (.., out).
+    Whichever association costs fewer multiply-adds for this many tokens: forming W_S (out D_T D_S, then
+    tok D_S out) or ((x P^T) * g) W^T (tok D_T (D_S + out)); the two differ by rounding only."""
+    out, D_T = W.shape
+    D_S, tok = P.shape[1], x.numel() // P.shape[1]
+    if tok * D_T * (D_S + out) < out * D_T * D_S + tok * D_S * out:
+        return F.linear(F.linear(x, P) * g, W, b)
+    return F.linear(x, generate_reader(W, g, P), b)
+
+
+def write_through(x: Tensor, W: Tensor, P: Tensor, b: Tensor | None = None) -> Tensor:
+    """x W_S^T + P^T b with W_S = P^T W: x (.., in), W (D_T, in), P (D_T, D_S) -> (.., D_S); the cheaper
+    association as in read_through: forming W_S (D_S D_T in, then tok in D_S) or (x W^T + b) P
+    (tok D_T (in + D_S))."""
+    D_T, n_in = W.shape
+    D_S, tok = P.shape[1], x.numel() // n_in
+    if tok * D_T * (n_in + D_S) < D_S * D_T * n_in + tok * n_in * D_S:
+        return F.linear(F.linear(x, W, b), P.t())
+    return F.linear(x, generate_writer(W, P), None if b is None else P.t() @ b)
+
+
 def kl_distill(student_logits: Tensor, teacher_logits: Tensor, T: float) -> Tensor:
     """T^2 * mean over positions of KL(softmax(t / T) || softmax(s / T)); logits (..., V)."""
     lt = F.log_softmax(teacher_logits.float() / T, -1)
@@ -133,6 +155,22 @@ def _check_teacher(teacher: nn.Module) -> tuple[str, nn.ModuleList]:
     return prefix, layers
 
 
+class _Through(nn.Module):
+    """A student linear that reads the teacher's weight and its projection P live (no weights of its own):
+    the shell's q/k/v/o and gate/up/down, so a forward never forms W_S when applying W_T and P is cheaper."""
+
+    def __init__(self, teacher_linear: nn.Linear, P: nn.Parameter, gain: Tensor | None):
+        super().__init__()
+        self._ref = {"W": teacher_linear.weight, "b": teacher_linear.bias, "P": P, "g": gain}
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self._ref
+        W, b = r["W"].detach(), None if r["b"] is None else r["b"].detach()
+        if r["g"] is None:
+            return write_through(x, W, r["P"], b)
+        return read_through(x, W, r["g"].detach(), r["P"], b)
+
+
 def _module_name(model: nn.Module, mod: nn.Module) -> str:
     for n, m in model.named_modules():
         if m is mod:
@@ -185,6 +223,12 @@ class LowRankClone(nn.Module):
         self.P["head"] = nn.Parameter(U.clone())
         self.gain["final"] = nn.Parameter(torch.full((hidden,), g0))
         self._frozen_extra = self._check_coverage()
+        s_layers = self.student.get_submodule(prefix)
+        for layer, s_layer, i in zip(layers, s_layers, range(self.n_layers)):   # the shell's linears apply W_T and P
+            for n in READS + WRITES:
+                where = "self_attn" if n in ATTN else "mlp"
+                gain = getattr(layer, NORM_OF[n]).weight if n in READS else None
+                setattr(getattr(s_layer, where), n, _Through(getattr(getattr(layer, where), n), self.P[f"{i}_{n}"], gain))
 
     # -- construction helpers
     @staticmethod
@@ -284,15 +328,24 @@ class LowRankClone(nn.Module):
         Equal to the merged student's logits, computed without forming E_S (V, D_S) or H_S (V, D_S): the
         embedding is E_T[ids] P_emb (only the batch's rows) and the head is ((x P_head^T) * g_T,final) H_T^T.
         With a large vocabulary these two (V, D_T) x (D_T, D_S) products and their gradients were a third
-        of a training step (Qwen2.5, V = 151936); the result differs from the merged model's only by
-        floating-point rounding."""
+        of a training step (Qwen2.5, V = 151936). The layers' linears (_Through) apply W_T and P in the
+        cheaper order for the batch's token count (read_through / write_through): for a few hundred tokens
+        and a wide student, forming W_S every step cost about three times the token products. The result
+        differs from the merged model's only by floating-point rounding."""
         t = self.teacher
         E = t.get_input_embeddings().weight.detach()                       # (V, D_T)
         x = E[input_ids] @ self.P["embed"]                                  # (batch, seq, D_S)
         base_name = self.final_norm_name.rsplit(".", 1)[0]                 # the decoder body, e.g. "model"
-        cut = len(base_name) + 1
-        state = {k[cut:]: v for k, v in self._body_state().items() if k.startswith(base_name + ".")}
         base = self.student.get_submodule(base_name)
+        cut = len(base_name) + 1
+        own = {n for n, _ in base.named_parameters()} - {f"{self.emb_name[cut:]}.weight"}  # norms, copied extras
+        gains = {f"{self.final_norm_name}.weight": self.gain["final"]} | {
+            f"{self.prefix}.{i}.{norm}.weight": self.gain[f"{i}_{norm}"]
+            for i in range(self.n_layers) for norm in ("input_layernorm", "post_attention_layernorm")}
+        state = {k[cut:]: v for k, v in (self._frozen_extra | gains).items() if k[cut:] in own}
+        if len(state) != len(own):
+            raise UserError(f"low-rank clone: student parameters {sorted(own - set(state))[:3]} are not generated: "
+                            "unsupported architecture detail")
         h = functional_call(base, state, (), {"inputs_embeds": x, "use_cache": False}).last_hidden_state
         H = t.get_output_embeddings().weight.detach()                      # (V, D_T)
         gf = t.get_submodule(self.final_norm_name).weight.detach()          # (D_T,)
