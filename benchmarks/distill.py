@@ -18,8 +18,8 @@ Each finished seed is cached (--cache, keyed by every setting but the seeds), so
 can run in separate processes; a run whose seeds are all cached only renders the section. A model other
 than SmolLM2 writes its own section ("distill: <model>").
 
-    .venv/bin/python benchmarks/distill.py            # defaults below, ~10-15 min per seed on 1 CPU thread
-    .venv/bin/python benchmarks/distill.py --model qwen2.5-coder-0.5b --hidden 128,256,448
+    .venv/bin/python benchmarks/distill.py            # defaults below, ~4-5 min per seed on 1 CPU thread
+    .venv/bin/python benchmarks/distill.py --model qwen2.5-coder-0.5b --hidden 128,256,384 --threads 2   # ~8 min per seed
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ Each finished seed is cached (--cache, keyed by every setting but the seeds), so
 run in separate processes; a run whose seeds are all cached only renders the section. A model other than
 SmolLM2 writes its own section (": <model>").
 
-    .venv/bin/python benchmarks/lrc_rank.py            # ~30 min per seed on 1 CPU thread
+    .venv/bin/python benchmarks/lrc_rank.py            # ~30 min per seed on 1 CPU thread (before a80ae03; faster now)
+    .venv/bin/python benchmarks/lrc_rank.py --model qwen2.5-coder-0.5b --ranks 128,256,448,672,896 --threads 2  # ~28 min per seed
 """
 from __future__ import annotations
 
