@@ -229,6 +229,15 @@ class LowRankClone(nn.Module):
                 where = "self_attn" if n in ATTN else "mlp"
                 gain = getattr(layer, NORM_OF[n]).weight if n in READS else None
                 setattr(getattr(s_layer, where), n, _Through(getattr(getattr(layer, where), n), self.P[f"{i}_{n}"], gain))
+        # the body's own parameters are then the norm gains and copied extras: the same tensors every step
+        base_name = self.final_norm_name.rsplit(".", 1)[0]                 # the decoder body, e.g. "model"
+        cut = len(base_name) + 1
+        own = {n for n, _ in self.student.get_submodule(base_name).named_parameters()} - {f"{self.emb_name[cut:]}.weight"}
+        state = {k[cut:]: v for k, v in (self._frozen_extra | self._gain_state()).items() if k[cut:] in own}
+        if len(state) != len(own):
+            raise UserError(f"low-rank clone: student parameters {sorted(own - set(state))[:3]} are not generated: "
+                            "unsupported architecture detail")
+        self._body = (base_name, state)
 
     # -- construction helpers
     @staticmethod
@@ -293,19 +302,13 @@ class LowRankClone(nn.Module):
     def student_state(self) -> dict[str, Tensor]:
         """Every student parameter, generated from the teacher's weights and the projections."""
         t = self.teacher
-        S = self._body_state()
+        _, layers = decoder_layers(t)
+        S: dict[str, Tensor] = dict(self._frozen_extra) | self._gain_state()
         E = t.get_input_embeddings().weight.detach()                       # (V, D_T)
         S[f"{self.emb_name}.weight"] = E @ self.P["embed"]                  # (V, D_S)
         H = t.get_output_embeddings().weight.detach()                      # (V, D_T)
         gf = t.get_submodule(self.final_norm_name).weight.detach()
         S[f"{self.head_name}.weight"] = generate_reader(H, gf, self.P["head"])
-        return S
-
-    def _body_state(self) -> dict[str, Tensor]:
-        """The generated parameters of the decoder layers and the final norm (all but embedding and head)."""
-        _, layers = decoder_layers(self.teacher)
-        S: dict[str, Tensor] = dict(self._frozen_extra)
-        S[f"{self.final_norm_name}.weight"] = self.gain["final"]
         for i, layer in enumerate(layers):
             p = f"{self.prefix}.{i}"
             for n in READS:
@@ -318,8 +321,14 @@ class LowRankClone(nn.Module):
                 S[f"{p}.{where}.{n}.weight"] = generate_writer(lin.weight.detach(), self.P[f"{i}_{n}"])
                 if lin.bias is not None:
                     S[f"{p}.{where}.{n}.bias"] = self.P[f"{i}_{n}"].t() @ lin.bias.detach()
+        return S
+
+    def _gain_state(self) -> dict[str, Tensor]:
+        """The student's RMSNorm gains (trainable vectors, D_S) under their parameter names."""
+        S = {f"{self.final_norm_name}.weight": self.gain["final"]}
+        for i in range(self.n_layers):
             for norm in ("input_layernorm", "post_attention_layernorm"):
-                S[f"{p}.{norm}.weight"] = self.gain[f"{i}_{norm}"]
+                S[f"{self.prefix}.{i}.{norm}.weight"] = self.gain[f"{i}_{norm}"]
         return S
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -335,17 +344,8 @@ class LowRankClone(nn.Module):
         t = self.teacher
         E = t.get_input_embeddings().weight.detach()                       # (V, D_T)
         x = E[input_ids] @ self.P["embed"]                                  # (batch, seq, D_S)
-        base_name = self.final_norm_name.rsplit(".", 1)[0]                 # the decoder body, e.g. "model"
+        base_name, state = self._body
         base = self.student.get_submodule(base_name)
-        cut = len(base_name) + 1
-        own = {n for n, _ in base.named_parameters()} - {f"{self.emb_name[cut:]}.weight"}  # norms, copied extras
-        gains = {f"{self.final_norm_name}.weight": self.gain["final"]} | {
-            f"{self.prefix}.{i}.{norm}.weight": self.gain[f"{i}_{norm}"]
-            for i in range(self.n_layers) for norm in ("input_layernorm", "post_attention_layernorm")}
-        state = {k[cut:]: v for k, v in (self._frozen_extra | gains).items() if k[cut:] in own}
-        if len(state) != len(own):
-            raise UserError(f"low-rank clone: student parameters {sorted(own - set(state))[:3]} are not generated: "
-                            "unsupported architecture detail")
         h = functional_call(base, state, (), {"inputs_embeds": x, "use_cache": False}).last_hidden_state
         H = t.get_output_embeddings().weight.detach()                      # (V, D_T)
         gf = t.get_submodule(self.final_norm_name).weight.detach()          # (D_T,)
