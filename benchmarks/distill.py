@@ -42,24 +42,13 @@ from modelpress.distill import lowrank_clone as LRC  # noqa: E402
 from modelpress.eval import eval_windows, evaluate  # noqa: E402
 
 
-def batches(train: torch.Tensor, steps: int, batch_size: int, seed: int):
-    """The batch sequence of LRC.train_lockstep: `steps` batches from seeded shuffles of the rows of `train`."""
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(train.shape[0], generator=g).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        yield train[idx]
-
-
 def scratch_train(student: torch.nn.Module, train: torch.Tensor, steps: int, lr: float, batch_size: int,
                   seed: int) -> list[float]:
     """Same batch sequence as LRC.train_lockstep (same seeded shuffle), CE only, Adam on every weight."""
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     losses = []
     student.train()
-    for ids in batches(train, steps, batch_size, seed):
+    for ids in LRC.batches(train, steps, batch_size, seed):
         logits = student(input_ids=ids, use_cache=False).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -101,7 +90,7 @@ def kd_train(student: torch.nn.Module, teacher: torch.nn.Module, train: torch.Te
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     losses = []
     student.train()
-    for ids in batches(train, steps, batch_size, seed):
+    for ids in LRC.batches(train, steps, batch_size, seed):
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, use_cache=False).logits[:, :-1].float()
         logits = student(input_ids=ids, use_cache=False).logits[:, :-1].float()

@@ -448,6 +448,17 @@ def lm_ce(model: Callable[[Tensor], Tensor], windows: Tensor, batch_size: int = 
     return tot / n
 
 
+def batches(train: Tensor, steps: int, batch_size: int, seed: int):
+    """`steps` batches (batch_size, seq) from epochs of a seeded shuffle of the rows of `train` (n, seq)."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order += torch.randperm(train.shape[0], generator=g).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield train[idx]
+
+
 def train_lockstep(clones: list[LowRankClone], train: Tensor, steps: int, lr: float = 1e-4, batch_size: int = 4,
                    weights: LossWeights = LossWeights(), seed: int = 0, log: Callable[[str], None] | None = None) -> list[dict]:
     """Train several clones of one teacher on the same batch sequence (epochs of a seeded shuffle of
@@ -457,13 +468,7 @@ def train_lockstep(clones: list[LowRankClone], train: Tensor, steps: int, lr: fl
         return []
     opts = [torch.optim.Adam(c.parameters(), lr=lr) for c in clones]
     hist = [{"loss": [], "ce": [], "kl": [], "clone": [], "seconds": 0.0} for _ in clones]
-    g = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    for step in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(train.shape[0], generator=g).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        ids = train[idx]
+    for step, ids in enumerate(batches(train, steps, batch_size, seed)):
         targets = teacher_targets(clones[0], ids)
         for c, opt, h in zip(clones, opts, hist):
             t0 = time.perf_counter()
