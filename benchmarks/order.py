@@ -22,12 +22,14 @@ stages never calibrated on, as plan order does) against the measured better orde
 outside noise, the within-noise pairs counted apart; and the pick of `plan order --measured` (the order
 with the lower KL on those same calibration sequences, both orders run end to end) scored the same way.
 
-The RTN curve, the original model's scores and, per seed, every cell as it finishes (a pair's two orders, a
-stage alone, the planner's RTN curve; each with its computation time) are cached (--cache, keyed by every
+The RTN curve, the original model's scores and, per seed, every cell as it finishes (a pair's P->Q, then
+both its orders, a stage alone, the planner's RTN curve; each with its computation time) are cached (--cache, keyed by every
 setting but the seeds and the grid --pruners/--bits), so a run resumes at the next cell, a larger grid reuses
 a smaller one's cells, and seeds can run as separate processes (--no-write; one process per seed at a time)
 before one run over all seeds renders the section from the cache, exactly as one process would have written it
-(the bootstrap draws its own fixed-seed resamples in every rendering).
+(the bootstrap draws its own fixed-seed resamples in every rendering). Each pruned model is built once and
+quantized at every width (P->Q), each quantized model once and pruned at every sparsity (Q->P): the stages
+are deterministic given the seed's calibration sample, so this is the same computation as one pair at a time.
 
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
@@ -153,13 +155,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 CACHE_EXCLUDE = ("seeds", "threads", "cache", "no_write", "boot", "pruners", "bits")   # one cache per LM/quantizer
-FIELDS = ("pcurve", "single", "p_single", "res", "q_single", "q_plan", "seconds")
+FIELDS = ("pcurve", "single", "p_single", "res", "pq", "q_single", "q_plan", "seconds")
 
 
 def load_cells(cache: Path, seed: int) -> dict:
     """One seed's cached cells, whichever grids computed them: pcurve {bits: planner KL of RTN}, single /
     p_single {pruner: score / planner KL of the pruned model alone}, res {"pruner|bits": [P->Q, Q->P]},
-    q_single / q_plan {bits: the quantizer alone}, seconds {cell: computation time}; legacy_seconds {grid:
+    pq {"pruner|bits": P->Q of a pair whose Q->P is not done yet}, q_single / q_plan {bits: the quantizer alone}, seconds {cell: computation time}; legacy_seconds {grid:
     whole-seed time} for seeds cached before cells were (one file per grid)."""
     f = cache / f"seed{seed}.json"
     cells = json.loads(f.read_text()) if f.is_file() else {}
@@ -394,47 +396,60 @@ def main() -> None:
     for seed in seeds:
         c = cells[seed]
         cal, plan = seed_data(seed) if seed in todo else (None, None)
-        for b in bits:       # one quantized and one pruned copy at a time (memory: a 0.5B run was OOM-killed
-            missing = [s for s in sparsities if f"{s}|{b}" not in c["res"]]     # holding three, a GPTQ one six)
-            if not missing and str(b) in c["q_single"]:
+        # P->Q: each pruned model once (pruning is deterministic), quantized at every width; memory: the
+        # original, the pruned model and one quantized copy (a 0.5B run was OOM-killed holding more)
+        for s in sparsities:
+            need = [b for b in bits if f"{s}|{b}" not in c["res"] and f"{s}|{b}" not in c["pq"]]
+            if not need and s in c["single"]:
                 continue
             t = time.perf_counter()
+            pm = copy.deepcopy(model)
+            prune(s).apply(pm, cal)
+            if s not in c["single"]:
+                c["single"][s], c["p_single"][s] = score(pm), plan(pm)["kl"]
+                c["seconds"][f"p|{s}"] = time.perf_counter() - t
+                save(seed)
+                say(f"{pname(s)} seed {seed}: ppl {c['single'][s]['ppl']:.3f} KL {c['single'][s]['kl']:.4f} "
+                    f"-> {eb(c['single'][s]['kl']):.2f} eq. bits")
+            for b in need:
+                t = time.perf_counter()
+                pq = copy.deepcopy(pm)
+                quant(b, a.quant).apply(pq, cal)
+                c["pq"][f"{s}|{b}"] = dict(score(pq), plan_kl=plan(pq)["kl"])     # plan_kl: what --measured sees
+                c["seconds"][f"pq|{s}|{b}"] = time.perf_counter() - t
+                del pq
+                save(seed)
+                say(f"  {pname(s)} x w{b}: P->Q ppl {c['pq'][f'{s}|{b}']['ppl']:.3f} "
+                    f"KL {c['pq'][f'{s}|{b}']['kl']:.4f}")
+            del pm
+        # Q->P: each quantized model once, pruned at every sparsity; a pair's cell is complete here
+        for b in bits:
+            need = [s for s in sparsities if f"{s}|{b}" not in c["res"]]
+            if not need and str(b) in c["q_single"]:
+                continue
+            t = time.perf_counter()
+            qm = copy.deepcopy(model)
             if a.quant == "gptq":
-                qm = copy.deepcopy(model)
                 quant(b, "gptq").apply(qm, cal)
                 if str(b) not in c["q_single"]:
                     c["q_single"][str(b)], c["q_plan"][str(b)] = score(qm), plan(qm)["kl"]
                     c["seconds"][f"q|{b}"] = time.perf_counter() - t
-                    save(seed)
                     say(f"GPTQ w{b} seed {seed}: ppl {c['q_single'][str(b)]['ppl']:.3f} "
                         f"KL {c['q_single'][str(b)]['kl']:.4f}")
-            else:                              # RTN needs no data: the curve's model, the planner's KL of it
-                qm = None
+            else:                              # RTN needs no data: the curve's scores, the planner's KL of it
+                quant(b).apply(qm)
                 c["q_single"][str(b)], c["q_plan"][str(b)] = curve[b], c["pcurve"][str(b)]
                 c["seconds"][f"q|{b}"] = 0.0
-                save(seed)
-            for s in missing:
+            save(seed)
+            for s in need:
                 t = time.perf_counter()
-                pm = copy.deepcopy(model)      # the pruned model is rebuilt per width (pruning is deterministic)
-                prune(s).apply(pm, cal)
-                if s not in c["single"]:
-                    c["single"][s], c["p_single"][s] = score(pm), plan(pm)["kl"]
-                    c["seconds"][f"p|{s}"], t = time.perf_counter() - t, time.perf_counter()
-                    say(f"{pname(s)} seed {seed}: ppl {c['single'][s]['ppl']:.3f} KL {c['single'][s]['kl']:.4f} "
-                        f"-> {eb(c['single'][s]['kl']):.2f} eq. bits")
-                quant(b, a.quant).apply(pm, cal)                       # P->Q, in place
-                r_pq = dict(score(pm), plan_kl=plan(pm)["kl"])        # plan_kl: what --measured sees
-                del pm
-                if qm is not None:
-                    qp = copy.deepcopy(qm)
-                else:
-                    qp = copy.deepcopy(model)
-                    quant(b).apply(qp)
+                qp = copy.deepcopy(qm)
                 prune(s).apply(qp, cal)
                 r_qp = dict(score(qp), plan_kl=plan(qp)["kl"])
                 del qp
+                r_pq = c["pq"].pop(f"{s}|{b}")
                 c["res"][f"{s}|{b}"] = [r_pq, r_qp]
-                c["seconds"][f"{s}|{b}"] = time.perf_counter() - t
+                c["seconds"][f"{s}|{b}"] = c["seconds"].pop(f"pq|{s}|{b}") + time.perf_counter() - t
                 save(seed)
                 say(f"  {pname(s)} x w{b}: P->Q ppl {r_pq['ppl']:.3f} KL {r_pq['kl']:.4f} | Q->P ppl "
                     f"{r_qp['ppl']:.3f} KL {r_qp['kl']:.4f}")
