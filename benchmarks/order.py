@@ -34,6 +34,10 @@ are deterministic given the seed's calibration sample, so this is the same compu
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
 
+The cells of the grids run since 2026-12-07 are committed under benchmarks/cache/order (one folder per
+settings key, JSON only), so a lost machine does not cost the runs again: `--cache benchmarks/cache/order`
+resumes or renders from them.
+
 Joint semantics are the stages' own: prune-then-quantize takes scales from the surviving weights;
 quantize-then-prune masks the dequantized weights (Wanda and SparseGPT statistics taken on the quantized
 model), and SparseGPT's OBS updates of the survivors are snapped back onto the quantized grid (its scales
