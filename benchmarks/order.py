@@ -23,11 +23,11 @@ outside noise, the within-noise pairs counted apart; and the pick of `plan order
 with the lower KL on those same calibration sequences, both orders run end to end) scored the same way.
 
 The RTN curve, the original model's scores and, per seed, every cell as it finishes (a pair's P->Q, then
-both its orders, a stage alone, the planner's RTN curve; each with its computation time) are cached (--cache, keyed by every
-setting but the seeds and the grid --pruners/--bits), so a run resumes at the next cell, a larger grid reuses
-a smaller one's cells, and seeds can run as separate processes (--no-write; one process per seed at a time)
-before one run over all seeds renders the section from the cache, exactly as one process would have written it
-(the bootstrap draws its own fixed-seed resamples in every rendering). Each pruned model is built once and
+both its orders, a stage alone, the planner's RTN curve; each with its computation time) are cached (--cache,
+keyed by every setting but the seeds and the grid --pruners/--bits), so a run resumes at the next cell, a
+larger grid reuses a smaller one's cells, and seeds can run as separate processes (--no-write; one process per
+seed at a time) before one run over all seeds renders the section from the cache, exactly as one process
+would have written it (the bootstrap draws its own fixed-seed resamples in every rendering). Each pruned model is built once and
 quantized at every width (P->Q), each quantized model once and pruned at every sparsity (Q->P): the stages
 are deterministic given the seed's calibration sample, so this is the same computation as one pair at a time.
 
@@ -165,8 +165,9 @@ FIELDS = ("pcurve", "single", "p_single", "res", "pq", "q_single", "q_plan", "se
 def load_cells(cache: Path, seed: int) -> dict:
     """One seed's cached cells, whichever grids computed them: pcurve {bits: planner KL of RTN}, single /
     p_single {pruner: score / planner KL of the pruned model alone}, res {"pruner|bits": [P->Q, Q->P]},
-    pq {"pruner|bits": P->Q of a pair whose Q->P is not done yet}, q_single / q_plan {bits: the quantizer alone}, seconds {cell: computation time}; legacy_seconds {grid:
-    whole-seed time} for seeds cached before cells were (one file per grid)."""
+    pq {"pruner|bits": P->Q of a pair whose Q->P is not done yet}, q_single / q_plan {bits: the quantizer
+    alone}, seconds {cell: computation time}; legacy_seconds {grid: whole-seed time} for seeds cached before
+    cells were (one file per grid)."""
     f = cache / f"seed{seed}.json"
     cells = json.loads(f.read_text()) if f.is_file() else {}
     return {k: cells.get(k, {}) for k in (*FIELDS, "legacy_seconds")}
