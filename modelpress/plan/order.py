@@ -18,12 +18,13 @@ order), else "inside noise" (the measurement does not decide the order of that p
 in the stages: prune-then-quantize takes scales from surviving weights, quantize-then-prune re-masks
 the dequantized weights (QuantLinear.set_keep) so pruned weights stay exactly zero.
 
-Measured (benchmarks/order.py, SmolLM2-135M, 3 seeds): the hypothesis is contradicted there. Over Wanda
-{30, 50, 70 %, 2:4} x RTN {w8, w4, w3} and Wanda {50 %, 2:4} x GPTQ {w4, w3}, prune-then-quantize is the
-better order in every pair outside noise (12 of 12), whichever stage is weaker, so this planner's pick was
-right in 9 of 36 seed-level picks there. On Qwen2.5-Coder-0.5B (Wanda {50 %, 2:4} x RTN {w4, w3}, 3 seeds)
-prune-then-quantize won 4 of 4 pairs, weaker-first lost 3 of 4, and this planner was right in 2 of 12 picks,
-plan_joint (below) in 10 of 12 (on SmolLM2's RTN grid: 23 of 24, weaker-first 9 of 24). This planner
+Measured (benchmarks/order.py, 3 seeds, BENCHMARKS.md "Compression order"): the hypothesis is contradicted.
+On SmolLM2-135M ({Wanda, SparseGPT} x {RTN, GPTQ} x {w8, w4, w3} x {30, 50, 70 %, 2:4}, four grids) the
+stronger stage first won 24 of the 29 pairs outside noise and prune-then-quantize all 29, whichever stage was
+weaker; this planner's seed-level picks were right in 17 of 87, plan_joint's (below) in 86 of 87. On
+Qwen2.5-Coder-0.5B (the same four pairings at {50 %, 2:4} x {w4, w3}) stronger-first won 14 of 15 and
+prune-then-quantize 15 of 15; this planner was right in 3 of 45 picks, plan_joint in 43 of 45. Theorem 2 (the
+advantage grows with the intensity gap) held only as a rank trend on one grid of eight. This planner
 implements the paper's rule; treat its order as a hypothesis.
 
 `order: measured` (plan_joint) does not predict: it runs the whole recipe in every order of its stages
