@@ -27,9 +27,10 @@ both its orders, a stage alone, the planner's RTN curve; each with its computati
 keyed by every setting but the seeds and the grid --pruners/--bits), so a run resumes at the next cell, a
 larger grid reuses a smaller one's cells, and seeds can run as separate processes (--no-write; one process per
 seed at a time) before one run over all seeds renders the section from the cache, exactly as one process
-would have written it (the bootstrap draws its own fixed-seed resamples in every rendering). Each pruned model is built once and
-quantized at every width (P->Q), each quantized model once and pruned at every sparsity (Q->P): the stages
-are deterministic given the seed's calibration sample, so this is the same computation as one pair at a time.
+would have written it (the bootstrap draws its own fixed-seed resamples in every rendering). Each pruned
+model is built once and quantized at every width (P->Q), each quantized model once and pruned at every
+sparsity (Q->P): the stages are deterministic given the seed's calibration sample, so this is the same
+computation as one pair at a time.
 
     .venv/bin/python benchmarks/order.py                 # defaults below, writes BENCHMARKS.md
     .venv/bin/python benchmarks/order.py --no-write --pruners 0.5,2:4 --bits 4 --seeds 0
